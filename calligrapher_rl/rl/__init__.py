@@ -1,0 +1,15 @@
+"""The RL math, as pure functions of tensors: sampler-step log-probabilities (``sde``), the GRPO and
+DiffusionNFT losses, group-relative advantages and the parameter EMA. No I/O and no model classes, so
+every formula can be tested on random tensors (formulas: ``reference/rl-formulas.md``)."""
+
+from .advantages import PerPromptStatTracker, batch_advantages, compute_advantages
+from .ema import ParamEMA, ema_decay_at
+from .grpo import grpo_loss
+from .nft import ADV_MODES, nft_loss, old_decay, optimality_probability, update_old_params
+from .sde import SDE_TYPES, kl_to_reference, sde_step_with_logprob, step_variance
+
+__all__ = [
+    "ADV_MODES", "SDE_TYPES", "ParamEMA", "PerPromptStatTracker", "batch_advantages",
+    "compute_advantages", "ema_decay_at", "grpo_loss", "kl_to_reference", "nft_loss", "old_decay",
+    "optimality_probability", "sde_step_with_logprob", "step_variance", "update_old_params",
+]
