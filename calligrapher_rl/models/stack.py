@@ -1,0 +1,230 @@
+"""The Calligrapher stack: FLUX.1-Fill components + SigLIP + the style adapter, loaded from local folders.
+
+The stack is the one place that knows how FLUX-Fill is fed: text embeddings (cached per prompt, so T5
+can leave the GPU), the packed fill condition (masked-image latents + the 8x8 mask), the VAE shift and
+scale, and the transformer call with the style tokens. Sampling and training only call its methods.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import torch
+from PIL import Image
+from torch import nn
+
+from ..errors import UserError
+from ..images import pad_to_square
+from .checkpoints import config_from_state_dict, load_into_adapter, read_adapter_file
+from .style_adapter import StyleAdapter, install_style_adapter
+
+
+@dataclass
+class FillCondition:
+    """Everything about the images that stays fixed while one group is denoised."""
+
+    cond: torch.Tensor  # [B, L, 64 + 256]: packed masked-image latents and packed mask
+    img_ids: torch.Tensor  # [L, 3]
+    height: int
+    width: int
+
+    def repeat(self, n: int) -> "FillCondition":
+        return FillCondition(self.cond.repeat_interleave(n, 0), self.img_ids, self.height, self.width)
+
+    @property
+    def seq_len(self) -> int:
+        return self.cond.shape[1]
+
+
+@dataclass
+class TextCondition:
+    prompt_embeds: torch.Tensor  # [B, T, D]
+    pooled: torch.Tensor  # [B, P]
+    text_ids: torch.Tensor  # [T, 3]
+
+    def repeat(self, n: int) -> "TextCondition":
+        return TextCondition(self.prompt_embeds.repeat_interleave(n, 0), self.pooled.repeat_interleave(n, 0), self.text_ids)
+
+
+class CalligrapherModel(nn.Module):
+    """transformer + adapter as one module, so `torch.func.functional_call` can evaluate the same network
+    with another set of adapter weights (old policy, reference policy) without copying anything."""
+
+    def __init__(self, transformer: nn.Module, adapter: StyleAdapter):
+        super().__init__()
+        self.transformer = transformer
+        self.adapter = adapter
+
+    def forward(self, latents, fill: FillCondition, text: TextCondition, sigma, image_embeds, guidance, scale=1.0):
+        b = latents.shape[0]
+        dtype = self.transformer.dtype
+        style_tokens = self.adapter.style_tokens(image_embeds).to(dtype)
+        guidance_t = torch.full((b,), float(guidance), device=latents.device, dtype=torch.float32)
+        sigma = torch.as_tensor(sigma, device=latents.device, dtype=torch.float32).expand(b)
+        return self.transformer(
+            hidden_states=torch.cat([latents.to(dtype), fill.cond.to(dtype)], dim=2),
+            timestep=sigma.to(dtype),
+            guidance=guidance_t if self.transformer.config.guidance_embeds else None,
+            pooled_projections=text.pooled.to(dtype),
+            encoder_hidden_states=text.prompt_embeds.to(dtype),
+            txt_ids=text.text_ids,
+            img_ids=fill.img_ids,
+            joint_attention_kwargs={"style_tokens": style_tokens, "style_scale": scale},
+            return_dict=False,
+        )[0]
+
+
+def resolve_model_paths(flux_path: str, siglip_path: str) -> tuple[str, str]:
+    """`tiny` means the embedded offline model (built on first use)."""
+    if flux_path == "tiny" or siglip_path == "tiny":
+        from .tiny import ensure_tiny
+
+        tiny_flux, tiny_siglip = ensure_tiny()
+        flux_path = tiny_flux if flux_path == "tiny" else flux_path
+        siglip_path = tiny_siglip if siglip_path == "tiny" else siglip_path
+    if not os.path.isfile(os.path.join(flux_path, "model_index.json")):
+        raise UserError("not a FluxFillPipeline folder (no model_index.json)", where=flux_path,
+                        field="--pretrained_model_name_or_path")
+    if not os.path.isfile(os.path.join(siglip_path, "config.json")):
+        raise UserError("not a SigLIP model folder (no config.json)", where=siglip_path, field="--siglip_path")
+    return flux_path, siglip_path
+
+
+class CalligrapherStack:
+    def __init__(self, pipe, siglip, siglip_processor, adapter: StyleAdapter, device, dtype, max_sequence_length):
+        self.pipe, self.siglip, self.siglip_processor = pipe, siglip, siglip_processor
+        self.adapter, self.device, self.dtype = adapter, torch.device(device), dtype
+        self.max_sequence_length = max_sequence_length
+        self.model = CalligrapherModel(pipe.transformer, adapter)
+        self._text_cache: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+
+    # ---------------------------------------------------------------- loading
+    @classmethod
+    def from_pretrained(cls, flux_path: str, siglip_path: str, *, adapter_path: str | None = None,
+                        device="cpu", dtype=torch.float32, num_style_tokens: int = 128, use_qformer: bool = True,
+                        max_sequence_length: int | None = None, offload_text_encoder_two: bool = False):
+        from diffusers import FluxFillPipeline
+        from transformers import SiglipImageProcessor, SiglipVisionModel
+
+        flux_path, siglip_path = resolve_model_paths(flux_path, siglip_path)
+        try:
+            pipe = FluxFillPipeline.from_pretrained(flux_path, torch_dtype=dtype, local_files_only=True)
+        except (OSError, ValueError, KeyError, TypeError) as exc:
+            raise UserError(f"cannot load FLUX-Fill ({str(exc).splitlines()[0][:160]})", where=flux_path,
+                            field="--pretrained_model_name_or_path") from None
+        try:
+            siglip = SiglipVisionModel.from_pretrained(siglip_path, torch_dtype=dtype, local_files_only=True)
+            processor = _load_siglip_processor(siglip_path)
+        except (OSError, ValueError, KeyError, TypeError) as exc:
+            raise UserError(f"cannot load SigLIP ({str(exc).splitlines()[0][:160]})", where=siglip_path,
+                            field="--siglip_path") from None
+
+        overrides = dict(num_style_tokens=num_style_tokens, use_qformer=use_qformer)
+        adapter = StyleAdapter.for_transformer(pipe.transformer, siglip.config.hidden_size, **overrides)
+        if adapter_path:
+            _, flat = read_adapter_file(adapter_path)
+            adapter = StyleAdapter(config_from_state_dict(flat, adapter.config))
+            load_into_adapter(adapter, flat, adapter_path)
+        install_style_adapter(pipe.transformer, adapter)
+
+        for module in (pipe.transformer, pipe.vae, pipe.text_encoder, pipe.text_encoder_2, siglip):
+            module.requires_grad_(False).eval()
+        adapter.to(device=device, dtype=torch.float32).requires_grad_(True)  # fp32 master weights
+        pipe.to(device)
+        adapter.to(device)  # set_attn_processor + pipe.to may not move the projections
+        siglip.to(device)
+        if offload_text_encoder_two:
+            pipe.text_encoder_2.to("cpu")
+        seq = max_sequence_length or (512 if pipe.text_encoder_2.config.d_model >= 1024 else 32)
+        stack = cls(pipe, siglip, processor, adapter, device, dtype, seq)
+        stack.offload_text_encoder_two = offload_text_encoder_two
+        return stack
+
+    # ---------------------------------------------------------------- conditions
+    @torch.no_grad()
+    def encode_prompts(self, prompts: list[str]) -> TextCondition:
+        """CLIP pooled + T5 sequence embeddings, cached per prompt string."""
+        todo = [p for p in dict.fromkeys(prompts) if p not in self._text_cache]
+        if todo:
+            t5 = self.pipe.text_encoder_2
+            t5_device = next(t5.parameters()).device
+            embeds = self.pipe._get_t5_prompt_embeds(todo, 1, self.max_sequence_length, t5_device)
+            pooled = self.pipe._get_clip_prompt_embeds(todo, 1, self.device)
+            for i, p in enumerate(todo):
+                self._text_cache[p] = (embeds[i].to(self.device, self.dtype), pooled[i].to(self.device, self.dtype))
+        prompt_embeds = torch.stack([self._text_cache[p][0] for p in prompts])
+        pooled = torch.stack([self._text_cache[p][1] for p in prompts])
+        text_ids = torch.zeros(prompt_embeds.shape[1], 3, device=self.device, dtype=self.dtype)
+        return TextCondition(prompt_embeds, pooled, text_ids)
+
+    @torch.no_grad()
+    def encode_style(self, references: list[Image.Image]) -> torch.Tensor:
+        """SigLIP pooled embeddings [B, E] of references padded to a black square."""
+        squares = [pad_to_square(r.convert("RGB")) for r in references]
+        pixels = self.siglip_processor(images=squares, return_tensors="pt")["pixel_values"]
+        out = self.siglip(pixel_values=pixels.to(self.device, self.dtype))
+        return out.pooler_output.float()
+
+    @torch.no_grad()
+    def prepare_fill(self, sources: torch.Tensor, masks: torch.Tensor, generator=None) -> FillCondition:
+        """sources [B,3,H,W] in [-1,1]; masks [B,1,H,W] in {0,1} (1 = repaint). As FluxFillPipeline does."""
+        b, _, h, w = sources.shape
+        masks = (masks > 0.5).to(self.device, self.dtype)
+        masked = sources.to(self.device, self.dtype) * (1 - masks)
+        mask_packed, masked_latents = self.pipe.prepare_mask_latents(
+            masks, masked, b, self.pipe.vae.config.latent_channels, 1, h, w, self.dtype, self.device, generator
+        )
+        lh, lw = self.latent_hw(h, w)
+        img_ids = self.pipe._prepare_latent_image_ids(b, lh // 2, lw // 2, self.device, self.dtype)
+        return FillCondition(torch.cat([masked_latents, mask_packed], dim=-1), img_ids, h, w)
+
+    def latent_hw(self, h: int, w: int) -> tuple[int, int]:
+        f = self.pipe.vae_scale_factor
+        return 2 * (h // (f * 2)), 2 * (w // (f * 2))
+
+    @torch.no_grad()
+    def encode_images(self, images: torch.Tensor, generator=None) -> torch.Tensor:
+        """Clean packed latents x0 of images [B,3,H,W] in [-1,1]: `(z - shift) * scale`, packed 2x2."""
+        from diffusers.pipelines.flux.pipeline_flux_fill import retrieve_latents
+
+        vae = self.pipe.vae
+        z = retrieve_latents(vae.encode(images.to(self.device, self.dtype)), generator=generator)
+        z = (z - vae.config.shift_factor) * vae.config.scaling_factor
+        b, c, h, w = z.shape
+        return self.pipe._pack_latents(z, b, c, h, w)
+
+    @torch.no_grad()
+    def decode(self, latents: torch.Tensor, height: int, width: int) -> torch.Tensor:
+        """Packed latents -> images [B,3,H,W] in [-1,1] (`z / scale + shift`)."""
+        vae = self.pipe.vae
+        z = self.pipe._unpack_latents(latents.to(self.dtype), height, width, self.pipe.vae_scale_factor)
+        z = z / vae.config.scaling_factor + vae.config.shift_factor
+        return vae.decode(z, return_dict=False)[0].float().clamp(-1, 1)
+
+    def noise_like(self, fill: FillCondition, n: int, generator=None) -> torch.Tensor:
+        shape = (n, fill.seq_len, self.pipe.transformer.config.out_channels)
+        return torch.randn(shape, generator=generator, device="cpu", dtype=torch.float32).to(self.device)
+
+    # ---------------------------------------------------------------- the network
+    def velocity(self, latents, fill, text, sigma, image_embeds, guidance, scale=1.0, params=None):
+        """Predicted velocity (eps - x0) in float32; `params` evaluates other adapter weights (old/ref)."""
+        if params is None:
+            out = self.model(latents, fill, text, sigma, image_embeds, guidance, scale)
+        else:
+            named = {f"adapter.{k}": v for k, v in params.items()}
+            out = torch.func.functional_call(
+                self.model, named, (latents, fill, text, sigma, image_embeds, guidance, scale), strict=False
+            )
+        return out.float()
+
+
+def _load_siglip_processor(path: str):
+    try:  # the PIL processor: no torchvision needed, and no warning about it
+        from transformers import SiglipImageProcessorPil
+
+        return SiglipImageProcessorPil.from_pretrained(path, local_files_only=True)
+    except ImportError:
+        from transformers import AutoImageProcessor
+
+        return AutoImageProcessor.from_pretrained(path, local_files_only=True)

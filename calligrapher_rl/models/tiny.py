@@ -1,0 +1,157 @@
+"""An offline, tiny Calligrapher stack: the real classes at toy sizes with random weights.
+
+It is a real diffusers `FluxFillPipeline` folder and a real transformers SigLIP folder, so every code path
+that loads FLUX.1-Fill-dev and SigLIP from disk is exercised by it. The structure that matters is kept:
+16 latent channels, an 8x VAE (so the mask packs into 256 channels and `in_channels` is 384), guidance
+embeddings, double and single blocks, RoPE axes that sum to the head dim, a CLIP byte-level tokenizer
+and a T5 unigram tokenizer (both built here with `tokenizers`, no download).
+"""
+
+from __future__ import annotations
+
+import os
+import string
+
+import torch
+from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxFillPipeline, FluxTransformer2DModel
+from transformers import (
+    CLIPTextConfig,
+    CLIPTextModel,
+    CLIPTokenizer,
+    SiglipImageProcessor,
+    SiglipVisionConfig,
+    SiglipVisionModel,
+    T5Config,
+    T5EncoderModel,
+    T5TokenizerFast,
+)
+
+TINY_TEXT_DIM = 32  # T5 width == transformer joint_attention_dim
+TINY_POOLED_DIM = 32  # CLIP width == pooled_projection_dim
+TINY_SIGLIP_SIZE = 64
+
+
+def tiny_transformer_config() -> dict:
+    return dict(
+        patch_size=1,
+        in_channels=384,  # 64 noisy + 64 masked-image + 256 mask features per packed token
+        out_channels=64,
+        num_layers=2,
+        num_single_layers=2,
+        attention_head_dim=16,
+        num_attention_heads=2,
+        joint_attention_dim=TINY_TEXT_DIM,
+        pooled_projection_dim=TINY_POOLED_DIM,
+        guidance_embeds=True,
+        axes_dims_rope=(4, 6, 6),
+    )
+
+
+def tiny_vae_config() -> dict:
+    return dict(
+        in_channels=3,
+        out_channels=3,
+        down_block_types=["DownEncoderBlock2D"] * 4,
+        up_block_types=["UpDecoderBlock2D"] * 4,
+        block_out_channels=[8, 8, 16, 16],
+        layers_per_block=1,
+        latent_channels=16,
+        norm_num_groups=4,
+        sample_size=64,
+        scaling_factor=0.3611,  # FLUX's values: both the shift and the scale apply
+        shift_factor=0.1159,
+        use_quant_conv=False,
+        use_post_quant_conv=False,
+    )
+
+
+def _clip_tokenizer() -> CLIPTokenizer:
+    from tokenizers.pre_tokenizers import ByteLevel
+
+    alphabet = sorted(ByteLevel.alphabet())
+    vocab: dict[str, int] = {}
+    for ch in alphabet:
+        vocab[ch] = len(vocab)
+    for ch in alphabet:
+        vocab[ch + "</w>"] = len(vocab)
+    vocab["<|startoftext|>"] = len(vocab)
+    vocab["<|endoftext|>"] = len(vocab)
+    return CLIPTokenizer(vocab=vocab, merges=[], model_max_length=77)
+
+
+def _t5_tokenizer() -> T5TokenizerFast:
+    pieces = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0), ("\u2581", -2.0)]
+    pieces += [(c, -3.0) for c in string.printable if not c.isspace()]
+    pieces += [("\u2581" + c, -2.5) for c in string.ascii_letters + string.digits]
+    return T5TokenizerFast(vocab=pieces, extra_ids=0, model_max_length=512)
+
+
+def build_tiny_pipeline(seed: int = 0) -> FluxFillPipeline:
+    torch.manual_seed(seed)
+    clip_tok, t5_tok = _clip_tokenizer(), _t5_tokenizer()
+    clip = CLIPTextModel(
+        CLIPTextConfig(
+            vocab_size=len(clip_tok), hidden_size=TINY_POOLED_DIM, intermediate_size=37, num_hidden_layers=2,
+            num_attention_heads=2, max_position_embeddings=77, projection_dim=TINY_POOLED_DIM,
+            bos_token_id=clip_tok.bos_token_id, eos_token_id=clip_tok.eos_token_id, pad_token_id=clip_tok.pad_token_id,
+        )
+    )
+    t5 = T5EncoderModel(
+        T5Config(vocab_size=len(t5_tok), d_model=TINY_TEXT_DIM, d_kv=8, d_ff=37, num_layers=2, num_heads=4,
+                 decoder_start_token_id=0, pad_token_id=0, eos_token_id=1)
+    )
+    transformer = FluxTransformer2DModel(**tiny_transformer_config())
+    vae = AutoencoderKL(**tiny_vae_config())
+    scheduler = FlowMatchEulerDiscreteScheduler(
+        num_train_timesteps=1000, shift=3.0, use_dynamic_shifting=True, base_shift=0.5, max_shift=1.15,
+        base_image_seq_len=256, max_image_seq_len=4096,
+    )
+    return FluxFillPipeline(
+        scheduler=scheduler, vae=vae, text_encoder=clip, tokenizer=clip_tok, text_encoder_2=t5,
+        tokenizer_2=t5_tok, transformer=transformer,
+    )
+
+
+def build_tiny_siglip(seed: int = 0) -> tuple[SiglipVisionModel, SiglipImageProcessor]:
+    torch.manual_seed(seed + 1)
+    model = SiglipVisionModel(
+        SiglipVisionConfig(hidden_size=48, intermediate_size=96, num_hidden_layers=2, num_attention_heads=2,
+                           image_size=TINY_SIGLIP_SIZE, patch_size=8)
+    )
+    processor = SiglipImageProcessor(size={"height": TINY_SIGLIP_SIZE, "width": TINY_SIGLIP_SIZE})
+    return model, processor
+
+
+def write_tiny(out: str, seed: int = 0) -> tuple[str, str]:
+    """Write `out/flux-fill` and `out/siglip`; returns their paths."""
+    flux_dir, siglip_dir = os.path.join(out, "flux-fill"), os.path.join(out, "siglip")
+    build_tiny_pipeline(seed).save_pretrained(flux_dir, safe_serialization=True)
+    model, processor = build_tiny_siglip(seed)
+    model.save_pretrained(siglip_dir, safe_serialization=True)
+    processor.save_pretrained(siglip_dir)
+    return flux_dir, siglip_dir
+
+
+def cache_dir() -> str:
+    return os.environ.get("CALLIGRAPHER_RL_CACHE", os.path.join(os.path.expanduser("~"), ".cache", "calligrapher-rl"))
+
+
+def ensure_tiny(seed: int = 0) -> tuple[str, str]:
+    """The embedded default model, built once into the cache folder (atomically: temp dir then rename)."""
+    final = os.path.join(cache_dir(), f"tiny-seed{seed}")
+    if not os.path.isfile(os.path.join(final, "siglip", "config.json")):
+        import shutil
+        import tempfile
+
+        os.makedirs(cache_dir(), exist_ok=True)
+        tmp = tempfile.mkdtemp(prefix=".tiny-", dir=cache_dir())
+        try:
+            write_tiny(tmp, seed)
+            try:
+                os.rename(tmp, final)
+            except OSError:  # another process won the race; theirs is identical
+                shutil.rmtree(tmp, ignore_errors=True)
+        finally:
+            if os.path.isdir(tmp):
+                shutil.rmtree(tmp, ignore_errors=True)
+    return os.path.join(final, "flux-fill"), os.path.join(final, "siglip")
