@@ -109,12 +109,12 @@ class CalligrapherStack:
 
         flux_path, siglip_path = resolve_model_paths(flux_path, siglip_path)
         try:
-            pipe = FluxFillPipeline.from_pretrained(flux_path, torch_dtype=dtype, local_files_only=True)
+            pipe = FluxFillPipeline.from_pretrained(flux_path, dtype=dtype, local_files_only=True)
         except (OSError, ValueError, KeyError, TypeError) as exc:
             raise UserError(f"cannot load FLUX-Fill ({str(exc).splitlines()[0][:160]})", where=flux_path,
                             field="--pretrained_model_name_or_path") from None
         try:
-            siglip = SiglipVisionModel.from_pretrained(siglip_path, torch_dtype=dtype, local_files_only=True)
+            siglip = SiglipVisionModel.from_pretrained(siglip_path, dtype=dtype, local_files_only=True)
             processor = _load_siglip_processor(siglip_path)
         except (OSError, ValueError, KeyError, TypeError) as exc:
             raise UserError(f"cannot load SigLIP ({str(exc).splitlines()[0][:160]})", where=siglip_path,

@@ -1,0 +1,30 @@
+"""Shared test set-up: offline, one cache folder per session (the tiny model is built once), CPU threads."""
+
+from __future__ import annotations
+
+import os
+import tempfile
+
+import pytest
+
+_CACHE = tempfile.mkdtemp(prefix="calligrapher-rl-test-cache-")
+os.environ.setdefault("CALLIGRAPHER_RL_CACHE", _CACHE)
+os.environ["HF_HUB_OFFLINE"] = "1"
+os.environ["TRANSFORMERS_OFFLINE"] = "1"
+os.environ["GRADIO_ANALYTICS_ENABLED"] = "False"
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+@pytest.fixture(scope="session")
+def tiny_paths() -> tuple[str, str]:
+    """(flux-fill folder, siglip folder) of the embedded tiny model."""
+    from calligrapher_rl.models.tiny import ensure_tiny
+
+    return ensure_tiny()
+
+
+@pytest.fixture(scope="session")
+def tiny_stack(tiny_paths):
+    from calligrapher_rl.models.stack import CalligrapherStack
+
+    return CalligrapherStack.from_pretrained(*tiny_paths, num_style_tokens=8)
