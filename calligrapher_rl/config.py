@@ -1,0 +1,410 @@
+"""The training configuration: every flag of the user's guide, presets, and run.json.
+
+Precedence: dataclass defaults < preset file (`--preset NAME_OR_PATH`) < flags typed on the command line.
+The guide's flags keep the guide's names and defaults (`RL_TRAINING_GUIDE.zh.md`); the extra fields are
+what a correct implementation needs, each with a documented default. Checks live in `config_validate`.
+No torch import here: the studio and `--help` load this module cheaply.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+try:
+    import tomllib
+except ImportError:  # Python 3.10
+    import tomli as tomllib  # type: ignore[no-redef]
+
+from calligrapher_rl import __version__
+from calligrapher_rl.config_validate import ConfigError, has_type, parse_reward_spec, sde_window_bounds
+from calligrapher_rl.config_validate import validate as _validate
+from calligrapher_rl.config_validate import warnings as _warnings
+from calligrapher_rl.errors import UserError
+
+__all__ = ["TrainConfig", "build_parser", "parse_args", "load_preset", "find_preset", "list_presets",
+           "parse_reward_spec", "ConfigError", "SEED_GUIDE_FLAGS", "PRESETS_DIR", "VERSION_KEY"]
+
+PRESETS_DIR = Path(__file__).resolve().parent.parent / "presets"
+VERSION_KEY = "calligrapher_rl_version"  # the package version, stored beside the fields in run.json
+DEFAULT_KL_BETA = {"grpo": 0.1, "nft": 0.01}  # the guide documents both defaults of --rl_kl_beta
+DEFAULT_NUM_STYLE_TOKENS = 128  # the release's count
+
+# Every flag the seed guide names (tensorboard's --logdir/--port and --help are not ours).
+SEED_GUIDE_FLAGS = (
+    "model_type", "pretrained_model_name_or_path", "siglip_path", "train_data_json", "output_dir",
+    "resolution", "train_batch_size", "gradient_accumulation_steps", "learning_rate", "max_train_steps",
+    "mixed_precision", "gradient_checkpointing", "offload_text_encoder_two", "use_rl", "rl_method",
+    "rl_warmup_steps", "rl_num_images_per_prompt", "rl_num_batches_per_epoch", "rl_num_inference_steps",
+    "rl_guidance_scale", "rl_timestep_fraction", "rl_num_inner_epochs", "rl_adv_clip_max",
+    "rl_per_prompt_stat_tracking", "rl_grpo_clip_range", "rl_kl_beta", "nft_beta", "nft_adv_mode",
+    "nft_decay_type", "use_ema", "ema_decay", "ema_update_interval", "checkpointing_steps", "report_to",
+    "initial_ip_adapter_path",
+)
+
+
+def _section(title: str):
+    """A field factory whose fields are listed under `title` in --help."""
+
+    def opt(default: Any, help: str, *, choices: tuple | None = None) -> Any:
+        meta = {"help": help, "group": title}
+        if choices is not None:
+            meta["choices"] = tuple(choices)
+        return field(default=default, metadata=meta)
+
+    return opt
+
+
+_MODEL = _section("model and data")
+_OUT = _section("output, logging and checkpoints")
+_OPTIM = _section("optimisation")
+_RL = _section("RL (both methods)")
+_SDE = _section("rollout sampler")
+_GRPO = _section("GRPO")
+_NFT = _section("DiffusionNFT")
+_REWARD = _section("rewards")
+_EMA = _section("EMA")
+_EVAL = _section("evaluation")
+
+
+@dataclass
+class TrainConfig:
+    """One training run. Build it with `parse_args`, check it with `validate()`, record it with `to_json()`."""
+
+    # --- model and data ---
+    model_type: str = _MODEL("flux", "base model family (FLUX.1-Fill)", choices=("flux",))
+    pretrained_model_name_or_path: str | None = _MODEL(
+        None, "FLUX.1-Fill-dev diffusers folder, or 'tiny' for the offline tiny model (required)")
+    siglip_path: str | None = _MODEL(None, "SigLIP so400m-patch14-384 folder (style encoder), or 'tiny' (required)")
+    initial_ip_adapter_path: str | None = _MODEL(
+        None, "style adapter to start from: the release's calligrapher.bin, a fork ip-adapter.bin or this "
+              "project's .safetensors; none = random initialisation")
+    num_style_tokens: int | None = _MODEL(
+        None, "style tokens of the adapter; none = read from --initial_ip_adapter_path's shapes, else 128")
+    use_qformer: bool = _MODEL(True, "style projection = MLP + QFormer (the release); false = the fork's MLP only")
+    tiny_width: int | None = _MODEL(None, "width of the tiny offline model (only with 'tiny'); none = its default")
+    train_data_json: str | None = _MODEL(
+        None, "dataset (.json/.jsonl file or folder), or 'bundled' for the bundled synthetic set (required)")
+    resolution: int = _MODEL(512, "training image size in pixels (multiple of 16; the release trained at 512)")
+    dataloader_num_workers: int = _MODEL(0, "data loader worker processes (0 = load in the main process)")
+
+    # --- output, logging and checkpoints ---
+    output_dir: str | None = _OUT(None, "run directory: metrics.jsonl, logs/, samples/, checkpoint-*/, run.json (required)")
+    logging_dir: str = _OUT("logs", "TensorBoard folder, relative to --output_dir")
+    report_to: str = _OUT("tensorboard", "extra tracker (metrics.jsonl is always written)",
+                          choices=("tensorboard", "wandb", "all", "none"))
+    checkpointing_steps: int = _OUT(500, "save checkpoint-{step}/ every N optimizer steps")
+    checkpoints_total_limit: int | None = _OUT(None, "keep only the newest N checkpoints; none = keep all")
+    resume_from_checkpoint: str | None = _OUT(None, "'latest' (newest checkpoint in --output_dir) or a checkpoint folder")
+    seed: int = _OUT(42, "random seed of data order, rollout noise and initialisation")
+    preset: str | None = _OUT(None, "preset name (presets/NAME.toml) or a .toml/.json file; typed flags override it")
+
+    # --- optimisation ---
+    train_batch_size: int = _OPTIM(
+        1, "prompts per batch; an RL rollout batch holds train_batch_size x rl_num_images_per_prompt images")
+    gradient_accumulation_steps: int = _OPTIM(1, "batches accumulated into one optimizer step")
+    learning_rate: float = _OPTIM(1e-4, "AdamW learning rate")
+    max_train_steps: int = _OPTIM(10000, "optimizer steps in all, supervised warmup included")
+    lr_scheduler: str = _OPTIM("constant", "learning-rate schedule after --lr_warmup_steps",
+                               choices=("constant", "cosine", "linear"))
+    lr_warmup_steps: int = _OPTIM(0, "linear learning-rate warmup steps (not the same as --rl_warmup_steps)")
+    use_8bit_adam: bool = _OPTIM(False, "bitsandbytes 8-bit AdamW (pip install '.[bnb]'); saves ~3/4 of Adam's memory")
+    adam_beta1: float = _OPTIM(0.9, "AdamW beta1")
+    adam_beta2: float = _OPTIM(0.999, "AdamW beta2")
+    adam_weight_decay: float = _OPTIM(1e-4, "AdamW weight decay")
+    adam_epsilon: float = _OPTIM(1e-8, "AdamW epsilon")
+    max_grad_norm: float = _OPTIM(1.0, "gradient-norm clipping")
+    mixed_precision: str = _OPTIM("no", "compute dtype of the frozen model (FLUX wants bf16)", choices=("no", "fp16", "bf16"))
+    gradient_checkpointing: bool = _OPTIM(False, "recompute transformer activations in backward (less memory)")
+    offload_text_encoder_two: bool = _OPTIM(False, "keep T5 off the GPU except while encoding prompts")
+    trainable: str = _OPTIM("all", "what trains: all = whole style adapter, attn = only to_k_ip/to_v_ip, "
+                                   "proj = only the style projections", choices=("all", "attn", "proj"))
+    ip_adapter_scale: float = _OPTIM(1.0, "style strength: weight of the style attention (release: 1.0, range 0-2)")
+    use_context: bool = _OPTIM(False, "in-context reference strip pasted above the source (the release's inference "
+                                      "option); off for training")
+
+    # --- RL (both methods) ---
+    use_rl: bool = _RL(False, "online RL after --rl_warmup_steps supervised steps (off = supervised only)")
+    rl_method: str = _RL("grpo", "RL algorithm", choices=("grpo", "nft"))
+    rl_warmup_steps: int = _RL(1000, "supervised steps before RL starts")
+    rl_num_images_per_prompt: int = _RL(1, "group size: images rolled out per prompt (>= 2 with --use_rl)")
+    rl_num_batches_per_epoch: int = _RL(1, "rollout batches per RL epoch (advantages are computed per epoch)")
+    rl_num_inference_steps: int = _RL(50, "sampler steps of a training rollout")
+    rl_guidance_scale: float = _RL(3.5, "FLUX guidance embedding, used in rollout, training and evaluation "
+                                        "(the FLUX-Fill release uses 30)")
+    rl_timestep_fraction: float = _RL(1.0, "fraction of the rollout's steps that are trained, in (0, 1]")
+    rl_num_inner_epochs: int = _RL(1, "passes over each epoch's rollouts")
+    rl_adv_clip_max: float = _RL(5.0, "advantages are clipped to [-max, max]")
+    rl_per_prompt_stat_tracking: bool = _RL(False, "normalise rewards per prompt (group) instead of per batch")
+    rl_global_std: bool = _RL(False, "with per-prompt tracking: divide by the std of all rewards of the batch")
+    rl_kl_beta: float | None = _RL(None, "KL weight towards the policy at the start of RL; none = 0.1 for grpo, "
+                                         "0.01 for nft (the guide's defaults)")
+
+    # --- rollout sampler ---
+    rl_noise_level: float = _SDE(0.7, "SDE noise level a of rollouts (0 = deterministic ODE; GRPO needs > 0)")
+    rl_sde_type: str = _SDE("sde", "stochastic step: sde (Flow-GRPO) or cps (coefficients-preserving)",
+                            choices=("sde", "cps"))
+    rl_sde_window_size: int = _SDE(0, "stochastic, trained steps per rollout in a window; 0 = all steps")
+    rl_sde_window_range: str | None = _SDE(
+        None, "'lo,hi': the window lies inside steps [lo, hi); none = '0,N/2' when a window is used")
+
+    # --- GRPO ---
+    rl_grpo_clip_range: float = _GRPO(0.2, "PPO ratio clip epsilon")
+
+    # --- DiffusionNFT ---
+    nft_beta: float = _NFT(0.5, "mixing of current and old velocity (> 0)")
+    nft_adv_mode: str = _NFT("normal", "advantage transform before the optimality probability",
+                             choices=("normal", "positive_only", "negative_only", "one_only", "binary"))
+    nft_decay_type: int = _NFT(0, "old-model update: 0 = fixed, 1 = slow, 2 = fast after step 75", choices=(0, 1, 2))
+    nft_num_timesteps: int | None = _NFT(
+        None, "timesteps trained per sample; none = int(rl_num_inference_steps x rl_timestep_fraction)")
+
+    # --- rewards ---
+    rewards: str = _REWARD("ocr:0.7,style:0.3", "weighted reward sum 'name:weight,...' (a bare name weighs 1)")
+    reward_server_url: str | None = _REWARD(None, "reward server(s) 'URL[,URL]'; none = score in this process")
+    reward_timeout_s: float = _REWARD(60.0, "timeout of one reward call, in seconds")
+    rl_reward_failure_limit: float = _REWARD(
+        0.1, "fraction of failed reward calls in an epoch above which the run pauses (failed samples are "
+             "left out of the update, never scored 0)")
+
+    # --- EMA ---
+    use_ema: bool = _EMA(False, "keep an EMA of the trainable weights (used for evaluation, saved beside the raw ones)")
+    ema_decay: float = _EMA(0.9999, "EMA decay in [0, 1) (guide: 0.9999 for GRPO, 0.999 for NFT)")
+    ema_update_interval: int = _EMA(1, "update the EMA every N optimizer steps")
+
+    # --- evaluation ---
+    eval_steps: int = _EVAL(100, "write a sample grid every N steps (0 = never)")
+    num_eval_samples: int = _EVAL(4, "fixed evaluation examples in each grid")
+    eval_at_start: bool = _EVAL(True, "step-0 baseline grid before any update")
+    rl_eval_num_inference_steps: int | None = _EVAL(None, "sampler steps of evaluation; none = --rl_num_inference_steps")
+
+    # ----------------------------------------------------------------------------------------------------
+    def resolved(self) -> "TrainConfig":
+        """A copy with derived defaults filled in (idempotent)."""
+        n = self.rl_num_inference_steps
+        upd: dict[str, Any] = {}
+        if self.rl_kl_beta is None and self.rl_method in DEFAULT_KL_BETA:
+            upd["rl_kl_beta"] = DEFAULT_KL_BETA[self.rl_method]
+        if self.rl_eval_num_inference_steps is None:
+            upd["rl_eval_num_inference_steps"] = n
+        if self.rl_sde_window_size and self.rl_sde_window_range is None and isinstance(n, int):
+            upd["rl_sde_window_range"] = f"0,{max(n // 2, self.rl_sde_window_size)}"
+        if self.nft_num_timesteps is None and isinstance(n, int) and isinstance(self.rl_timestep_fraction, (int, float)):
+            upd["nft_num_timesteps"] = max(1, int(n * self.rl_timestep_fraction))
+        if self.num_style_tokens is None and not self.initial_ip_adapter_path:
+            upd["num_style_tokens"] = DEFAULT_NUM_STYLE_TOKENS
+        return dataclasses.replace(self, **upd) if upd else self
+
+    def validate(self) -> "TrainConfig":
+        """Raise ConfigError (a UserError: one line naming the flag) on the first bad value; returns self."""
+        _validate(self)
+        return self
+
+    def warnings(self) -> list[str]:
+        """Legal but probably unintended settings, one line each (the trainer prints them)."""
+        return _warnings(self)
+
+    def reward_weights(self) -> dict[str, float]:
+        return parse_reward_spec(self.rewards)
+
+    def sde_window(self) -> tuple[int, int] | None:
+        """(lo, hi) of the SDE window's range, or None when every step is stochastic."""
+        return sde_window_bounds(self.resolved())
+
+    def num_trained_timesteps(self) -> int:
+        """Trained timesteps per rollout sample: the window, or the fraction (GRPO); nft_num_timesteps (NFT)."""
+        r = self.resolved()
+        if r.rl_method == "nft":
+            return r.nft_num_timesteps
+        return r.rl_sde_window_size or max(1, int(r.rl_num_inference_steps * r.rl_timestep_fraction))
+
+    def to_dict(self) -> dict[str, Any]:
+        return {**dataclasses.asdict(self.resolved()), VERSION_KEY: __version__}
+
+    def to_json(self) -> str:
+        """run.json: the full resolved configuration and the package version."""
+        return json.dumps(self.to_dict(), indent=2) + "\n"
+
+    @classmethod
+    def from_json(cls, text: str | dict, where: str = "run.json") -> "TrainConfig":
+        """Read run.json (text or parsed dict); unknown keys and wrong types are UserErrors."""
+        if isinstance(text, dict):
+            data = dict(text)
+        else:
+            try:
+                data = json.loads(text)
+            except json.JSONDecodeError as exc:
+                raise UserError(f"not valid JSON ({exc})", where=where) from None
+        if not isinstance(data, dict):
+            raise UserError("expected a JSON object of flag values", where=where)
+        data.pop(VERSION_KEY, None)
+        return cls(**coerce_values(data, where, allow_preset=True))
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Types of the fields
+_HINTS = typing.get_type_hints(TrainConfig)
+FIELDS = {f.name: f for f in dataclasses.fields(TrainConfig)}
+
+
+def field_type(name: str) -> tuple[type, bool]:
+    """(base type, optional) of a field's annotation."""
+    hint = _HINTS[name]
+    args = typing.get_args(hint)
+    if args:  # X | None
+        return next(a for a in args if a is not type(None)), True
+    return hint, False
+
+
+def _type_name(name: str) -> str:
+    base, optional = field_type(name)
+    return base.__name__ + (" or null" if optional else "")
+
+
+def coerce_values(data: dict[str, Any], where: str, *, allow_preset: bool = False) -> dict[str, Any]:
+    """Check the keys and value types of a preset / run.json mapping; ints are accepted for floats."""
+    out: dict[str, Any] = {}
+    for key, value in data.items():
+        if key == "preset" and not allow_preset:
+            raise UserError("a preset cannot name another preset", where=where, field=key)
+        if key not in FIELDS:
+            raise UserError("unknown key (not a flag of calligrapher_rl.train); see --help", where=where, field=key)
+        base, optional = field_type(key)
+        if value is None and optional:
+            out[key] = None
+            continue
+        if key == "rl_sde_window_range" and isinstance(value, list) and len(value) == 2 \
+                and all(isinstance(v, int) and not isinstance(v, bool) for v in value):
+            value = f"{value[0]},{value[1]}"
+        if not has_type(value, base):
+            raise UserError(f"expected {_type_name(key)}, got {type(value).__name__} {value!r}", where=where, field=key)
+        out[key] = float(value) if base is float else value
+    return out
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Presets
+def list_presets() -> list[str]:
+    return sorted(p.stem for p in PRESETS_DIR.glob("*.toml")) if PRESETS_DIR.is_dir() else []
+
+
+def find_preset(name_or_path: str) -> Path:
+    """A name looks up presets/NAME.toml next to the package; anything path-like is a file."""
+    p = Path(name_or_path).expanduser()
+    if p.suffix.lower() in (".toml", ".json") or os.sep in name_or_path or "/" in name_or_path or p.is_file():
+        if not p.is_file():
+            raise UserError("no such preset file", where=str(p), field="--preset")
+        return p
+    for suffix in (".toml", ".json"):
+        cand = PRESETS_DIR / f"{name_or_path}{suffix}"
+        if cand.is_file():
+            return cand
+    raise UserError(f"unknown preset {name_or_path!r}; available: {', '.join(list_presets()) or 'none'} "
+                    f"(in {PRESETS_DIR}), or give a .toml/.json path", field="--preset")
+
+
+def load_preset(name_or_path: str | Path) -> dict[str, Any]:
+    """The flag values of a preset (TOML, or JSON such as an earlier run's run.json), type-checked."""
+    path = find_preset(str(name_or_path))
+    where = str(path)
+    try:
+        if path.suffix.lower() == ".json":
+            data = json.loads(path.read_text(encoding="utf-8"))
+        else:
+            data = tomllib.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
+        raise UserError(f"cannot parse ({exc})", where=where) from None
+    if not isinstance(data, dict):
+        raise UserError("expected a table of flag values", where=where)
+    if data.pop(VERSION_KEY, None) is not None:  # an earlier run's run.json: rerun its configuration
+        data.pop("preset", None)
+    return coerce_values(data, where)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Command line
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str):  # one line through cli_main instead of usage + exit
+        raise UserError(message, where="command line")
+
+
+def _parse_bool(text: str) -> bool:
+    low = text.strip().lower()
+    if low in ("1", "true", "yes", "on"):
+        return True
+    if low in ("0", "false", "no", "off"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
+
+
+def _nullable(base: type):
+    def conv(text: str):
+        return None if text.strip().lower() in ("none", "null") else base(text)
+
+    conv.__name__ = base.__name__  # argparse names the type in its error message
+    return conv
+
+
+def _show(value: Any) -> str:
+    return "none" if value is None else str(value).lower() if isinstance(value, bool) else str(value)
+
+
+_METAVARS = {"preset": "NAME_OR_PATH", "pretrained_model_name_or_path": "PATH", "siglip_path": "PATH",
+             "initial_ip_adapter_path": "PATH", "train_data_json": "PATH", "output_dir": "DIR",
+             "logging_dir": "DIR", "resume_from_checkpoint": "latest|PATH", "rewards": "NAME:W,...",
+             "reward_server_url": "URL[,URL]", "rl_sde_window_range": "LO,HI"}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(
+        prog="python -m calligrapher_rl.train", allow_abbrev=False, argument_default=argparse.SUPPRESS,
+        usage="%(prog)s [--preset NAME_OR_PATH] [--FLAG VALUE ...]",
+        epilog=f"presets: {', '.join(list_presets()) or 'none'} (in {PRESETS_DIR}).",
+        description="Fine-tune the Calligrapher style adapter on FLUX.1-Fill with online RL (GRPO, DiffusionNFT). "
+                    "Precedence: defaults < --preset < flags on the command line. Optional values accept 'none'.")
+    groups: dict[str, argparse._ArgumentGroup] = {}
+    for name, f in FIELDS.items():
+        group = groups.get(f.metadata["group"]) or groups.setdefault(
+            f.metadata["group"], parser.add_argument_group(f.metadata["group"]))
+        base, optional = field_type(name)
+        help_text = f.metadata["help"]
+        if "(required)" not in help_text:
+            help_text += f" (default: {_show(f.default)})"
+        help_text = help_text.replace("%", "%%")
+        kwargs: dict[str, Any] = {"help": help_text}
+        if base is bool:
+            kwargs.update(nargs="?", const=True, type=_parse_bool, metavar="true|false")
+        else:
+            kwargs["type"] = _nullable(base) if optional else base
+            if "choices" in f.metadata:
+                kwargs["choices"] = f.metadata["choices"]
+            else:
+                kwargs["metavar"] = _METAVARS.get(name) or {int: "N", float: "X"}.get(base, "TEXT")
+        group.add_argument(f"--{name}", **kwargs)
+    return parser
+
+
+def parse_args(argv: list[str] | None = None, *, validate: bool = True) -> TrainConfig:
+    """Defaults < preset < typed flags; validated (unless validate=False) and resolved."""
+    typed = vars(build_parser().parse_args(argv))
+    values: dict[str, Any] = {}
+    preset_where = None
+    if typed.get("preset"):
+        preset_where = str(find_preset(typed["preset"]))
+        values.update(load_preset(typed["preset"]))
+    values.update(typed)
+    cfg = TrainConfig(**values)
+    if validate:
+        try:
+            cfg.validate()
+        except ConfigError as exc:
+            if preset_where and exc.flag in values and exc.flag not in typed:
+                raise UserError(str(exc), where=preset_where) from None
+            raise
+    return cfg.resolved()
