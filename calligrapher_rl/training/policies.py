@@ -1,0 +1,83 @@
+"""The policies of one run, all of them style-adapter weights over one shared frozen transformer.
+
+    current    the live adapter parameters (trained)
+    reference  a snapshot taken when RL begins; the KL term pulls towards it
+    old        NFT's slowly-following copy (theta_old <- eta theta_old + (1 - eta) theta)
+    ema        the evaluation/release average of the trainable parameters
+
+Snapshots are plain dicts name -> tensor evaluated through `stack.velocity(..., params=...)`, so none
+of them needs a second transformer.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ..models.style_adapter import StyleAdapter
+from ..rl.ema import ParamEMA
+from ..rl.nft import update_old_params
+
+
+class Policies:
+    def __init__(self, adapter: StyleAdapter, trainable: str, *, use_ema: bool, ema_decay: float,
+                 ema_update_interval: int, snapshot_dtype=torch.float32):
+        self.adapter = adapter
+        self.named = adapter.parameter_groups(trainable)
+        self.names = [n for n, _ in self.named]
+        trainable_ids = {id(p) for _, p in self.named}
+        for p in adapter.parameters():
+            p.requires_grad_(id(p) in trainable_ids)
+        self.snapshot_dtype = snapshot_dtype
+        self.ema = ParamEMA(self.params, ema_decay, ema_update_interval) if use_ema else None
+        self.reference: dict[str, torch.Tensor] | None = None
+        self.old: dict[str, torch.Tensor] | None = None
+
+    @property
+    def params(self) -> list[torch.nn.Parameter]:
+        return [p for _, p in self.named]
+
+    def snapshot(self) -> dict[str, torch.Tensor]:
+        """The whole adapter (frozen parts included), detached: evaluable through functional_call."""
+        return {k: v.detach().clone().to(self.snapshot_dtype) for k, v in self.adapter.state_dict().items()}
+
+    # ------------------------------------------------------------ reference and old policies
+    def begin_rl(self, with_old: bool) -> None:
+        self.reference = self.snapshot()
+        self.old = self.snapshot() if with_old else None
+
+    def update_old(self, eta: float) -> None:
+        if self.old is None:
+            return
+        old_trainable = [self.old[n] for n in self.names]
+        update_old_params(old_trainable, [p.detach() for p in self.params], eta)
+
+    # ------------------------------------------------------------ EMA
+    def ema_step(self, global_step: int) -> None:
+        if self.ema is not None:
+            self.ema.step(self.params, global_step)
+
+    def ema_state(self) -> dict[str, torch.Tensor] | None:
+        """The full adapter with the EMA weights in place of the trainable ones."""
+        if self.ema is None:
+            return None
+        full = {k: v.detach().clone() for k, v in self.adapter.state_dict().items()}
+        for name, shadow in zip(self.names, self.ema.shadow):
+            full[name] = shadow.detach().clone()
+        return full
+
+    def load_ema_state(self, full: dict[str, torch.Tensor], num_updates: int) -> None:
+        if self.ema is None:
+            return
+        for name, shadow in zip(self.names, self.ema.shadow):
+            shadow.copy_(full[name].to(shadow.device, torch.float32))
+        self.ema.num_updates = num_updates
+
+    def evaluation_weights(self):
+        """Context in which the live adapter holds the EMA weights (a no-op without EMA)."""
+        import contextlib
+
+        return self.ema.swapped_in(self.params) if self.ema is not None else contextlib.nullcontext()
+
+    def load_snapshots(self, reference: dict | None, old: dict | None, device) -> None:
+        cast = (lambda d: {k: v.to(device, self.snapshot_dtype) for k, v in d.items()} if d else None)
+        self.reference, self.old = cast(reference), cast(old)

@@ -1,0 +1,165 @@
+"""The run directory: where the trainer and the studio (or any other watcher) meet.
+
+    metrics.jsonl      one JSON object per logged step (append-only)
+    logs/              TensorBoard events: the same scalars and the sample grids
+    samples/           step-{step:06d}.png evaluation grids
+    checkpoint-{step}/ see checkpointing.py
+    run.json           the resolved configuration and the package version
+    status.json        state (starting|running|paused|stopping|stopped|finished|failed), pid, step, message
+    control/stop       created by anyone who wants the run to save a checkpoint and end
+    control/resume     created to continue a run paused by reward failures
+    train.log          the human-readable log (the studio tails it)
+
+Only the main process writes. Every write is atomic (temp + rename) or an append of whole lines.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import socket
+import time
+
+import numpy as np
+from PIL import Image
+
+from ..atomic import atomic_path, write_json
+
+logger = logging.getLogger("calligrapher_rl.training")
+
+STATES = ("starting", "running", "paused", "stopping", "stopped", "finished", "failed")
+
+
+def sample_path(run_dir: str, step: int) -> str:
+    return os.path.join(run_dir, "samples", f"step-{step:06d}.png")
+
+
+def request_stop(run_dir: str) -> None:
+    """Ask a run (this process or another) to checkpoint and end at the next safe point."""
+    os.makedirs(os.path.join(run_dir, "control"), exist_ok=True)
+    with open(os.path.join(run_dir, "control", "stop"), "w") as fh:
+        fh.write(str(time.time()))
+
+
+def request_resume(run_dir: str) -> None:
+    os.makedirs(os.path.join(run_dir, "control"), exist_ok=True)
+    with open(os.path.join(run_dir, "control", "resume"), "w") as fh:
+        fh.write(str(time.time()))
+
+
+def read_status(run_dir: str) -> dict | None:
+    try:
+        with open(os.path.join(run_dir, "status.json"), encoding="utf-8") as fh:
+            return json.load(fh)
+    except (OSError, ValueError):
+        return None
+
+
+def read_metrics(run_dir: str) -> list[dict]:
+    """All complete lines of metrics.jsonl (a line being written is skipped)."""
+    rows = []
+    try:
+        with open(os.path.join(run_dir, "metrics.jsonl"), encoding="utf-8") as fh:
+            for line in fh:
+                try:
+                    rows.append(json.loads(line))
+                except ValueError:
+                    continue
+    except OSError:
+        pass
+    return rows
+
+
+class RunDir:
+    """The trainer's writer side. On non-main processes every method is a no-op."""
+
+    def __init__(self, path: str, *, is_main: bool = True, tensorboard: bool = True, logging_dir: str = "logs"):
+        self.path, self.is_main = path, is_main
+        self._tb = None
+        self._started = time.time()
+        if not is_main:
+            return
+        for sub in ("samples", "control", logging_dir):
+            os.makedirs(os.path.join(path, sub), exist_ok=True)
+        if tensorboard:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self._tb = SummaryWriter(os.path.join(path, logging_dir))
+        self._log_handler = logging.FileHandler(os.path.join(path, "train.log"), encoding="utf-8")
+        self._log_handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+        logging.getLogger("calligrapher_rl").addHandler(self._log_handler)
+
+    # ------------------------------------------------------------ status and control
+    def set_status(self, state: str, step: int, message: str = "", **extra) -> None:
+        if not self.is_main:
+            return
+        assert state in STATES, state
+        write_json(os.path.join(self.path, "status.json"), {
+            "state": state, "step": step, "message": message, "pid": os.getpid(), "host": socket.gethostname(),
+            "started": self._started, "updated": time.time(), **extra,
+        })
+
+    def _control(self, name: str) -> str:
+        return os.path.join(self.path, "control", name)
+
+    def stop_requested(self) -> bool:
+        return os.path.exists(self._control("stop"))
+
+    def consume_resume(self) -> bool:
+        if os.path.exists(self._control("resume")):
+            os.unlink(self._control("resume"))
+            return True
+        return False
+
+    def clear_control(self) -> None:
+        for name in ("stop", "resume"):
+            if self.is_main and os.path.exists(self._control(name)):
+                os.unlink(self._control(name))
+
+    # ------------------------------------------------------------ metrics
+    def log_metrics(self, step: int, phase: str, metrics: dict[str, float]) -> dict:
+        row = {"step": int(step), "phase": phase, "time": time.time()}
+        for k, v in metrics.items():
+            v = float(v)
+            row[k] = v if math.isfinite(v) else None  # JSON has no NaN; null = not available
+        if self.is_main:
+            with open(os.path.join(self.path, "metrics.jsonl"), "a", encoding="utf-8") as fh:
+                fh.write(json.dumps(row) + "\n")
+                fh.flush()
+            if self._tb is not None:
+                for k, v in row.items():
+                    if k not in ("step", "phase", "time") and v is not None:
+                        self._tb.add_scalar(k, v, step)
+                self._tb.flush()
+        return row
+
+    def save_grid(self, step: int, grid: Image.Image) -> str | None:
+        if not self.is_main:
+            return None
+        path = sample_path(self.path, step)
+        with atomic_path(path) as tmp:
+            grid.save(tmp, format="PNG")
+        if self._tb is not None:
+            self._tb.add_image("samples", np.asarray(grid.convert("RGB")), step, dataformats="HWC")
+            self._tb.flush()
+        return path
+
+    def close(self) -> None:
+        if self._tb is not None:
+            self._tb.close()
+        if self.is_main:
+            logging.getLogger("calligrapher_rl").removeHandler(self._log_handler)
+            self._log_handler.close()
+
+
+def make_grid(rows: list[list[Image.Image]], cell: int | None = None) -> Image.Image:
+    """Rows of equally sized images -> one picture (columns = samples, rows = input/output/target/ref)."""
+    cell = cell or rows[0][0].width
+    n_cols = max(len(r) for r in rows)
+    grid = Image.new("RGB", (cell * n_cols, cell * len(rows)), (255, 255, 255))
+    for y, row in enumerate(rows):
+        for x, im in enumerate(row):
+            grid.paste(im.convert("RGB").resize((cell, cell)), (x * cell, y * cell))
+    return grid

@@ -1,0 +1,104 @@
+"""Building a run's parts from a validated config: accelerator, stack, data, rewards, optimizer."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+
+import torch
+
+from ..config import TrainConfig
+from ..errors import UserError
+
+logger = logging.getLogger("calligrapher_rl.training")
+
+DTYPES = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+def make_accelerator(cfg: TrainConfig):
+    from accelerate import Accelerator
+
+    # Gradient accumulation and sync are done by the loop itself (see distributed.py).
+    acc = Accelerator(mixed_precision=cfg.mixed_precision)
+    if acc.device.type == "cuda":
+        # cuDNN SDPA backward fails on FLUX's attention shapes on torch 2.11/cu130 (gpu-notes.md).
+        torch.backends.cuda.enable_cudnn_sdp(False)
+    return acc
+
+
+def autocast_for(accelerator, cfg: TrainConfig):
+    """Autocast of the frozen model's dtype around forwards; nothing in fp32 runs."""
+    if cfg.mixed_precision == "no":
+        return contextlib.nullcontext
+    return accelerator.autocast
+
+
+def build_stack(cfg: TrainConfig, device):
+    from ..models.stack import CalligrapherStack
+
+    stack = CalligrapherStack.from_pretrained(
+        cfg.pretrained_model_name_or_path, cfg.siglip_path, adapter_path=cfg.initial_ip_adapter_path,
+        device=device, dtype=DTYPES[cfg.mixed_precision], num_style_tokens=cfg.num_style_tokens or 128,
+        use_qformer=cfg.use_qformer, offload_text_encoder_two=cfg.offload_text_encoder_two,
+    )
+    if cfg.gradient_checkpointing:
+        stack.pipe.transformer.enable_gradient_checkpointing()
+    return stack
+
+
+def build_dataset(cfg: TrainConfig):
+    from ..data import resolve_dataset_path
+    from ..data.dataset import load_dataset
+
+    path = resolve_dataset_path(cfg.train_data_json)
+    if cfg.train_data_json.strip().lower() == "bundled" and cfg.resolution != 64:
+        from ..data import ensure_default_dataset
+
+        path = ensure_default_dataset(resolution=cfg.resolution)
+    dataset = load_dataset(path, resolution=cfg.resolution, seed=cfg.seed)
+    if len(dataset) == 0:
+        raise UserError("the dataset has no entries", where=path, field="--train_data_json")
+    return dataset
+
+
+def build_rewards(cfg: TrainConfig, siglip_path: str, device):
+    from ..rewards import build_rewards as _build
+
+    urls = [u.strip() for u in cfg.reward_server_url.split(",")] if cfg.reward_server_url else None
+    rewards = _build(cfg.rewards, siglip_path=siglip_path, server_urls=urls, device=str(device))
+    if urls:
+        rewards.check_health()  # a server that is down stops the run now, not after the first rollout
+    return rewards
+
+
+def build_optimizer(cfg: TrainConfig, params):
+    if cfg.use_8bit_adam:
+        try:
+            import bitsandbytes as bnb
+        except ImportError:
+            raise UserError("needs bitsandbytes (pip install 'calligrapher-rl[bnb]')", field="--use_8bit_adam") from None
+        opt_cls = bnb.optim.AdamW8bit
+    else:
+        opt_cls = torch.optim.AdamW
+    optimizer = opt_cls(params, lr=cfg.learning_rate, betas=(cfg.adam_beta1, cfg.adam_beta2),
+                        weight_decay=cfg.adam_weight_decay, eps=cfg.adam_epsilon)
+    from diffusers.optimization import get_scheduler
+
+    scheduler = get_scheduler(cfg.lr_scheduler, optimizer, num_warmup_steps=cfg.lr_warmup_steps,
+                              num_training_steps=cfg.max_train_steps)
+    return optimizer, scheduler
+
+
+def resolved_siglip_path(cfg: TrainConfig) -> str:
+    from ..models.stack import resolve_model_paths
+
+    return resolve_model_paths(cfg.pretrained_model_name_or_path, cfg.siglip_path)[1]
+
+
+def check_output_dir(cfg: TrainConfig) -> None:
+    parent = os.path.dirname(os.path.abspath(cfg.output_dir)) or "."
+    if os.path.exists(cfg.output_dir) and not os.path.isdir(cfg.output_dir):
+        raise UserError("exists and is not a folder", where=cfg.output_dir, field="--output_dir")
+    if not os.access(parent, os.W_OK) and not os.path.isdir(cfg.output_dir):
+        raise UserError("parent folder is not writable", where=parent, field="--output_dir")

@@ -1,0 +1,315 @@
+"""The training run: supervised warmup, then epochs of rollout -> rewards -> advantages -> update.
+
+`Trainer.run()` is the one-screen loop; the pieces it calls live in batches.py (data and conditions),
+updates.py (the three gradient computations), policies.py (reference/old/EMA), checkpointing.py and
+run_dir.py (everything the studio reads).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import time
+
+import numpy as np
+import torch
+
+from ..config import TrainConfig
+from ..rl.advantages import PerPromptStatTracker, compute_advantages
+from ..rl.nft import old_decay
+from ..sampling import SDEWindow, rollout
+from . import setup
+from .batches import EVAL_STREAM, RL_STREAM, WARMUP_STREAM, ConditionCache, GroupSampler, reward_samples, stream_seed, to_pil
+from .checkpointing import load_checkpoint, resolve_resume, save_checkpoint
+from .distributed import average_gradients, gather_rewards, mean_across, own_slice
+from .policies import Policies
+from .run_dir import RunDir, make_grid
+from .updates import StatsMeter, grpo_backward, nft_backward, warmup_backward
+
+logger = logging.getLogger("calligrapher_rl.training")
+
+
+class RewardFailure(RuntimeError):
+    pass
+
+
+class Trainer:
+    def __init__(self, cfg: TrainConfig):
+        self.cfg = cfg = cfg.resolved()
+        setup.check_output_dir(cfg)
+        self.acc = setup.make_accelerator(cfg)
+        self.is_main = self.acc.is_main_process
+        self.run_dir = RunDir(cfg.output_dir, is_main=self.is_main, tensorboard=cfg.report_to in ("tensorboard", "all"),
+                              logging_dir=cfg.logging_dir)
+        self.run_dir.set_status("starting", 0, "loading models")
+        self.autocast = setup.autocast_for(self.acc, cfg)
+        self.stack = setup.build_stack(cfg, self.acc.device)
+        self.dataset = setup.build_dataset(cfg)
+        self.rewards = setup.build_rewards(cfg, setup.resolved_siglip_path(cfg), self.acc.device)
+        self.policies = Policies(self.stack.adapter, cfg.trainable, use_ema=cfg.use_ema, ema_decay=cfg.ema_decay,
+                                 ema_update_interval=cfg.ema_update_interval)
+        self.optimizer, self.scheduler = setup.build_optimizer(cfg, self.policies.params)
+        self.conditions = ConditionCache(self.stack, self.dataset, cfg.seed)
+        self.sampler = GroupSampler(len(self.dataset), cfg.train_batch_size, cfg.rl_num_images_per_prompt if cfg.use_rl else 1,
+                                    num_processes=self.acc.num_processes, rank=self.acc.process_index, seed=cfg.seed)
+        self.tracker = PerPromptStatTracker(cfg.rl_global_std) if cfg.rl_per_prompt_stat_tracking else None
+        self.step, self.rl_epoch = 0, 0
+        self._stop = False
+        if self.is_main:
+            from ..atomic import write_text
+
+            write_text(os.path.join(cfg.output_dir, "run.json"), cfg.to_json())
+            for w in cfg.warnings():
+                logger.warning(w)
+
+    # ================================================================== the loop
+    def run(self) -> str:
+        cfg = self.cfg
+        self._install_signal_handlers()
+        self.run_dir.clear_control()
+        self._maybe_resume()
+        if cfg.use_rl and self.step >= cfg.rl_warmup_steps and self.policies.reference is None:
+            self.policies.begin_rl(with_old=cfg.rl_method == "nft")
+        self.run_dir.set_status("running", self.step, "")
+        try:
+            if cfg.eval_at_start and self.step == 0 and cfg.eval_steps:
+                self.evaluate()
+            while self.step < cfg.max_train_steps and not self._stop_requested():
+                before = self.step
+                if not cfg.use_rl or self.step < cfg.rl_warmup_steps:
+                    self.warmup_step()
+                else:
+                    self.rl_epoch_step()
+                self._after_steps(before)
+            final = "stopped" if self.step < cfg.max_train_steps else "finished"
+            if final == "finished" and cfg.eval_steps and self.step % cfg.eval_steps:
+                self.evaluate()  # the last grid is of the final weights
+            self.save()
+            self.run_dir.set_status(final, self.step, "stop requested" if final == "stopped" else "done")
+            return final
+        except RewardFailure as exc:
+            self.save()
+            self.run_dir.set_status("stopped", self.step, str(exc))
+            raise
+        except BaseException as exc:
+            self.run_dir.set_status("failed", self.step, f"{type(exc).__name__}: {str(exc)[:300]}")
+            raise
+        finally:
+            self.rewards.close()
+            self.run_dir.close()
+
+    def _after_steps(self, before: int) -> None:
+        cfg = self.cfg
+        crossed = lambda every: every and self.step // every > before // every  # noqa: E731
+        if crossed(cfg.checkpointing_steps):
+            self.save()
+        if crossed(cfg.eval_steps):
+            self.evaluate()
+        self.run_dir.set_status("running", self.step, "")
+
+    # ================================================================== phases
+    def warmup_step(self) -> None:
+        cfg, t0 = self.cfg, time.time()
+        gen = torch.Generator().manual_seed(stream_seed(cfg.seed, WARMUP_STREAM, self.step, self.acc.process_index))
+        meter = StatsMeter()
+        for micro in range(cfg.gradient_accumulation_steps):
+            k = self.step * cfg.gradient_accumulation_steps + micro
+            batch = self.conditions.batch(self.sampler.batch(WARMUP_STREAM, k))
+            meter.add(warmup_backward(self.stack, batch, guidance=cfg.rl_guidance_scale, scale=cfg.ip_adapter_scale,
+                                      generator=gen, loss_scale=1.0 / cfg.gradient_accumulation_steps,
+                                      autocast=self.autocast))
+        stats = {**meter.means(), **self.optimizer_step()}
+        stats["time/step_s"] = time.time() - t0
+        self.run_dir.log_metrics(self.step, "warmup", mean_across(self.acc, stats))
+
+    def rl_epoch_step(self) -> None:
+        """One RL epoch: roll out num_batches batches, score them (overlapping the next rollout),
+        turn rewards into advantages across all processes, then num_inner_epochs of updates."""
+        cfg = self.cfg
+        if self.policies.reference is None:
+            self.policies.begin_rl(with_old=cfg.rl_method == "nft")
+        t0 = time.time()
+        batches, rollouts, futures = [], [], []
+        for b in range(cfg.rl_num_batches_per_epoch):
+            batch = self.conditions.batch(self.sampler.batch(RL_STREAM, self.rl_epoch * cfg.rl_num_batches_per_epoch + b))
+            ro = self._rollout(batch, b)
+            images = to_pil(self.stack.decode(ro.final, batch.fill.height, batch.fill.width))
+            futures.append(self.rewards.score_async(reward_samples(batch, images)))
+            batches.append(batch), rollouts.append(ro)
+        t_rollout = time.time() - t0
+        scores = [f.result() for f in futures]
+        t_reward = time.time() - t0 - t_rollout
+        stats = self._reward_stats(scores)
+        advantages = self._advantages(batches, scores)
+
+        t1 = time.time()
+        meter, steps_done = StatsMeter(), 0
+        n_batches = len(batches)
+        for inner in range(cfg.rl_num_inner_epochs):
+            for b, (batch, ro, adv) in enumerate(zip(batches, rollouts, advantages)):
+                meter.add(self._update(batch, ro, adv, inner, b))
+                if (b + 1) % cfg.gradient_accumulation_steps == 0 or b == n_batches - 1:
+                    meter.add(self.optimizer_step())
+                    steps_done += 1
+        if cfg.rl_method == "nft":
+            self.policies.update_old(old_decay(self.step, cfg.nft_decay_type))
+        self.rl_epoch += 1
+        if self.tracker is not None:
+            self.tracker.clear()
+        stats.update(meter.means())
+        stats.update({"time/rollout_s": t_rollout, "time/reward_s": t_reward, "time/update_s": time.time() - t1,
+                      "rl/epoch": self.rl_epoch, "rl/optimizer_steps": steps_done})
+        self.run_dir.log_metrics(self.step, "rl", mean_across(self.acc, stats))
+
+    # ================================================================== pieces
+    def _rollout(self, batch, b: int):
+        cfg = self.cfg
+        seed = stream_seed(cfg.seed, RL_STREAM, self.rl_epoch, b, self.acc.process_index)
+        gen = torch.Generator().manual_seed(seed)
+        window = None
+        if cfg.rl_sde_window_size:
+            lo, hi = cfg.sde_window()
+            window = SDEWindow.pick(cfg.rl_num_inference_steps, cfg.rl_sde_window_size, lo, hi,
+                                    np.random.default_rng(stream_seed(cfg.seed, RL_STREAM, self.rl_epoch, b)))
+        params = self.policies.old if cfg.rl_method == "nft" else None
+        with self.autocast():
+            return rollout(self.stack, batch.fill, batch.text, batch.image_embeds, num_steps=cfg.rl_num_inference_steps,
+                           guidance=cfg.rl_guidance_scale, noise_level=cfg.rl_noise_level, sde_type=cfg.rl_sde_type,
+                           window=window, generator=gen, scale=cfg.ip_adapter_scale, params=params)
+
+    def _reward_stats(self, scores: list[dict]) -> dict[str, float]:
+        out = {}
+        for name in scores[0]:
+            local = np.concatenate([s[name] for s in scores])
+            _, vals = gather_rewards(self.acc, [0] * len(local), local)
+            key = "reward/mean" if name == "total" else f"reward/{name}"
+            out[key] = float(np.nanmean(vals)) if np.isfinite(vals).any() else float("nan")
+            if name == "total":
+                out["reward/std"] = float(np.nanstd(vals)) if np.isfinite(vals).any() else float("nan")
+                out["reward/failed"] = float(np.mean(~np.isfinite(vals)))
+        if out["reward/failed"] > self.cfg.rl_reward_failure_limit:
+            self._pause_for_rewards(out["reward/failed"])
+        return out
+
+    def _pause_for_rewards(self, failed: float) -> None:
+        msg = (f"{failed:.0%} of rewards failed this epoch (limit {self.cfg.rl_reward_failure_limit:.0%}); "
+               "check the reward servers, then resume (control/resume) or stop")
+        logger.error(msg)
+        self.run_dir.set_status("paused", self.step, msg)
+        while not self.run_dir.consume_resume():
+            if self._stop_requested():
+                raise RewardFailure(msg)
+            time.sleep(1.0)
+        self.run_dir.set_status("running", self.step, "resumed after reward failures")
+
+    def _advantages(self, batches, scores) -> list[torch.Tensor]:
+        cfg = self.cfg
+        keys = [i for batch in batches for i in batch.indices]
+        local = np.concatenate([s["total"] for s in scores])
+        all_keys, all_rewards = gather_rewards(self.acc, keys, local)
+        adv_all = compute_advantages(all_keys, all_rewards, self.tracker, cfg.rl_adv_clip_max)
+        adv = own_slice(adv_all, self.acc, len(keys))
+        per = self.sampler.images_per_process
+        return [torch.as_tensor(adv[b * per:(b + 1) * per], dtype=torch.float32, device=self.acc.device)
+                for b in range(len(batches))]
+
+    def _update(self, batch, ro, adv, inner: int, b: int) -> dict[str, float]:
+        cfg = self.cfg
+        common = dict(policies=self.policies, guidance=cfg.rl_guidance_scale, scale=cfg.ip_adapter_scale,
+                      kl_beta=cfg.rl_kl_beta, adv_clip_max=cfg.rl_adv_clip_max, autocast=self.autocast)
+        if cfg.rl_method == "grpo":
+            steps = ro.sde_steps if cfg.rl_sde_window_size else ro.sde_steps[:cfg.num_trained_timesteps()]
+            scale = 1.0 / (len(steps) * cfg.gradient_accumulation_steps)
+            return grpo_backward(self.stack, batch, ro, adv, steps, noise_level=cfg.rl_noise_level,
+                                 sde_type=cfg.rl_sde_type, clip_range=cfg.rl_grpo_clip_range, loss_scale=scale, **common)
+        gen = torch.Generator().manual_seed(stream_seed(cfg.seed, RL_STREAM, self.rl_epoch, b, inner, 7,
+                                                        self.acc.process_index))
+        n = cfg.num_trained_timesteps()
+        return nft_backward(self.stack, batch, ro, adv, n, beta=cfg.nft_beta, adv_mode=cfg.nft_adv_mode, generator=gen,
+                            loss_scale=1.0 / (n * cfg.gradient_accumulation_steps), **common)
+
+    def optimizer_step(self) -> dict[str, float]:
+        params = self.policies.params
+        average_gradients(params, self.acc)
+        grad_norm = torch.nn.utils.clip_grad_norm_(params, self.cfg.max_grad_norm)
+        self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.policies.ema_step(self.step)
+        self.step += 1
+        return {"grad_norm": float(grad_norm), "lr": float(self.scheduler.get_last_lr()[0])}
+
+    # ================================================================== evaluation
+    @torch.no_grad()
+    def evaluate(self) -> None:
+        """ODE samples of fixed examples with the EMA weights; grid rows: input, output, target, reference."""
+        cfg = self.cfg
+        n = min(cfg.num_eval_samples, len(self.dataset))
+        batch = self.conditions.batch(list(range(n)))
+        gen = torch.Generator().manual_seed(stream_seed(cfg.seed, EVAL_STREAM))
+        with self.policies.evaluation_weights(), self.autocast():
+            ro = rollout(self.stack, batch.fill, batch.text, batch.image_embeds, num_steps=cfg.rl_eval_num_inference_steps,
+                         guidance=cfg.rl_guidance_scale, generator=gen, scale=cfg.ip_adapter_scale)
+        images = to_pil(self.stack.decode(ro.final, batch.fill.height, batch.fill.width))
+        scores = self.rewards.score(reward_samples(batch, images))
+        stats = {("eval/reward/mean" if k == "total" else f"eval/reward/{k}"): float(np.nanmean(v)) if np.isfinite(v).any()
+                 else float("nan") for k, v in scores.items()}
+        phase = "rl" if cfg.use_rl and self.step >= cfg.rl_warmup_steps else "warmup"
+        self.run_dir.log_metrics(self.step, phase, stats)
+        rows = [to_pil(torch.stack([it["masked_source"] for it in batch.items])), images,
+                to_pil(batch.sources()), [it["reference"] for it in batch.items]]
+        self.run_dir.save_grid(self.step, make_grid(rows))
+
+    # ================================================================== checkpoints and stopping
+    def save(self) -> None:
+        if not self.is_main:
+            return
+        p = self.policies
+        state = {"rl_epoch": self.rl_epoch, "ema_updates": p.ema.num_updates if p.ema else 0,
+                 "tracker": self.tracker.state_dict() if self.tracker else None}
+        path = save_checkpoint(self.cfg.output_dir, self.step, adapter=self.stack.adapter.state_dict(), ema=p.ema_state(),
+                               old=p.old, ref=p.reference, optimizer=self.optimizer, scheduler=self.scheduler,
+                               state=state, total_limit=self.cfg.checkpoints_total_limit)
+        logger.info("saved %s", path)
+
+    def _maybe_resume(self) -> None:
+        path = resolve_resume(self.cfg.output_dir, self.cfg.resume_from_checkpoint)
+        if path is None:
+            return
+        ck = load_checkpoint(path)
+        self.stack.adapter.load_state_dict({k: v.to(self.acc.device) for k, v in ck["adapter"].items()})
+        self.optimizer.load_state_dict(ck["optimizer"])
+        self.scheduler.load_state_dict(ck["scheduler"])
+        self.policies.load_snapshots(ck["ref"], ck["old"], self.acc.device)
+        if ck["ema"] is not None:
+            self.policies.load_ema_state(ck["ema"], ck["state"].get("ema_updates", 0))
+        self.step, self.rl_epoch = int(ck["state"]["step"]), int(ck["state"]["rl_epoch"])
+        if self.tracker is not None and ck["state"].get("tracker"):
+            self.tracker.load_state_dict(ck["state"]["tracker"])
+        logger.info("resumed from %s at step %d", path, self.step)
+
+    def _stop_requested(self) -> bool:
+        if not self._stop and self.run_dir.is_main and self.run_dir.stop_requested():
+            self._stop = True
+        if self.acc.num_processes > 1:  # every process must leave the loop at the same step
+            flag = torch.tensor([1.0 if self._stop else 0.0], device=self.acc.device)
+            self._stop = bool(self.acc.reduce(flag, reduction="sum").item() > 0)
+        if self._stop:
+            self.run_dir.set_status("stopping", self.step, "saving a checkpoint")
+        return self._stop
+
+    def _install_signal_handlers(self) -> None:
+        def handler(signum, frame):  # finish the current step, checkpoint, exit cleanly
+            logger.warning("signal %d: stopping after this step", signum)
+            self._stop = True
+
+        try:
+            signal.signal(signal.SIGTERM, handler)
+            signal.signal(signal.SIGINT, handler)
+        except ValueError:  # not the main thread (e.g. embedded in a test); stop files still work
+            pass
+
+
+def train(cfg: TrainConfig) -> str:
+    return Trainer(cfg).run()

@@ -1,0 +1,114 @@
+"""The three gradient computations of a run: supervised warmup, GRPO and DiffusionNFT.
+
+Each function does forward + backward for one batch and returns float stats; the caller owns the
+optimizer step (so accumulation and gradient sync stay in one place). The losses themselves are the
+pure functions of `rl/`; this module only feeds them the right tensors.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+
+import numpy as np
+import torch
+
+from ..rl.grpo import grpo_loss
+from ..rl.nft import nft_loss
+from ..rl.sde import kl_to_reference, sde_step_with_logprob
+from ..sampling import Rollout
+from .batches import Batch
+
+
+class StatsMeter:
+    """Averages float stats over micro-steps."""
+
+    def __init__(self):
+        self.sums, self.counts = defaultdict(float), defaultdict(int)
+
+    def add(self, stats: dict[str, float], prefix: str = "") -> None:
+        for k, v in stats.items():
+            if v is not None and np.isfinite(v):
+                self.sums[prefix + k] += float(v)
+                self.counts[prefix + k] += 1
+
+    def means(self) -> dict[str, float]:
+        return {k: self.sums[k] / self.counts[k] for k in self.sums}
+
+
+def warmup_backward(stack, batch: Batch, *, guidance: float, scale: float, generator: torch.Generator,
+                    loss_scale: float, autocast) -> dict[str, float]:
+    """Supervised flow matching on the ground truth: target = the source WITH its text, input = the
+    masked source (in the fill condition), style = the reference; latents carry the VAE shift."""
+    x0 = stack.encode_images(batch.sources(), generator=generator).float()
+    b = x0.shape[0]
+    # logit-normal t (SD3/FLUX training), drawn on the CPU generator for reproducibility
+    t = torch.sigmoid(torch.randn(b, generator=generator)).to(x0.device)
+    eps = torch.randn(x0.shape, generator=generator).to(x0.device)
+    tt = t.view(b, 1, 1)
+    x_t = (1 - tt) * x0 + tt * eps
+    with autocast():
+        v = stack.velocity(x_t, batch.fill, batch.text, t, batch.image_embeds, guidance, scale)
+    loss = torch.mean((v.float() - (eps - x0)) ** 2)
+    (loss * loss_scale).backward()
+    return {"loss": float(loss.detach())}
+
+
+def grpo_backward(stack, batch: Batch, ro: Rollout, advantages: torch.Tensor, steps: list[int], *, policies,
+                  guidance: float, scale: float, noise_level: float, sde_type: str, clip_range: float,
+                  adv_clip_max: float, kl_beta: float, loss_scale: float, autocast) -> dict[str, float]:
+    """PPO-clip over the trained transitions x_j -> x_{j+1}, each a micro-batch, plus the KL to the
+    reference policy computed from the two policies' step means."""
+    meter = StatsMeter()
+    valid = torch.isfinite(advantages)
+    for j in steps:
+        s, s_next = float(ro.sigmas[j]), float(ro.sigmas[j + 1])
+        x_j, x_next = ro.latents[:, j], ro.latents[:, j + 1]
+        with autocast():
+            v = stack.velocity(x_j, batch.fill, batch.text, s, batch.image_embeds, guidance, scale)
+        _, log_prob, mean, std = sde_step_with_logprob(v, s, s_next, x_j, noise_level, prev_sample=x_next,
+                                                       sde_type=sde_type)
+        loss, stats = grpo_loss(log_prob, ro.log_probs[:, j], advantages, clip_range, adv_clip_max, valid=valid)
+        if kl_beta > 0 and policies.reference is not None:
+            with torch.no_grad(), autocast():
+                v_ref = stack.velocity(x_j, batch.fill, batch.text, s, batch.image_embeds, guidance, scale,
+                                       params=policies.reference)
+            _, _, ref_mean, _ = sde_step_with_logprob(v_ref, s, s_next, x_j, noise_level, prev_sample=x_next,
+                                                      sde_type=sde_type)
+            kl = kl_to_reference(mean, ref_mean, std, s_next - s, sde_type)
+            kl = kl[valid].mean() if valid.any() else kl.sum() * 0
+            loss = loss + kl_beta * kl
+            stats["kl"] = float(kl.detach())
+        (loss * loss_scale).backward()
+        stats["loss"] = float(loss.detach())
+        meter.add(stats)
+    return meter.means()
+
+
+def nft_backward(stack, batch: Batch, ro: Rollout, advantages: torch.Tensor, num_timesteps: int, *, policies,
+                 guidance: float, scale: float, beta: float, kl_beta: float, adv_mode: str, adv_clip_max: float,
+                 generator: torch.Generator, loss_scale: float, autocast) -> dict[str, float]:
+    """Negative-aware fine-tuning on the clean rollouts x0: at fresh noise and random schedule
+    timesteps, the implicit positive/negative policies are regressed onto x0, weighted by r."""
+    meter = StatsMeter()
+    x0 = ro.final.float()
+    b = x0.shape[0]
+    sigmas = ro.sigmas[:-1]  # the schedule's noisy levels (all > 0)
+    for _ in range(num_timesteps):
+        t = sigmas[torch.randint(0, len(sigmas), (b,), generator=generator)].to(x0.device)
+        eps = torch.randn(x0.shape, generator=generator).to(x0.device)
+        tt = t.view(b, 1, 1)
+        x_t = (1 - tt) * x0 + tt * eps
+        with autocast():
+            v_theta = stack.velocity(x_t, batch.fill, batch.text, t, batch.image_embeds, guidance, scale)
+        with torch.no_grad(), autocast():
+            v_old = stack.velocity(x_t, batch.fill, batch.text, t, batch.image_embeds, guidance, scale,
+                                   params=policies.old)
+            v_ref = None
+            if kl_beta > 0:
+                v_ref = stack.velocity(x_t, batch.fill, batch.text, t, batch.image_embeds, guidance, scale,
+                                       params=policies.reference)
+        loss, stats = nft_loss(v_theta, v_old, v_ref, x_t, x0, t, advantages, beta, kl_beta, adv_mode=adv_mode,
+                               adv_clip_max=adv_clip_max)
+        (loss * loss_scale).backward()
+        meter.add(stats)
+    return meter.means()
