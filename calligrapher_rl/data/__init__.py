@@ -1,0 +1,83 @@
+"""Datasets for Calligrapher training: loading, validating, and a synthetic text set.
+
+`load_dataset(path)` reads a JSON/JSONL dataset file, a folder holding one, or the release's bench
+folder; the value "bundled" means a small synthetic set built on first use in the cache folder
+(env CALLIGRAPHER_RL_CACHE, default ~/.cache/calligrapher-rl), which the CPU demo trains on.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+from ..errors import UserError
+from .entries import DEFAULT_PROMPT, Entry, parse_entries, read_entry_images
+from .synth import SYNTH_VERSION, render_sample, synthesize
+
+BUNDLED = "bundled"
+
+__all__ = [
+    "BUNDLED", "DEFAULT_PROMPT", "Entry", "TextImageDataset", "collate_fn", "default_dataset_dir",
+    "ensure_default_dataset", "load_dataset", "parse_entries", "read_entry_images", "render_sample",
+    "resolve_dataset_path", "synthesize",
+]
+
+
+_TORCH_NAMES = ("TextImageDataset", "collate_fn", "load_dataset")
+
+
+def __getattr__(name: str):
+    """The torch-backed names load on first use, so the `synth`/`validate` commands start fast."""
+    if name in _TORCH_NAMES:
+        from . import dataset
+
+        return getattr(dataset, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("CALLIGRAPHER_RL_CACHE") or Path.home() / ".cache" / "calligrapher-rl")
+
+
+def default_dataset_dir(resolution: int = 64, n: int = 16, seed: int = 0) -> Path:
+    """Where the default synthetic set of these parameters lives (the name changes with SYNTH_VERSION)."""
+    return cache_dir() / "datasets" / f"synth-v{SYNTH_VERSION}-r{resolution}-n{n}-s{seed}"
+
+
+def ensure_default_dataset(resolution: int = 64, n: int = 16, seed: int = 0) -> str:
+    """Build the default set if it is not there yet; return the path of its data.jsonl.
+
+    It is written into a temporary sibling folder and renamed into place, so a crash or a concurrent
+    process never leaves a half-written set where a later run would read it.
+    """
+    final = default_dataset_dir(resolution, n, seed)
+    target = final / "data.jsonl"
+    if target.is_file():
+        return str(target)
+    try:
+        final.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}-", dir=final.parent))
+    except OSError as exc:
+        raise UserError(f"cannot write the cache folder ({exc.strerror}); set CALLIGRAPHER_RL_CACHE",
+                        where=str(final.parent)) from None
+    try:
+        synthesize(tmp, n=n, resolution=resolution, seed=seed)
+        if final.exists() and not target.is_file():  # a stale folder without its data.jsonl
+            shutil.rmtree(final, ignore_errors=True)
+        try:
+            os.rename(tmp, final)
+        except OSError:
+            if not target.is_file():  # not a lost race with another builder: a real failure
+                raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return str(target)
+
+
+def resolve_dataset_path(value) -> str:
+    """A dataset argument as a path: "bundled" (any case) means the default synthetic set."""
+    if isinstance(value, str) and value.strip().lower() == BUNDLED:
+        return ensure_default_dataset()
+    return os.fspath(value)
