@@ -103,7 +103,8 @@ class CalligrapherStack:
     @classmethod
     def from_pretrained(cls, flux_path: str, siglip_path: str, *, adapter_path: str | None = None,
                         device="cpu", dtype=torch.float32, num_style_tokens: int = 128, use_qformer: bool = True,
-                        max_sequence_length: int | None = None, offload_text_encoder_two: bool = False):
+                        max_sequence_length: int | None = None, offload_text_encoder_two: bool = False,
+                        seed: int = 0):
         from diffusers import FluxFillPipeline
         from transformers import SiglipImageProcessor, SiglipVisionModel
 
@@ -121,7 +122,9 @@ class CalligrapherStack:
                             field="--siglip_path") from None
 
         overrides = dict(num_style_tokens=num_style_tokens, use_qformer=use_qformer)
-        adapter = StyleAdapter.for_transformer(pipe.transformer, siglip.config.hidden_size, **overrides)
+        with torch.random.fork_rng(devices=[]):  # a fresh adapter's init depends on `seed` only
+            torch.manual_seed(seed)
+            adapter = StyleAdapter.for_transformer(pipe.transformer, siglip.config.hidden_size, **overrides)
         if adapter_path:
             _, flat = read_adapter_file(adapter_path)
             adapter = StyleAdapter(config_from_state_dict(flat, adapter.config))

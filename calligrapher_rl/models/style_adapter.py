@@ -182,9 +182,26 @@ class StyleAdapter(nn.Module):
         return cls(cfg)
 
 
+class StyleProcessorHandle:
+    """What the transformer holds: a plain callable pointing at the adapter's processor module.
+
+    Were the module itself installed, nn.Module would register its weights a second time under the
+    transformer; `torch.func.functional_call` (how old/reference policies are evaluated) mishandles such
+    tied weights and leaves plain tensors behind. Through a handle the weights live in the adapter only.
+    """
+
+    def __init__(self, module: StyleAttnProcessor):
+        self.module = module
+
+    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, image_rotary_emb=None,
+                 style_tokens=None, style_scale=1.0):
+        return self.module(attn, hidden_states, encoder_hidden_states, attention_mask, image_rotary_emb,
+                           style_tokens=style_tokens, style_scale=style_scale)
+
+
 def install_style_adapter(transformer, adapter: StyleAdapter) -> None:
     """Put the adapter's processors into the transformer, in its registration order (= release index order)."""
     names = list(transformer.attn_processors.keys())
     if len(names) != len(adapter.attn_adapter):
         raise ValueError(f"adapter has {len(adapter.attn_adapter)} processors, transformer has {len(names)}")
-    transformer.set_attn_processor({name: adapter.attn_adapter[i] for i, name in enumerate(names)})
+    transformer.set_attn_processor({name: StyleProcessorHandle(adapter.attn_adapter[i]) for i, name in enumerate(names)})

@@ -18,7 +18,6 @@ from transformers import (
     CLIPTextConfig,
     CLIPTextModel,
     CLIPTokenizer,
-    SiglipImageProcessor,
     SiglipVisionConfig,
     SiglipVisionModel,
     T5Config,
@@ -112,13 +111,17 @@ def build_tiny_pipeline(seed: int = 0) -> FluxFillPipeline:
     )
 
 
-def build_tiny_siglip(seed: int = 0) -> tuple[SiglipVisionModel, SiglipImageProcessor]:
+def build_tiny_siglip(seed: int = 0):
     torch.manual_seed(seed + 1)
     model = SiglipVisionModel(
         SiglipVisionConfig(hidden_size=48, intermediate_size=96, num_hidden_layers=2, num_attention_heads=2,
                            image_size=TINY_SIGLIP_SIZE, patch_size=8)
     )
-    processor = SiglipImageProcessor(size={"height": TINY_SIGLIP_SIZE, "width": TINY_SIGLIP_SIZE})
+    try:  # the PIL processor needs no torchvision (and warns about nothing)
+        from transformers import SiglipImageProcessorPil as processor_cls
+    except ImportError:
+        from transformers import SiglipImageProcessor as processor_cls
+    processor = processor_cls(size={"height": TINY_SIGLIP_SIZE, "width": TINY_SIGLIP_SIZE})
     return model, processor
 
 
@@ -146,7 +149,8 @@ def ensure_tiny(seed: int = 0) -> tuple[str, str]:
         os.makedirs(cache_dir(), exist_ok=True)
         tmp = tempfile.mkdtemp(prefix=".tiny-", dir=cache_dir())
         try:
-            write_tiny(tmp, seed)
+            with torch.random.fork_rng(devices=[]):  # building it must not move the caller's RNG
+                write_tiny(tmp, seed)
             try:
                 os.rename(tmp, final)
             except OSError:  # another process won the race; theirs is identical

@@ -135,6 +135,14 @@ class RunDir:
                 self._tb.flush()
         return row
 
+    def truncate_metrics(self, after_step: int) -> None:
+        """On resume: drop rows a killed run logged past its last checkpoint (they will be redone)."""
+        if not self.is_main:
+            return
+        rows = [r for r in read_metrics(self.path) if r.get("step", 0) <= after_step]
+        with atomic_path(os.path.join(self.path, "metrics.jsonl")) as tmp, open(tmp, "w", encoding="utf-8") as fh:
+            fh.writelines(json.dumps(r) + "\n" for r in rows)
+
     def save_grid(self, step: int, grid: Image.Image) -> str | None:
         if not self.is_main:
             return None

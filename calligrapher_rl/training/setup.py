@@ -20,7 +20,8 @@ def make_accelerator(cfg: TrainConfig):
     from accelerate import Accelerator
 
     # Gradient accumulation and sync are done by the loop itself (see distributed.py).
-    acc = Accelerator(mixed_precision=cfg.mixed_precision)
+    # cpu=True on a machine without CUDA lets `accelerate launch --multi_gpu` (torchrun) run gloo processes.
+    acc = Accelerator(mixed_precision=cfg.mixed_precision, cpu=not torch.cuda.is_available())
     if acc.device.type == "cuda":
         # cuDNN SDPA backward fails on FLUX's attention shapes on torch 2.11/cu130 (gpu-notes.md).
         torch.backends.cuda.enable_cudnn_sdp(False)
@@ -35,12 +36,17 @@ def autocast_for(accelerator, cfg: TrainConfig):
 
 
 def build_stack(cfg: TrainConfig, device):
+    from accelerate.utils import set_seed
+
     from ..models.stack import CalligrapherStack
 
+    set_seed(cfg.seed)  # python/numpy/torch global RNGs; the loop itself draws from (seed, step) streams
+    if cfg.model_type != "flux":  # the only family the style adapter is written for
+        raise UserError(f"unsupported model family {cfg.model_type!r}", field="--model_type")
     stack = CalligrapherStack.from_pretrained(
         cfg.pretrained_model_name_or_path, cfg.siglip_path, adapter_path=cfg.initial_ip_adapter_path,
         device=device, dtype=DTYPES[cfg.mixed_precision], num_style_tokens=cfg.num_style_tokens or 128,
-        use_qformer=cfg.use_qformer, offload_text_encoder_two=cfg.offload_text_encoder_two,
+        use_qformer=cfg.use_qformer, offload_text_encoder_two=cfg.offload_text_encoder_two, seed=cfg.seed,
     )
     if cfg.gradient_checkpointing:
         stack.pipe.transformer.enable_gradient_checkpointing()

@@ -44,9 +44,10 @@ class Trainer:
                               logging_dir=cfg.logging_dir)
         self.run_dir.set_status("starting", 0, "loading models")
         self.autocast = setup.autocast_for(self.acc, cfg)
-        self.stack = setup.build_stack(cfg, self.acc.device)
-        self.dataset = setup.build_dataset(cfg)
-        self.rewards = setup.build_rewards(cfg, setup.resolved_siglip_path(cfg), self.acc.device)
+        with self.acc.main_process_first():  # the first use of 'tiny'/'bundled' builds them into the cache
+            self.stack = setup.build_stack(cfg, self.acc.device)
+            self.dataset = setup.build_dataset(cfg)
+            self.rewards = setup.build_rewards(cfg, setup.resolved_siglip_path(cfg), self.acc.device)
         self.policies = Policies(self.stack.adapter, cfg.trainable, use_ema=cfg.use_ema, ema_decay=cfg.ema_decay,
                                  ema_update_interval=cfg.ema_update_interval)
         self.optimizer, self.scheduler = setup.build_optimizer(cfg, self.policies.params)
@@ -102,10 +103,10 @@ class Trainer:
     def _after_steps(self, before: int) -> None:
         cfg = self.cfg
         crossed = lambda every: every and self.step // every > before // every  # noqa: E731
+        if crossed(cfg.eval_steps):  # before the checkpoint: a resume from it must not lose this grid
+            self.evaluate()
         if crossed(cfg.checkpointing_steps):
             self.save()
-        if crossed(cfg.eval_steps):
-            self.evaluate()
         self.run_dir.set_status("running", self.step, "")
 
     # ================================================================== phases
@@ -188,6 +189,7 @@ class Trainer:
             if name == "total":
                 out["reward/std"] = float(np.nanstd(vals)) if np.isfinite(vals).any() else float("nan")
                 out["reward/failed"] = float(np.mean(~np.isfinite(vals)))
+                out["reward/count"] = float(len(vals))  # all processes' samples: rewards were gathered
         if out["reward/failed"] > self.cfg.rl_reward_failure_limit:
             self._pause_for_rewards(out["reward/failed"])
         return out
@@ -287,6 +289,7 @@ class Trainer:
         self.step, self.rl_epoch = int(ck["state"]["step"]), int(ck["state"]["rl_epoch"])
         if self.tracker is not None and ck["state"].get("tracker"):
             self.tracker.load_state_dict(ck["state"]["tracker"])
+        self.run_dir.truncate_metrics(self.step)
         logger.info("resumed from %s at step %d", path, self.step)
 
     def _stop_requested(self) -> bool:
