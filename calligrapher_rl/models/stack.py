@@ -56,10 +56,13 @@ class CalligrapherModel(nn.Module):
         self.transformer = transformer
         self.adapter = adapter
 
-    def forward(self, latents, fill: FillCondition, text: TextCondition, sigma, image_embeds, guidance, scale=1.0):
+    def forward(self, latents, fill: FillCondition, text: TextCondition, sigma, image_embeds, guidance, scale=1.0,
+                style_tokens=None):
         b = latents.shape[0]
         dtype = self.transformer.dtype
-        style_tokens = self.adapter.style_tokens(image_embeds).to(dtype)
+        if style_tokens is None:
+            style_tokens = self.adapter(image_embeds)
+        style_tokens = style_tokens.to(dtype)
         guidance_t = torch.full((b,), float(guidance), device=latents.device, dtype=torch.float32)
         sigma = torch.as_tensor(sigma, device=latents.device, dtype=torch.float32).expand(b)
         return self.transformer(
@@ -210,16 +213,23 @@ class CalligrapherStack:
         return torch.randn(shape, generator=generator, device="cpu", dtype=torch.float32).to(self.device)
 
     # ---------------------------------------------------------------- the network
-    def velocity(self, latents, fill, text, sigma, image_embeds, guidance, scale=1.0, params=None):
-        """Predicted velocity (eps - x0) in float32; `params` evaluates other adapter weights (old/ref)."""
+    def velocity(self, latents, fill, text, sigma, image_embeds, guidance, scale=1.0, params=None, style_tokens=None):
+        """Predicted velocity (eps - x0) in float32; `params` evaluates other adapter weights (old/ref).
+
+        `style_tokens` (from `style_tokens()` with the same params) skips the projection: a rollout, which
+        needs no gradient, projects once instead of at every step."""
+        args = (latents, fill, text, sigma, image_embeds, guidance, scale, style_tokens)
         if params is None:
-            out = self.model(latents, fill, text, sigma, image_embeds, guidance, scale)
+            out = self.model(*args)
         else:
             named = {f"adapter.{k}": v for k, v in params.items()}
-            out = torch.func.functional_call(
-                self.model, named, (latents, fill, text, sigma, image_embeds, guidance, scale), strict=False
-            )
+            out = torch.func.functional_call(self.model, named, args, strict=False)
         return out.float()
+
+    def style_tokens(self, image_embeds: torch.Tensor, params=None) -> torch.Tensor:
+        if params is None:
+            return self.adapter(image_embeds)
+        return torch.func.functional_call(self.adapter, params, (image_embeds,), strict=False)
 
 
 def _load_siglip_processor(path: str):

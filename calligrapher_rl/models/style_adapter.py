@@ -85,8 +85,11 @@ class StyleAttnProcessor(nn.Module):
 
     def _style_attention(self, query: torch.Tensor, style_tokens: torch.Tensor) -> torch.Tensor:
         b = query.shape[0]
-        key = self.to_k_ip(style_tokens).view(b, -1, query.shape[2], self.head_dim)
-        value = self.to_v_ip(style_tokens).view(b, -1, query.shape[2], self.head_dim)
+        # The adapter may keep fp32 master weights beside a bf16 transformer: project in the weights'
+        # dtype (autocast, when on, still picks bf16), attend in the query's.
+        tokens = style_tokens.to(self.to_k_ip.weight.dtype)
+        key = self.to_k_ip(tokens).to(query.dtype).view(b, -1, query.shape[2], self.head_dim)
+        value = self.to_v_ip(tokens).to(query.dtype).view(b, -1, query.shape[2], self.head_dim)
         key = self.norm_ip_k(key)
         # [B, L, heads, d] -> [B, heads, L, d] for SDPA; no RoPE on the style branch.
         out = F.scaled_dot_product_attention(query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2))
@@ -152,6 +155,9 @@ class StyleAdapter(nn.Module):
         self.attn_adapter = nn.ModuleList(
             StyleAttnProcessor(cfg.cross_attention_dim, cfg.inner_dim, cfg.head_dim) for _ in range(cfg.num_processors)
         )
+
+    def forward(self, image_embeds: torch.Tensor) -> torch.Tensor:
+        return self.style_tokens(image_embeds)
 
     def style_tokens(self, image_embeds: torch.Tensor) -> torch.Tensor:
         """[B, E] SigLIP pooled embedding -> [B, N, D] style tokens (mlp + qformer)."""

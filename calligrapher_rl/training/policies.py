@@ -5,8 +5,8 @@
     old        NFT's slowly-following copy (theta_old <- eta theta_old + (1 - eta) theta)
     ema        the evaluation/release average of the trainable parameters
 
-Snapshots are plain dicts name -> tensor evaluated through `stack.velocity(..., params=...)`, so none
-of them needs a second transformer.
+Snapshots are plain dicts name -> tensor (trainable weights only) evaluated through
+`stack.velocity(..., params=...)`, so none of them needs a second transformer or a second adapter.
 """
 
 from __future__ import annotations
@@ -37,8 +37,9 @@ class Policies:
         return [p for _, p in self.named]
 
     def snapshot(self) -> dict[str, torch.Tensor]:
-        """The whole adapter (frozen parts included), detached: evaluable through functional_call."""
-        return {k: v.detach().clone().to(self.snapshot_dtype) for k, v in self.adapter.state_dict().items()}
+        """The trainable weights, detached. Frozen adapter weights are the same in every policy, so
+        `functional_call` takes them from the live adapter: a snapshot costs only what trains."""
+        return {n: p.detach().clone().to(self.snapshot_dtype) for n, p in self.named}
 
     # ------------------------------------------------------------ reference and old policies
     def begin_rl(self, with_old: bool) -> None:
