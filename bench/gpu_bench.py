@@ -112,7 +112,7 @@ def timed(fn, repeat: int = 2) -> float:
     return best
 
 
-def bench_rollout(stack, res, batches, steps):
+def bench_rollout(stack, res, batches, steps, autocast):
     from diffusers.models.transformers.transformer_flux import FluxAttnProcessor
 
     from calligrapher_rl.sampling import flux_sigmas, rollout
@@ -120,7 +120,7 @@ def bench_rollout(stack, res, batches, steps):
     ours, base = {}, {}
     for b in batches:
         fill, text, embeds = synthetic_batch(stack, b, res)
-        with torch.no_grad():
+        with torch.no_grad(), autocast():  # as the trainer's rollouts (mixed precision bf16)
             ours[str(b)] = 1000 * timed(lambda: rollout(stack, fill, text, embeds, num_steps=steps, guidance=30.0,
                                                         noise_level=0.7)) / (b * steps)
         # baseline: the plain transformer and scheduler loop of FluxFillPipeline
@@ -133,7 +133,7 @@ def bench_rollout(stack, res, batches, steps):
             x = torch.randn(b, fill.seq_len, 64, device=stack.device, dtype=stack.dtype)
             g = torch.full((b,), 30.0, device=stack.device)
             for t in sched.timesteps:
-                v = stack.pipe.transformer(hidden_states=torch.cat([x, fill.cond], 2), timestep=(t / 1000).expand(b).to(x.dtype),
+                v = stack.pipe.transformer(hidden_states=torch.cat([x, fill.cond], 2), timestep=(t / 1000).expand(b).to(x.device, x.dtype),
                                            guidance=g, pooled_projections=text.pooled, encoder_hidden_states=text.prompt_embeds,
                                            txt_ids=text.text_ids, img_ids=fill.img_ids, return_dict=False)[0]
                 x = sched.step(v, t, x, return_dict=False)[0]
@@ -222,7 +222,7 @@ def peak_for_preset(stack, res, preset: str, trainable: str, autocast) -> float 
             torch.cuda.empty_cache()
 
 
-def overhead_fraction(stack, res, b, steps) -> float:
+def overhead_fraction(stack, res, b, steps, autocast) -> float:
     """Whole RL iteration (GRPO) vs time inside the transformer, measured with CUDA events on its forward."""
     from PIL import Image
 
@@ -236,6 +236,8 @@ def overhead_fraction(stack, res, b, steps) -> float:
     events = []
     tr = stack.pipe.transformer
     cuda = torch.cuda.is_available()
+
+    sync = torch.cuda.synchronize if cuda else (lambda: None)
 
     def mark():
         if cuda:
@@ -258,31 +260,51 @@ def overhead_fraction(stack, res, b, steps) -> float:
     mask[:, :, res // 4: res // 2, res // 4: 3 * res // 4] = 1  # a text line's box
     refs = [Image.new("RGB", (200, 60), (200, 30, 30))] * b
 
-    def iteration():
-        text = stack.encode_prompts([f"The text is 'word{i}'." for i in range(b)])
-        stack._text_cache.clear()
-        fill = stack.prepare_fill(src, mask)
-        embeds = stack.encode_style(refs)
-        ro = make_rollout(stack, fill, text, embeds, steps)
-        images = to_pil(stack.decode(ro.final, res, res))
-        m = Image.new("L", (res, res), 0)
-        scores = reward.score([RewardSample(im, m.point(lambda _: 255), "x") for im in images])
+    phases: dict[str, float] = {}
+    rollout_events: list = []
+
+    def phase(name, fn):
+        sync()
+        t = time.perf_counter()
+        out = fn()
+        sync()
+        phases[name] = phases.get(name, 0.0) + time.perf_counter() - t
+        return out
+
+    def iteration():  # prompts are cached after the warm-up call, as in a run (T5 then leaves the GPU)
+        text = phase("encode", lambda: stack.encode_prompts([f"The text is 'word{i}'." for i in range(b)]))
+        fill = phase("encode", lambda: stack.prepare_fill(src, mask))
+        embeds = phase("encode", lambda: stack.encode_style(refs))
+        with autocast():
+            ro = phase("rollout", lambda: make_rollout(stack, fill, text, embeds, steps))
+        images = phase("decode", lambda: to_pil(stack.decode(ro.final, res, res)))
+        m = Image.new("L", (res, res), 255)
+        scores = phase("reward", lambda: reward.score([RewardSample(im, m, "x") for im in images]))
         adv = torch.tensor(scores, device=stack.device) - sum(scores) / len(scores)
         batch = Batch(list(range(b)), [{} for _ in range(b)], fill, text, embeds)
-        grpo_backward(stack, batch, ro, adv, ro.sde_steps[:2], policies=pol, guidance=30.0, scale=1.0, noise_level=0.7,
-                      sde_type="sde", clip_range=1e-4, adv_clip_max=5.0, kl_beta=0.04, loss_scale=0.5,
-                      autocast=contextlib.nullcontext)
+        rollout_events[:] = events  # the rollout's transformer calls; the update is timed as a whole
+        events.clear()
+        phase("update", lambda: grpo_backward(stack, batch, ro, adv, ro.sde_steps[:2], policies=pol, guidance=30.0,
+                                              scale=1.0, noise_level=0.7, sde_type="sde", clip_range=1e-4,
+                                              adv_clip_max=5.0, kl_beta=0.04, loss_scale=0.5, autocast=autocast))
 
-    sync = torch.cuda.synchronize if cuda else (lambda: None)
-    iteration()
+    tr.enable_gradient_checkpointing()  # as the flux presets
+    iteration()  # warm-up; encodes and caches the prompts, after which T5 can leave the GPU
+    stack.pipe.text_encoder_2.to("cpu")
+    if cuda:
+        torch.cuda.empty_cache()
+    phases.clear()
     events.clear()
-    sync()
     t0 = time.perf_counter()
     iteration()
     sync()
     total = time.perf_counter() - t0
-    inside = sum((s.elapsed_time(e) / 1000) if cuda else (e - s) for s, e in events)
+    in_rollout = sum((s.elapsed_time(e) / 1000) if cuda else (e - s) for s, e in rollout_events)
+    # the update is transformer forward+backward (+ the reference forward) almost entirely
+    inside = in_rollout + phases["update"]
+    print("phases (s):", {k: round(v, 3) for k, v in phases.items()}, flush=True)
     h1.remove(), h2.remove()
+    tr.disable_gradient_checkpointing()
     for p in stack.adapter.parameters():
         p.grad = None
     print(f"iteration {total:.2f} s, transformer {inside:.2f} s", flush=True)
@@ -316,15 +338,20 @@ def main():
                            "transformers": transformers.__version__},
               "resolution": res, "rollout_steps_timed": args.steps}
     if "rollout" not in skip:
-        ours, base = bench_rollout(stack, res, [int(x) for x in args.batches.split(",")], args.steps)
+        ours, base = bench_rollout(stack, res, [int(x) for x in args.batches.split(",")], args.steps, autocast)
         result["rollout_ms_per_image_step"], result["baseline_ms_per_image_step"] = ours, base
-    if "update" not in skip:
-        result["update_ms_per_image_step"] = bench_update(stack, res, 4, args.steps, "attn", autocast)
-        print("update", result["update_ms_per_image_step"], flush=True)
     if "overhead" not in skip:
-        result["overhead_fraction"] = overhead_fraction(stack, res, 4, args.steps)
+        result["overhead_fraction"] = overhead_fraction(stack, res, 4, args.steps, autocast)
+    stack.pipe.text_encoder_2.to("cpu")  # as the flux presets: T5 offloaded, prompt embeddings cached
+    if cuda:
+        torch.cuda.empty_cache()
+    if "update" not in skip:
+        stack.pipe.transformer.enable_gradient_checkpointing()  # as the flux presets
+        result["update_ms_per_image_step"] = bench_update(stack, res, 4, args.steps, "attn", autocast)
+        result["update_settings"] = "batch 4, trainable attn, gradient checkpointing, bf16 autocast, KL on"
+        stack.pipe.transformer.disable_gradient_checkpointing()
+        print("update", result["update_ms_per_image_step"], flush=True)
     if "peak" not in skip:
-        stack.pipe.text_encoder_2.to("cpu")  # the flux presets offload T5 (prompt embeddings are cached)
         result["peak_gib"], result["peak_gib_by_trainable"] = {}, {}
         for preset in ("flux-grpo", "flux-nft"):
             by = {t: peak_for_preset(stack, res, preset, t, autocast) for t in ("attn", "all")}

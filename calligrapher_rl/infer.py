@@ -68,7 +68,8 @@ def inpaint(stack, source: Image.Image, mask: Image.Image, text: str, reference:
         image=source, mask_image=mask, height=source.height, width=source.width,
         num_inference_steps=steps, guidance_scale=guidance, generator=generator, num_images_per_prompt=num_images,
         max_sequence_length=stack.max_sequence_length,
-        joint_attention_kwargs={"style_tokens": tokens.repeat_interleave(num_images, 0), "style_scale": scale},
+        joint_attention_kwargs={"style_tokens": tokens.repeat_interleave(num_images, 0), "style_scale": scale,
+                                "style_cache": {}},
     ).images
     return [im.crop((0, strip_h, im.width, im.height)) for im in images]
 

@@ -87,10 +87,12 @@ def rollout(
     x = x.to(stack.device, torch.float32)
     stochastic = set((window or SDEWindow(0, num_steps)).steps()) if noise_level > 0 else set()
     tokens = stack.style_tokens(image_embeds, params)  # fixed for the whole rollout: project once
+    kv_cache: dict = {}  # and each block's style keys/values, once
     trajectory, log_probs = [x], []
     for j in range(num_steps):
         s, s_next = float(sigmas[j]), float(sigmas[j + 1])
-        v = stack.velocity(x, fill, text, s, image_embeds, guidance, scale, params=params, style_tokens=tokens)
+        v = stack.velocity(x, fill, text, s, image_embeds, guidance, scale, params=params, style_tokens=tokens,
+                           style_cache=kv_cache)
         level = noise_level if j in stochastic and s_next > 0 else 0.0
         x, log_prob, _, _ = sde_step_with_logprob(v, s, s_next, x, level, generator=generator, sde_type=sde_type)
         trajectory.append(x)

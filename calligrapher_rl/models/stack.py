@@ -57,7 +57,7 @@ class CalligrapherModel(nn.Module):
         self.adapter = adapter
 
     def forward(self, latents, fill: FillCondition, text: TextCondition, sigma, image_embeds, guidance, scale=1.0,
-                style_tokens=None):
+                style_tokens=None, style_cache=None):
         b = latents.shape[0]
         dtype = self.transformer.dtype
         if style_tokens is None:
@@ -73,7 +73,7 @@ class CalligrapherModel(nn.Module):
             encoder_hidden_states=text.prompt_embeds.to(dtype),
             txt_ids=text.text_ids,
             img_ids=fill.img_ids,
-            joint_attention_kwargs={"style_tokens": style_tokens, "style_scale": scale},
+            joint_attention_kwargs={"style_tokens": style_tokens, "style_scale": scale, "style_cache": style_cache},
             return_dict=False,
         )[0]
 
@@ -213,12 +213,14 @@ class CalligrapherStack:
         return torch.randn(shape, generator=generator, device="cpu", dtype=torch.float32).to(self.device)
 
     # ---------------------------------------------------------------- the network
-    def velocity(self, latents, fill, text, sigma, image_embeds, guidance, scale=1.0, params=None, style_tokens=None):
+    def velocity(self, latents, fill, text, sigma, image_embeds, guidance, scale=1.0, params=None, style_tokens=None,
+                 style_cache=None):
         """Predicted velocity (eps - x0) in float32; `params` evaluates other adapter weights (old/ref).
 
-        `style_tokens` (from `style_tokens()` with the same params) skips the projection: a rollout, which
-        needs no gradient, projects once instead of at every step."""
-        args = (latents, fill, text, sigma, image_embeds, guidance, scale, style_tokens)
+        `style_tokens` (from `style_tokens()` with the same params) skips the projection, and a `style_cache`
+        dict (used only without gradient) keeps each block's style keys/values: a rollout computes both once
+        instead of at every step."""
+        args = (latents, fill, text, sigma, image_embeds, guidance, scale, style_tokens, style_cache)
         if params is None:
             out = self.model(*args)
         else:

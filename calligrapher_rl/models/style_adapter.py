@@ -83,14 +83,24 @@ class StyleAttnProcessor(nn.Module):
         # Parameter-free RMSNorm on the style keys, as the release (its checkpoint holds no norm weights).
         self.norm_ip_k = nn.RMSNorm(head_dim, eps=1e-5, elementwise_affine=False)
 
-    def _style_attention(self, query: torch.Tensor, style_tokens: torch.Tensor) -> torch.Tensor:
-        b = query.shape[0]
+    def _style_kv(self, style_tokens: torch.Tensor, heads: int, dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        b = style_tokens.shape[0]
         # The adapter may keep fp32 master weights beside a bf16 transformer: project in the weights'
         # dtype (autocast, when on, still picks bf16), attend in the query's.
         tokens = style_tokens.to(self.to_k_ip.weight.dtype)
-        key = self.to_k_ip(tokens).to(query.dtype).view(b, -1, query.shape[2], self.head_dim)
-        value = self.to_v_ip(tokens).to(query.dtype).view(b, -1, query.shape[2], self.head_dim)
-        key = self.norm_ip_k(key)
+        key = self.to_k_ip(tokens).to(dtype).view(b, -1, heads, self.head_dim)
+        value = self.to_v_ip(tokens).to(dtype).view(b, -1, heads, self.head_dim)
+        return self.norm_ip_k(key), value
+
+    def _style_attention(self, query: torch.Tensor, style_tokens: torch.Tensor, cache: dict | None) -> torch.Tensor:
+        # The style keys/values depend only on the tokens and the weights: a rollout (no gradient) computes
+        # them once per processor instead of once per step (measured: 15% of a rollout step on FLUX).
+        if cache is not None and not torch.is_grad_enabled():
+            if id(self) not in cache:
+                cache[id(self)] = self._style_kv(style_tokens, query.shape[2], query.dtype)
+            key, value = cache[id(self)]
+        else:
+            key, value = self._style_kv(style_tokens, query.shape[2], query.dtype)
         # [B, L, heads, d] -> [B, heads, L, d] for SDPA; no RoPE on the style branch.
         out = F.scaled_dot_product_attention(query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2))
         return out.transpose(1, 2).flatten(2, 3).to(query.dtype)
@@ -104,6 +114,7 @@ class StyleAttnProcessor(nn.Module):
         image_rotary_emb=None,
         style_tokens: torch.Tensor | None = None,
         style_scale: float = 1.0,
+        style_cache: dict | None = None,
     ):
         query, key, value, enc_query, enc_key, enc_value = get_qkv_projections(attn, hidden_states, encoder_hidden_states)
         query = attn.norm_q(query.unflatten(-1, (-1, attn.head_dim)))
@@ -129,7 +140,7 @@ class StyleAttnProcessor(nn.Module):
         hidden = dispatch_attention_fn(query, key, value, attn_mask=attention_mask)
         hidden = hidden.flatten(2, 3).to(query.dtype)
 
-        style_out = self._style_attention(style_query, style_tokens) if use_style else None
+        style_out = self._style_attention(style_query, style_tokens, style_cache) if use_style else None
 
         if encoder_hidden_states is not None:
             n_txt = encoder_hidden_states.shape[1]
@@ -200,9 +211,9 @@ class StyleProcessorHandle:
         self.module = module
 
     def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, image_rotary_emb=None,
-                 style_tokens=None, style_scale=1.0):
+                 style_tokens=None, style_scale=1.0, style_cache=None):
         return self.module(attn, hidden_states, encoder_hidden_states, attention_mask, image_rotary_emb,
-                           style_tokens=style_tokens, style_scale=style_scale)
+                           style_tokens=style_tokens, style_scale=style_scale, style_cache=style_cache)
 
 
 def install_style_adapter(transformer, adapter: StyleAdapter) -> None:
