@@ -238,3 +238,25 @@ def test_infer_cli_and_its_one_line_errors(tiny_paths, tmp_path):
         assert r.returncode == 2, (expect, r.stderr)
         lines = [ln for ln in r.stderr.strip().splitlines() if ln.startswith("error:")]
         assert len(lines) == 1 and expect in lines[0] and "Traceback" not in r.stderr, (expect, r.stderr)
+
+
+def test_style_kv_cache_changes_nothing_and_is_unused_with_gradients(tiny_stack, tmp_path):
+    _, _, src, mask = _images(tmp_path)
+    pipe = tiny_stack.pipe
+    fill = tiny_stack.prepare_fill(pipe.image_processor.preprocess(src, height=64, width=64),
+                                   pipe.mask_processor.preprocess(mask, height=64, width=64))
+    text = tiny_stack.encode_prompts(["p"])
+    embeds = tiny_stack.encode_style([src])
+    x = tiny_stack.noise_like(fill, 1, torch.Generator().manual_seed(4))
+    cache: dict = {}
+    with torch.no_grad():
+        plain = [tiny_stack.velocity(x, fill, text, s, embeds, 30.0) for s in (0.9, 0.4)]
+        cached = [tiny_stack.velocity(x, fill, text, s, embeds, 30.0, style_cache=cache) for s in (0.9, 0.4)]
+    assert len(cache) == len(tiny_stack.adapter.attn_adapter)  # one entry per block, filled once
+    for a, b in zip(plain, cached):
+        torch.testing.assert_close(a, b)
+    grad_cache: dict = {}
+    v = tiny_stack.velocity(x, fill, text, 0.5, embeds, 30.0, style_cache=grad_cache)
+    v.sum().backward()
+    assert grad_cache == {} and tiny_stack.adapter.attn_adapter[0].to_k_ip.weight.grad is not None
+    tiny_stack.adapter.zero_grad(set_to_none=True)
