@@ -119,14 +119,17 @@ def test_sde_rollout_logprobs_and_window(tiny_stack, tmp_path):
     assert not torch.allclose(ro.final[0], ro.final[1])  # SDE noise differs within the group
 
 
-def test_functional_params_equal_loaded_params(tiny_stack, tmp_path):
+def _one_sample(stack, tmp_path, seed):
+    """(x, fill, text, embeds) of one image with noise `seed`."""
     _, _, src, mask = _images(tmp_path)
-    pipe = tiny_stack.pipe
-    fill = tiny_stack.prepare_fill(pipe.image_processor.preprocess(src, height=64, width=64),
-                                   pipe.mask_processor.preprocess(mask, height=64, width=64))
-    text = tiny_stack.encode_prompts(["p"])
-    embeds = tiny_stack.encode_style([src])
-    x = tiny_stack.noise_like(fill, 1, torch.Generator().manual_seed(3))
+    fill = stack.prepare_fill(stack.pipe.image_processor.preprocess(src, height=64, width=64),
+                              stack.pipe.mask_processor.preprocess(mask, height=64, width=64))
+    return stack.noise_like(fill, 1, torch.Generator().manual_seed(seed)), fill, stack.encode_prompts(["p"]), \
+        stack.encode_style([src])
+
+
+def test_functional_params_equal_loaded_params(tiny_stack, tmp_path):
+    x, fill, text, embeds = _one_sample(tiny_stack, tmp_path, 3)
     live = {k: v.detach().clone() for k, v in tiny_stack.adapter.state_dict().items()}
     other = {k: v + 0.05 * torch.randn_like(v) for k, v in live.items()}
     with torch.no_grad():
@@ -241,13 +244,7 @@ def test_infer_cli_and_its_one_line_errors(tiny_paths, tmp_path):
 
 
 def test_style_kv_cache_changes_nothing_and_is_unused_with_gradients(tiny_stack, tmp_path):
-    _, _, src, mask = _images(tmp_path)
-    pipe = tiny_stack.pipe
-    fill = tiny_stack.prepare_fill(pipe.image_processor.preprocess(src, height=64, width=64),
-                                   pipe.mask_processor.preprocess(mask, height=64, width=64))
-    text = tiny_stack.encode_prompts(["p"])
-    embeds = tiny_stack.encode_style([src])
-    x = tiny_stack.noise_like(fill, 1, torch.Generator().manual_seed(4))
+    x, fill, text, embeds = _one_sample(tiny_stack, tmp_path, 4)
     cache: dict = {}
     with torch.no_grad():
         plain = [tiny_stack.velocity(x, fill, text, s, embeds, 30.0) for s in (0.9, 0.4)]
