@@ -105,7 +105,8 @@ def test_kill_and_resume_reproduces_the_uninterrupted_run(grpo_run, tmp_path):
     """Kill -9 a run after its first checkpoint; `--resume_from_checkpoint latest` then logs exactly
     the metrics the uninterrupted run logged (same adapter, optimizer, EMA, reference, data, noise)."""
     out = tmp_path / "run"
-    args = _args(out, "--max_train_steps", "6", "--checkpointing_steps", "3", "--eval_steps", "3")
+    args = _args(out, "--max_train_steps", "6", "--checkpointing_steps", "3", "--eval_steps", "3",
+                 "--checkpoints_total_limit", "1")
     proc = subprocess.Popen([sys.executable, "-m", "calligrapher_rl.train", *args], cwd=ROOT,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + 300
@@ -117,6 +118,7 @@ def test_kill_and_resume_reproduces_the_uninterrupted_run(grpo_run, tmp_path):
     r = _cli(*args, "--resume_from_checkpoint", "latest")
     assert r.returncode == 0, r.stderr[-2000:]
     assert _comparable(read_metrics(str(out))) == _comparable(read_metrics(str(grpo_run)))
+    assert sorted(p.name for p in out.glob("checkpoint-*")) == ["checkpoint-6"]  # pruned to the limit
 
 
 def test_stop_request_saves_a_checkpoint_and_ends(tmp_path):

@@ -89,10 +89,10 @@ class Trainer:
             self.save()
             self.run_dir.set_status(final, self.step, "stop requested" if final == "stopped" else "done")
             return final
-        except RewardFailure as exc:
+        except RewardFailure as exc:  # paused for reward failures, then asked to stop: keep the work
             self.save()
             self.run_dir.set_status("stopped", self.step, str(exc))
-            raise
+            return "stopped"
         except BaseException as exc:
             self.run_dir.set_status("failed", self.step, f"{type(exc).__name__}: {str(exc)[:300]}")
             raise
