@@ -48,9 +48,12 @@ def warmup_backward(stack, batch: Batch, *, guidance: float, scale: float, gener
     x_t = (1 - tt) * x0 + tt * eps
     with autocast():
         v = stack.velocity(x_t, batch.fill, batch.text, t, batch.image_embeds, guidance, scale)
-    loss = torch.mean((v.float() - (eps - x0)) ** 2)
+    per_sample = torch.mean((v.float() - (eps - x0)) ** 2, dim=(1, 2))
+    # The release's bench sources show other text than the label: no supervised target there.
+    keep = torch.tensor([bool(it.get("source_shows_text", True)) for it in batch.items], device=per_sample.device)
+    loss = per_sample[keep].mean() if keep.any() else per_sample.sum() * 0
     (loss * loss_scale).backward()
-    return {"loss": float(loss.detach())}
+    return {"loss": float(loss.detach()), "warmup/supervised_fraction": float(keep.float().mean())}
 
 
 def grpo_backward(stack, batch: Batch, ro: Rollout, advantages: torch.Tensor, steps: list[int], *, policies,
