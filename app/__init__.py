@@ -1,0 +1,13 @@
+"""The Calligrapher RL studio (Gradio 6): train, watch, infer and compare, through run directories.
+
+    runs.py          run folders and processes: list, status (dead-process detection), start, stop, resume
+    presets.py       presets and the Train form <-> command-line flags; saving presets
+    charts.py        plotly figures from metrics.jsonl rows
+    inference.py     cached model stacks and inpainting for the Inference and Compare tabs
+    views.py         Train and Runs callbacks;  infer_views.py  Inference and Compare callbacks
+    layout.py        the Blocks (wiring only);  server.py  `python app.py` flags and launch
+"""
+
+import os
+
+os.environ["GRADIO_ANALYTICS_ENABLED"] = "False"

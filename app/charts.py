@@ -1,0 +1,114 @@
+"""Plotly figures from metrics.jsonl rows (a list of dicts as read by runs.metrics).
+
+Every figure marks the phases: the supervised warmup is a shaded band and a dashed line marks where RL
+starts; when a metric is logged in both phases (loss), each phase is its own trace (warmup on the right
+axis, since its scale differs by orders of magnitude). `uirevision` keeps the user's zoom across updates.
+"""
+
+from __future__ import annotations
+
+import plotly.graph_objects as go
+
+COLORS = ["#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2", "#17becf"]
+HEIGHT = 280
+
+
+def _series(rows: list[dict], key: str, phase: str | None = None) -> tuple[list, list]:
+    xs, ys = [], []
+    for row in rows:
+        if row.get(key) is not None and (phase is None or row.get("phase") == phase):
+            xs.append(row["step"])
+            ys.append(row[key])
+    return xs, ys
+
+
+def phase_bounds(rows: list[dict]) -> tuple[int | None, int | None]:
+    """(last warmup step, first RL step) or None where a phase is absent."""
+    warm = [r["step"] for r in rows if r.get("phase") == "warmup"]
+    rl = [r["step"] for r in rows if r.get("phase") == "rl"]
+    return (max(warm) if warm else None), (min(rl) if rl else None)
+
+
+def _base(title: str, rows: list[dict], revision: str, ytitle: str = "") -> go.Figure:
+    fig = go.Figure()
+    fig.update_layout(title={"text": title, "x": 0.02, "font": {"size": 14}}, height=HEIGHT, template="plotly_white",
+                      margin={"l": 50, "r": 20, "t": 40, "b": 35}, uirevision=revision, hovermode="x unified",
+                      legend={"orientation": "h", "y": -0.2, "font": {"size": 10}},
+                      xaxis={"title": {"text": "step"}}, yaxis={"title": {"text": ytitle}})
+    last_warm, first_rl = phase_bounds(rows)
+    if last_warm is not None:
+        end = first_rl if first_rl is not None else last_warm
+        fig.add_vrect(x0=0, x1=max(end, 0.5), fillcolor="#888", opacity=0.12, line_width=0,
+                      annotation_text="warmup", annotation_position="top left")
+    if first_rl is not None and last_warm is not None:
+        fig.add_vline(x=first_rl, line_dash="dash", line_color="#555", annotation_text="RL",
+                      annotation_position="top right")
+    return fig
+
+
+def _empty(fig: go.Figure, note: str) -> go.Figure:
+    fig.add_annotation(text=note, showarrow=False, xref="paper", yref="paper", x=0.5, y=0.5,
+                       font={"size": 13, "color": "#888"})
+    return fig
+
+
+def reward_figure(rows: list[dict], revision: str = "") -> go.Figure:
+    """reward/mean with a ±std band, each reward/<name>, and the evaluation reward (EMA weights) as markers."""
+    fig = _base("Reward", rows, revision)
+    xs, ys = _series(rows, "reward/mean")
+    _, sd = _series(rows, "reward/std")
+    if xs and len(sd) == len(ys):
+        fig.add_trace(go.Scatter(x=xs + xs[::-1], y=[y + s for y, s in zip(ys, sd)] + [y - s for y, s in zip(ys, sd)][::-1],
+                                 fill="toself", fillcolor="rgba(31,119,180,0.15)", line={"width": 0},
+                                 hoverinfo="skip", name="± std", showlegend=True))
+    if xs:
+        fig.add_trace(go.Scatter(x=xs, y=ys, mode="lines+markers", name="reward/mean", line={"color": COLORS[0], "width": 2}))
+    names = sorted({k for r in rows for k in r if k.startswith("reward/")} - {"reward/mean", "reward/std", "reward/failed", "reward/count"})
+    for i, key in enumerate(names):
+        x, y = _series(rows, key)
+        fig.add_trace(go.Scatter(x=x, y=y, mode="lines", name=key, line={"dash": "dot", "color": COLORS[(i + 1) % 8]}))
+    ex, ey = _series(rows, "eval/reward/mean")
+    if ex:
+        fig.add_trace(go.Scatter(x=ex, y=ey, mode="markers+lines", name="eval (EMA, fixed set)",
+                                 marker={"symbol": "diamond", "size": 9, "color": "#d62728"},
+                                 line={"dash": "dash", "width": 1, "color": "#d62728"}))
+    fx, fy = _series(rows, "reward/failed")
+    if any(fy):
+        fig.add_trace(go.Bar(x=fx, y=fy, name="failed fraction", marker_color="rgba(214,39,40,0.3)", yaxis="y2"))
+        fig.update_layout(yaxis2={"overlaying": "y", "side": "right", "range": [0, 1], "showgrid": False})
+    if not (xs or ex):
+        _empty(fig, "no reward yet")
+    return fig
+
+
+def metric_figure(rows: list[dict], key: str, title: str | None = None, note: str | None = None,
+                  revision: str = "") -> go.Figure:
+    """One scalar over steps; split by phase when it was logged in both."""
+    fig = _base(title or key, rows, revision)
+    phases = [p for p in ("warmup", "rl") if _series(rows, key, p)[0]]
+    if not phases:
+        return _empty(fig, note or f"no {key} yet")
+    both = len(phases) == 2
+    for i, phase in enumerate(phases):
+        x, y = _series(rows, key, phase)
+        on_right = both and phase == "warmup"
+        fig.add_trace(go.Scatter(x=x, y=y, mode="lines+markers", name=f"{key} ({phase})",
+                                 line={"color": "#888" if phase == "warmup" else COLORS[0],
+                                       "dash": "dot" if phase == "warmup" else "solid"},
+                                 marker={"size": 4}, yaxis="y2" if on_right else "y"))
+    if both:
+        fig.update_layout(yaxis2={"overlaying": "y", "side": "right", "showgrid": False,
+                                  "title": {"text": "warmup", "font": {"size": 10}}})
+    return fig
+
+
+def figures(rows: list[dict], revision: str = "", method: str | None = None) -> dict[str, go.Figure]:
+    """The monitor's four charts: reward, kl, loss, clipfrac."""
+    return {
+        "reward": reward_figure(rows, revision),
+        "kl": metric_figure(rows, "kl", "KL to the reference policy", revision=revision),
+        "loss": metric_figure(rows, "loss", "Loss", revision=revision),
+        "clipfrac": metric_figure(rows, "clipfrac", "Clip fraction (GRPO)",
+                                  note="no clipfrac: DiffusionNFT has no ratio clip" if method == "nft" else None,
+                                  revision=revision),
+    }

@@ -1,0 +1,188 @@
+"""The studio's inference service: loaded stacks cached per model paths, adapter weights swapped per file.
+
+Loading FLUX.1-Fill + SigLIP is the expensive part, so one stack is kept per (model paths, device, dtype)
+(the least recently used one is dropped beyond `max_stacks`). Switching to another checkpoint file of the
+same shape only loads its weights into the cached adapter; a file of another shape (other token counts)
+reloads the stack with it. "No adapter" runs the same pipeline with style strength 0 (plain FLUX-Fill).
+Calls are serialised by a lock: one generation at a time per studio.
+"""
+
+from __future__ import annotations
+
+import gc
+import os
+import threading
+import time
+from collections import OrderedDict
+from dataclasses import dataclass
+
+import numpy as np
+from PIL import Image
+
+from calligrapher_rl.errors import UserError
+
+
+@dataclass
+class Inputs:
+    source: Image.Image
+    mask: Image.Image  # L, 255 = repaint
+    text: str
+    reference: Image.Image | None = None
+    steps: int = 8
+    guidance: float = 30.0
+    scale: float = 1.0
+    seed: int = 56
+    num_images: int = 1
+    resolution: int | None = None
+    use_context: bool = False
+
+
+def _device_dtype():
+    import torch
+
+    if torch.cuda.is_available():
+        return "cuda", torch.bfloat16
+    return "cpu", torch.float32
+
+
+def _file_key(path: str | None):
+    if not path:
+        return None
+    st = os.stat(path)
+    return (os.path.realpath(path), st.st_size, st.st_mtime_ns)
+
+
+class InferenceService:
+    def __init__(self, max_stacks: int = 1):
+        self.max_stacks = max_stacks
+        self._stacks: OrderedDict[tuple, dict] = OrderedDict()
+        self._lock = threading.Lock()
+
+    # ------------------------------------------------------------------ loading
+    def _stack(self, flux: str, siglip: str, adapter_file: str | None):
+        from calligrapher_rl.models.checkpoints import config_from_state_dict, load_into_adapter, read_adapter_file
+        from calligrapher_rl.models.stack import CalligrapherStack, resolve_model_paths
+
+        flux, siglip = resolve_model_paths(flux.strip(), siglip.strip())
+        device, dtype = _device_dtype()
+        key = (flux, siglip, device, str(dtype))
+        fkey = _file_key(adapter_file)
+        entry = self._stacks.get(key)
+        if entry is not None:
+            self._stacks.move_to_end(key)
+            if fkey is None or entry["adapter"] == fkey:
+                return entry["stack"]
+            _, flat = read_adapter_file(adapter_file)
+            stack = entry["stack"]
+            if config_from_state_dict(flat, stack.adapter.config) == stack.adapter.config:
+                load_into_adapter(stack.adapter, flat, adapter_file)
+                entry["adapter"] = fkey
+                return stack
+            self._drop(key)  # another adapter shape: reload with it
+        while len(self._stacks) >= self.max_stacks:
+            self._drop(next(iter(self._stacks)))
+        stack = CalligrapherStack.from_pretrained(flux, siglip, adapter_path=adapter_file, device=device, dtype=dtype)
+        self._stacks[key] = {"stack": stack, "adapter": fkey}
+        return stack
+
+    def _drop(self, key) -> None:
+        self._stacks.pop(key, None)
+        gc.collect()
+        try:
+            import torch
+
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
+        except ImportError:
+            pass
+
+    def unload(self) -> str:
+        with self._lock:
+            n = len(self._stacks)
+            for key in list(self._stacks):
+                self._drop(key)
+        return f"unloaded {n} model stack(s)"
+
+    def loaded(self) -> list[tuple]:
+        return list(self._stacks)
+
+    # ------------------------------------------------------------------ generating
+    def generate(self, flux: str, siglip: str, adapter_file: str | None, inputs: Inputs) -> tuple[list[Image.Image], float]:
+        """Images for one adapter file (None = no adapter: strength 0) and the seconds it took."""
+        from calligrapher_rl.infer import inpaint
+
+        if not (inputs.text or "").strip():
+            raise UserError("type the text to write")
+        for name, value, lo, hi in (("steps", inputs.steps, 1, 200), ("number of images", inputs.num_images, 1, 16)):
+            if value is None or not lo <= int(value) <= hi:
+                raise UserError(f"{name} must be in [{lo}, {hi}], got {value}")
+        if inputs.scale is None or not 0 <= inputs.scale <= 2:
+            raise UserError(f"style strength must be in [0, 2], got {inputs.scale}")
+        with self._lock:
+            t0 = time.time()
+            stack = self._stack(flux, siglip, adapter_file)
+            images = inpaint(stack, inputs.source, inputs.mask, inputs.text.strip(), inputs.reference,
+                             steps=int(inputs.steps), guidance=float(inputs.guidance),
+                             scale=float(inputs.scale) if adapter_file else 0.0, seed=int(inputs.seed),
+                             num_images=int(inputs.num_images), use_context=bool(inputs.use_context),
+                             resolution=int(inputs.resolution) if inputs.resolution else None)
+            return images, time.time() - t0
+
+
+# ---------------------------------------------------------------------- editor values -> images
+def _rgb(arr) -> Image.Image:
+    arr = np.asarray(arr)
+    if arr.ndim == 2:
+        return Image.fromarray(arr.astype(np.uint8), "L").convert("RGB")
+    return Image.fromarray(arr[..., :3].astype(np.uint8), "RGB")
+
+
+def mask_from_upload(arr, size: tuple[int, int]) -> Image.Image:
+    """An uploaded mask (white = repaint; a transparent PNG's strokes count too), resized to the source."""
+    arr = np.asarray(arr)
+    if arr.ndim == 3 and arr.shape[2] == 4 and arr[..., 3].min() < 255:
+        on = arr[..., 3] > 0
+    else:
+        gray = arr if arr.ndim == 2 else arr[..., :3].astype(np.float32).mean(axis=2)
+        on = gray > 127
+    mask = Image.fromarray((on * 255).astype(np.uint8), "L")
+    return mask if mask.size == size else mask.resize(size, Image.NEAREST)
+
+
+def editor_inputs(editor, mask_upload=None) -> tuple[Image.Image, Image.Image]:
+    """(source RGB, mask L) from a gr.ImageEditor value (numpy): the background is the source; the mask is what
+    was brushed (every layer's alpha), or else the uploaded mask."""
+    if not isinstance(editor, dict) or editor.get("background") is None:
+        raise UserError("upload a source image into the editor")
+    source = _rgb(editor["background"])
+    on = np.zeros((source.height, source.width), dtype=bool)
+    for layer in editor.get("layers") or []:
+        layer = np.asarray(layer)
+        if layer.ndim == 3 and layer.shape[2] == 4 and layer.shape[:2] == on.shape:
+            on |= layer[..., 3] > 0
+    mask = Image.fromarray((on * 255).astype(np.uint8), "L")
+    if mask.getbbox() is None and mask_upload is not None:
+        mask = mask_from_upload(mask_upload, source.size)
+    if mask.getbbox() is None:
+        raise UserError("the mask is empty: brush over the text to replace (or upload a mask)")
+    return source, mask
+
+
+def dataset_example(index: int = 0) -> dict:
+    """An example of the bundled synthetic dataset: source, mask, reference, text (for a quick try)."""
+    import json
+
+    from calligrapher_rl.data import ensure_default_dataset
+
+    path = ensure_default_dataset()
+    with open(path, encoding="utf-8") as fh:
+        entries = [json.loads(line) for line in fh if line.strip()]
+    e = entries[index % len(entries)]
+    root = os.path.dirname(path)
+
+    def load(key, mode):
+        with Image.open(os.path.join(root, e[key])) as im:
+            return im.convert(mode)
+
+    return {"source": load("source", "RGB"), "mask": load("mask", "L"), "reference": load("reference", "RGB"),
+            "text": e["text"]}

@@ -1,0 +1,400 @@
+"""Runs as processes and folders: list, status (with dead-process detection), start, stop, resume.
+
+Pure functions over run directories (see calligrapher_rl/training/run_dir.py) plus the process launch.
+A run is a detached `python -m calligrapher_rl.train` process (own session, output in console.log):
+it outlives the browser tab and the studio. The studio adds one file of its own, `studio.json`
+(the launch command, pid and time), so a process that dies before writing status.json is still seen.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shlex
+import signal
+import socket
+import subprocess
+import sys
+import time
+from datetime import datetime
+
+from calligrapher_rl.atomic import write_json
+from calligrapher_rl.errors import UserError
+from calligrapher_rl.training.checkpointing import list_checkpoints
+from calligrapher_rl.training.run_dir import read_metrics, read_status, request_resume, request_stop
+
+LIVE = ("launching", "starting", "running", "paused", "stopping")
+NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,79}$")
+RESERVED = {"presets"}
+STUDIO_FILE = "studio.json"
+CONSOLE = "console.log"
+_children: list[subprocess.Popen] = []  # processes this studio started (reaped so they never linger as zombies)
+
+
+# ---------------------------------------------------------------------------------------------- paths
+def confine(path: str, roots: list[str], what: str = "path") -> str:
+    """The real path of `path` if it lies inside one of `roots`; otherwise a one-line UserError."""
+    real = os.path.realpath(os.path.expanduser(str(path)))
+    for root in roots:
+        r = os.path.realpath(root)
+        if real == r or real.startswith(r.rstrip(os.sep) + os.sep):
+            return real
+    raise UserError(f"{what} must lie inside {' or '.join(roots)}", where=str(path))
+
+
+def check_name(name: str, what: str = "run name") -> str:
+    name = (name or "").strip()
+    if not NAME_RE.match(name) or name in RESERVED:
+        raise UserError(f"{what} {name!r}: use letters, digits, '.', '_' or '-' (at most 80, not 'presets')")
+    return name
+
+
+def run_path(runs_dir: str, name: str) -> str:
+    return confine(os.path.join(runs_dir, check_name(name)), [runs_dir], "run folder")
+
+
+# ---------------------------------------------------------------------------------------------- processes
+def _reap() -> None:
+    for p in list(_children):
+        if p.poll() is not None:
+            _children.remove(p)
+
+
+def _proc_start_time(pid: int) -> float | None:
+    """Unix start time of a process (Linux /proc), or None when it cannot be read."""
+    try:
+        with open(f"/proc/{pid}/stat", encoding="utf-8") as fh:
+            fields = fh.read().rsplit(")", 1)[1].split()
+        with open("/proc/stat", encoding="utf-8") as fh:
+            btime = next(float(line.split()[1]) for line in fh if line.startswith("btime"))
+        return btime + int(fields[19]) / os.sysconf("SC_CLK_TCK")
+    except (OSError, IndexError, ValueError, StopIteration):
+        return None
+
+
+def pid_alive(pid, started: float | None = None) -> bool:
+    """True if the process exists, is not a zombie, and (when `started` is known) is not a newer process
+    that reused the pid: a run's process starts before it writes its first status."""
+    _reap()
+    if not isinstance(pid, int) or pid <= 0:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        pass
+    try:
+        with open(f"/proc/{pid}/stat", encoding="utf-8") as fh:
+            if fh.read().rsplit(")", 1)[1].split()[0] in ("Z", "X"):
+                return False
+    except (OSError, IndexError):
+        pass
+    if started:
+        t0 = _proc_start_time(pid)
+        if t0 is not None and t0 > started + 2.0:
+            return False
+    return True
+
+
+# ---------------------------------------------------------------------------------------------- reading
+def _read_json(path: str) -> dict:
+    import json
+
+    try:
+        with open(path, encoding="utf-8") as fh:
+            data = json.load(fh)
+        return data if isinstance(data, dict) else {}
+    except (OSError, ValueError):
+        return {}
+
+
+def tail(path: str, n: int = 40, max_bytes: int = 65536) -> str:
+    """The last n lines of a text file (progress-bar carriage returns collapsed)."""
+    try:
+        with open(path, "rb") as fh:
+            fh.seek(0, os.SEEK_END)
+            size = fh.tell()
+            fh.seek(max(0, size - max_bytes))
+            data = fh.read().decode("utf-8", errors="replace")
+    except OSError:
+        return ""
+    lines = [ln.rsplit("\r", 1)[-1] for ln in data.splitlines()]
+    if size > max_bytes:
+        lines = lines[1:]
+    return "\n".join(lines[-n:])
+
+
+_metrics_cache: dict[str, tuple[tuple, list[dict]]] = {}
+
+
+def metrics(run_dir: str) -> list[dict]:
+    """metrics.jsonl rows, re-read only when the file changed."""
+    path = os.path.join(run_dir, "metrics.jsonl")
+    try:
+        st = os.stat(path)
+    except OSError:
+        return []
+    key = (st.st_size, st.st_mtime_ns)
+    hit = _metrics_cache.get(path)
+    if hit and hit[0] == key:
+        return hit[1]
+    rows = read_metrics(run_dir)
+    _metrics_cache[path] = (key, rows)
+    return rows
+
+
+def metrics_frame(run_dir: str):
+    """metrics.jsonl as a pandas DataFrame (one row per logged line; NaN where a key is absent)."""
+    import pandas as pd
+
+    return pd.DataFrame(metrics(run_dir))
+
+
+def last_value(rows: list[dict], key: str):
+    for row in reversed(rows):
+        if row.get(key) is not None:
+            return row[key]
+    return None
+
+
+def seconds_per_step(rows: list[dict], window: int = 10) -> float | None:
+    """Wall time per optimizer step over the last `window` steps of training rows."""
+    pts = {}
+    for row in rows:
+        if any(not k.startswith("eval/") for k in row if k not in ("step", "phase", "time")):
+            pts[row["step"]] = row["time"]
+    steps = sorted(pts)[-window:]
+    if len(steps) < 2 or steps[-1] == steps[0]:
+        return None
+    return (pts[steps[-1]] - pts[steps[0]]) / (steps[-1] - steps[0])
+
+
+def samples(run_dir: str) -> list[tuple[int, str]]:
+    """(step, path) of the sample grids, oldest first."""
+    folder = os.path.join(run_dir, "samples")
+    found = []
+    for name in os.listdir(folder) if os.path.isdir(folder) else []:
+        m = re.match(r"^step-(\d+)\.png$", name)
+        if m:
+            found.append((int(m.group(1)), os.path.join(folder, name)))
+    return sorted(found)
+
+
+def checkpoint_files(run_dir: str) -> list[tuple[str, str]]:
+    """(label, path) of every adapter file, newest checkpoint first, EMA before raw."""
+    out = []
+    for step, path in reversed(list_checkpoints(run_dir)):
+        for fname, kind in (("ip-adapter-ema.safetensors", "EMA"), ("ip-adapter.safetensors", "raw")):
+            if os.path.isfile(os.path.join(path, fname)):
+                out.append((f"checkpoint-{step} · {kind}", os.path.join(path, fname)))
+    return out
+
+
+def run_config(run_dir: str) -> dict:
+    return _read_json(os.path.join(run_dir, "run.json"))
+
+
+def run_info(run_dir: str) -> dict:
+    """Everything the list and the monitor show about one run, with the effective state:
+    `dead` when the status says live but the process is gone (`was` keeps the recorded state),
+    `launching` while a process the studio started has not written its status yet,
+    `stopping` as soon as a stop was requested, `failed` when it died before writing any status."""
+    status = read_status(run_dir) or {}
+    launch = _read_json(os.path.join(run_dir, STUDIO_FILE))
+    cfg = run_config(run_dir)
+    recorded = status.get("state")
+    state, message = recorded, status.get("message", "")
+    here = status.get("host") in (None, socket.gethostname())
+    launch_alive = pid_alive(launch.get("pid"), None) if launch else False
+    if launch and launch_alive and (not status or status.get("updated", 0) < launch.get("launched", 0)):
+        state, message = "launching", "process started, loading"
+    elif recorded is None:
+        state = "failed" if launch else "unknown"
+        message = (tail(os.path.join(run_dir, CONSOLE), 1) or "no status.json") if launch else "no status.json"
+    elif recorded in LIVE and here and not pid_alive(status.get("pid"), status.get("started")) and not launch_alive:
+        last = tail(os.path.join(run_dir, CONSOLE), 1).strip()
+        state = "failed" if last.startswith("error:") else "dead"  # the trainer's one-line user error
+        message = last[:300] if state == "failed" else (
+            f"the process (pid {status.get('pid')}) is gone without writing a final state"
+            + (f"; its last output: {last[:300]}" if last else ": killed, out of memory, or a reboot"))
+    elif recorded in ("running", "paused") and os.path.exists(os.path.join(run_dir, "control", "stop")):
+        state, message = "stopping", "stop requested: the run saves a checkpoint after the current step"
+    rows = metrics(run_dir)
+    ckpts = list_checkpoints(run_dir)
+    started = status.get("started") or launch.get("launched")
+    return {
+        "name": os.path.basename(os.path.normpath(run_dir)), "path": run_dir, "state": state, "was": recorded,
+        "message": message or "", "step": status.get("step", 0), "max_steps": cfg.get("max_train_steps"),
+        "method": cfg.get("rl_method") if cfg.get("use_rl", True) else "supervised", "pid": status.get("pid"),
+        "host": status.get("host"), "remote": not here, "started": started, "updated": status.get("updated"),
+        "reward": last_value(rows, "reward/mean"), "eval_reward": last_value(rows, "eval/reward/mean"),
+        "sec_per_step": seconds_per_step(rows), "checkpoints": [s for s, _ in ckpts],
+        "launch_pid": launch.get("pid"), "live": state in LIVE,
+    }
+
+
+def list_runs(runs_dir: str) -> list[dict]:
+    """run_info of every run folder in runs_dir, newest first."""
+    out = []
+    if not os.path.isdir(runs_dir):
+        return out
+    for name in os.listdir(runs_dir):
+        path = os.path.join(runs_dir, name)
+        if name in RESERVED or name.startswith(".") or not NAME_RE.match(name) or not os.path.isdir(path):
+            continue
+        if any(os.path.exists(os.path.join(path, f)) for f in ("status.json", "run.json", STUDIO_FILE, "metrics.jsonl")):
+            out.append(run_info(path))
+    return sorted(out, key=lambda r: r["started"] or 0, reverse=True)
+
+
+def fmt_time(t) -> str:
+    return datetime.fromtimestamp(t).strftime("%Y-%m-%d %H:%M") if t else ""
+
+
+def display_state(info: dict) -> str:
+    if info["state"] == "dead":
+        return f"dead (was {info['was']})"
+    return info["state"] + (f" (on {info['host']})" if info.get("remote") else "")
+
+
+# ---------------------------------------------------------------------------------------------- actions
+def train_command(argv: list[str], gpus: str = "") -> list[str]:
+    n = len([g for g in gpus.split(",") if g.strip()]) if gpus else 0
+    if n > 1:
+        return [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", str(n), "-m",
+                "calligrapher_rl.train", *argv]
+    return [sys.executable, "-m", "calligrapher_rl.train", *argv]
+
+
+def command_line(argv: list[str], gpus: str = "") -> str:
+    cmd = train_command(argv, gpus)
+    cmd[0] = "python"
+    return (f"CUDA_VISIBLE_DEVICES={gpus.strip()} " if gpus and gpus.strip() else "") + shlex.join(cmd)
+
+
+def _launch(run_dir: str, argv: list[str], gpus: str = "") -> int:
+    os.makedirs(run_dir, exist_ok=True)
+    cmd = train_command(argv, gpus)
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    if gpus and gpus.strip():
+        if not re.match(r"^\s*\d+(\s*,\s*\d+)*\s*$", gpus):
+            raise UserError(f"GPUs: expected indices like 0 or 0,1, got {gpus!r}")
+        env["CUDA_VISIBLE_DEVICES"] = gpus.replace(" ", "")
+    launched = time.time()
+    with open(os.path.join(run_dir, CONSOLE), "ab") as log:
+        log.write(f"\n$ {command_line(argv, gpus)}\n".encode())
+        log.flush()
+        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                start_new_session=True, env=env, close_fds=True)
+    _children.append(proc)
+    write_json(os.path.join(run_dir, STUDIO_FILE), {"pid": proc.pid, "argv": cmd, "launched": launched,
+                                                    "gpus": gpus, "host": socket.gethostname()})
+    return proc.pid
+
+
+def prepare_start(runs_dir: str, name: str, argv: list[str]) -> tuple[str, list[str]]:
+    """Check the name and the flags (the trainer's own parser and validation); (run dir, full argv)."""
+    run_dir = run_path(runs_dir, name)
+    if os.path.isdir(run_dir) and os.listdir(run_dir):
+        info = run_info(run_dir)
+        if info["live"]:
+            raise UserError(f"run {name!r} is {info['state']}: stop it first or pick another name")
+        raise UserError(f"a run named {name!r} already exists ({display_state(info)}): resume it from the Runs tab "
+                        "or pick another name")
+    for flag in ("--output_dir", "--resume_from_checkpoint"):
+        if any(a == flag or a.startswith(flag + "=") for a in argv):
+            raise UserError(f"{flag} is set by the studio (the run folder is runs_dir/NAME)")
+    full = [*argv, "--output_dir", run_dir]
+    from calligrapher_rl.config import parse_args
+
+    cfg = parse_args(full)
+    check_paths(cfg)
+    return run_dir, full
+
+
+def check_paths(cfg) -> None:
+    """Model and data paths exist (or are the embedded 'tiny' / 'bundled'): fail now, not after loading."""
+    for flag, special in (("pretrained_model_name_or_path", "tiny"), ("siglip_path", "tiny"),
+                          ("train_data_json", "bundled"), ("initial_ip_adapter_path", None)):
+        value = getattr(cfg, flag)
+        if value and value.strip().lower() != special and not os.path.exists(os.path.expanduser(value)):
+            raise UserError("no such file or folder", where=value, field=f"--{flag}")
+
+
+def start_run(runs_dir: str, name: str, argv: list[str], gpus: str = "") -> str:
+    """Launch a detached training run into runs_dir/NAME; returns the run folder."""
+    run_dir, full = prepare_start(runs_dir, name, argv)
+    _launch(run_dir, full, gpus)
+    return run_dir
+
+
+def resume_run(run_dir: str, extra: list[str] | None = None, gpus: str = "") -> str:
+    """Continue a paused run (control/resume) or relaunch a stopped/failed/dead one from its latest checkpoint."""
+    info = run_info(run_dir)
+    if info["state"] == "paused":
+        request_resume(run_dir)
+        return "resume requested: the run continues with the next epoch"
+    if info["live"] or info["state"] == "dead":
+        raise UserError(f"run {info['name']!r} is {display_state(info)}: "
+                        + ("mark it stopped first" if info["state"] == "dead" else "nothing to resume"))
+    if not info["checkpoints"]:
+        raise UserError(f"run {info['name']!r} has no checkpoint yet: start a new run instead")
+    if not os.path.isfile(os.path.join(run_dir, "run.json")):
+        raise UserError("no run.json: cannot tell the run's configuration", where=run_dir)
+    argv = ["--preset", os.path.join(run_dir, "run.json"), *(extra or []), "--resume_from_checkpoint", "latest",
+            "--output_dir", run_dir]
+    from calligrapher_rl.config import parse_args
+
+    cfg = parse_args(argv)
+    if info["checkpoints"][-1] >= cfg.max_train_steps:
+        raise UserError(f"run {info['name']!r} already reached max_train_steps={cfg.max_train_steps}; "
+                        "add e.g. --max_train_steps N (larger) to the resume flags to train longer")
+    check_paths(cfg)
+    for name in ("stop", "resume"):  # a stale request must not end the new process at once
+        try:
+            os.unlink(os.path.join(run_dir, "control", name))
+        except OSError:
+            pass
+    _launch(run_dir, argv, gpus)
+    return f"relaunched from checkpoint-{info['checkpoints'][-1]}"
+
+
+def stop_run(run_dir: str, wait_s: float = 10.0) -> str:
+    """Ask the run to save a checkpoint and end. While it is still loading (its stop file would be cleared
+    when the loop starts) it gets SIGTERM instead: nothing is trained yet, so nothing is lost."""
+    info = run_info(run_dir)
+    if info["state"] in ("running", "paused", "stopping"):
+        request_stop(run_dir)
+        return "stop requested: the run saves a checkpoint after the current step, then ends"
+    if info["state"] in ("launching", "starting"):
+        request_stop(run_dir)
+        pid = info["launch_pid"] if info["state"] == "launching" or not info["pid"] else info["pid"]
+        try:
+            os.killpg(os.getpgid(pid), signal.SIGTERM)
+        except (ProcessLookupError, PermissionError, TypeError):
+            pass
+        deadline = time.time() + wait_s
+        while time.time() < deadline and pid_alive(pid):
+            time.sleep(0.2)
+        after = run_info(run_dir)
+        if after["state"] in ("dead", "failed", "starting", "launching") and not pid_alive(pid):
+            mark_stopped(run_dir, f"stopped in the studio while {info['state']}")
+        return "stopped while loading"
+    raise UserError(f"run {info['name']!r} is {display_state(info)}: nothing to stop")
+
+
+def mark_stopped(run_dir: str, message: str | None = None) -> str:
+    """Record a run whose process died as stopped (its checkpoints stay; Resume continues from the latest)."""
+    info = run_info(run_dir)
+    if not (info["state"] == "dead" or (info["state"] == "failed" and info["was"] is None)):
+        raise UserError(f"run {info['name']!r} is {display_state(info)}: only a dead run can be marked stopped")
+    status = read_status(run_dir) or {}
+    ck = info["checkpoints"]
+    write_json(os.path.join(run_dir, "status.json"), {
+        **status, "state": "stopped", "step": status.get("step", ck[-1] if ck else 0),
+        "message": message or (f"marked stopped in the studio: the process had died while {info['was'] or 'starting'}"
+                               + (f"; resume continues from checkpoint-{ck[-1]}" if ck else "; no checkpoint")),
+        "updated": time.time(), "pid": status.get("pid") or info["launch_pid"], "host": socket.gethostname(),
+    })
+    return "marked stopped"

@@ -1,0 +1,275 @@
+"""Studio unit tests: runs.py, presets.py and charts.py on a run folder written by a real training run."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+
+import pytest
+from test_app_support import REPO, free_port, kill_run, trained_run, wait_for
+
+from app import charts, presets, runs
+from app.infer_views import InferViews
+from app.views import MonitorViews
+from calligrapher_rl.config import load_preset
+from calligrapher_rl.errors import UserError
+
+
+@pytest.fixture(scope="module")
+def trained():
+    return trained_run()
+
+
+def dead_pid() -> int:
+    p = subprocess.Popen([sys.executable, "-c", "pass"])
+    p.wait()
+    return p.pid
+
+
+def write_status(run_dir: str, **fields) -> None:
+    os.makedirs(run_dir, exist_ok=True)
+    status = {"state": "running", "step": 3, "message": "", "host": socket.gethostname(), "started": time.time(),
+              "updated": time.time(), **fields}
+    with open(os.path.join(run_dir, "status.json"), "w") as fh:
+        json.dump(status, fh)
+
+
+# ------------------------------------------------------------------------------------------- reading a run
+def test_run_info_of_a_real_run(trained):
+    runs_dir, run_dir = trained
+    info = runs.run_info(run_dir)
+    assert info["state"] == "finished" and info["step"] == 4 and info["max_steps"] == 4
+    assert info["checkpoints"] == [2, 4] and info["method"] == "grpo"
+    assert info["reward"] is not None and info["eval_reward"] is not None and not info["live"]
+    assert [r["name"] for r in runs.list_runs(runs_dir)][-1] == "base"
+    labels = [label for label, _ in runs.checkpoint_files(run_dir)]
+    assert labels == ["checkpoint-4 · EMA", "checkpoint-4 · raw", "checkpoint-2 · EMA", "checkpoint-2 · raw"]
+    assert [s for s, _ in runs.samples(run_dir)] == [0, 2, 4]
+    df = runs.metrics_frame(run_dir)
+    assert {"step", "phase", "reward/mean", "kl", "loss", "clipfrac"} <= set(df.columns)
+    assert set(df["phase"]) == {"warmup", "rl"}
+    assert "saved" in runs.tail(os.path.join(run_dir, "train.log"), 5)
+
+
+def test_charts_from_real_metrics(trained):
+    rows = runs.metrics(trained[1])
+    figs = charts.figures(rows, revision="base", method="grpo")
+    assert set(figs) == {"reward", "kl", "loss", "clipfrac"}
+    names = [t.name for t in figs["reward"].data]
+    assert "reward/mean" in names and "reward/fidelity" in names and "eval (EMA, fixed set)" in names
+    assert "reward/count" not in names
+    loss = [t.name for t in figs["loss"].data]
+    assert loss == ["loss (warmup)", "loss (rl)"]  # the phases are separate traces
+    last_warm, first_rl = charts.phase_bounds(rows)
+    assert last_warm is not None and first_rl is not None
+    assert any(s.type == "rect" for s in figs["kl"].layout.shapes)  # warmup band
+    assert figs["clipfrac"].data and figs["kl"].data
+    empty = charts.figures([], method="nft")
+    assert not empty["reward"].data and "no reward yet" in empty["reward"].layout.annotations[0].text
+    assert "DiffusionNFT" in empty["clipfrac"].layout.annotations[0].text
+
+
+def test_monitor_views_and_tick_skip(trained):
+    runs_dir, _ = trained
+    mon = MonitorViews(runs_dir)
+    out = mon.views("base")
+    assert out[0].startswith("**finished**") and "checkpoints: 2, 4" in out[0]
+    assert out[-3].endswith("step-000004.png") and len(out[-2]) == 3
+    first = mon.tick("base", {})
+    seen = first[-1]
+    again = mon.tick("base", seen)
+    import gradio as gr
+
+    skipped = [o for o in again[2:-1] if isinstance(o, type(gr.skip()))]
+    assert len(skipped) >= 9  # only the status line is sent again when nothing changed
+
+
+# ------------------------------------------------------------------------------------------- dead processes
+def test_dead_pid_detection_and_mark_stopped(tmp_path):
+    run_dir = str(tmp_path / "crashed")
+    write_status(run_dir, pid=dead_pid())
+    info = runs.run_info(run_dir)
+    assert info["state"] == "dead" and info["was"] == "running"
+    assert runs.display_state(info) == "dead (was running)"
+    assert "Mark stopped" in MonitorViews(str(tmp_path)).status_text(info)
+    with pytest.raises(UserError, match="mark it stopped first"):
+        runs.resume_run(run_dir)
+    assert runs.mark_stopped(run_dir) == "marked stopped"
+    after = runs.run_info(run_dir)
+    assert after["state"] == "stopped" and "died while running" in after["message"]
+    with pytest.raises(UserError, match="only a dead run"):
+        runs.mark_stopped(run_dir)
+
+
+def test_a_process_that_exited_with_an_error_is_failed(tmp_path):
+    started = str(tmp_path / "bad-data")
+    write_status(started, state="starting", pid=dead_pid())
+    with open(os.path.join(started, "console.log"), "w") as fh:
+        fh.write("loading\nerror: /data/x.jsonl line 1: bad JSON\n")
+    info = runs.run_info(started)
+    assert info["state"] == "failed" and info["message"] == "error: /data/x.jsonl line 1: bad JSON"
+    never = str(tmp_path / "never")  # died before writing any status: only the studio's launch record
+    os.makedirs(never)
+    with open(os.path.join(never, "studio.json"), "w") as fh:
+        json.dump({"pid": dead_pid(), "launched": time.time()}, fh)
+    with open(os.path.join(never, "console.log"), "w") as fh:
+        fh.write("error: command line: unrecognized arguments: --bogus\n")
+    info = runs.run_info(never)
+    assert info["state"] == "failed" and "--bogus" in info["message"]
+    assert [r["name"] for r in runs.list_runs(str(tmp_path))] == ["never", "bad-data"]
+
+
+def test_live_reused_and_remote_pids(tmp_path):
+    alive = str(tmp_path / "alive")
+    write_status(alive, pid=os.getpid())
+    assert runs.run_info(alive)["state"] == "running"
+    os.makedirs(os.path.join(alive, "control"))
+    open(os.path.join(alive, "control", "stop"), "w").close()
+    assert runs.run_info(alive)["state"] == "stopping"  # shown at once, before the trainer notices
+    reused = str(tmp_path / "reused")
+    write_status(reused, pid=os.getpid(), started=1000.0)  # this process is younger than that run
+    assert runs.run_info(reused)["state"] == "dead"
+    remote = str(tmp_path / "remote")
+    write_status(remote, pid=dead_pid(), host="another-host")
+    assert runs.display_state(runs.run_info(remote)) == "running (on another-host)"
+
+
+# ------------------------------------------------------------------------------------------- paths
+def test_path_confinement(trained, tmp_path):
+    runs_dir, run_dir = trained
+    assert runs.confine(os.path.join(run_dir, "run.json"), [runs_dir]) == os.path.realpath(os.path.join(run_dir, "run.json"))
+    for bad in ("/etc/passwd", os.path.join(runs_dir, "..", "x"), "~/.ssh/id_rsa"):
+        with pytest.raises(UserError, match="must lie inside"):
+            runs.confine(bad, [runs_dir])
+    link = os.path.join(runs_dir, "escape")
+    os.symlink("/etc", link)
+    try:
+        with pytest.raises(UserError, match="must lie inside"):
+            runs.confine(os.path.join(link, "passwd"), [runs_dir])
+    finally:
+        os.unlink(link)
+    for name in ("", "../x", "a/b", "presets", ".hidden", "x" * 81):
+        with pytest.raises(UserError):
+            runs.run_path(runs_dir, name)
+    with pytest.raises(UserError, match="must lie inside"):
+        presets.resolve_preset(runs_dir, "/etc/passwd.toml")
+    inf = InferViews(runs_dir)
+    for typed in ("/etc/passwd", "../../etc/passwd", os.path.join(runs_dir, "..", "x.safetensors")):
+        with pytest.raises(UserError, match="must lie inside"):
+            inf.adapter_file(None, typed)
+    with pytest.raises(UserError, match="must lie inside"):
+        inf.adapter_file("../outside.safetensors")
+    path, label = inf.adapter_file("base/checkpoint-4/ip-adapter-ema.safetensors")
+    assert os.path.isfile(path) and label == "base/checkpoint-4 · EMA"
+    assert inf.adapter_file("none") == (None, "no adapter")
+
+
+# ------------------------------------------------------------------------------------------- presets and the form
+def test_preset_save_load_round_trip(tmp_path):
+    runs_dir = str(tmp_path)
+    form = presets.form_values(runs_dir, "tiny-grpo")
+    assert form[presets.FORM_FLAGS.index("pretrained_model_name_or_path")] == "tiny"
+    form[presets.FORM_FLAGS.index("learning_rate")] = 0.002
+    form[presets.FORM_FLAGS.index("rl_method")] = "nft"
+    form[presets.FORM_FLAGS.index("rewards")] = "fidelity:0.5,style:0.5"
+    path = presets.save_preset(runs_dir, "my-nft", "tiny-grpo", form, "--seed 7 --rl_noise_level 0.0")
+    assert path == os.path.join(runs_dir, "presets", "my-nft.toml")
+    assert not [f for f in os.listdir(os.path.dirname(path)) if f.endswith(".tmp")]
+    saved = load_preset(path)
+    assert saved["learning_rate"] == 0.002 and saved["rl_method"] == "nft" and saved["seed"] == 7
+    assert saved["rewards"] == "fidelity:0.5,style:0.5" and saved["resolution"] == 64 and "output_dir" not in saved
+    assert ("my-nft (saved)", path) in presets.preset_choices(runs_dir)
+    assert presets.form_values(runs_dir, path) == form  # the saved preset fills the form back identically
+    assert presets.form_argv(runs_dir, path, form) == ["--preset", path]
+    with pytest.raises(UserError, match="--learning_rate"):
+        bad = list(form)
+        bad[presets.FORM_FLAGS.index("learning_rate")] = -1
+        presets.save_preset(runs_dir, "bad", "tiny-grpo", bad)
+    assert not os.path.exists(os.path.join(runs_dir, "presets", "bad.toml"))
+
+
+def test_form_errors_are_one_line(trained):
+    runs_dir, _ = trained
+    form = presets.form_values(runs_dir, "tiny-grpo")
+    steps = presets.FORM_FLAGS.index("max_train_steps")
+    cases = [({steps: "ten"}, "", "expected a number"), ({steps: 2.5}, "", "whole number"),
+             ({}, "--rl_method ppo", "--rl_method"), ({}, "--no_such_flag 1", "unrecognized"),
+             ({}, "--output_dir /tmp/x", "set by the studio"), ({}, "--seed '1", "extra flags")]
+    for change, extra, expected in cases:
+        f = list(form)
+        for i, v in change.items():
+            f[i] = v
+        with pytest.raises(UserError, match=expected) as exc:
+            runs.prepare_start(runs_dir, "new-run", presets.form_argv(runs_dir, "tiny-grpo", f, extra))
+        assert "\n" not in str(exc.value)
+    f = list(form)
+    f[presets.FORM_FLAGS.index("siglip_path")] = "/no/such/siglip"
+    with pytest.raises(UserError, match="no such file"):
+        runs.prepare_start(runs_dir, "new-run", presets.form_argv(runs_dir, "tiny-grpo", f))
+    with pytest.raises(UserError, match="already exists"):
+        runs.prepare_start(runs_dir, "base", presets.form_argv(runs_dir, "tiny-grpo", form))
+
+
+def test_name_in_use_by_a_live_run_is_refused(tmp_path):
+    write_status(str(tmp_path / "busy"), pid=os.getpid())
+    with pytest.raises(UserError, match="is running: stop it first"):
+        runs.prepare_start(str(tmp_path), "busy", ["--preset", "tiny-grpo"])
+
+
+# ------------------------------------------------------------------------------------------- real processes
+def test_start_stop_resume_a_real_run(tmp_path):
+    runs_dir = str(tmp_path)
+    argv = presets.form_argv(runs_dir, "tiny-grpo", presets.form_values(runs_dir, "tiny-grpo"),
+                             "--max_train_steps 4 --eval_steps 0 --checkpointing_steps 100 --rl_warmup_steps 1")
+    run_dir = runs.start_run(runs_dir, "stopme", argv)
+    try:
+        assert runs.run_info(run_dir)["state"] in ("launching", "starting", "running")
+        wait_for(lambda: runs.run_info(run_dir)["step"] >= 1, 120, what="the first step")
+        assert "stop requested" in runs.stop_run(run_dir)
+        assert runs.run_info(run_dir)["state"] == "stopping"  # shown at once
+        wait_for(lambda: not runs.run_info(run_dir)["live"], 60, what="the run to end")
+        info = runs.run_info(run_dir)
+        assert info["state"] == "stopped" and info["checkpoints"] == [info["step"]] and info["step"] < 4
+        assert os.path.isfile(os.path.join(run_dir, f"checkpoint-{info['step']}", "ip-adapter.safetensors"))
+        assert "relaunched from checkpoint" in runs.resume_run(run_dir)
+        assert runs.run_info(run_dir)["state"] == "launching"  # not "stopped": a second Resume is refused
+        with pytest.raises(UserError):
+            runs.resume_run(run_dir)
+        wait_for(lambda: runs.run_info(run_dir)["state"] == "finished", 120, what="the resumed run to finish")
+        steps = [r["step"] for r in runs.metrics(run_dir) if "loss" in r]
+        assert steps == list(range(1, 5))  # continued from the checkpoint's step, no step twice
+        assert "resumed from" in runs.tail(os.path.join(run_dir, "train.log"), 200)
+        with pytest.raises(UserError, match="max_train_steps"):
+            runs.resume_run(run_dir)
+    finally:
+        kill_run(run_dir)
+
+
+def test_stop_while_loading_ends_the_process(tmp_path):
+    run_dir = runs.start_run(str(tmp_path), "early", ["--preset", "tiny-grpo"])
+    try:
+        runs.stop_run(run_dir)
+        info = runs.run_info(run_dir)
+        assert info["state"] == "stopped" and "while launching" in info["message"]
+        assert not runs.pid_alive(info["launch_pid"])
+    finally:
+        kill_run(run_dir)
+
+
+# ------------------------------------------------------------------------------------------- the command
+def test_app_py_one_line_errors():
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        r = subprocess.run([sys.executable, "app.py", "--port", str(port)], cwd=REPO, capture_output=True,
+                           text=True, timeout=60)
+    assert r.returncode == 2 and r.stderr.count("\n") == 1
+    assert f"port {port}" in r.stderr and f"--port {port + 1}" in r.stderr
+    r = subprocess.run([sys.executable, "app.py", "--auth", "nopassword", "--port", str(free_port())], cwd=REPO,
+                       capture_output=True, text=True, timeout=60)
+    assert r.returncode == 2 and "USER:PASS" in r.stderr and "Traceback" not in r.stderr

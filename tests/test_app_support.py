@@ -1,0 +1,68 @@
+"""Shared helpers of the studio tests (no tests here): one real short training run per session, ports, waits.
+
+pytest fixtures cannot be shared between test files without conftest.py, so the run is cached at module
+level: every test_app* file that asks for it gets the same folder, trained once.
+"""
+
+from __future__ import annotations
+
+import atexit
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SHORT = ["--max_train_steps", "4", "--eval_steps", "2", "--checkpointing_steps", "2"]
+_cache: dict[str, tuple[str, str]] = {}
+
+
+def trained_run() -> tuple[str, str]:
+    """(runs_dir, run_dir) of a finished real run: `python -m calligrapher_rl.train --preset tiny-grpo`, 4 steps,
+    grids at 0/2/4, checkpoints at 2 and 4. Built once per test session."""
+    if "run" not in _cache:
+        runs_dir = tempfile.mkdtemp(prefix="studio-test-runs-")
+        atexit.register(shutil.rmtree, runs_dir, True)
+        run_dir = os.path.join(runs_dir, "base")
+        os.makedirs(run_dir)
+        with open(os.path.join(run_dir, "console.log"), "wb") as log:
+            subprocess.run([sys.executable, "-m", "calligrapher_rl.train", "--preset", "tiny-grpo", "--output_dir",
+                            run_dir, *SHORT], stdout=log, stderr=subprocess.STDOUT, check=True, timeout=240, cwd=REPO)
+        _cache["run"] = (runs_dir, run_dir)
+    return _cache["run"]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_for(predicate, timeout: float = 120.0, every: float = 0.3, what: str = "condition"):
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(every)
+    raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}")
+
+
+def kill_run(run_dir: str) -> None:
+    """Test clean-up: end a run the studio launched if it is still alive (its own process group, and only if
+    that process is still a calligrapher_rl one, so a reused pid is never touched)."""
+    import json
+
+    try:
+        with open(os.path.join(run_dir, "studio.json"), encoding="utf-8") as fh:
+            pid = int(json.load(fh)["pid"])
+        with open(f"/proc/{pid}/cmdline", "rb") as fh:
+            if b"calligrapher_rl" not in fh.read() or os.getpgid(pid) != pid:
+                return
+        os.killpg(pid, signal.SIGKILL)
+    except (OSError, ValueError, TypeError, KeyError):
+        pass
