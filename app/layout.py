@@ -148,7 +148,7 @@ def build_demo(runs_dir: str, service: InferenceService | None = None) -> gr.Blo
         train_in = [preset, *form, extra, gpus, run_name]
         preset.change(train.preset_changed, preset, [*form, run_name, train_msg], api_name="preset_values")
         check_btn.click(train.check, train_in, train_msg, api_name="check_run")
-        start_btn.click(train.start, train_in, [train_msg, run_dd, tabs], api_name="start_run")
+        start_btn.click(train.start, train_in, [train_msg, run_dd, tabs, run_name], api_name="start_run")
         save_btn.click(train.save, [preset, *form, extra, save_name], [train_msg, preset], api_name="save_preset")
 
         monitor_out = [status, stop_btn, resume_btn, mark_btn, p_reward, p_kl, p_loss, p_clip, latest, grids, log]

@@ -68,11 +68,12 @@ class TrainViews:
             argv = self._argv(preset, form, extra)
             run_dir = runs.start_run(self.runs_dir, name, argv, gpus)
         except UserError as exc:
-            return err(exc), gr.skip(), gr.skip()
+            return err(exc), gr.skip(), gr.skip(), gr.skip()
         names = [r["name"] for r in runs.list_runs(self.runs_dir)]
         msg = (f"▶ started **{name}** in `{run_dir}` (a detached process: closing this tab or the studio does not "
                "stop it). Follow it in the Runs tab.")
-        return msg, gr.Dropdown(choices=names, value=os.path.basename(run_dir)), gr.Tabs(selected="runs")
+        return (msg, gr.Dropdown(choices=names, value=os.path.basename(run_dir)), gr.Tabs(selected="runs"),
+                suggest_name(preset))  # a fresh name, so a second Start is not refused
 
     def save(self, preset, *args):
         *form, extra, save_name = args

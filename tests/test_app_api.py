@@ -11,6 +11,7 @@ import httpx
 import numpy as np
 import pytest
 from PIL import Image
+from test_app_support import single_thread_runs  # noqa: F401  (a module fixture, used below)
 from test_app_support import REPO, free_port, kill_run, trained_run, wait_for
 
 from app.server import launch
@@ -19,7 +20,8 @@ gradio_client = pytest.importorskip("gradio_client")
 from gradio_client import Client, handle_file  # noqa: E402
 
 AUTH = ("alice", "s3cret")
-pytestmark = pytest.mark.filterwarnings("ignore:.*(no_silent_downcasting|copy keyword).*")  # inside gradio
+pytestmark = [pytest.mark.filterwarnings("ignore:.*(no_silent_downcasting|copy keyword).*"),  # inside gradio
+              pytest.mark.usefixtures("single_thread_runs")]
 
 
 @pytest.fixture(scope="module")
@@ -66,6 +68,7 @@ def test_start_a_run_and_watch_it_finish(studio):
     run_dir = os.path.join(runs_dir, "api-run")
     try:
         assert "started **api-run**" in started[0] and started[1]["value"] == "api-run"
+        assert started[2].startswith("tiny-grpo-")  # a fresh name is suggested for the next run
         again = client.predict("tiny-grpo", *form, extra, "", "api-run", api_name="/start_run")
         assert again[0].startswith("⚠") and "api-run" in again[0]
 

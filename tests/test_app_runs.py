@@ -10,6 +10,7 @@ import sys
 import time
 
 import pytest
+from test_app_support import single_thread_runs  # noqa: F401  (a module fixture, used below)
 from test_app_support import REPO, free_port, kill_run, trained_run, wait_for
 
 from app import charts, presets, runs
@@ -17,6 +18,8 @@ from app.infer_views import InferViews
 from app.views import MonitorViews
 from calligrapher_rl.config import load_preset
 from calligrapher_rl.errors import UserError
+
+pytestmark = pytest.mark.usefixtures("single_thread_runs")
 
 
 @pytest.fixture(scope="module")
@@ -121,6 +124,18 @@ def test_a_process_that_exited_with_an_error_is_failed(tmp_path):
     info = runs.run_info(never)
     assert info["state"] == "failed" and "--bogus" in info["message"]
     assert [r["name"] for r in runs.list_runs(str(tmp_path))] == ["never", "bad-data"]
+
+
+def test_a_paused_run_continues_through_control_resume(tmp_path):
+    run_dir = str(tmp_path / "paused")
+    write_status(run_dir, state="paused", pid=os.getpid(), message="40% of rewards failed this epoch (limit 10%)")
+    info = runs.run_info(run_dir)
+    mon = MonitorViews(str(tmp_path))
+    assert info["state"] == "paused" and "rewards failed" in mon.status_text(info)
+    stop, resume, mark = mon.buttons(info)
+    assert resume.value == "Continue" and resume.visible and stop.visible and not mark.visible
+    assert "resume requested" in runs.resume_run(run_dir)
+    assert os.path.isfile(os.path.join(run_dir, "control", "resume"))
 
 
 def test_live_reused_and_remote_pids(tmp_path):

@@ -16,9 +16,28 @@ import sys
 import tempfile
 import time
 
+import pytest
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SHORT = ["--max_train_steps", "4", "--eval_steps", "2", "--checkpointing_steps", "2"]
 _cache: dict[str, tuple[str, str]] = {}
+# Training processes of these tests run one OpenMP thread each: on a 2-core machine shared with the studio,
+# the test process and a browser, two spinning threads per run made the tiny run up to 5x slower.
+RUN_ENV = {"OMP_NUM_THREADS": "1"}
+
+
+@pytest.fixture(scope="module")
+def single_thread_runs():
+    """Runs launched while a test module uses this (by the studio, which passes its environment on) get
+    RUN_ENV; the environment is restored afterwards."""
+    old = {k: os.environ.get(k) for k in RUN_ENV}
+    os.environ.update(RUN_ENV)
+    yield
+    for k, v in old.items():
+        if v is None:
+            os.environ.pop(k, None)
+        else:
+            os.environ[k] = v
 
 
 def trained_run() -> tuple[str, str]:
@@ -31,7 +50,8 @@ def trained_run() -> tuple[str, str]:
         os.makedirs(run_dir)
         with open(os.path.join(run_dir, "console.log"), "wb") as log:
             subprocess.run([sys.executable, "-m", "calligrapher_rl.train", "--preset", "tiny-grpo", "--output_dir",
-                            run_dir, *SHORT], stdout=log, stderr=subprocess.STDOUT, check=True, timeout=240, cwd=REPO)
+                            run_dir, *SHORT], stdout=log, stderr=subprocess.STDOUT, check=True, timeout=240, cwd=REPO,
+                           env={**os.environ, **RUN_ENV})
         _cache["run"] = (runs_dir, run_dir)
     return _cache["run"]
 
