@@ -183,8 +183,8 @@ def build_demo(runs_dir: str, service: InferenceService | None = None) -> gr.Blo
             first = with_ckpt[0] if with_ckpt else None
             second = with_ckpt[1] if len(with_ckpt) > 1 else first
             dd = lambda v: gr.Dropdown(choices=with_ckpt, value=v)  # noqa: E731
-            return (gr.Dropdown(choices=presets.preset_choices(runs_dir)), mon.table(),
-                    gr.Dropdown(choices=names, value=current), dd(first), dd(first), dd(second))
+            return (gr.Dropdown(choices=presets.preset_choices(runs_dir)), suggest_name(presets.DEFAULT_PRESET),
+                    mon.table(), gr.Dropdown(choices=names, value=current), dd(first), dd(first), dd(second))
 
-        demo.load(on_load, None, [preset, runs_table, run_dd, inf_run, run_a, run_b], api_name="list_runs")
+        demo.load(on_load, None, [preset, run_name, runs_table, run_dd, inf_run, run_a, run_b], api_name="list_runs")
     return demo

@@ -88,7 +88,7 @@ def test_start_a_run_and_watch_it_finish(studio):
         assert [g["caption"] for g in gallery] == ["step 0", "step 3"]
         assert "saved" in log
         listed = client.predict(api_name="/list_runs")
-        table = listed[1]["data"]
+        table = listed[2]["data"]
         assert ["api-run", "finished"] == table[[r[0] for r in table].index("api-run")][:2]
     finally:
         kill_run(run_dir)

@@ -10,7 +10,8 @@ import tempfile
 import time
 
 import pytest
-from test_app_support import free_port, trained_run, wait_for
+from test_app_support import single_thread_runs  # noqa: F401  (a module fixture, used below)
+from test_app_support import free_port, kill_run, trained_run, wait_for
 
 CHROMIUM = "/usr/bin/chromium"
 DRIVER = "/usr/bin/chromedriver"
@@ -20,6 +21,7 @@ pytestmark = [
     pytest.mark.skipif(not os.path.exists(CHROMIUM) or not os.path.exists(DRIVER),
                        reason="needs Debian's chromium and chromium-driver (apt-get install -y chromium chromium-driver)"),
     pytest.mark.filterwarnings("ignore:.*(no_silent_downcasting|copy keyword).*"),
+    pytest.mark.usefixtures("single_thread_runs"),
 ]
 FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
          "--disable-background-networking", "--disable-component-update", "--disable-sync", "--window-size=1400,1800"]
@@ -128,3 +130,25 @@ def test_the_timer_shows_a_new_run(page):
     fake_run(page.runs_dir, "zz-later", "stopped")
     wait_for(lambda: any(c.text.strip() == "zz-later" for c in page.find_elements(By.CSS_SELECTOR, "#runs-table [role=gridcell]")),
              30, what="the timer to list a run created after the page loaded")
+
+
+def test_start_from_the_page_and_watch_it_finish(page):
+    By = _by()
+    _tab(page, "Train")
+    extra = wait_for(lambda: [t for t in page.find_elements(By.CSS_SELECTOR, "textarea, input[type=text]")
+                              if (t.get_attribute("placeholder") or "").startswith("--seed")], 30, what="extra flags")
+    extra[0].send_keys("--max_train_steps 2 --eval_steps 2 --checkpointing_steps 2")
+    page.find_element(By.ID, "start-btn").click()
+    msg = wait_for(lambda: page.find_element(By.ID, "train-msg").get_attribute("textContent").strip(), 30,
+                   what="the Start message (the page has moved to the Runs tab)")
+    assert "started" in msg, msg
+    name = msg.split("started ", 1)[1].split()[0]
+    try:
+        status = wait_for(lambda: "finished" in _text(page, "#run-status") and _text(page, "#run-status"), 120,
+                          every=1.0, what="the run started from the page to finish in its monitor")
+        assert "step 2 / 2" in status
+        shown = wait_for(lambda: [c for c in page.find_elements(By.CSS_SELECTOR, "#runs-table [role=gridcell]")
+                                  if c.text.strip() == name], 30, what="the new run in the table")
+        assert shown
+    finally:
+        kill_run(os.path.join(page.runs_dir, name))
