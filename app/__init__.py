@@ -1,6 +1,7 @@
 """The Calligrapher RL studio (Gradio 6): train, watch, infer and compare, through run directories.
 
-    runs.py          run folders and processes: list, status (dead-process detection), start, stop, resume
+    runs.py          run folders: list, status (dead-process detection), start, stop, resume
+    procs.py         launching a detached training process; is a recorded pid still alive (and that run)
     presets.py       presets and the Train form <-> command-line flags; saving presets
     charts.py        plotly figures from metrics.jsonl rows
     inference.py     cached model stacks and inpainting for the Inference and Compare tabs

@@ -1,6 +1,6 @@
 """Runs as processes and folders: list, status (with dead-process detection), start, stop, resume.
 
-Pure functions over run directories (see calligrapher_rl/training/run_dir.py) plus the process launch.
+Pure functions over run directories (see calligrapher_rl/training/run_dir.py); procs.py launches processes.
 A run is a detached `python -m calligrapher_rl.train` process (own session, output in console.log):
 it outlives the browser tab and the studio. The studio adds one file of its own, `studio.json`
 (the launch command, pid and time), so a process that dies before writing status.json is still seen.
@@ -10,25 +10,21 @@ from __future__ import annotations
 
 import os
 import re
-import shlex
 import signal
 import socket
-import subprocess
-import sys
 import time
 from datetime import datetime
 
 from calligrapher_rl.atomic import write_json
 from calligrapher_rl.errors import UserError
 from calligrapher_rl.training.checkpointing import list_checkpoints
-from calligrapher_rl.training.run_dir import read_metrics, read_status, request_resume, request_stop
+from calligrapher_rl.training.run_dir import read_status, request_resume, request_stop
+
+from .procs import CONSOLE, STUDIO_FILE, _launch, pid_alive
 
 LIVE = ("launching", "starting", "running", "paused", "stopping")
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,79}$")
 RESERVED = {"presets"}
-STUDIO_FILE = "studio.json"
-CONSOLE = "console.log"
-_children: list[subprocess.Popen] = []  # processes this studio started (reaped so they never linger as zombies)
 
 
 # ---------------------------------------------------------------------------------------------- paths
@@ -51,50 +47,6 @@ def check_name(name: str, what: str = "run name") -> str:
 
 def run_path(runs_dir: str, name: str) -> str:
     return confine(os.path.join(runs_dir, check_name(name)), [runs_dir], "run folder")
-
-
-# ---------------------------------------------------------------------------------------------- processes
-def _reap() -> None:
-    for p in list(_children):
-        if p.poll() is not None:
-            _children.remove(p)
-
-
-def _proc_start_time(pid: int) -> float | None:
-    """Unix start time of a process (Linux /proc), or None when it cannot be read."""
-    try:
-        with open(f"/proc/{pid}/stat", encoding="utf-8") as fh:
-            fields = fh.read().rsplit(")", 1)[1].split()
-        with open("/proc/stat", encoding="utf-8") as fh:
-            btime = next(float(line.split()[1]) for line in fh if line.startswith("btime"))
-        return btime + int(fields[19]) / os.sysconf("SC_CLK_TCK")
-    except (OSError, IndexError, ValueError, StopIteration):
-        return None
-
-
-def pid_alive(pid, started: float | None = None) -> bool:
-    """True if the process exists, is not a zombie, and (when `started` is known) is not a newer process
-    that reused the pid: a run's process starts before it writes its first status."""
-    _reap()
-    if not isinstance(pid, int) or pid <= 0:
-        return False
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        pass
-    try:
-        with open(f"/proc/{pid}/stat", encoding="utf-8") as fh:
-            if fh.read().rsplit(")", 1)[1].split()[0] in ("Z", "X"):
-                return False
-    except (OSError, IndexError):
-        pass
-    if started:
-        t0 = _proc_start_time(pid)
-        if t0 is not None and t0 > started + 2.0:
-            return False
-    return True
 
 
 # ---------------------------------------------------------------------------------------------- reading
@@ -125,22 +77,37 @@ def tail(path: str, n: int = 40, max_bytes: int = 65536) -> str:
     return "\n".join(lines[-n:])
 
 
-_metrics_cache: dict[str, tuple[tuple, list[dict]]] = {}
+_metrics_cache: dict[str, tuple[int, int, list[dict]]] = {}  # path -> (inode, bytes read, rows)
 
 
 def metrics(run_dir: str) -> list[dict]:
-    """metrics.jsonl rows, re-read only when the file changed."""
+    """metrics.jsonl rows; a growing file is read from where the last call stopped (whole lines only),
+    a replaced one (a resume truncates it atomically) from the start."""
+    import json
+
     path = os.path.join(run_dir, "metrics.jsonl")
     try:
         st = os.stat(path)
     except OSError:
         return []
-    key = (st.st_size, st.st_mtime_ns)
-    hit = _metrics_cache.get(path)
-    if hit and hit[0] == key:
-        return hit[1]
-    rows = read_metrics(run_dir)
-    _metrics_cache[path] = (key, rows)
+    ino, done, rows = _metrics_cache.get(path, (None, 0, []))
+    if ino != st.st_ino or st.st_size < done:
+        ino, done, rows = st.st_ino, 0, []
+    if st.st_size > done:
+        with open(path, "rb") as fh:
+            fh.seek(done)
+            chunk = fh.read(st.st_size - done)
+        end = chunk.rfind(b"\n") + 1  # a line being written is left for the next call
+        rows = list(rows)
+        for line in chunk[:end].decode("utf-8", errors="replace").splitlines():
+            try:
+                row = json.loads(line)
+            except ValueError:
+                continue
+            if isinstance(row, dict) and "step" in row:
+                rows.append(row)
+        done += end
+    _metrics_cache[path] = (ino, done, rows)
     return rows
 
 
@@ -259,40 +226,6 @@ def display_state(info: dict) -> str:
 
 
 # ---------------------------------------------------------------------------------------------- actions
-def train_command(argv: list[str], gpus: str = "") -> list[str]:
-    n = len([g for g in gpus.split(",") if g.strip()]) if gpus else 0
-    if n > 1:
-        return [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", str(n), "-m",
-                "calligrapher_rl.train", *argv]
-    return [sys.executable, "-m", "calligrapher_rl.train", *argv]
-
-
-def command_line(argv: list[str], gpus: str = "") -> str:
-    cmd = train_command(argv, gpus)
-    cmd[0] = "python"
-    return (f"CUDA_VISIBLE_DEVICES={gpus.strip()} " if gpus and gpus.strip() else "") + shlex.join(cmd)
-
-
-def _launch(run_dir: str, argv: list[str], gpus: str = "") -> int:
-    os.makedirs(run_dir, exist_ok=True)
-    cmd = train_command(argv, gpus)
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    if gpus and gpus.strip():
-        if not re.match(r"^\s*\d+(\s*,\s*\d+)*\s*$", gpus):
-            raise UserError(f"GPUs: expected indices like 0 or 0,1, got {gpus!r}")
-        env["CUDA_VISIBLE_DEVICES"] = gpus.replace(" ", "")
-    launched = time.time()
-    with open(os.path.join(run_dir, CONSOLE), "ab") as log:
-        log.write(f"\n$ {command_line(argv, gpus)}\n".encode())
-        log.flush()
-        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                start_new_session=True, env=env, close_fds=True)
-    _children.append(proc)
-    write_json(os.path.join(run_dir, STUDIO_FILE), {"pid": proc.pid, "argv": cmd, "launched": launched,
-                                                    "gpus": gpus, "host": socket.gethostname()})
-    return proc.pid
-
-
 def prepare_start(runs_dir: str, name: str, argv: list[str]) -> tuple[str, list[str]]:
     """Check the name and the flags (the trainer's own parser and validation); (run dir, full argv)."""
     run_dir = run_path(runs_dir, name)

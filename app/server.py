@@ -89,6 +89,12 @@ def main(argv=None) -> int:
     auth = parse_auth(args.auth)
     if os.path.exists(args.runs_dir) and not os.path.isdir(args.runs_dir):
         raise UserError("exists and is not a folder", where=args.runs_dir, field="--runs_dir")
+    try:
+        os.makedirs(args.runs_dir, exist_ok=True)
+    except OSError as exc:
+        raise UserError(f"cannot create it ({exc.strerror})", where=args.runs_dir, field="--runs_dir") from None
+    if not os.access(args.runs_dir, os.W_OK):
+        raise UserError("not writable", where=args.runs_dir, field="--runs_dir")
     check_port(args.host, args.port)
     if args.host not in ("127.0.0.1", "localhost", "::1") and not auth:
         print(f"warning: listening on {args.host} without --auth: anyone who reaches this port can start runs",

@@ -15,7 +15,7 @@ import pandas as pd
 
 from calligrapher_rl.errors import UserError
 
-from . import charts, presets, runs
+from . import charts, presets, procs, runs
 
 TABLE_COLUMNS = ["run", "state", "step", "reward", "eval reward", "method", "started"]
 
@@ -60,7 +60,7 @@ class TrainViews:
             run_dir, full = runs.prepare_start(self.runs_dir, name, argv)
         except UserError as exc:
             return err(exc)
-        return f"✓ valid. It will run:\n```\n{runs.command_line(full, gpus)}\n```"
+        return f"✓ valid. It will run:\n```\n{procs.command_line(full, gpus)}\n```"
 
     def start(self, preset, *args):
         *form, extra, gpus, name = args

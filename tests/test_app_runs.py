@@ -58,6 +58,20 @@ def test_run_info_of_a_real_run(trained):
     assert "saved" in runs.tail(os.path.join(run_dir, "train.log"), 5)
 
 
+def test_metrics_are_read_incrementally(tmp_path):
+    path = tmp_path / "metrics.jsonl"
+    path.write_text('{"step": 1, "phase": "rl", "loss": 1.0}\n{"step": 2, "ph')  # a line being written
+    assert [r["step"] for r in runs.metrics(str(tmp_path))] == [1]
+    with open(path, "a") as fh:
+        fh.write('ase": "rl", "loss": 2.0}\n{"step": 3, "phase": "rl", "loss": 3.0}\n')
+    assert [r["step"] for r in runs.metrics(str(tmp_path))] == [1, 2, 3]
+    tmp = tmp_path / "new"  # a resume replaces the file (atomic rename) with the rows up to its checkpoint
+    tmp.write_text('{"step": 1, "phase": "rl", "loss": 1.0}\n{"step": 2, "phase": "rl", "loss": 2.5}\n'
+                   '{"step": 3, "phase": "rl", "loss": 3.5}\n{"step": 4, "phase": "rl", "loss": 4.5}\n')
+    os.replace(tmp, path)
+    assert [r["loss"] for r in runs.metrics(str(tmp_path))] == [1.0, 2.5, 3.5, 4.5]
+
+
 def test_charts_from_real_metrics(trained):
     rows = runs.metrics(trained[1])
     figs = charts.figures(rows, revision="base", method="grpo")
