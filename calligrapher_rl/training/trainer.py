@@ -42,7 +42,16 @@ class Trainer:
         self.is_main = self.acc.is_main_process
         self.run_dir = RunDir(cfg.output_dir, is_main=self.is_main, tensorboard=cfg.report_to in ("tensorboard", "all"),
                               logging_dir=cfg.logging_dir)
+        self.run_dir.clear_control()  # stale requests of an earlier life of this run dir; later ones count
         self.run_dir.set_status("starting", 0, "loading models")
+        try:
+            self._build(cfg)
+        except BaseException as exc:  # a watcher must not see "starting" forever
+            self.run_dir.set_status("failed", 0, f"{type(exc).__name__}: {str(exc)[:300]}")
+            self.run_dir.close()
+            raise
+
+    def _build(self, cfg: TrainConfig) -> None:
         self.autocast = setup.autocast_for(self.acc, cfg)
         with self.acc.main_process_first():  # the first use of 'tiny'/'bundled' builds them into the cache
             self.stack = setup.build_stack(cfg, self.acc.device)
@@ -57,6 +66,7 @@ class Trainer:
         self.tracker = PerPromptStatTracker(cfg.rl_global_std) if cfg.rl_per_prompt_stat_tracking else None
         self.step, self.rl_epoch = 0, 0
         self._stop = False
+        self._saved_step = -1
         if self.is_main:
             from ..atomic import write_text
 
@@ -68,7 +78,6 @@ class Trainer:
     def run(self) -> str:
         cfg = self.cfg
         self._install_signal_handlers()
-        self.run_dir.clear_control()
         self._maybe_resume()
         if cfg.use_rl and self.step >= cfg.rl_warmup_steps and self.policies.reference is None:
             self.policies.begin_rl(with_old=cfg.rl_method == "nft")
@@ -265,8 +274,9 @@ class Trainer:
 
     # ================================================================== checkpoints and stopping
     def save(self) -> None:
-        if not self.is_main:
+        if not self.is_main or self._saved_step == self.step:  # e.g. the last step was a checkpoint step
             return
+        self._saved_step = self.step
         p = self.policies
         state = {"rl_epoch": self.rl_epoch, "ema_updates": p.ema.num_updates if p.ema else 0,
                  "tracker": self.tracker.state_dict() if self.tracker else None}
@@ -287,6 +297,7 @@ class Trainer:
         if ck["ema"] is not None:
             self.policies.load_ema_state(ck["ema"], ck["state"].get("ema_updates", 0))
         self.step, self.rl_epoch = int(ck["state"]["step"]), int(ck["state"]["rl_epoch"])
+        self._saved_step = self.step
         if self.tracker is not None and ck["state"].get("tracker"):
             self.tracker.load_state_dict(ck["state"]["tracker"])
         self.run_dir.truncate_metrics(self.step)
