@@ -66,7 +66,7 @@ class Trainer:
         self.tracker = PerPromptStatTracker(cfg.rl_global_std) if cfg.rl_per_prompt_stat_tracking else None
         self.step, self.rl_epoch = 0, 0
         self._stop = False
-        self._saved_step = -1
+        self._saved_step = self._evaluated_step = -1
         if self.is_main:
             from ..atomic import write_text
 
@@ -93,7 +93,7 @@ class Trainer:
                     self.rl_epoch_step()
                 self._after_steps(before)
             final = "stopped" if self.step < cfg.max_train_steps else "finished"
-            if final == "finished" and cfg.eval_steps and self.step % cfg.eval_steps:
+            if final == "finished" and cfg.eval_steps and self._evaluated_step != self.step:
                 self.evaluate()  # the last grid is of the final weights
             self.save()
             self.run_dir.set_status(final, self.step, "stop requested" if final == "stopped" else "done")
@@ -162,6 +162,10 @@ class Trainer:
                 if (b + 1) % cfg.gradient_accumulation_steps == 0 or b == n_batches - 1:
                     meter.add(self.optimizer_step())
                     steps_done += 1
+                    if self.step >= cfg.max_train_steps:  # the budget ends mid-epoch: stop exactly there
+                        break
+            if self.step >= cfg.max_train_steps:
+                break
         if cfg.rl_method == "nft":
             self.policies.update_old(old_decay(self.step, cfg.nft_decay_type))
         self.rl_epoch += 1
@@ -256,6 +260,7 @@ class Trainer:
     def evaluate(self) -> None:
         """ODE samples of fixed examples with the EMA weights; grid rows: input, output, target, reference."""
         cfg = self.cfg
+        self._evaluated_step = self.step
         n = min(cfg.num_eval_samples, len(self.dataset))
         batch = self.conditions.batch(list(range(n)))
         gen = torch.Generator().manual_seed(stream_seed(cfg.seed, EVAL_STREAM))
