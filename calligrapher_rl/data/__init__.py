@@ -8,11 +8,9 @@ folder; the value "bundled" means a small synthetic set built on first use in th
 from __future__ import annotations
 
 import os
-import shutil
-import tempfile
 from pathlib import Path
 
-from ..errors import UserError
+from ..cache import build_once, cache_dir
 from .entries import DEFAULT_PROMPT, Entry, parse_entries, read_entry_images
 from .synth import SYNTH_VERSION, render_sample, synthesize
 
@@ -37,10 +35,6 @@ def __getattr__(name: str):
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
-def cache_dir() -> Path:
-    return Path(os.environ.get("CALLIGRAPHER_RL_CACHE") or Path.home() / ".cache" / "calligrapher-rl")
-
-
 def default_dataset_dir(resolution: int = 64, n: int = 16, seed: int = 0) -> Path:
     """Where the default synthetic set of these parameters lives (the name changes with SYNTH_VERSION)."""
     return cache_dir() / "datasets" / f"synth-v{SYNTH_VERSION}-r{resolution}-n{n}-s{seed}"
@@ -52,28 +46,9 @@ def ensure_default_dataset(resolution: int = 64, n: int = 16, seed: int = 0) -> 
     It is written into a temporary sibling folder and renamed into place, so a crash or a concurrent
     process never leaves a half-written set where a later run would read it.
     """
-    final = default_dataset_dir(resolution, n, seed)
-    target = final / "data.jsonl"
-    if target.is_file():
-        return str(target)
-    try:
-        final.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}-", dir=final.parent))
-    except OSError as exc:
-        raise UserError(f"cannot write the cache folder ({exc.strerror}); set CALLIGRAPHER_RL_CACHE",
-                        where=str(final.parent)) from None
-    try:
-        synthesize(tmp, n=n, resolution=resolution, seed=seed)
-        if final.exists() and not target.is_file():  # a stale folder without its data.jsonl
-            shutil.rmtree(final, ignore_errors=True)
-        try:
-            os.rename(tmp, final)
-        except OSError:
-            if not target.is_file():  # not a lost race with another builder: a real failure
-                raise
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return str(target)
+    final = build_once(default_dataset_dir(resolution, n, seed), "data.jsonl",
+                       lambda tmp: synthesize(tmp, n=n, resolution=resolution, seed=seed))
+    return str(final / "data.jsonl")
 
 
 def resolve_dataset_path(value) -> str:

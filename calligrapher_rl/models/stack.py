@@ -29,9 +29,6 @@ class FillCondition:
     height: int
     width: int
 
-    def repeat(self, n: int) -> "FillCondition":
-        return FillCondition(self.cond.repeat_interleave(n, 0), self.img_ids, self.height, self.width)
-
     @property
     def seq_len(self) -> int:
         return self.cond.shape[1]
@@ -42,9 +39,6 @@ class TextCondition:
     prompt_embeds: torch.Tensor  # [B, T, D]
     pooled: torch.Tensor  # [B, P]
     text_ids: torch.Tensor  # [T, 3]
-
-    def repeat(self, n: int) -> "TextCondition":
-        return TextCondition(self.prompt_embeds.repeat_interleave(n, 0), self.pooled.repeat_interleave(n, 0), self.text_ids)
 
 
 class CalligrapherModel(nn.Module):

@@ -25,6 +25,8 @@ from transformers import (
     T5TokenizerFast,
 )
 
+from ..cache import build_once, cache_dir
+
 TINY_TEXT_DIM = 32  # T5 width == transformer joint_attention_dim
 TINY_POOLED_DIM = 32  # CLIP width == pooled_projection_dim
 TINY_SIGLIP_SIZE = 64
@@ -135,27 +137,11 @@ def write_tiny(out: str, seed: int = 0) -> tuple[str, str]:
     return flux_dir, siglip_dir
 
 
-def cache_dir() -> str:
-    return os.environ.get("CALLIGRAPHER_RL_CACHE", os.path.join(os.path.expanduser("~"), ".cache", "calligrapher-rl"))
-
-
 def ensure_tiny(seed: int = 0) -> tuple[str, str]:
-    """The embedded default model, built once into the cache folder (atomically: temp dir then rename)."""
-    final = os.path.join(cache_dir(), f"tiny-seed{seed}")
-    if not os.path.isfile(os.path.join(final, "siglip", "config.json")):
-        import shutil
-        import tempfile
+    """The embedded default model, built once into the cache folder."""
+    def build(tmp) -> None:
+        with torch.random.fork_rng(devices=[]):  # building it must not move the caller's RNG
+            write_tiny(str(tmp), seed)
 
-        os.makedirs(cache_dir(), exist_ok=True)
-        tmp = tempfile.mkdtemp(prefix=".tiny-", dir=cache_dir())
-        try:
-            with torch.random.fork_rng(devices=[]):  # building it must not move the caller's RNG
-                write_tiny(tmp, seed)
-            try:
-                os.rename(tmp, final)
-            except OSError:  # another process won the race; theirs is identical
-                shutil.rmtree(tmp, ignore_errors=True)
-        finally:
-            if os.path.isdir(tmp):
-                shutil.rmtree(tmp, ignore_errors=True)
+    final = build_once(cache_dir() / f"tiny-seed{seed}", "siglip/config.json", build)
     return os.path.join(final, "flux-fill"), os.path.join(final, "siglip")

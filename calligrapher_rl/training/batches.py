@@ -61,10 +61,6 @@ class Batch:
     text: TextCondition
     image_embeds: torch.Tensor  # [B, E] SigLIP pooled
 
-    @property
-    def prompts(self) -> list[str]:
-        return [it["prompt"] for it in self.items]
-
     def sources(self) -> torch.Tensor:
         return torch.stack([it["source"] for it in self.items])
 

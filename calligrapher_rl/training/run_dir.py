@@ -36,17 +36,20 @@ def sample_path(run_dir: str, step: int) -> str:
     return os.path.join(run_dir, "samples", f"step-{step:06d}.png")
 
 
+def _request(run_dir: str, name: str) -> None:
+    os.makedirs(os.path.join(run_dir, "control"), exist_ok=True)
+    with open(os.path.join(run_dir, "control", name), "w") as fh:
+        fh.write(str(time.time()))
+
+
 def request_stop(run_dir: str) -> None:
     """Ask a run (this process or another) to checkpoint and end at the next safe point."""
-    os.makedirs(os.path.join(run_dir, "control"), exist_ok=True)
-    with open(os.path.join(run_dir, "control", "stop"), "w") as fh:
-        fh.write(str(time.time()))
+    _request(run_dir, "stop")
 
 
 def request_resume(run_dir: str) -> None:
-    os.makedirs(os.path.join(run_dir, "control"), exist_ok=True)
-    with open(os.path.join(run_dir, "control", "resume"), "w") as fh:
-        fh.write(str(time.time()))
+    """Let a run paused by reward failures continue."""
+    _request(run_dir, "resume")
 
 
 def read_status(run_dir: str) -> dict | None:

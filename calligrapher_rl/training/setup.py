@@ -54,14 +54,12 @@ def build_stack(cfg: TrainConfig, device):
 
 
 def build_dataset(cfg: TrainConfig):
-    from ..data import resolve_dataset_path
+    from ..data import BUNDLED, ensure_default_dataset
     from ..data.dataset import load_dataset
 
-    path = resolve_dataset_path(cfg.train_data_json)
-    if cfg.train_data_json.strip().lower() == "bundled" and cfg.resolution != 64:
-        from ..data import ensure_default_dataset
-
-        path = ensure_default_dataset(resolution=cfg.resolution)
+    # "bundled" is rendered at the run's resolution (built once per resolution), not upscaled from 64 px
+    bundled = cfg.train_data_json.strip().lower() == BUNDLED
+    path = ensure_default_dataset(resolution=cfg.resolution) if bundled else cfg.train_data_json
     dataset = load_dataset(path, resolution=cfg.resolution, seed=cfg.seed)
     if len(dataset) == 0:
         raise UserError("the dataset has no entries", where=path, field="--train_data_json")
