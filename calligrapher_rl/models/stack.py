@@ -94,6 +94,11 @@ class CalligrapherStack:
         self.adapter, self.device, self.dtype = adapter, torch.device(device), dtype
         self.max_sequence_length = max_sequence_length
         self.model = CalligrapherModel(pipe.transformer, adapter)
+        # What the gradient path calls: `model`, or its DistributedDataParallel wrapper on several processes
+        # (set by the trainer), so that gradient all-reduces overlap the backward.
+        self.train_model: nn.Module = self.model
+        # An optional float8 copy of the transformer for no-gradient sampling (see acceleration.py).
+        self.quantized_model: CalligrapherModel | None = None
         self._text_cache: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
 
     # ---------------------------------------------------------------- loading
@@ -208,19 +213,35 @@ class CalligrapherStack:
 
     # ---------------------------------------------------------------- the network
     def velocity(self, latents, fill, text, sigma, image_embeds, guidance, scale=1.0, params=None, style_tokens=None,
-                 style_cache=None):
+                 style_cache=None, quantized: bool = False):
         """Predicted velocity (eps - x0) in float32; `params` evaluates other adapter weights (old/ref).
 
         `style_tokens` (from `style_tokens()` with the same params) skips the projection, and a `style_cache`
         dict (used only without gradient) keeps each block's style keys/values: a rollout computes both once
-        instead of at every step."""
+        instead of at every step. `quantized` runs the float8 copy when there is one (no-gradient sampling
+        only: its log-probabilities would not match the training forward)."""
         args = (latents, fill, text, sigma, image_embeds, guidance, scale, style_tokens, style_cache)
-        if params is None:
-            out = self.model(*args)
-        else:
+        model = self.quantized_model if quantized and self.quantized_model is not None else self.model
+        if params is not None:
             named = {f"adapter.{k}": v for k, v in params.items()}
-            out = torch.func.functional_call(self.model, named, args, strict=False)
+            out = torch.func.functional_call(model, named, args, strict=False)
+        elif torch.is_grad_enabled() and model is self.model:
+            out = self.train_model(*args)
+        else:
+            out = model(*args)
         return out.float()
+
+    def enable_fp8_rollouts(self) -> None:
+        from .acceleration import fp8_copy
+
+        self.quantized_model = CalligrapherModel(fp8_copy(self.pipe.transformer), self.adapter)
+
+    def enable_compile(self, cache_dir: str | None = None) -> None:
+        from .acceleration import compile_transformer
+
+        compile_transformer(self.pipe.transformer, cache_dir)
+        if self.quantized_model is not None:
+            compile_transformer(self.quantized_model.transformer, cache_dir)
 
     def style_tokens(self, image_embeds: torch.Tensor, params=None) -> torch.Tensor:
         if params is None:
