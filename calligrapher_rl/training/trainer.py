@@ -52,7 +52,7 @@ class Trainer:
                                                    for c in callbacks) else [ProgressCallback()])
         self.callbacks = CallbackHandler(defaults + callbacks)
         self._custom = {"rewards": rewards, "dataset": dataset}
-        if dataset is not None and not (config.train_data_json or "").strip():  # run.json names where data came from
+        if dataset is not None:  # run.json names where the data came from (config.train_data_json is not used)
             config = dataclasses.replace(config, train_data_json=f"python:{type(dataset).__name__}")
         self.cfg = cfg = config.validate().resolved()  # a config built in Python gets the command line's checks
         self.phase, self._last_row = "", {"phase": ""}
