@@ -322,7 +322,7 @@ def main():
     cuda = torch.cuda.is_available() and not args.tiny
     device, dtype = ("cuda", torch.bfloat16) if cuda else ("cpu", torch.float32)
     if cuda:
-        torch.backends.cuda.enable_cudnn_sdp(False)  # cuDNN SDPA backward crashes on these shapes (gpu-notes)
+        torch.backends.cuda.enable_cudnn_sdp(False)  # cuDNN SDPA backward crashes on these shapes (docs/gpu-notes.md)
     skip = set(args.skip.split(","))
     t0 = time.time()
     stack = build_stack(args.tiny, device, dtype)

@@ -41,7 +41,7 @@ def make_accelerator(cfg: TrainConfig):
     acc = Accelerator(mixed_precision=cfg.mixed_precision, cpu=not torch.cuda.is_available(), log_with=log_with or None,
                       project_config=ProjectConfiguration(project_dir=cfg.output_dir, logging_dir=logging_dir))
     if acc.device.type == "cuda":
-        # cuDNN SDPA backward fails on FLUX's attention shapes on torch 2.11/cu130 (gpu-notes.md).
+        # cuDNN SDPA backward fails on FLUX's attention shapes on torch 2.11/cu130 (docs/gpu-notes.md).
         torch.backends.cuda.enable_cudnn_sdp(False)
     return acc
 
