@@ -35,7 +35,14 @@ from calligrapher_rl.models.style_adapter import StyleAdapter, install_style_ada
 def real_components(tiny: bool):
     """FLUX.1-Fill-dev / SigLIP so400m configs (or the tiny ones), built directly on the device."""
     from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxFillPipeline, FluxTransformer2DModel
-    from transformers import CLIPTextConfig, CLIPTextModel, SiglipVisionConfig, SiglipVisionModel, T5Config, T5EncoderModel
+    from transformers import (
+        CLIPTextConfig,
+        CLIPTextModel,
+        SiglipVisionConfig,
+        SiglipVisionModel,
+        T5Config,
+        T5EncoderModel,
+    )
 
     from calligrapher_rl.models import tiny as t
 
@@ -226,12 +233,11 @@ def overhead_fraction(stack, res, b, steps, autocast) -> float:
     """Whole RL iteration (GRPO) vs time inside the transformer, measured with CUDA events on its forward."""
     from PIL import Image
 
-    from calligrapher_rl.rewards.toy import BrightnessReward
     from calligrapher_rl.rewards.base import RewardSample
-    from calligrapher_rl.training.batches import to_pil
+    from calligrapher_rl.rewards.toy import BrightnessReward
+    from calligrapher_rl.training.batches import Batch, to_pil
     from calligrapher_rl.training.policies import Policies
     from calligrapher_rl.training.updates import grpo_backward
-    from calligrapher_rl.training.batches import Batch
 
     events = []
     tr = stack.pipe.transformer

@@ -94,7 +94,7 @@ class CalligrapherStack:
                         max_sequence_length: int | None = None, offload_text_encoder_two: bool = False,
                         seed: int = 0):
         from diffusers import FluxFillPipeline
-        from transformers import SiglipImageProcessor, SiglipVisionModel
+        from transformers import SiglipVisionModel
 
         flux_path, siglip_path = resolve_model_paths(flux_path, siglip_path)
         try:

@@ -21,8 +21,17 @@ from ..rl.advantages import PerPromptStatTracker, compute_advantages
 from ..rl.nft import old_decay
 from ..sampling import SDEWindow, rollout
 from . import setup
+from .batches import (
+    EVAL_STREAM,
+    RL_STREAM,
+    WARMUP_STREAM,
+    ConditionCache,
+    GroupSampler,
+    reward_samples,
+    stream_seed,
+    to_pil,
+)
 from .callbacks import CallbackHandler, StatusCallback
-from .batches import EVAL_STREAM, RL_STREAM, WARMUP_STREAM, ConditionCache, GroupSampler, reward_samples, stream_seed, to_pil
 from .checkpointing import load_checkpoint, resolve_resume, save_checkpoint
 from .distributed import average_gradients, gather_rewards, mean_across, own_slice
 from .policies import Policies
