@@ -78,15 +78,16 @@ class ProgressCallback(TrainerCallback):
             from tqdm.auto import tqdm
             from tqdm.contrib.logging import logging_redirect_tqdm
 
-            self.bar = tqdm(total=self.total, initial=trainer.step, file=stream, desc="train", unit="step",
-                            dynamic_ncols=True, bar_format="{desc} {percentage:3.0f}%|{bar}| {postfix}")
+            # the fields go in tqdm's `desc` slot: its `postfix` slot would prefix them with ", "
+            self.bar = tqdm(total=self.total, initial=trainer.step, file=stream, unit="step", dynamic_ncols=True,
+                            bar_format="train {percentage:3.0f}%|{bar}| {desc}",
+                            desc=progress_fields(trainer.step, self.total, "starting", None, self.timer))
             self._redirect.enter_context(logging_redirect_tqdm())  # log records print above the bar
-            self.bar.set_postfix_str(progress_fields(trainer.step, self.total, "starting", None, self.timer))
 
     def on_phase(self, trainer, phase: str) -> None:
         self.phase = phase
         if self.bar is not None:
-            self.bar.set_postfix_str(progress_fields(trainer.step, self.total, phase, self.row, self.timer))
+            self.bar.set_description_str(progress_fields(trainer.step, self.total, phase, self.row, self.timer))
 
     def on_log(self, trainer, step: int, phase: str, logs: dict) -> None:
         if not any(k.startswith("eval/") for k in logs):
@@ -97,8 +98,9 @@ class ProgressCallback(TrainerCallback):
             return
         self.timer.mark(step)
         if self.bar is not None:
+            self.bar.set_description_str(progress_fields(step, self.total, self.phase, self.row, self.timer),
+                                         refresh=False)
             self.bar.update(step - self.bar.n)
-            self.bar.set_postfix_str(progress_fields(step, self.total, self.phase, self.row, self.timer))
         elif step // self.every > self._last_line_step // self.every or step >= self.total:
             self._last_line_step = step
             logger.info(progress_fields(step, self.total, phase, self.row, self.timer))
