@@ -68,3 +68,10 @@ def test_local_folders_and_their_errors_are_unchanged(tiny_paths, tmp_path):
         resolve_model(str(tmp_path), "flux")
     with pytest.raises(UserError, match="--siglip_path: not a SigLIP model folder"):
         resolve_model(tiny_paths[0], "siglip")
+
+
+def test_the_style_reward_takes_a_hub_id_too(hub_cache):
+    from calligrapher_rl.rewards.style import load_siglip
+
+    model, processor = load_siglip("google/siglip-so400m-patch14-384")
+    assert type(model).__name__ == "SiglipVisionModel" and processor is not None
