@@ -217,3 +217,22 @@ def test_callable_reward_nan_and_none_are_failures_not_zeros():
     with build_rewards([lambda images, prompts, metadata: [None, math.nan, 0.25]]) as rs:
         scores = rs.score([sample] * 3)
     assert math.isnan(scores["lambda"][0]) and math.isnan(scores["total"][1]) and scores["total"][2] == 0.25
+
+
+def test_one_reward_spec_parser_for_the_config_and_the_registry():
+    from calligrapher_rl.config import parse_reward_spec
+    from calligrapher_rl.rewards import parse_spec
+
+    assert parse_spec("ocr:0.7, style:0.3") == parse_reward_spec("ocr:0.7, style:0.3") == {"ocr": 0.7, "style": 0.3}
+    def message(parse, spec):
+        with pytest.raises(UserError) as exc:
+            parse(spec)
+        return str(exc.value)
+
+    for bad in ("ocr:abc", "ocr,,style", "ocr,ocr:2", "OCR 1", "ocr:0"):
+        assert message(parse_reward_spec, bad) == message(parse_spec, bad)
+        assert message(parse_spec, bad).startswith("--rewards: ")
+    assert message(parse_spec, "").startswith(message(parse_reward_spec, "").split(", got")[0] + " (valid: brightness")
+    with pytest.raises(UserError, match=r"^--rewards: unknown reward 'nope' \(valid: brightness, fidelity, ocr"):
+        parse_spec("ocr,nope")
+    assert parse_reward_spec("ocr,nope") == {"ocr": 1.0, "nope": 1.0}  # the config checks syntax only
