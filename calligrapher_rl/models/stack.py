@@ -7,7 +7,6 @@ scale, and the transformer call with the style tokens. Sampling and training onl
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 
 import torch
@@ -73,19 +72,11 @@ class CalligrapherModel(nn.Module):
 
 
 def resolve_model_paths(flux_path: str, siglip_path: str) -> tuple[str, str]:
-    """`tiny` means the embedded offline model (built on first use)."""
-    if flux_path == "tiny" or siglip_path == "tiny":
-        from .tiny import ensure_tiny
+    """Local folders of what the user typed: a folder, `tiny` (the embedded offline model, built on first use)
+    or a Hugging Face Hub id (from the local cache; see hub.py)."""
+    from .hub import resolve_model
 
-        tiny_flux, tiny_siglip = ensure_tiny()
-        flux_path = tiny_flux if flux_path == "tiny" else flux_path
-        siglip_path = tiny_siglip if siglip_path == "tiny" else siglip_path
-    if not os.path.isfile(os.path.join(flux_path, "model_index.json")):
-        raise UserError("not a FluxFillPipeline folder (no model_index.json)", where=flux_path,
-                        field="--pretrained_model_name_or_path")
-    if not os.path.isfile(os.path.join(siglip_path, "config.json")):
-        raise UserError("not a SigLIP model folder (no config.json)", where=siglip_path, field="--siglip_path")
-    return flux_path, siglip_path
+    return resolve_model(flux_path, "flux").path, resolve_model(siglip_path, "siglip").path
 
 
 class CalligrapherStack:
@@ -108,7 +99,7 @@ class CalligrapherStack:
                         max_sequence_length: int | None = None, offload_text_encoder_two: bool = False,
                         seed: int = 0):
         from diffusers import FluxFillPipeline
-        from transformers import SiglipImageProcessor, SiglipVisionModel
+        from transformers import SiglipVisionModel
 
         flux_path, siglip_path = resolve_model_paths(flux_path, siglip_path)
         try:
