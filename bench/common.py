@@ -41,7 +41,14 @@ class Results(dict):
 def real_components(tiny: bool):
     """FLUX.1-Fill-dev / SigLIP so400m configs (or the tiny ones), built directly on the device."""
     from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxFillPipeline, FluxTransformer2DModel
-    from transformers import CLIPTextConfig, CLIPTextModel, SiglipVisionConfig, SiglipVisionModel, T5Config, T5EncoderModel
+    from transformers import (
+        CLIPTextConfig,
+        CLIPTextModel,
+        SiglipVisionConfig,
+        SiglipVisionModel,
+        T5Config,
+        T5EncoderModel,
+    )
 
     from calligrapher_rl.models import tiny as t
 

@@ -29,7 +29,6 @@ import os
 import time
 
 import torch
-
 from common import Results, build_stack, synthetic_batch, timed  # noqa: I001 (bench/ is the script dir)
 
 from calligrapher_rl.models.acceleration import compile_transformer

@@ -19,7 +19,6 @@ import os
 import time
 
 import torch
-
 from common import build_stack, synthetic_batch  # noqa: I001 (bench/ is the script dir)
 
 from calligrapher_rl.sampling import SDEWindow, rollout

@@ -19,12 +19,11 @@ def overhead_fraction(stack, res, b, steps, autocast) -> float:
     """Whole RL iteration (GRPO) vs time inside the transformer, measured with CUDA events on its forward."""
     from PIL import Image
 
-    from calligrapher_rl.rewards.toy import BrightnessReward
     from calligrapher_rl.rewards.base import RewardSample
-    from calligrapher_rl.training.batches import to_pil
+    from calligrapher_rl.rewards.toy import BrightnessReward
+    from calligrapher_rl.training.batches import Batch, to_pil
     from calligrapher_rl.training.policies import Policies
     from calligrapher_rl.training.updates import grpo_backward
-    from calligrapher_rl.training.batches import Batch
 
     events = []
     tr = stack.pipe.transformer
