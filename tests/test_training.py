@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -188,3 +189,160 @@ def test_two_process_run_gathers_rewards(tmp_path):
         assert 0 < a["reward/mean"] < 1 and abs(a["reward/mean"] - b["reward/mean"]) < 0.1
         assert abs(a["ratio/mean"] - 1) < 1e-5
     assert (out2 / "checkpoint-4" / "ip-adapter.safetensors").exists()
+
+
+# ---------------------------------------------------------------- the trainer's fixes, in process
+@contextlib.contextmanager
+def _trainer(out, *extra, preset="tiny-grpo"):
+    """A Trainer of the tiny model that a test drives step by step (closed afterwards)."""
+    from calligrapher_rl.training.trainer import Trainer
+
+    tr = Trainer(parse_args(_args(out, "--eval_steps", "0", "--eval_at_start", "false", *extra, preset=preset)))
+    try:
+        yield tr
+    finally:
+        tr.rewards.close()
+        tr.run_dir.close()
+
+
+def _flat(params) -> torch.Tensor:
+    return torch.cat([p.detach().float().reshape(-1) for p in params])
+
+
+def test_trainer_validates_a_config_built_in_python(tmp_path):
+    from calligrapher_rl.config import ConfigError, TrainConfig
+    from calligrapher_rl.training.trainer import Trainer
+
+    cfg = TrainConfig(pretrained_model_name_or_path="tiny", siglip_path="tiny", train_data_json="bundled",
+                      output_dir=str(tmp_path / "run"), rl_num_inference_steps=4, rl_sde_window_size=1,
+                      rl_sde_window_range="0,4")
+    with pytest.raises(ConfigError, match="rl_sde_window_range"):
+        Trainer(cfg)
+    assert not (tmp_path / "run").exists()
+
+
+def test_nonfinite_loss_skips_the_step_and_is_logged(tmp_path):
+    """A NaN in a frozen weight makes the loss NaN: no update, no EMA step, counted, NaN kept in the
+    metrics (not dropped); once the weights are finite again, steps apply and the streak resets."""
+    with _trainer(tmp_path / "run", "--rl_warmup_steps", "10", "--max_train_steps", "10", "--trainable", "attn") as tr:
+        frozen = tr.stack.adapter.image_proj_mlp if hasattr(tr.stack.adapter, "image_proj_mlp") else None
+        frozen_p = next(p for n, p in tr.stack.adapter.named_parameters() if not n.startswith("attn_adapter."))
+        assert not frozen_p.requires_grad and frozen is not None
+        before, ema_before = _flat(tr.policies.params), _flat(tr.policies.ema.shadow)
+        keep = frozen_p.detach().clone()
+        with torch.no_grad():
+            frozen_p.view(-1)[0] = float("nan")
+        tr.warmup_step()
+        assert torch.equal(_flat(tr.policies.params), before) and torch.equal(_flat(tr.policies.ema.shadow), ema_before)
+        assert tr.step == 1 and tr.skipped_nonfinite == 1 and tr.optimizer.state == {}
+        row = read_metrics(str(tmp_path / "run"))[-1]
+        assert row["train/skipped_nonfinite"] == 1 and row["train/skipped"] == 1
+        assert "loss" in row and (row["loss"] is None or np.isnan(row["loss"])), row  # logged as NaN, not dropped
+        with torch.no_grad():
+            frozen_p.copy_(keep)
+        tr.warmup_step()
+        assert not torch.equal(_flat(tr.policies.params), before) and torch.isfinite(_flat(tr.policies.params)).all()
+        assert tr._nonfinite_streak == 0 and tr.skipped_nonfinite == 1
+
+
+def test_nonfinite_steps_in_a_row_fail_the_run_with_the_cause(tmp_path):
+    out = tmp_path / "run"
+    with _trainer(out, "--rl_warmup_steps", "10", "--max_train_steps", "10", "--max_nonfinite_steps", "3") as tr:
+        with torch.no_grad():
+            next(p for n, p in tr.stack.adapter.named_parameters() if not n.startswith("attn_adapter.")).fill_(float("nan"))
+        assert tr.run() == "failed"
+    status = read_status(str(out))
+    assert status["state"] == "failed" and "non-finite loss" in status["message"] and "3" in status["message"]
+    assert status["step"] == 3 and (out / "checkpoint-3").is_dir()
+    assert [r["train/skipped_nonfinite"] for r in read_metrics(str(out))] == [1, 2, 3]
+
+
+def test_nan_decoded_images_get_failed_rewards_and_no_update(tmp_path):
+    """NaN images are failed samples (NaN reward), never the score of a black image; an epoch without a
+    finite reward makes no optimizer step."""
+    out = tmp_path / "run"
+    with _trainer(out, "--rl_warmup_steps", "0", "--max_train_steps", "5", "--rl_reward_failure_limit", "1",
+                  "--trainable", "attn", "--max_nonfinite_steps", "2") as tr:
+        with torch.no_grad():
+            next(p for n, p in tr.stack.adapter.named_parameters() if not n.startswith("attn_adapter.")).fill_(float("nan"))
+        before = _flat(tr.policies.params)
+        assert tr.run() == "failed"
+        assert torch.equal(_flat(tr.policies.params), before)
+    rows = [r for r in read_metrics(str(out)) if "reward/failed" in r]
+    assert len(rows) == 2 and all(r["reward/failed"] == 1 and r["rl/optimizer_steps"] == 0 for r in rows), rows
+    assert "no finite reward" in read_status(str(out))["message"]
+
+
+def test_weight_health_alarms(tmp_path, caplog):
+    with _trainer(tmp_path / "run", "--rl_warmup_steps", "10", "--max_train_steps", "10", "--ip_adapter_scale", "0",
+                  "--trainable", "attn") as tr:
+        with caplog.at_level("WARNING", logger="calligrapher_rl.training"):
+            for _ in range(3):
+                tr.warmup_step()  # style attention weighted 0: the style maps get exactly zero gradient
+            assert any("gradient norm exactly 0" in r.getMessage() for r in caplog.records)
+            with torch.no_grad():
+                for p in tr.policies.params:
+                    p.mul_(1000.0)
+            tr.warmup_step()
+            assert any("weight norm grew" in r.getMessage() for r in caplog.records)
+
+
+def test_ema_steps_with_the_post_increment_step(tmp_path):
+    """Flow-GRPO: global_step += 1, then ema.step(params, global_step): the first decay is min(2/11, d)."""
+    with _trainer(tmp_path / "run", "--rl_warmup_steps", "10", "--max_train_steps", "10", "--ema_decay", "0.99") as tr:
+        p0 = _flat(tr.policies.params)
+        tr.warmup_step()
+        p1, d = _flat(tr.policies.params), 2.0 / 11.0
+        assert torch.allclose(_flat(tr.policies.ema.shadow), d * p0 + (1 - d) * p1, atol=1e-7)
+
+
+def test_constant_lr_with_warmup_warms_up(tmp_path):
+    from calligrapher_rl.training.setup import build_optimizer
+
+    cfg = parse_args(_args(tmp_path / "x", "--lr_scheduler", "constant", "--lr_warmup_steps", "4",
+                           "--learning_rate", "1e-3"))
+    opt, sched = build_optimizer(cfg, [torch.nn.Parameter(torch.zeros(2))])
+    lrs = []
+    for _ in range(6):
+        lrs.append(sched.get_last_lr()[0])
+        opt.step()
+        sched.step()
+    assert lrs == pytest.approx([0, 2.5e-4, 5e-4, 7.5e-4, 1e-3, 1e-3])
+
+
+def test_reward_timeout_reaches_the_reward_client(tmp_path):
+    from fastapi import FastAPI
+    from test_rewards_server import Served
+
+    from calligrapher_rl.training.setup import build_rewards
+
+    app = FastAPI()
+
+    @app.get("/health")
+    def health():
+        return {"status": "ok", "rewards": ["fidelity"]}
+
+    server = Served(app)
+    try:
+        cfg = parse_args(_args(tmp_path / "x", "--rewards", "fidelity", "--reward_server_url", server.url,
+                               "--reward_timeout_s", "7.5"))
+        rewards = build_rewards(cfg, "tiny", "cpu")
+        try:
+            assert rewards.remote.timeout_s == 7.5 and rewards.remote.client.timeout.read == 7.5
+        finally:
+            rewards.close()
+    finally:
+        server.stop()
+
+
+def test_last_accumulation_group_is_scaled_by_its_real_size(tmp_path):
+    """One batch per epoch with --gradient_accumulation_steps 2: the group holds one batch, so its gradient
+    is that batch's mean gradient, the same as without accumulation (not half of it)."""
+    norms = []
+    for ga in ("1", "2"):
+        out = tmp_path / f"ga{ga}"
+        with _trainer(out, "--rl_warmup_steps", "0", "--max_train_steps", "1", "--gradient_accumulation_steps", ga,
+                      "--train_batch_size", "2") as tr:
+            assert tr.run() == "finished"
+        norms.append([r["grad_norm"] for r in read_metrics(str(out)) if "grad_norm" in r])
+    assert len(norms[0]) == 1 and norms[0] == pytest.approx(norms[1], rel=1e-5)

@@ -25,7 +25,7 @@ from .batches import (EVAL_STREAM, RL_STREAM, WARMUP_STREAM, ConditionCache, Gro
                       reward_samples, stream_seed, to_pil)
 from .checkpointing import load_checkpoint, resolve_resume, save_checkpoint
 from .distributed import average_gradients, gather_rewards, mean_across, own_slice
-from .policies import Policies
+from .policies import Policies, WeightHealth
 from .run_dir import RunDir, make_grid
 from .updates import StatsMeter, grpo_backward, nft_backward, warmup_backward
 
@@ -39,9 +39,6 @@ class RewardFailure(RuntimeError):
 class NonFiniteTraining(RuntimeError):
     """--max_nonfinite_steps optimizer steps in a row had a non-finite loss or gradient norm."""
 
-
-ZERO_GRAD_ALARM_STEPS = 3  # optimizer steps in a row with a gradient norm of exactly 0 before a warning
-WEIGHT_GROWTH_ALARM = 100.0  # trainable-weight norm this many times its start value: a warning
 
 
 class Trainer:
@@ -77,8 +74,8 @@ class Trainer:
         self.tracker = PerPromptStatTracker(cfg.rl_global_std) if cfg.rl_per_prompt_stat_tracking else None
         self.step, self.rl_epoch = 0, 0
         self.rl_steps = 0  # RL optimizer steps taken (warmup and skipped steps not counted): NFT's decay clock
-        self.skipped_nonfinite, self._nonfinite_streak = 0, 0
-        self._zero_grad_streak, self._weight_norm0, self._grew_warned = 0, None, False
+        self.skipped_nonfinite, self._nonfinite_streak, self._nonfinite_failure = 0, 0, None
+        self.health = WeightHealth()
         self._stop = False
         self._saved_step = self._evaluated_step = -1
         if self.is_main:
@@ -105,6 +102,8 @@ class Trainer:
                     self.warmup_step()
                 else:
                     self.rl_epoch_step()
+                if self._nonfinite_failure:
+                    raise NonFiniteTraining(self._nonfinite_failure)
                 self._after_steps(before)
             final = "stopped" if self.step < cfg.max_train_steps else "finished"
             if final == "finished" and cfg.eval_steps and self._evaluated_step != self.step:
@@ -204,7 +203,7 @@ class Trainer:
             self.tracker.clear()
         stats.update(meter.means())
         stats.pop("train/skipped", None)
-        stats["train/skipped_nonfinite"] = float(self.skipped_nonfinite)
+        stats["train/skipped_nonfinite"] = float(self.skipped_nonfinite)  # the total, not the epoch's mean
         stats.update({"time/rollout_s": t_rollout, "time/reward_s": t_reward, "time/update_s": time.time() - t1,
                       "rl/epoch": self.rl_epoch, "rl/optimizer_steps": steps_done})
         self.run_dir.log_metrics(self.step, "rl", mean_across(self.acc, stats))
@@ -288,6 +287,8 @@ class Trainer:
                             loss_scale=1.0 / (n * group), **common)
 
     def _backward(self, loss: torch.Tensor) -> None:
+        if not loss.requires_grad:  # nothing trainable reached the loss (e.g. --ip_adapter_scale 0): zero gradient
+            return
         (self.scaler.scale(loss) if self.scaler is not None else loss).backward()
 
     def optimizer_step(self, loss_ok: bool = True) -> dict[str, float]:
@@ -300,7 +301,10 @@ class Trainer:
         grad_norm = torch.nn.utils.clip_grad_norm_(params, self.cfg.max_grad_norm)
         ok = self._all_agree(loss_ok and bool(torch.isfinite(grad_norm)))
         if ok:
-            self.scaler.step(self.optimizer) if self.scaler is not None else self.optimizer.step()
+            if self.scaler is not None:
+                self.scaler.step(self.optimizer)
+            else:
+                self.optimizer.step()
             self.scheduler.step()
         if self.scaler is not None:
             self.scaler.update()  # an overflow lowers the loss scale
@@ -315,36 +319,23 @@ class Trainer:
             self._count_nonfinite(f"non-finite {'loss' if not loss_ok else 'gradient norm'}")
         else:
             self.skipped_nonfinite += 1
-        stats = {"grad_norm": float(grad_norm), "lr": float(self.scheduler.get_last_lr()[0]),
-                 "train/skipped": float(not ok), "train/weight_norm": self._check_health(ok, float(grad_norm))}
+        stats = {"grad_norm": float(grad_norm), "lr": float(self.scheduler.get_last_lr()[0]), "train/skipped": float(not ok),
+                 "train/skipped_nonfinite": float(self.skipped_nonfinite),  # in all, this run
+                 "train/weight_norm": self.health.check(self.policies.params, ok, float(grad_norm))}
         if self.scaler is not None:
             stats["train/loss_scale"] = float(self.scaler.get_scale())
         return stats
 
     def _count_nonfinite(self, cause: str) -> None:
-        """One more skipped update; --max_nonfinite_steps in a row end the run (same count on every rank)."""
+        """One more skipped update; --max_nonfinite_steps in a row end the run once this step or epoch is
+        logged (the counts are the same on every process, so all of them end together)."""
         self.skipped_nonfinite += 1
         self._nonfinite_streak += 1
         logger.warning("step %d skipped: %s (%d in a row, limit %d)", self.step, cause, self._nonfinite_streak,
                        self.cfg.max_nonfinite_steps)
-        if self._nonfinite_streak >= self.cfg.max_nonfinite_steps:
-            raise NonFiniteTraining(f"{cause} in {self._nonfinite_streak} updates in a row (--max_nonfinite_steps "
-                                    f"{self.cfg.max_nonfinite_steps}); the last finite weights are saved")
-
-    def _check_health(self, ok: bool, grad_norm: float) -> float:
-        """Warn (the studio shows the log) when nothing trains or the weights blow up; returns their norm."""
-        norm = float(torch.sqrt(sum((p.detach().float() ** 2).sum() for p in self.policies.params)))
-        if self._weight_norm0 is None:
-            self._weight_norm0 = norm
-        self._zero_grad_streak = self._zero_grad_streak + 1 if ok and grad_norm == 0 else 0
-        if self._zero_grad_streak == ZERO_GRAD_ALARM_STEPS:
-            logger.warning("gradient norm exactly 0 for %d optimizer steps in a row: nothing trains (is "
-                           "--ip_adapter_scale 0, or every reward of a group equal?)", ZERO_GRAD_ALARM_STEPS)
-        if not self._grew_warned and self._weight_norm0 > 0 and norm > WEIGHT_GROWTH_ALARM * self._weight_norm0:
-            self._grew_warned = True
-            logger.warning("trainable weight norm grew from %.3g to %.3g (over %gx): the update is diverging; lower "
-                           "--learning_rate", self._weight_norm0, norm, WEIGHT_GROWTH_ALARM)
-        return norm
+        if self._nonfinite_streak >= self.cfg.max_nonfinite_steps and self._nonfinite_failure is None:
+            self._nonfinite_failure = (f"{cause} in {self._nonfinite_streak} updates in a row (--max_nonfinite_steps "
+                                       f"{self.cfg.max_nonfinite_steps}); the last finite weights are saved")
 
     def _all_agree(self, ok: bool) -> bool:
         """True on every process only if it is true on every process."""
