@@ -285,3 +285,16 @@ def test_old_decay_schedules_and_update():
     assert torch.equal(old[1].float(), torch.full((2,), 0.25))
     update_old_params(old, new, 0.0)
     assert torch.equal(old[0], new[0])
+
+
+def test_sde_window_start_in_lo_to_hi_minus_size_and_never_the_last_step():
+    """Flow-GRPO: start ~ randint(lo, hi - size) inclusive, so the window lies inside [lo, hi); the last
+    step (into sigma 0) is never stochastic, and a range with no room is an error."""
+    from calligrapher_rl.sampling import SDEWindow
+
+    rng = np.random.default_rng(0)
+    assert {SDEWindow.pick(10, 2, 1, 6, rng).start for _ in range(400)} == {1, 2, 3, 4}
+    assert {tuple(SDEWindow.pick(4, 3, 0, 3, rng).steps()) for _ in range(20)} == {(0, 1, 2)}
+    for size, lo, hi in ((1, 0, 4), (3, 1, 3), (0, 0, 2)):
+        with pytest.raises(ValueError, match="no room"):
+            SDEWindow.pick(4, size, lo, hi, rng)

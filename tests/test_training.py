@@ -346,3 +346,67 @@ def test_last_accumulation_group_is_scaled_by_its_real_size(tmp_path):
             assert tr.run() == "finished"
         norms.append([r["grad_norm"] for r in read_metrics(str(out)) if "grad_norm" in r])
     assert len(norms[0]) == 1 and norms[0] == pytest.approx(norms[1], rel=1e-5)
+
+
+def test_nft_old_decay_counts_rl_steps_only_and_the_count_is_checkpointed(tmp_path):
+    """80 warmup steps, then one NFT epoch of 2 optimizer steps with decay type 2: eta = old_decay(2) = 0,
+    so the old policy becomes the current one (counting warmup steps gave eta(82) = 0.05, a lagging old
+    policy). The RL step count is saved and restored on resume."""
+    out = tmp_path / "run"
+    args = ("--rl_warmup_steps", "80", "--max_train_steps", "82", "--nft_decay_type", "2", "--use_ema", "false",
+            "--rl_num_batches_per_epoch", "2", "--train_batch_size", "1", "--checkpointing_steps", "1000")
+    with _trainer(out, *args, preset="tiny-nft") as tr:
+        assert tr.run() == "finished"
+        assert tr.rl_steps == 2
+        old = torch.cat([tr.policies.old[n].reshape(-1) for n in tr.policies.names])
+        assert torch.equal(old, _flat(tr.policies.params))
+    rl = [r for r in read_metrics(str(out)) if r["phase"] == "rl" and "nft/old_decay" in r]
+    assert [r["nft/old_decay"] for r in rl] == [0.0]
+    state = json.loads((out / "checkpoint-82" / "trainer_state" / "state.json").read_text())
+    assert state["rl_steps"] == 2 and state["step"] == 82
+    with _trainer(out, *args, "--resume_from_checkpoint", "latest", "--max_train_steps", "90", preset="tiny-nft") as tr:
+        tr._maybe_resume()
+        assert tr.rl_steps == 2 and tr.step == 82
+
+
+def test_nft_trains_distinct_timesteps_per_sample(tmp_path, monkeypatch):
+    """Each sample trains the first k of its own permutation of the schedule's timesteps: with k = N every
+    sample sees every timestep exactly once (draws with replacement repeat some)."""
+    from calligrapher_rl.training.updates import nft_backward
+
+    with _trainer(tmp_path / "run", "--rl_warmup_steps", "0", "--max_train_steps", "1", "--nft_num_timesteps", "4",
+                  "--train_batch_size", "4", "--rl_kl_beta", "0", preset="tiny-nft") as tr:
+        tr.policies.begin_rl(with_old=True)
+        batch = tr.conditions.batch(tr.sampler.batch(1, 0))
+        ro = tr._rollout(batch, 0)
+        seen, real = [], tr.stack.velocity
+
+        def spy(latents, fill, text, sigma, *a, **k):
+            if torch.is_grad_enabled():  # v_theta: once per trained timestep
+                seen.append(torch.as_tensor(sigma).reshape(-1).clone())
+            return real(latents, fill, text, sigma, *a, **k)
+
+        monkeypatch.setattr(tr.stack, "velocity", spy)
+        adv = torch.linspace(-1, 1, len(batch.indices))
+        nft_backward(tr.stack, batch, ro, adv, 4, policies=tr.policies, guidance=30.0, scale=2.0, beta=0.1,
+                     kl_beta=0.0, adv_mode="normal", adv_clip_max=5.0, generator=torch.Generator().manual_seed(0),
+                     loss_scale=0.25, autocast=contextlib.nullcontext)
+    t = torch.stack(seen, 1)  # [B, 4]
+    assert t.shape == (16, 4)
+    for row in t:
+        assert sorted(row.tolist()) == pytest.approx(sorted(ro.sigmas[:-1].tolist()))
+
+
+def test_fp16_trains_with_loss_scaling(tmp_path):
+    """fp16 (the guide's examples use it) trains through a GradScaler: the loss is scaled before backward,
+    gradients unscaled before clipping, overflowing steps skipped while the scale drops, the rest applied.
+    (A subprocess: accelerate's mixed-precision state is one per process.)"""
+    out = tmp_path / "run"
+    r = _cli(*_args(out, "--rl_warmup_steps", "4", "--max_train_steps", "4", "--mixed_precision", "fp16",
+                    "--eval_steps", "0", "--eval_at_start", "false"))
+    assert r.returncode == 0, r.stderr[-2000:]
+    rows = read_metrics(str(out))
+    assert len(rows) == 4 and all(r["train/loss_scale"] >= 1 for r in rows), rows
+    applied = [r for r in rows if r["train/skipped"] == 0]
+    assert applied and all(np.isfinite(r["grad_norm"]) and np.isfinite(r["loss"]) for r in applied), rows
+    assert read_status(str(out))["state"] == "finished"
