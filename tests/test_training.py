@@ -410,3 +410,64 @@ def test_fp16_trains_with_loss_scaling(tmp_path):
     applied = [r for r in rows if r["train/skipped"] == 0]
     assert applied and all(np.isfinite(r["grad_norm"]) and np.isfinite(r["loss"]) for r in applied), rows
     assert read_status(str(out))["state"] == "finished"
+
+
+@pytest.mark.timeout(600)
+def test_two_processes_pause_resume_and_finish(tmp_path):
+    """2 gloo processes; the rewards fail, the run pauses; once the reward server is back, control/resume
+    (read and consumed by the main process only, the decision shared by a collective) lets both
+    processes go on in step to the end. The failed epoch makes no optimizer step."""
+    from fastapi import FastAPI
+    from fastapi.responses import JSONResponse
+    from test_rewards_server import Served
+
+    from calligrapher_rl.training.run_dir import request_resume
+
+    failing = {"on": True}
+    app = FastAPI()
+
+    @app.get("/health")
+    def health():
+        return {"status": "ok", "rewards": ["fidelity"]}
+
+    @app.post("/score")
+    def score(body: dict):
+        if failing["on"]:
+            return JSONResponse({"detail": "scorer down"}, status_code=500)
+        return {"scores": {"fidelity": [0.2 + 0.1 * (i % 4) for i in range(len(body["samples"]))]}}
+
+    server = Served(app)
+    out = tmp_path / "run"
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
+         "--main_process_port", str(_free_port()), "--mixed_precision", "no", "--dynamo_backend", "no", "-m",
+         "calligrapher_rl.train", *_args(out, "--max_train_steps", "2", "--rl_warmup_steps", "0", "--eval_steps", "0",
+                                         "--eval_at_start", "false", "--train_batch_size", "1", "--rewards", "fidelity",
+                                         "--reward_server_url", server.url, "--reward_timeout_s", "5",
+                                         "--checkpointing_steps", "1000")],
+        cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+
+    def wait(cond, what, timeout=300):
+        deadline = time.time() + timeout
+        while not cond():
+            assert proc.poll() is None, f"run exited while waiting for {what}: {proc.stderr.read()[-3000:]}"
+            assert time.time() < deadline, f"timed out waiting for {what}"
+            time.sleep(0.2)
+
+    try:
+        wait(lambda: (read_status(str(out)) or {}).get("state") == "paused", "the pause")
+        failing["on"] = False
+        request_resume(str(out))
+        _, err = proc.communicate(timeout=300)
+        assert proc.returncode == 0, err[-3000:]
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        server.stop()
+    assert read_status(str(out))["state"] == "finished"
+    assert not (out / "control" / "resume").exists()  # consumed once, by the main process
+    rows = [r for r in read_metrics(str(out)) if "reward/failed" in r]
+    assert [r["reward/failed"] for r in rows] == [1.0, 0.0, 0.0] and [r["rl/optimizer_steps"] for r in rows] == [0, 1, 1]
+    assert [r["reward/count"] for r in rows] == [8.0] * 3  # both processes' samples every epoch
