@@ -446,7 +446,7 @@ def test_two_processes_pause_resume_and_finish(tmp_path):
                                          "--eval_at_start", "false", "--train_batch_size", "1", "--rewards", "fidelity",
                                          "--reward_server_url", server.url, "--reward_timeout_s", "5",
                                          "--checkpointing_steps", "1000")],
-        cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+        cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, start_new_session=True)
 
     def wait(cond, what, timeout=300):
         deadline = time.time() + timeout
@@ -462,8 +462,8 @@ def test_two_processes_pause_resume_and_finish(tmp_path):
         _, err = proc.communicate(timeout=300)
         assert proc.returncode == 0, err[-3000:]
     finally:
-        if proc.poll() is None:
-            proc.kill()
+        if proc.poll() is None:  # the launcher and both workers (their own process group)
+            os.killpg(proc.pid, signal.SIGKILL)
             proc.wait()
         server.stop()
     assert read_status(str(out))["state"] == "finished"
