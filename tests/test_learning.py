@@ -36,6 +36,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 K = 4  # epochs averaged at each end of a run
 EPOCHS = 15
+FLOOR = {"grpo": 0.008, "nft": 0.005}  # about half the smallest gain over seeds 1-3 (docs/learning.md)
 
 # Everything that is not the method: model, data, sizes, no warmup/eval/checkpoints/EMA in between.
 COMMON = ["--resolution", "32", "--num_style_tokens", "8", "--rl_num_inference_steps", "4",
@@ -127,34 +128,23 @@ def _assert_controls(tmp_path, flags, real_gain: float) -> None:
     assert g_neg < -0.25 * real_gain, f"the negated reward did not lower brightness: {g_neg:.4f} vs {real_gain:.4f}"
 
 
-def test_grpo_raises_brightness_and_its_controls_do_not(tmp_path):
-    rows, _ = _run(tmp_path, GRPO, "--rewards", "brightness:1", "--seed", "1")
-    gain = _assert_clear_rise(rows, "reward/brightness", floor=0.010)
-    assert max(row["ratio/std"] for row in rows) > 1e-4  # 8 batches an epoch: later ones are off-policy
-    _assert_controls(tmp_path, GRPO, gain)
-
-
-def test_nft_raises_brightness_and_its_controls_do_not(tmp_path):
-    rows, _ = _run(tmp_path, NFT, "--rewards", "brightness:1", "--seed", "1")
-    gain = _assert_clear_rise(rows, "reward/brightness", floor=0.010)
-    _assert_controls(tmp_path, NFT, gain)
-
-
-def test_grpo_with_every_feature_on_learns(tmp_path):
+def test_grpo_with_every_feature_on_learns_and_its_controls_do_not(tmp_path):
     rows, _ = _run(tmp_path, GRPO_ALL, "--rewards", "brightness:1", "--seed", "1")
-    _assert_clear_rise(rows, "reward/brightness", floor=0.008)
+    gain = _assert_clear_rise(rows, "reward/brightness", floor=FLOOR["grpo"])
     assert all(row["kl"] > 0 for row in rows[1:]) and all(row["rl/optimizer_steps"] == 4 for row in rows)
     assert max(row["ratio/std"] for row in rows) > 1e-4  # the second optimizer step of an epoch is off-policy
+    _assert_controls(tmp_path, GRPO_ALL, gain)
 
 
-def test_nft_with_every_feature_on_learns_and_its_old_policy_lags(tmp_path):
+def test_nft_with_every_feature_on_learns_its_old_policy_lags_and_its_controls_do_not(tmp_path):
     rows, tr = _run(tmp_path, NFT_ALL, "--rewards", "brightness:1", "--seed", "1", trainer=OldPolicyProbe)
-    _assert_clear_rise(rows, "reward/brightness", floor=0.008)
+    gain = _assert_clear_rise(rows, "reward/brightness", floor=FLOOR["nft"])
     assert all(row["kl"] > 0 for row in rows[1:]) and all(row["rl/optimizer_steps"] == 2 for row in rows)
     assert all(row["nft/old_decay"] == 0 for row in rows)  # type 2, fewer than 75 RL steps: eta 0
     for epoch, gaps in tr.old_gaps.items():  # 4 batches, 2 optimizer steps per epoch
         assert gaps[0] == 0 and gaps[1] == 0, (epoch, gaps)  # eta 0: old = live at the epoch's start
         assert gaps[2] > 0 and gaps[3] > 0, (epoch, gaps)  # after the first step the live policy moved on
+    _assert_controls(tmp_path, NFT_ALL, gain)
 
 
 @pytest.mark.parametrize("window", [[], ["--rl_sde_window_size", "2", "--rl_sde_window_range", "0,3"]],

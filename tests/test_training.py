@@ -471,3 +471,10 @@ def test_two_processes_pause_resume_and_finish(tmp_path):
     rows = [r for r in read_metrics(str(out)) if "reward/failed" in r]
     assert [r["reward/failed"] for r in rows] == [1.0, 0.0, 0.0] and [r["rl/optimizer_steps"] for r in rows] == [0, 1, 1]
     assert [r["reward/count"] for r in rows] == [8.0] * 3  # both processes' samples every epoch
+
+
+def test_rl_starts_with_fresh_optimizer_moments_after_warmup(tmp_path):
+    """Supervised gradients dwarf policy gradients; their Adam second moment must not shrink the RL steps."""
+    with _trainer(tmp_path / "run", "--rl_warmup_steps", "2", "--max_train_steps", "3") as tr:
+        assert tr.run() == "finished"
+        assert {int(s["step"]) for s in tr.optimizer.state.values()} == {1}  # one RL step since the reset

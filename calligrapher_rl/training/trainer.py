@@ -91,7 +91,7 @@ class Trainer:
         self._install_signal_handlers()
         self._maybe_resume()
         if cfg.use_rl and self.step >= cfg.rl_warmup_steps and self.policies.reference is None:
-            self.policies.begin_rl(with_old=cfg.rl_method == "nft")
+            self._begin_rl()
         self.run_dir.set_status("running", self.step, "")
         try:
             if cfg.eval_at_start and self.step == 0 and cfg.eval_steps:
@@ -158,7 +158,7 @@ class Trainer:
         turn rewards into advantages across all processes, then num_inner_epochs of updates."""
         cfg = self.cfg
         if self.policies.reference is None:
-            self.policies.begin_rl(with_old=cfg.rl_method == "nft")
+            self._begin_rl()
         t0 = time.time()
         batches, rollouts, futures, finite = [], [], [], []
         for b in range(cfg.rl_num_batches_per_epoch):
@@ -209,6 +209,14 @@ class Trainer:
         self.run_dir.log_metrics(self.step, "rl", mean_across(self.acc, stats))
 
     # ================================================================== pieces
+    def _begin_rl(self) -> None:
+        """Snapshot the reference (and NFT's old) policy. After a supervised warmup, AdamW's moments start
+        afresh: supervised gradients are far larger than policy gradients, and their second moment
+        (beta2 0.999) would otherwise shrink every RL step for thousands of steps."""
+        self.policies.begin_rl(with_old=self.cfg.rl_method == "nft")
+        if self.step > 0:
+            self.optimizer.state.clear()
+            logger.info("RL begins at step %d: optimizer moments reset", self.step)
     def _rollout(self, batch, b: int):
         cfg = self.cfg
         # one generator per sample, keyed by its place in the global batch: a sample's noise does not depend
