@@ -305,6 +305,8 @@ class Trainer:
         params = self.policies.params
         average_gradients(params, self.acc)
         if self.scaler is not None:
+            for p in params:  # the scaler records its inf check per gradient: give it one even if nothing flowed
+                p.grad = torch.zeros_like(p) if p.grad is None else p.grad
             self.scaler.unscale_(self.optimizer)
         grad_norm = torch.nn.utils.clip_grad_norm_(params, self.cfg.max_grad_norm)
         ok = self._all_agree(loss_ok and bool(torch.isfinite(grad_norm)))
