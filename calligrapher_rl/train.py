@@ -24,7 +24,7 @@ def main(argv=None) -> int:
 
     outcome = train(cfg)
     print(f"{outcome}: {cfg.output_dir}")
-    return 0
+    return 1 if outcome == "failed" else 0  # failed: status.json and the log name the cause
 
 
 if __name__ == "__main__":
