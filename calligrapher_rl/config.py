@@ -117,7 +117,20 @@ class TrainConfig:
                                            "steps > 0 = diffusers' constant_with_warmup)",
                                choices=("constant", "cosine", "linear"))
     lr_warmup_steps: int = _OPTIM(0, "linear learning-rate warmup steps (not the same as --rl_warmup_steps)")
-    use_8bit_adam: bool = _OPTIM(False, "bitsandbytes 8-bit AdamW (pip install '.[bnb]'); saves ~3/4 of Adam's memory")
+    use_8bit_adam: bool = _OPTIM(False, "8-bit AdamW moments (torchao, else bitsandbytes): 6 GB instead of 24 GB for the "
+                                        "full adapter; CPU parameters keep fp32 AdamW")
+    shard_optimizer_state: bool = _OPTIM(True, "on several processes, shard the AdamW moments across them (ZeRO-1, "
+                                               "ZeroRedundancyOptimizer); checkpoints hold the consolidated state")
+    snapshot_dtype: str = _OPTIM("fp32", "dtype of the reference/old policy snapshots on the device: bf16 halves them "
+                                         "(their forwards run under bf16 autocast anyway; NFT's old-policy average "
+                                         "then keeps an fp32 master in host memory)", choices=("fp32", "bf16"))
+    ema_on_cpu: bool = _OPTIM(False, "keep the fp32 EMA of the trainable weights in host memory (each EMA update "
+                                     "copies them over PCIe: pair with --ema_update_interval > 1)")
+    compile: bool = _OPTIM(False, "torch.compile the frozen transformer (CUDA; lazily, the first call of each shape "
+                                  "compiles; kernels cached on disk); off = eager")
+    rollout_fp8: bool = _OPTIM(False, "sample NFT rollouts and evaluations with a float8 copy of the transformer "
+                                      "(torchao, compute capability >= 8.9; +6 GB); GRPO rollouts stay in the "
+                                      "training precision so their log-probs match the update's")
     adam_beta1: float = _OPTIM(0.9, "AdamW beta1")
     adam_beta2: float = _OPTIM(0.999, "AdamW beta2")
     adam_weight_decay: float = _OPTIM(1e-4, "AdamW weight decay")

@@ -70,7 +70,8 @@ def save_checkpoint(run_dir: str, step: int, *, adapter: dict, ema: dict | None,
         tensors = {**_prefixed("old", old), **_prefixed("ref", ref), **_prefixed("ema", ema)}
         if tensors:
             save_file(tensors, os.path.join(ts, "policies.safetensors"))
-        torch.save(optimizer.state_dict(), os.path.join(ts, "optimizer.pt"))
+        # a state dict already consolidated across processes (sharded moments), or the optimizer itself
+        torch.save(optimizer if isinstance(optimizer, dict) else optimizer.state_dict(), os.path.join(ts, "optimizer.pt"))
         torch.save(scheduler.state_dict(), os.path.join(ts, "scheduler.pt"))
         with open(os.path.join(ts, "state.json"), "w", encoding="utf-8") as fh:
             json.dump({**state, "step": step}, fh, indent=2)

@@ -66,3 +66,11 @@ def consolidated_state_dict(optimizer) -> dict | None:
 
     optimizer.consolidate_state_dict(to=0)
     return optimizer.state_dict() if dist.get_rank() == 0 else None
+
+
+def reset_state(optimizer) -> None:
+    """Forget the moments (e.g. when RL begins after a supervised warmup); the sharded optimizer keeps
+    its rank's moments in an inner optimizer."""
+    optimizer.state.clear()
+    if is_sharded(optimizer):
+        optimizer.optim.state.clear()

@@ -33,6 +33,9 @@ class Policies:
         self.ema = ParamEMA(self.params, ema_decay, ema_update_interval, device=ema_device) if use_ema else None
         self.reference: dict[str, torch.Tensor] | None = None
         self.old: dict[str, torch.Tensor] | None = None
+        # With low-precision snapshots, NFT's old policy is averaged in an fp32 master in host memory:
+        # increments of (1 - eta) (theta - theta_old) with eta near 1 would round away in bf16.
+        self.old_master: dict[str, torch.Tensor] | None = None
 
     @property
     def params(self) -> list[torch.nn.Parameter]:
@@ -44,15 +47,31 @@ class Policies:
         return {n: p.detach().clone().to(self.snapshot_dtype) for n, p in self.named}
 
     # ------------------------------------------------------------ reference and old policies
+    @property
+    def exact_snapshots(self) -> bool:
+        return self.snapshot_dtype == torch.float32
+
     def begin_rl(self, with_old: bool) -> None:
         self.reference = self.snapshot()
         self.old = self.snapshot() if with_old else None
+        self.old_master = None
+        if with_old and not self.exact_snapshots:
+            self.old_master = {n: p.detach().to("cpu", torch.float32, copy=True) for n, p in self.named}
 
     def update_old(self, eta: float) -> None:
         if self.old is None:
             return
-        old_trainable = [self.old[n] for n in self.names]
-        update_old_params(old_trainable, [p.detach() for p in self.params], eta)
+        if self.old_master is None:
+            update_old_params([self.old[n] for n in self.names], [p.detach() for p in self.params], eta)
+            return
+        update_old_params([self.old_master[n] for n in self.names],
+                          [p.detach().to("cpu", torch.float32) for p in self.params], eta)
+        for n in self.names:
+            self.old[n].copy_(self.old_master[n])
+
+    def old_state(self) -> dict[str, torch.Tensor] | None:
+        """What a checkpoint keeps of the old policy: the fp32 master when there is one."""
+        return self.old_master if self.old_master is not None else self.old
 
     # ------------------------------------------------------------ EMA
     def ema_step(self, global_step: int) -> None:
@@ -84,6 +103,9 @@ class Policies:
     def load_snapshots(self, reference: dict | None, old: dict | None, device) -> None:
         cast = (lambda d: {k: v.to(device, self.snapshot_dtype) for k, v in d.items()} if d else None)
         self.reference, self.old = cast(reference), cast(old)
+        self.old_master = None
+        if old and not self.exact_snapshots:
+            self.old_master = {k: v.to("cpu", torch.float32, copy=True) for k, v in old.items()}
 
 
 class WeightHealth:

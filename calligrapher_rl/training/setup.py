@@ -76,6 +76,12 @@ def build_stack(cfg: TrainConfig, device):
     )
     if cfg.gradient_checkpointing:
         stack.pipe.transformer.enable_gradient_checkpointing()
+    if cfg.rollout_fp8:
+        stack.enable_fp8_rollouts()  # a one-line error without a CUDA card of capability >= 8.9 or torchao
+    if cfg.compile:
+        if stack.device.type != "cuda":
+            logger.warning("--compile: compiling on %s (slow to start; meant for CUDA)", stack.device.type)
+        stack.enable_compile()
     return stack
 
 
@@ -146,17 +152,12 @@ def build_rewards(cfg: TrainConfig, siglip_path: str, device, rewards=None):
     return rewards
 
 
-def build_optimizer(cfg: TrainConfig, params):
-    if cfg.use_8bit_adam:
-        try:
-            import bitsandbytes as bnb
-        except ImportError:
-            raise UserError("needs bitsandbytes (pip install 'calligrapher-rl[bnb]')", field="--use_8bit_adam") from None
-        opt_cls = bnb.optim.AdamW8bit
-    else:
-        opt_cls = torch.optim.AdamW
-    optimizer = opt_cls(params, lr=cfg.learning_rate, betas=(cfg.adam_beta1, cfg.adam_beta2),
-                        weight_decay=cfg.adam_weight_decay, eps=cfg.adam_epsilon)
+def build_optimizer(cfg: TrainConfig, params, num_processes: int = 1):
+    from .optim import make_optimizer
+
+    optimizer = make_optimizer(params, lr=cfg.learning_rate, betas=(cfg.adam_beta1, cfg.adam_beta2),
+                               weight_decay=cfg.adam_weight_decay, eps=cfg.adam_epsilon, use_8bit=cfg.use_8bit_adam,
+                               shard=num_processes > 1 and cfg.shard_optimizer_state)
     from diffusers.optimization import get_scheduler
 
     # diffusers' "constant" ignores warmup steps; with warmup asked for, use its warmup variant

@@ -35,7 +35,15 @@ from .batches import (
 )
 from .callbacks import CallbackHandler, StatusCallback
 from .checkpointing import load_checkpoint, resolve_resume, save_checkpoint
-from .distributed import average_gradients, gather_rewards, mean_across, own_slice
+from .distributed import (
+    average_gradients,
+    gather_rewards,
+    gradient_sync,
+    mean_across,
+    own_slice,
+    prepare_data_parallel,
+)
+from .optim import consolidated_state_dict, reset_state
 from .policies import Policies, WeightHealth
 from .progress import ProgressCallback, system_metrics
 from .run_dir import RunDir, make_grid
@@ -96,8 +104,11 @@ class Trainer:
         if self._custom["rewards"] is not None:  # run.json records the rewards that were used
             self.cfg = cfg = dataclasses.replace(cfg, rewards=",".join(f"{n}:{w:g}" for n, w in self.rewards.weights.items()))
         self.policies = Policies(self.stack.adapter, cfg.trainable, use_ema=cfg.use_ema, ema_decay=cfg.ema_decay,
-                                 ema_update_interval=cfg.ema_update_interval)
-        self.optimizer, self.scheduler = setup.build_optimizer(cfg, self.policies.params)
+                                 ema_update_interval=cfg.ema_update_interval, snapshot_dtype=setup.DTYPES[
+                                     "bf16" if cfg.snapshot_dtype == "bf16" else "no"],
+                                 ema_device="cpu" if cfg.ema_on_cpu else None)
+        prepare_data_parallel(self.acc, self.stack)  # DDP over the trainable set chosen just above
+        self.optimizer, self.scheduler = setup.build_optimizer(cfg, self.policies.params, self.acc.num_processes)
         self.scaler = setup.make_grad_scaler(self.acc, cfg)  # fp16 only: dynamic loss scaling
         self.conditions = ConditionCache(self.stack, self.dataset, cfg.seed)
         self.sampler = GroupSampler(len(self.dataset), cfg.train_batch_size, cfg.rl_num_images_per_prompt if cfg.use_rl else 1,
@@ -185,9 +196,10 @@ class Trainer:
         for micro in range(cfg.gradient_accumulation_steps):
             k = self.step * cfg.gradient_accumulation_steps + micro
             batch = self.conditions.batch(self.sampler.batch(WARMUP_STREAM, k))
-            got = warmup_backward(self.stack, batch, guidance=cfg.rl_guidance_scale, scale=cfg.ip_adapter_scale,
-                                  generator=gen, loss_scale=1.0 / cfg.gradient_accumulation_steps,
-                                  autocast=self.autocast, backward=self._backward)
+            with gradient_sync(self.stack, sync=micro == cfg.gradient_accumulation_steps - 1):
+                got = warmup_backward(self.stack, batch, guidance=cfg.rl_guidance_scale, scale=cfg.ip_adapter_scale,
+                                      generator=gen, loss_scale=1.0 / cfg.gradient_accumulation_steps,
+                                      autocast=self.autocast, backward=self._backward)
             loss_ok &= math.isfinite(got["loss"])
             meter.add(got)
         stats = {**meter.means(), **self.optimizer_step(loss_ok)}
@@ -227,10 +239,12 @@ class Trainer:
             loss_ok = True
             for b, (batch, ro, adv) in enumerate(zip(batches, rollouts, advantages)):
                 group = min(ga, n_batches - b // ga * ga)  # the real size of b's accumulation group (the last may be short)
-                got = self._update(batch, ro, adv, inner, b, group)
+                last = (b + 1) % ga == 0 or b == n_batches - 1  # gradients cross processes on its backward only
+                with gradient_sync(self.stack, sync=last):
+                    got = self._update(batch, ro, adv, inner, b, group)
                 loss_ok &= math.isfinite(got.get("loss", 0.0))
                 meter.add(got)
-                if (b + 1) % ga == 0 or b == n_batches - 1:
+                if last:
                     done = self.optimizer_step(loss_ok)
                     meter.add(done)
                     steps_done += int(done["train/skipped"] == 0)
@@ -286,7 +300,7 @@ class Trainer:
         (beta2 0.999) would otherwise shrink every RL step for thousands of steps."""
         self.policies.begin_rl(with_old=self.cfg.rl_method == "nft")
         if self.step > 0:
-            self.optimizer.state.clear()
+            reset_state(self.optimizer)
             logger.info("RL begins at step %d: optimizer moments reset", self.step)
     def _rollout(self, batch, b: int):
         cfg = self.cfg
@@ -304,7 +318,8 @@ class Trainer:
         with self.autocast():
             return rollout(self.stack, batch.fill, batch.text, batch.image_embeds, num_steps=cfg.rl_num_inference_steps,
                            guidance=cfg.rl_guidance_scale, noise_level=cfg.rl_noise_level, sde_type=cfg.rl_sde_type,
-                           window=window, generator=gen, scale=cfg.ip_adapter_scale, params=params)
+                           window=window, generator=gen, scale=cfg.ip_adapter_scale, params=params,
+                           quantized=cfg.rl_method == "nft")  # GRPO's log-probs need the training precision
 
     def _reward_stats(self, scores: list[dict]) -> dict[str, float]:
         out = {}
@@ -374,7 +389,7 @@ class Trainer:
         """Average, unscale (fp16), clip and apply the gradients. A non-finite loss or gradient norm on
         any process skips the step on every process (no update, no EMA step), counted and logged."""
         params = self.policies.params
-        average_gradients(params, self.acc)
+        average_gradients(params, self.acc, self.stack)  # a no-op when DDP already averaged them
         if self.scaler is not None:
             for p in params:  # the scaler records its inf check per gradient: give it one even if nothing flowed
                 p.grad = torch.zeros_like(p) if p.grad is None else p.grad
@@ -437,7 +452,7 @@ class Trainer:
         gen = torch.Generator().manual_seed(stream_seed(cfg.seed, EVAL_STREAM))
         with self.policies.evaluation_weights(), self.autocast():
             ro = rollout(self.stack, batch.fill, batch.text, batch.image_embeds, num_steps=cfg.rl_eval_num_inference_steps,
-                         guidance=cfg.rl_guidance_scale, generator=gen, scale=cfg.ip_adapter_scale)
+                         guidance=cfg.rl_guidance_scale, generator=gen, scale=cfg.ip_adapter_scale, quantized=True)
         decoded = self.stack.decode(ro.final, batch.fill.height, batch.fill.width)
         images = to_pil(decoded)
         scores = fail_nonfinite_images(self.rewards.score(reward_samples(batch, images)),
@@ -453,7 +468,11 @@ class Trainer:
 
     # ================================================================== checkpoints and stopping
     def save(self) -> None:
-        if not self.is_main or self._saved_step == self.step:  # e.g. the last step was a checkpoint step
+        if self._saved_step == self.step:  # e.g. the last step was a checkpoint step
+            return
+        optimizer_state = consolidated_state_dict(self.optimizer)  # a collective when the moments are sharded
+        if not self.is_main:
+            self._saved_step = self.step
             return
         self._saved_step = self.step
         self._phase("saving")
@@ -463,7 +482,7 @@ class Trainer:
                  "skipped_nonfinite": self.skipped_nonfinite,
                  "grad_scaler": self.scaler.state_dict() if self.scaler is not None else None}
         path = save_checkpoint(self.cfg.output_dir, self.step, adapter=self.stack.adapter.state_dict(), ema=p.ema_state(),
-                               old=p.old, ref=p.reference, optimizer=self.optimizer, scheduler=self.scheduler,
+                               old=p.old_state(), ref=p.reference, optimizer=optimizer_state, scheduler=self.scheduler,
                                state=state, total_limit=self.cfg.checkpoints_total_limit)
         logger.info("saved %s", path)
         self.callbacks.call("on_save", self, step=self.step, path=str(path))
