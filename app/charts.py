@@ -112,3 +112,20 @@ def figures(rows: list[dict], revision: str = "", method: str | None = None) -> 
                                   note="no clipfrac: DiffusionNFT has no ratio clip" if method == "nft" else None,
                                   revision=revision),
     }
+
+
+def system_figure(rows: list[dict], revision: str = "") -> go.Figure:
+    """GPU memory (GiB, left axis) and utilisation (%, right axis) of the run, when the trainer logs them."""
+    fig = _base("GPU", rows, revision, ytitle="memory (GiB)")
+    mx, my = _series(rows, "sys/gpu_mem_gib")
+    ux, uy = _series(rows, "sys/gpu_util")
+    if mx:
+        fig.add_trace(go.Scatter(x=mx, y=my, mode="lines", name="GPU memory (GiB)", line={"color": COLORS[4]}))
+    if ux:
+        fig.add_trace(go.Scatter(x=ux, y=uy, mode="lines", name="GPU util (%)", line={"color": COLORS[5], "dash": "dot"},
+                                 yaxis="y2"))
+        fig.update_layout(yaxis2={"overlaying": "y", "side": "right", "range": [0, 100], "showgrid": False,
+                                  "title": {"text": "util (%)"}})
+    if not (mx or ux):
+        _empty(fig, "no GPU figures (CPU run, or not logged)")
+    return fig

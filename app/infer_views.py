@@ -14,7 +14,7 @@ from PIL import Image
 from calligrapher_rl.errors import UserError
 
 from . import runs
-from .inference import InferenceService, Inputs, dataset_example, editor_inputs
+from .inference import InferenceService, Inputs, dataset_example, editor_inputs, size_note
 
 NONE = "none"  # plain FLUX-Fill: the same pipeline at style strength 0
 INITIAL = "initial"  # the run's --initial_ip_adapter_path
@@ -47,7 +47,8 @@ class InferViews:
         return out + [("no adapter — plain FLUX-Fill", NONE)]
 
     def run_changed(self, name: str | None):
-        """Checkpoint choices (latest EMA first) and the run's model paths and resolution."""
+        """Checkpoint choices (latest EMA first) and the run's model paths (never a resize: the source keeps
+        its size unless the user asks for a square)."""
         choices = self.checkpoint_choices(name)
         cfg = {}
         if name:
@@ -56,8 +57,7 @@ class InferViews:
             except UserError:
                 cfg = {}
         return (gr.Dropdown(choices=choices, value=choices[0][1]),
-                cfg.get("pretrained_model_name_or_path") or gr.skip(), cfg.get("siglip_path") or gr.skip(),
-                cfg.get("resolution") or gr.skip())
+                cfg.get("pretrained_model_name_or_path") or gr.skip(), cfg.get("siglip_path") or gr.skip())
 
     def side_changed(self, name: str | None):
         """Side A: the run's latest file (EMA first)."""
@@ -117,12 +117,17 @@ class InferViews:
     def generate(self, choice, typed, flux, siglip, *inputs):
         try:
             file, label = self.adapter_file(choice, typed)
-            images, secs = self.service.generate(flux, siglip, file, self._inputs(*inputs))
+            inp = self._inputs(*inputs)
+            images, secs = self.service.generate(flux, siglip, file, inp)
         except UserError as exc:
+            gr.Warning(str(exc))
             return [], err(exc)
-        seed = int(inputs[7] or 0)
-        gallery = [(im, f"{label} · seed {seed} · #{i + 1}") for i, im in enumerate(images)]
-        return gallery, f"✓ {len(images)} image(s) from **{label}** in {secs:.1f} s"
+        gallery = [(im, f"{label} · seed {inp.seed} · #{i + 1}") for i, im in enumerate(images)]
+        note = size_note(inp.source.size, inp.resolution)
+        if note:
+            gr.Info(note)
+        size = f"{images[0].width}x{images[0].height}" if images else ""
+        return gallery, f"✓ {len(images)} image(s) from **{label}** in {secs:.1f} s, {size}" + (f"\n\nℹ {note}" if note else "")
 
     def compare(self, choice_a, choice_b, flux, siglip, *inputs):
         try:

@@ -37,6 +37,9 @@ class RewardFailure(RuntimeError):
 class Trainer:
     def __init__(self, cfg: TrainConfig):
         self.cfg = cfg = cfg.resolved()
+        from .preflight import require_ready
+
+        require_ready(cfg)  # rewards, paths, GPUs, dataset: fail before loading anything
         setup.check_output_dir(cfg)
         self.acc = setup.make_accelerator(cfg)
         self.is_main = self.acc.is_main_process
