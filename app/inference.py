@@ -214,3 +214,37 @@ def dataset_example(index: int = 0) -> dict:
 
     return {"source": load("source", "RGB"), "mask": load("mask", "L"), "reference": load("reference", "RGB"),
             "text": e["text"]}
+
+
+class Scorer:
+    """The training rewards on studio images: what OCR reads in the repainted region, its OCR score, and the
+    SigLIP style score against the reference. Engines load on first use and stay (one per SigLIP path)."""
+
+    def __init__(self):
+        self._ocr = None
+        self._style: dict[str, object] = {}
+        self._lock = threading.Lock()
+
+    def score(self, images: list[Image.Image], inputs: Inputs, siglip_path: str) -> list[dict]:
+        from calligrapher_rl.images import crop_to_mask
+        from calligrapher_rl.rewards import RewardSample, make_reward
+        from calligrapher_rl.rewards.ocr import ocr_crop, text_score
+
+        reference = inputs.reference or crop_to_mask(inputs.source, inputs.mask)
+        mask = inputs.mask
+        out = []
+        with self._lock:
+            if self._ocr is None:
+                self._ocr = make_reward("ocr")
+            if siglip_path not in self._style:
+                self._style[siglip_path] = make_reward("style", siglip_path=siglip_path, device=_device_dtype()[0])
+            # the images come at the model's size (see model_size): the mask follows the same rounding the
+            # pipeline applied to it, so the scored region is the repainted one
+            samples = [RewardSample(image=im.convert("RGB"), mask=mask if mask.size == im.size else
+                                    mask.resize(im.size, Image.NEAREST), text=inputs.text.strip(), reference=reference)
+                       for im in images]
+            style = self._style[siglip_path].score(samples)
+            for sample, st in zip(samples, style):
+                read = self._ocr.recognize(ocr_crop(sample))
+                out.append({"ocr_text": read, "ocr": text_score(read, sample.text), "style": st})
+        return out

@@ -13,7 +13,8 @@ import functools
 import gradio as gr
 
 from . import presets
-from .infer_views import InferViews
+from .data_views import DataViews
+from .infer_views import SLOTS, InferViews
 from .inference import InferenceService
 from .views import FORM_KEYS, MONITOR_KEYS, TABLE_COLUMNS, MonitorViews, TrainViews, suggest_name
 
@@ -63,7 +64,7 @@ def _form_component(flag: str, label: str, info: str | None, value):
 
 def build_demo(runs_dir: str, service: InferenceService | None = None, read_roots: list[str] | None = None) -> gr.Blocks:
     train, mon = TrainViews(runs_dir, read_roots), MonitorViews(runs_dir, read_roots)
-    inf = InferViews(runs_dir, service)
+    inf, data = InferViews(runs_dir, service), DataViews(runs_dir, read_roots)
     preset0 = presets.DEFAULT_PRESET
     values0 = presets.form_values(runs_dir, preset0)
     w = Wire()
@@ -89,6 +90,8 @@ def build_demo(runs_dir: str, service: InferenceService | None = None, read_root
                 w.add("extra", gr.Textbox("", label="Extra flags", placeholder="--seed 1 --rl_noise_level 0.8  (any flag "
                                           "of python -m calligrapher_rl.train --help; typed last, so they win)"))
                 with gr.Row():
+                    w.add("force", gr.Checkbox(False, label="Force: start even if a run holds these GPUs (else it "
+                                                            "waits in the queue)"))
                     w.add("check_btn", gr.Button("Check", elem_id="check-btn"))
                     w.add("start_btn", gr.Button("Start", variant="primary", elem_id="start-btn"))
                 with gr.Row():
@@ -126,6 +129,16 @@ def build_demo(runs_dir: str, service: InferenceService | None = None, read_root
                     w.add("p_clip", gr.Plot(label="clipfrac"))
                 with gr.Row():
                     w.add("p_sys", gr.Plot(label="GPU", elem_id="plot-sys"))
+                with gr.Accordion("Several runs on one chart, CSV export", open=False):
+                    with gr.Row():
+                        w.add("overlay_runs", gr.Dropdown([], multiselect=True, label="Runs", scale=3))
+                        w.add("overlay_key", gr.Dropdown(["reward/mean"], value="reward/mean", label="Metric", scale=2,
+                                                         allow_custom_value=True))
+                        w.add("smoothing", gr.Slider(0, 0.99, value=0.6, step=0.01, label="Smoothing", scale=2))
+                    w.add("p_overlay", gr.Plot(label="overlay", elem_id="plot-overlay"))
+                    with gr.Row():
+                        w.add("csv_btn", gr.Button("Export metrics (CSV): the runs above, else the selected run"))
+                        w.add("csv_file", gr.File(label="metrics.csv", interactive=False))
                 with gr.Row():
                     w.add("latest", gr.Image(label="Latest sample grid (rows: input, output, target, reference)",
                                              type="filepath", interactive=False, scale=1))
@@ -139,55 +152,83 @@ def build_demo(runs_dir: str, service: InferenceService | None = None, read_root
                 with gr.Row():
                     with gr.Column():
                         with gr.Row():
-                            inf_run = gr.Dropdown([], label="Run", allow_custom_value=True)
-                            ckpt = gr.Dropdown([], label="Checkpoint file", allow_custom_value=True)
-                        ckpt_path = gr.Textbox("", label="…or a checkpoint file inside runs_dir",
-                                               placeholder="my-run/checkpoint-10/ip-adapter-ema.safetensors")
+                            w.add("inf_run", gr.Dropdown([], label="Run", allow_custom_value=True))
+                            w.add("ckpt", gr.Dropdown([], label="Checkpoint file", allow_custom_value=True))
+                        w.add("ckpt_path", gr.Textbox("", label="…or a checkpoint file inside runs_dir",
+                                                      placeholder="my-run/checkpoint-10/ip-adapter-ema.safetensors"))
                         with gr.Row():
-                            flux = gr.Textbox("tiny", label="FLUX.1-Fill path")
-                            siglip = gr.Textbox("tiny", label="SigLIP path")
-                        editor = gr.ImageEditor(type="numpy", label="Source: brush over the text to replace",
-                                                format="png", brush=gr.Brush(colors=["#ff40a0"], color_mode="fixed"),
-                                                height=360)
+                            w.add("flux", gr.Textbox("tiny", label="FLUX.1-Fill path"))
+                            w.add("siglip", gr.Textbox("tiny", label="SigLIP path"))
+                        w.add("editor", gr.ImageEditor(type="numpy", label="Source: brush over the text to replace",
+                                                       format="png", height=360,
+                                                       brush=gr.Brush(colors=["#ff40a0"], color_mode="fixed")))
                         with gr.Row():
-                            mask_up = gr.Image(type="numpy", label="…or a mask of the source's size (white = repaint; "
-                                               "used when nothing is brushed)", height=160)
-                            reference = gr.Image(type="pil", label="Style reference (default: source in the mask)",
-                                                 height=160)
-                        text = gr.Textbox("", label="Text to write")
+                            w.add("mask_up", gr.Image(type="numpy", height=160, label="…or a mask of the source's size "
+                                                      "(white = repaint; used when nothing is brushed)"))
+                            w.add("reference", gr.Image(type="pil", label="Style reference (default: source in the mask)",
+                                                        height=160))
+                        w.add("text", gr.Textbox("", label="Text to write"))
                         with gr.Accordion("Settings", open=False):
                             with gr.Row():
-                                steps = gr.Slider(1, 100, value=8, step=1, label="Steps")
-                                guidance = gr.Number(30.0, label="Guidance")
-                                scale = gr.Slider(0, 2, value=1.0, step=0.05, label="Style strength")
+                                w.add("steps", gr.Slider(1, 100, value=8, step=1, label="Steps"))
+                                w.add("guidance", gr.Number(30.0, label="Guidance"))
+                                w.add("scale", gr.Slider(0, 2, value=1.0, step=0.05, label="Style strength"))
                             with gr.Row():
-                                seed = gr.Number(56, precision=0, label="Seed")
-                                num_images = gr.Slider(1, 8, value=2, step=1, label="Images")
-                                resolution = gr.Number(None, precision=0, label="Resize to a square (px)",
-                                                       info="empty = keep the source's size (rounded to 16)")
-                                use_context = gr.Checkbox(False, label="In-context reference")
+                                w.add("seed", gr.Number(56, precision=0, label="Seed"))
+                                w.add("num_images", gr.Slider(1, 8, value=2, step=1, label="Images"))
+                                w.add("resolution", gr.Number(None, precision=0, label="Resize to a square (px)",
+                                                              info="empty = keep the source's size (rounded to 16)"))
+                                w.add("use_context", gr.Checkbox(False, label="In-context reference"))
                         with gr.Row():
-                            example_btn = gr.Button("Load a dataset example")
-                            gen_btn = gr.Button("Generate", variant="primary")
-                            unload_btn = gr.Button("Free model memory")
-                        ex_index = gr.State(0)
+                            w.add("example_btn", gr.Button("Load a dataset example"))
+                            w.add("gen_btn", gr.Button("Generate", variant="primary"))
+                            w.add("unload_btn", gr.Button("Free model memory"))
+                        w.add("ex_index", gr.State(0))
                     with gr.Column():
-                        out_gallery = gr.Gallery(label="Results", columns=2, format="png", height=480)
-                        inf_msg = gr.Markdown(elem_id="infer-msg")
+                        w.add("out_gallery", gr.Gallery(label="Results", columns=2, format="png", height=480))
+                        w.add("inf_msg", gr.Markdown(elem_id="infer-msg"))
 
             # ================================================================= Compare
             with gr.Tab("Compare", id="compare"):
-                gr.Markdown("Two adapters on **the Inference tab's inputs** (source, mask, text, settings, seed).")
+                gr.Markdown("One to four checkpoints (any run, any step, raw or EMA, or the base weights) on **the "
+                            "Inference tab's inputs** (source, mask, text, settings, seed); every image is scored "
+                            "with the training rewards.")
                 with gr.Row():
-                    run_a, ckpt_a = (gr.Dropdown([], label=f"A: {x}", allow_custom_value=True) for x in ("run", "checkpoint"))
-                    run_b, ckpt_b = (gr.Dropdown([], label=f"B: {x}", allow_custom_value=True) for x in ("run", "checkpoint"))
-                cmp_btn = gr.Button("Compare", variant="primary")
-                slider = gr.ImageSlider(label="A | B (first image)", type="pil", format="png")
-                cmp_gallery = gr.Gallery(label="All images", columns=4, format="png")
-                cmp_msg = gr.Markdown()
+                    for i, slot in enumerate(SLOTS):
+                        w.add(slot, gr.Dropdown([], label="ABCD"[i], allow_custom_value=True, elem_id=f"cmp-{i + 1}"))
+                with gr.Row():
+                    w.add("step0_run", gr.Dropdown([], label="Run", scale=2, allow_custom_value=True))
+                    w.add("step0_btn", gr.Button("Compare to step 0", scale=1))
+                    w.add("cmp_refresh", gr.Button("Refresh the lists", scale=1))
+                w.add("cmp_btn", gr.Button("Compare", variant="primary", elem_id="cmp-btn"))
+                w.add("cmp_msg", gr.Markdown(elem_id="cmp-msg"))
+                w.add("slider", gr.ImageSlider(label="A | B (first image)", type="pil", format="png"))
+                w.add("cmp_gallery", gr.Gallery(label="All images (captions: OCR score, text read, style score)",
+                                                columns=4, format="png"))
+                w.add("cmp_scores", gr.Markdown(elem_id="cmp-scores"))
+
+            # ================================================================= Dataset
+            with gr.Tab("Dataset", id="dataset"):
+                with gr.Row():
+                    w.add("data_path", gr.Textbox("bundled", label="Dataset (.jsonl/.json file or folder; 'bundled')",
+                                                  scale=4, elem_id="data-path"))
+                    w.add("data_page", gr.Number(1, precision=0, label="Page", scale=1))
+                with gr.Row():
+                    w.add("data_show_btn", gr.Button("Show examples", elem_id="data-show"))
+                    w.add("data_validate_btn", gr.Button("Validate", elem_id="data-validate"))
+                w.add("data_msg", gr.Markdown(elem_id="data-msg"))
+                w.add("data_gallery", gr.Gallery(label="Examples (source, mask, reference)", columns=6, height=360))
+                w.add("data_problems", gr.Markdown(elem_id="data-problems"))
+                with gr.Accordion("Build a synthetic set (runs_dir/datasets/NAME)", open=False):
+                    with gr.Row():
+                        w.add("synth_name", gr.Textbox("synth", label="Name"))
+                        w.add("synth_n", gr.Number(16, precision=0, label="Examples"))
+                        w.add("synth_res", gr.Number(64, precision=0, label="Resolution (px)"))
+                        w.add("synth_seed", gr.Number(0, precision=0, label="Seed"))
+                        w.add("synth_btn", gr.Button("Build"))
 
         # ===================================================================== wiring
-        train_in = w("preset", *FORM_KEYS, "extra", "gpus", "run_name")
+        train_in = w("preset", *FORM_KEYS, "extra", "gpus", "run_name", "force")
         monitor = w(*MONITOR_KEYS)
         w.c["preset"].change(w.fn(train.preset_changed), w("preset"), w(*FORM_KEYS, "run_name", "train_msg"),
                              api_name="preset_values")
@@ -198,7 +239,7 @@ def build_demo(runs_dir: str, service: InferenceService | None = None, read_root
                               api_name="save_preset")
 
         poll = gr.Timer(POLL_S)
-        poll.tick(w.fn(mon.tick), w("selected", "seen"), [*w("runs_table", "run_dd"), *monitor, w.c["seen"]],
+        poll.tick(w.fn(mon.tick), w("selected", "seen"), [*w("runs_table", "run_dd", "overlay_runs"), *monitor, w.c["seen"]],
                   api_visibility="private", **MONITOR_GROUP, **HIDDEN)
         # the user's own choice (`input`, not `change`: a value set by a callback comes with its monitor already)
         w.c["run_dd"].input(w.fn(mon.select), w("run_dd"), monitor, api_name="monitor", **MONITOR_GROUP, **HIDDEN)
@@ -218,41 +259,48 @@ def build_demo(runs_dir: str, service: InferenceService | None = None, read_root
                                w(*FORM_KEYS, "preset", "extra", "run_name", "tabs", "train_msg", "action_msg"),
                                api_name="clone_config")
 
-        inf_in = [editor, mask_up, reference, text, steps, guidance, scale, seed, num_images, resolution, use_context]
-        example_btn.click(inf.example, ex_index, [editor, mask_up, reference, text, ex_index], api_name="load_example")
-        inf_run.change(inf.run_changed, inf_run, [ckpt, flux, siglip], api_name="checkpoints")
-        run_a.change(inf.side_changed, run_a, ckpt_a, api_visibility="private")
-        run_b.change(inf.side_b_changed, run_b, ckpt_b, api_visibility="private")
-        gen_btn.click(inf.generate, [ckpt, ckpt_path, flux, siglip, *inf_in], [out_gallery, inf_msg],
-                      api_name="generate", concurrency_id="model")
-        cmp_btn.click(inf.compare, [ckpt_a, ckpt_b, flux, siglip, *inf_in], [slider, cmp_gallery, cmp_msg],
-                      api_name="compare", concurrency_id="model")
-        unload_btn.click(inf.unload, None, inf_msg, api_name="unload", concurrency_id="model")
+        overlay_in = w("overlay_runs", "overlay_key", "smoothing")
+        for trigger in (w.c["overlay_runs"].change, w.c["overlay_key"].input, w.c["smoothing"].release):
+            trigger(w.fn(mon.overlay), overlay_in, w("p_overlay", "overlay_key"), api_visibility="private", **HIDDEN)
+        w.c["csv_btn"].click(w.fn(mon.export_csv), w("overlay_runs", "run_dd"), w("csv_file"), api_name="export_csv")
 
-        def on_load(request: gr.Request):
+        inf_in = w("editor", "mask_up", "reference", "text", "steps", "guidance", "scale", "seed", "num_images",
+                   "resolution", "use_context")
+        w.c["example_btn"].click(w.fn(inf.example), w("ex_index"), w("editor", "mask_up", "reference", "text", "ex_index"),
+                                 api_name="load_example")
+        w.c["inf_run"].change(w.fn(inf.run_changed), w("inf_run"), w("ckpt", "flux", "siglip"), api_name="checkpoints")
+        w.c["gen_btn"].click(w.fn(inf.generate), [*w("ckpt", "ckpt_path", "flux", "siglip"), *inf_in],
+                             w("out_gallery", "inf_msg"), api_name="generate", concurrency_id="model")
+        w.c["cmp_btn"].click(w.fn(inf.compare), [*w(*SLOTS, "flux", "siglip"), *inf_in],
+                             w("slider", "cmp_gallery", "cmp_scores", "cmp_msg"), api_name="compare", concurrency_id="model")
+        w.c["step0_btn"].click(w.fn(inf.step0), w("step0_run"), w(*SLOTS, "cmp_msg"), api_name="compare_step0")
+        w.c["cmp_refresh"].click(w.fn(inf.compare_choices), None, w(*SLOTS), api_visibility="private")
+        w.c["unload_btn"].click(w.fn(inf.unload), None, w("inf_msg"), api_name="unload", concurrency_id="model")
+        w.c["data_show_btn"].click(w.fn(data.show), w("data_path", "data_page"), w("data_gallery", "data_msg", "data_page"),
+                                   api_name="dataset_page")
+        w.c["data_validate_btn"].click(w.fn(data.validate), w("data_path"), w("data_problems"), api_name="dataset_validate")
+        w.c["synth_btn"].click(w.fn(data.synth), w("synth_name", "synth_n", "synth_res", "synth_seed"),
+                               w("data_gallery", "data_msg", "data_page", "data_path"), api_name="dataset_synth")
+
+        def on_load(request: gr.Request) -> dict:
             """Reconnect: everything comes from runs_dir; ?run=NAME opens the Runs tab on that run."""
             wanted = request.query_params.get("run") if request else None
             names = mon.names()
             current = mon.default_run(wanted)
             with_ckpt = inf.runs_with_checkpoints()
-            first = with_ckpt[0] if with_ckpt else None
-            second = with_ckpt[1] if len(with_ckpt) > 1 else first
-            out = {**mon.views(current), "preset": gr.Dropdown(choices=presets.preset_choices(runs_dir)),
+            out = {**mon.views(current), **inf.compare_choices(),
+                   "preset": gr.Dropdown(choices=presets.preset_choices(runs_dir)),
                    "run_name": suggest_name(presets.DEFAULT_PRESET), "runs_table": mon.table(),
-                   "run_dd": gr.Dropdown(choices=names, value=current)}
+                   "run_dd": gr.Dropdown(choices=names, value=current), "overlay_runs": gr.Dropdown(choices=names),
+                   "inf_run": gr.Dropdown(choices=with_ckpt, value=with_ckpt[0] if with_ckpt else None),
+                   "step0_run": gr.Dropdown(choices=with_ckpt, value=with_ckpt[0] if with_ckpt else None)}
             if wanted:
                 if wanted in names:
                     out["tabs"] = gr.Tabs(selected="runs")
                 else:
                     gr.Warning(f"?run={wanted}: no such run in {runs_dir}")
-            return out, gr.Dropdown(choices=with_ckpt, value=first), gr.Dropdown(choices=with_ckpt, value=first), \
-                gr.Dropdown(choices=with_ckpt, value=second)
+            return out
 
-        load_out = w("preset", "run_name", "runs_table", "run_dd", "tabs", *MONITOR_KEYS)
-
-        def on_load_keyed(request: gr.Request):
-            out, a, b, c = on_load(request)
-            return {**{w.c[k]: v for k, v in out.items()}, inf_run: a, run_a: b, run_b: c}
-
-        demo.load(on_load_keyed, None, [*load_out, inf_run, run_a, run_b], api_name="list_runs", **MONITOR_GROUP)
+        demo.load(w.fn(on_load), None, w("preset", "run_name", "runs_table", "run_dd", "overlay_runs", "tabs", *MONITOR_KEYS, *SLOTS,
+                                         "inf_run", "step0_run"), api_name="list_runs", **MONITOR_GROUP)
     return demo

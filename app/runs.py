@@ -174,7 +174,10 @@ def run_info(run_dir: str) -> dict:
     state, message = recorded, status.get("message", "")
     here = status.get("host") in (None, socket.gethostname())
     launched_alive = launch_alive(launch)
-    if launch and launched_alive and (not status or status.get("updated", 0) < launch.get("launched", 0)):
+    waiting = os.path.exists(os.path.join(run_dir, "queued.json"))
+    if waiting and not status and not launched_alive:
+        state, message = "queued", "waits for its GPUs (a run holds them); starts when they are free"
+    elif launch and launched_alive and (not status or status.get("updated", 0) < launch.get("launched", 0)):
         state, message = "launching", "process started, loading"
     elif recorded is None:
         state = "failed" if launch else "unknown"
@@ -213,7 +216,8 @@ def list_runs(runs_dir: str) -> list[dict]:
         path = os.path.join(runs_dir, name)
         if name in RESERVED or name.startswith(".") or not NAME_RE.match(name) or not os.path.isdir(path):
             continue
-        if any(os.path.exists(os.path.join(path, f)) for f in ("status.json", "run.json", STUDIO_FILE, "metrics.jsonl")):
+        if any(os.path.exists(os.path.join(path, f))
+               for f in ("status.json", "run.json", STUDIO_FILE, "metrics.jsonl", "queued.json")):
             out.append(run_info(path))
     return sorted(out, key=lambda r: r["started"] or 0, reverse=True)
 
@@ -359,6 +363,10 @@ def stop_run(run_dir: str, wait_s: float = 10.0) -> str:
     from .procs import launch_created
 
     info = run_info(run_dir)
+    if info["state"] == "queued":
+        os.unlink(os.path.join(run_dir, "queued.json"))
+        mark_unqueued(run_dir)
+        return "removed from the queue (it never started)"
     if info["state"] in ("running", "paused", "stopping"):
         request_stop(run_dir)
         return "stop requested: the run saves a checkpoint after the current step, then ends"
@@ -399,6 +407,11 @@ def mark_stopped(run_dir: str, message: str | None = None) -> str:
 
 
 ARCHIVE = ".archive"
+
+
+def mark_unqueued(run_dir: str) -> None:
+    write_json(os.path.join(run_dir, "status.json"), {"state": "stopped", "step": 0, "updated": time.time(),
+                                                      "message": "removed from the queue before it started"})
 
 
 def archive_run(run_dir: str) -> str:

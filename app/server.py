@@ -66,6 +66,28 @@ def ssh_hint(host: str, port: int) -> str:
             f"then open http://localhost:{port}")
 
 
+QUEUE_POLL_S = 2.0
+
+
+def _start_queue_thread(runs_dir: str) -> None:
+    """Queued runs start when their GPUs are free, whether or not a page is open."""
+    import threading
+    import time
+    import traceback
+
+    from .gpu_queue import start_ready
+
+    def loop():
+        while True:
+            try:
+                start_ready(runs_dir)
+            except Exception:  # noqa: BLE001 - the queue must outlive one bad run folder; say what happened
+                traceback.print_exc()
+            time.sleep(QUEUE_POLL_S)
+
+    threading.Thread(target=loop, name="studio-queue", daemon=True).start()
+
+
 def launch(runs_dir: str, host: str = "127.0.0.1", port: int = 7860, auth: tuple[str, str] | None = None,
            prevent_thread_lock: bool = False, quiet: bool = False, allow_read: list[str] | None = None):
     """Build and launch the Blocks; returns the demo (with prevent_thread_lock=True the call returns at once)."""
@@ -76,6 +98,7 @@ def launch(runs_dir: str, host: str = "127.0.0.1", port: int = 7860, auth: tuple
     os.makedirs(runs_dir, exist_ok=True)
     demo = build_demo(runs_dir, read_roots=default_read_roots(runs_dir) + [os.path.abspath(d) for d in allow_read or []])
     demo.queue(default_concurrency_limit=1)
+    _start_queue_thread(runs_dir)
     try:
         demo.launch(server_name=host, server_port=port, auth=auth, allowed_paths=[runs_dir], css=CSS,
                     prevent_thread_lock=prevent_thread_lock, quiet=quiet, show_error=True,

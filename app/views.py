@@ -17,7 +17,7 @@ import pandas as pd
 
 from calligrapher_rl.errors import UserError
 
-from . import charts, presets, procs, runs
+from . import charts, gpu_queue, presets, procs, runs
 
 TABLE_COLUMNS = ["run", "state", "step", "reward", "eval reward", "method", "started"]
 FORM_KEYS = [f"form:{flag}" for flag in presets.FORM_FLAGS]
@@ -64,34 +64,48 @@ class TrainViews:
                 "train_msg": f"preset **{os.path.basename(str(preset))}** loaded"}
 
     def _plan(self, preset, args):
-        *form, extra, gpus, name = args
+        *form, extra, gpus, name, force = args
         argv = presets.form_argv(self.runs_dir, preset, list(form), extra)
-        return (*runs.plan_start(self.runs_dir, name, argv, gpus or "", self.read_roots), gpus or "", name)
+        run_dir, full, problems = runs.plan_start(self.runs_dir, name, argv, gpus or "", self.read_roots)
+        held = {} if force else gpu_queue.conflicts(self.runs_dir, gpus or "")
+        return run_dir, full, problems, gpus or "", held
+
+    @staticmethod
+    def _held(held: dict) -> str:
+        return ", ".join(f"GPU {g} (run {n})" for g, n in sorted(held.items()))
 
     def check(self, preset, *args) -> dict:
         """What Start would meet: the trainer's parser and validation, the allowed paths, then its preflight."""
         try:
-            _, full, problems, gpus, _ = self._plan(preset, args)
+            _, full, problems, gpus, held = self._plan(preset, args)
         except UserError as exc:
             return {"train_msg": toast_error(exc)}
         if problems:
             gr.Warning(f"{len(problems)} problem(s): Start would fail. The first: {problems[0]}")
             return {"train_msg": "⚠ Start would fail:\n" + "\n".join(f"- {p}" for p in problems)}
-        gr.Info("Check passed: Start will launch this run")
-        return {"train_msg": f"✓ valid. It will run:\n```\n{procs.command_line(full, gpus)}\n```"}
+        wait = f"\n\nIt would wait in the queue for {self._held(held)} (or tick Force)." if held else ""
+        gr.Info("Check passed: Start will " + ("queue" if held else "launch") + " this run")
+        return {"train_msg": f"✓ valid. It will run:\n```\n{procs.command_line(full, gpus)}\n```{wait}"}
 
     def start(self, preset, *args) -> dict:
         try:
-            run_dir, full, problems, gpus, name = self._plan(preset, args)
+            run_dir, full, problems, gpus, held = self._plan(preset, args)
             if problems:
                 raise UserError(problems[0] + (f" (and {len(problems) - 1} more: press Check)" if len(problems) > 1 else ""))
-            procs._launch(run_dir, full, gpus)
+            if held:
+                gpu_queue.enqueue(run_dir, full, gpus)
+            else:
+                procs._launch(run_dir, full, gpus)
         except UserError as exc:
             return {"train_msg": toast_error(exc)}
         name = os.path.basename(run_dir)
-        gr.Info(f"Started {name}")
-        msg = (f"▶ started **{name}** in `{run_dir}` (a detached process: closing this tab or the studio does not "
-               "stop it). Follow it in the Runs tab.")
+        if held:
+            gr.Info(f"Queued {name}: waits for {self._held(held)}")
+            msg = f"⏳ queued **{name}**: it starts when {self._held(held)} is free (Force shares GPUs instead)."
+        else:
+            gr.Info(f"Started {name}")
+            msg = (f"▶ started **{name}** in `{run_dir}` (a detached process: closing this tab or the studio does not "
+                   "stop it). Follow it in the Runs tab.")
         # the monitor of the new run comes with the tab switch, so the previous run is never shown under it
         return {**MonitorViews(self.runs_dir, self.read_roots).views(name), "train_msg": msg, "tabs": gr.Tabs(selected="runs"),
                 "run_dd": gr.Dropdown(choices=[r["name"] for r in runs.list_runs(self.runs_dir)], value=name),
@@ -193,15 +207,15 @@ class MonitorViews:
         if info is None:
             return dict.fromkeys(("stop_btn", "resume_btn", "mark_btn", "delete_btn", "clone_btn"), hidden)
         s = info["state"]
-        stop = gr.Button("Stopping…" if s == "stopping" else "Stop (saves a checkpoint)", visible=s in runs.LIVE,
-                         interactive=s != "stopping")
+        label = {"stopping": "Stopping…", "queued": "Remove from the queue"}.get(s, "Stop (saves a checkpoint)")
+        stop = gr.Button(label, visible=s in runs.LIVE or s == "queued", interactive=s != "stopping")
         if s == "paused":
             resume = gr.Button("Continue", visible=True)
         elif s in ("stopped", "failed", "finished") and info["checkpoints"]:
             resume = gr.Button(f"Resume from checkpoint-{info['checkpoints'][-1]}", visible=True)
         else:
             resume = hidden
-        ended = not info["live"] and s != "dead"
+        ended = not info["live"] and s not in ("dead", "queued")
         return {"stop_btn": stop, "resume_btn": resume,
                 "mark_btn": gr.Button("Mark stopped", visible=s == "dead" or (s == "failed" and info["was"] is None)),
                 "delete_btn": gr.Button("Delete (to archive)", visible=ended),
@@ -278,6 +292,7 @@ class MonitorViews:
             out["runs_table"] = table
         if seen.get("names") != names:  # new choices only: the value is the user's (or Start's) to set
             out["run_dd"] = gr.Dropdown(choices=names)
+            out["overlay_runs"] = gr.Dropdown(choices=names)
         seen.update(table=table_key, names=names)
         info = next((r for r in infos if r["name"] == name), None)
         if info is None:
@@ -346,3 +361,39 @@ class MonitorViews:
         gr.Info(f"{name} renamed to {new}")
         return {**self.views(new), "run_dd": gr.Dropdown(choices=self.names(), value=new), "runs_table": self.table(),
                 "action_msg": f"✓ renamed **{name}** to **{new}**"}
+
+    # ------------------------------------------------------------------ several runs
+    def _rows_of(self, names) -> dict[str, list[dict]]:
+        out = {}
+        for name in names or []:
+            try:
+                out[name] = runs.metrics(self._dir(name))
+            except UserError:
+                continue
+        return out
+
+    def overlay(self, names, key, smoothing) -> dict:
+        """One metric of several runs on one chart, smoothed (TensorBoard's debiased EMA)."""
+        series = self._rows_of(names)
+        keys = charts.metric_keys([r for rows in series.values() for r in rows])
+        key = key if key in keys else (keys[0] if keys else "reward/mean")
+        return {"p_overlay": charts.overlay_figure(series, key, float(smoothing or 0)),
+                "overlay_key": gr.Dropdown(choices=keys, value=key)}
+
+    def export_csv(self, names, selected=None) -> dict:
+        """The metrics of the chosen runs (else the selected one) as one CSV: run, step, phase, time, metrics."""
+        import tempfile
+
+        names = list(names or []) or ([selected] if selected else [])
+        frames = [runs.metrics_frame(self._dir(n)).assign(run=n) for n in self._rows_of(names)]
+        frames = [f for f in frames if len(f)]
+        if not frames:
+            gr.Warning("no metrics to export yet")
+            return {"csv_file": None}
+        df = pd.concat(frames, ignore_index=True)
+        front = [c for c in ("run", "step", "phase", "time") if c in df.columns]
+        df = df[front + sorted(c for c in df.columns if c not in front)]
+        folder = tempfile.mkdtemp(prefix="studio-csv-")
+        path = os.path.join(folder, ("metrics-" + "-".join(names))[:120] + ".csv")
+        df.to_csv(path, index=False)
+        return {"csv_file": path}

@@ -59,20 +59,20 @@ def test_start_a_run_and_watch_it_finish(studio):
     form = list(values[:-2])
     assert values[-1].startswith("preset **tiny-grpo**") and form[0] == "grpo"
     extra = "--max_train_steps 3 --eval_steps 3 --checkpointing_steps 3"
-    bad = client.predict("tiny-grpo", *form, "--rl_kl_beta -1", "", "api-bad", api_name="/start_run")
+    bad = client.predict("tiny-grpo", *form, "--rl_kl_beta -1", "", "api-bad", False, api_name="/start_run")
     assert bad[0].startswith("⚠") and "--rl_kl_beta" in bad[0] and not os.path.exists(os.path.join(runs_dir, "api-bad"))
-    doomed = client.predict("tiny-grpo", *form, "--rewards nonsense:1", "", "api-bad", api_name="/check_run")
+    doomed = client.predict("tiny-grpo", *form, "--rewards nonsense:1", "", "api-bad", False, api_name="/check_run")
     assert doomed.startswith("⚠ Start would fail") and "unknown reward 'nonsense'" in doomed
-    checked = client.predict("tiny-grpo", *form, extra, "", "api-run", api_name="/check_run")
+    checked = client.predict("tiny-grpo", *form, extra, "", "api-run", False, api_name="/check_run")
     assert "python -m calligrapher_rl.train --preset tiny-grpo --max_train_steps 3" in checked
-    started = client.predict("tiny-grpo", *form, extra, "", "api-run", api_name="/start_run")
+    started = client.predict("tiny-grpo", *form, extra, "", "api-run", False, api_name="/start_run")
     run_dir = os.path.join(runs_dir, "api-run")
     try:
         msg, run_dd, fresh_name, status = started[:4]
         assert "started **api-run**" in msg and run_dd["value"] == "api-run"
         assert fresh_name.startswith("tiny-grpo-")  # a fresh name is suggested for the next run
         assert status.startswith("**api-run** · **launching**")  # the new run's monitor comes with Start itself
-        again = client.predict("tiny-grpo", *form, extra, "", "api-run", api_name="/start_run")
+        again = client.predict("tiny-grpo", *form, extra, "", "api-run", False, api_name="/start_run")
         assert again[0].startswith("⚠") and "api-run" in again[0]
 
         def finished():
@@ -143,9 +143,22 @@ def test_inference_and_compare_on_a_checkpoint(studio, tmp_path):
     # an empty mask is a one-line message, not a traceback
     _, msg = client.predict(ckpt["value"], "", flux, siglip, value, None, None, *settings, api_name="/generate")
     assert msg.startswith("⚠") and "mask is empty" in msg
-    pair, both, msg = client.predict("base/checkpoint-4/ip-adapter-ema.safetensors", "none", flux, siglip, value,
-                                     handle_file(mask), None, *settings, api_name="/compare")
-    assert msg.startswith("✓ A = **base/checkpoint-4 · EMA**") and "B = **no adapter**" in msg
-    assert len(pair) == 2 and len(both) == 4
-    assert [g["caption"][:1] for g in both] == ["A", "A", "B", "B"]
+    # Compare: up to four checkpoints on the same inputs, every image scored with the training rewards
+    slots = client.predict("base", api_name="/compare_step0")
+    assert slots[:2] == ("base/checkpoint-4/ip-adapter-ema.safetensors", "none") and slots[2:4] == (None, None)
+    assert "step 0: the base weights" in slots[-1]
+    three = ["base/checkpoint-4/ip-adapter-ema.safetensors", "base/checkpoint-2/ip-adapter.safetensors", "none", None]
+    pair, both, table, msg = client.predict(*three, flux, siglip, value, handle_file(mask), None, *settings,
+                                            api_name="/compare")
+    assert msg.startswith("✓ 3 checkpoint(s), same inputs, seed 56, 2 image(s) each") and "C: OCR" in msg, msg
+    assert len(pair) == 2 and len(both) == 6
+    assert [g["caption"][:1] for g in both] == ["A", "A", "B", "B", "C", "C"]
+    assert "base/checkpoint-4 · EMA" in both[0]["caption"] and "OCR " in both[0]["caption"] and "style " in both[0]["caption"]
+    lines = table.splitlines()
+    assert lines[0] == "| | checkpoint | image | OCR read | OCR score | style score |" and len(lines) == 2 + 6
+    scores = [float(x) for line in lines[2:] for x in line.split("|")[5:7]]
+    assert all(0 <= x <= 1 for x in scores[0::2]) and all(-1 <= x <= 1 for x in scores[1::2])
+    _, _, _, msg = client.predict(None, None, None, None, flux, siglip, value, handle_file(mask), None, *settings,
+                                  api_name="/compare")
+    assert msg.startswith("⚠ choose 1 to 4 checkpoints")
     assert "unloaded 1" in client.predict(api_name="/unload")

@@ -359,7 +359,7 @@ def test_check_lists_what_start_would_meet(trained):
     with pytest.raises(UserError, match="unknown reward 'nonsense'.*and 1 more"):
         runs.start_run(runs_dir, "checked", argv, gpus="0,1")
     assert not os.path.exists(os.path.join(runs_dir, "checked"))
-    check = TrainViews(runs_dir).check("tiny-grpo", *form, "--rewards nonsense:1.0", "0,1", "checked")
+    check = TrainViews(runs_dir).check("tiny-grpo", *form, "--rewards nonsense:1.0", "0,1", "checked", False)
     assert check["train_msg"].startswith("⚠ Start would fail") and "nonsense" in check["train_msg"]
 
 
