@@ -145,7 +145,7 @@ def test_inference_and_compare_on_a_checkpoint(studio, tmp_path):
     assert msg.startswith("⚠") and "mask is empty" in msg
     # Compare: up to four checkpoints on the same inputs, every image scored with the training rewards
     slots = client.predict("base", api_name="/compare_step0")
-    assert slots[:2] == ("base/checkpoint-4/ip-adapter-ema.safetensors", "none") and slots[2:4] == (None, None)
+    assert [slot["value"] for slot in slots[:4]] == ["base/checkpoint-4/ip-adapter-ema.safetensors", "none", None, None]
     assert "step 0: the base weights" in slots[-1]
     three = ["base/checkpoint-4/ip-adapter-ema.safetensors", "base/checkpoint-2/ip-adapter.safetensors", "none", None]
     pair, both, table, msg = client.predict(*three, flux, siglip, value, handle_file(mask), None, *settings,
