@@ -95,7 +95,7 @@ def metric_figure(rows: list[dict], key: str, title: str | None = None, note: st
     if not phases:
         return _empty(fig, note or f"no {key} yet")
     both = len(phases) == 2
-    for i, phase in enumerate(phases):
+    for phase in phases:
         x, y = _series(rows, key, phase)
         on_right = both and phase == "warmup"
         fig.add_trace(go.Scatter(x=x, y=y, mode="lines+markers", name=f"{key} ({phase})",
@@ -118,6 +118,13 @@ def figures(rows: list[dict], revision: str = "", method: str | None = None) -> 
                                   note="no clipfrac: DiffusionNFT has no ratio clip" if method == "nft" else None,
                                   revision=revision),
     }
+
+
+SYSTEM_KEYS = ("sys/gpu_mem_gib", "sys/gpu_util")
+
+
+def has_system(rows: list[dict]) -> bool:
+    return any(r.get(k) is not None for r in rows for k in SYSTEM_KEYS)
 
 
 def system_figure(rows: list[dict], revision: str = "") -> go.Figure:

@@ -16,7 +16,14 @@ from PIL import Image
 from calligrapher_rl.errors import UserError
 
 from . import runs
-from .inference import InferenceService, Inputs, Scorer, dataset_example, editor_inputs, size_note
+from .inference import (
+    InferenceService,
+    Inputs,
+    Scorer,
+    dataset_example,
+    editor_inputs,
+    size_note,
+)
 
 NONE = "none"  # plain FLUX-Fill (the base weights): the same pipeline at style strength 0
 SLOTS = ["cmp_1", "cmp_2", "cmp_3", "cmp_4"]

@@ -60,7 +60,11 @@ class InferenceService:
 
     # ------------------------------------------------------------------ loading
     def _stack(self, flux: str, siglip: str, adapter_file: str | None):
-        from calligrapher_rl.models.checkpoints import config_from_state_dict, load_into_adapter, read_adapter_file
+        from calligrapher_rl.models.checkpoints import (
+            config_from_state_dict,
+            load_into_adapter,
+            read_adapter_file,
+        )
         from calligrapher_rl.models.stack import CalligrapherStack, resolve_model_paths
 
         flux, siglip = resolve_model_paths(flux.strip(), siglip.strip())

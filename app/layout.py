@@ -16,7 +16,14 @@ from . import presets
 from .data_views import DataViews
 from .infer_views import SLOTS, InferViews
 from .inference import InferenceService
-from .views import FORM_KEYS, MONITOR_KEYS, TABLE_COLUMNS, MonitorViews, TrainViews, suggest_name
+from .views import (
+    FORM_KEYS,
+    MONITOR_KEYS,
+    TABLE_COLUMNS,
+    MonitorViews,
+    TrainViews,
+    suggest_name,
+)
 
 POLL_S = 2.0
 CSS = """
@@ -122,20 +129,20 @@ def build_demo(runs_dir: str, service: InferenceService | None = None, read_root
                         w.add("rename_btn", gr.Button("Rename", scale=1))
                 w.add("action_msg", gr.Markdown(elem_id="action-msg"))
                 with gr.Row():
-                    w.add("p_reward", gr.Plot(label="reward", elem_id="plot-reward"))
-                    w.add("p_kl", gr.Plot(label="kl"))
+                    w.add("p_reward", gr.Plot(label="reward", show_label=False, elem_id="plot-reward"))
+                    w.add("p_kl", gr.Plot(label="kl", show_label=False))
                 with gr.Row():
-                    w.add("p_loss", gr.Plot(label="loss"))
-                    w.add("p_clip", gr.Plot(label="clipfrac"))
+                    w.add("p_loss", gr.Plot(label="loss", show_label=False))
+                    w.add("p_clip", gr.Plot(label="clipfrac", show_label=False))
                 with gr.Row():
-                    w.add("p_sys", gr.Plot(label="GPU", elem_id="plot-sys"))
+                    w.add("p_sys", gr.Plot(label="GPU", show_label=False, visible=False, elem_id="plot-sys"))
                 with gr.Accordion("Several runs on one chart, CSV export", open=False):
                     with gr.Row():
                         w.add("overlay_runs", gr.Dropdown([], multiselect=True, label="Runs", scale=3))
                         w.add("overlay_key", gr.Dropdown(["reward/mean"], value="reward/mean", label="Metric", scale=2,
                                                          allow_custom_value=True))
                         w.add("smoothing", gr.Slider(0, 0.99, value=0.6, step=0.01, label="Smoothing", scale=2))
-                    w.add("p_overlay", gr.Plot(label="overlay", elem_id="plot-overlay"))
+                    w.add("p_overlay", gr.Plot(label="overlay", show_label=False, elem_id="plot-overlay"))
                     with gr.Row():
                         w.add("csv_btn", gr.Button("Export metrics (CSV): the runs above, else the selected run"))
                         w.add("csv_file", gr.File(label="metrics.csv", interactive=False))

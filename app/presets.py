@@ -13,7 +13,15 @@ import shlex
 import time
 
 from calligrapher_rl.atomic import atomic_path
-from calligrapher_rl.config import FIELDS, PRESETS_DIR, build_parser, field_type, list_presets, load_preset, parse_args
+from calligrapher_rl.config import (
+    FIELDS,
+    PRESETS_DIR,
+    build_parser,
+    field_type,
+    list_presets,
+    load_preset,
+    parse_args,
+)
 from calligrapher_rl.errors import UserError
 
 from .runs import check_name, confine

@@ -20,7 +20,15 @@ from calligrapher_rl.errors import UserError
 from calligrapher_rl.training.checkpointing import list_checkpoints
 from calligrapher_rl.training.run_dir import read_status, request_resume, request_stop
 
-from .procs import CONSOLE, STUDIO_FILE, _launch, launch_alive, launch_record, pid_alive, signal_group
+from .procs import (
+    CONSOLE,
+    STUDIO_FILE,
+    _launch,
+    launch_alive,
+    launch_record,
+    pid_alive,
+    signal_group,
+)
 
 LIVE = ("launching", "starting", "running", "paused", "stopping")
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,79}$")
@@ -299,13 +307,6 @@ def default_read_roots(runs_dir: str) -> list[str]:
     return [runs_dir, repo, str(cache_dir()), hf]
 
 
-def check_paths(cfg) -> None:
-    """Model and data paths exist (or are the embedded 'tiny' / 'bundled'): fail now, not after loading."""
-    from calligrapher_rl.training.preflight import require_ready
-
-    require_ready(cfg)
-
-
 # ---------------------------------------------------------------------------------------------- actions
 def start_run(runs_dir: str, name: str, argv: list[str], gpus: str = "", read_roots: list[str] | None = None) -> str:
     """Launch a detached training run into runs_dir/NAME; returns the run folder."""
@@ -406,42 +407,6 @@ def mark_stopped(run_dir: str, message: str | None = None) -> str:
     return "marked stopped"
 
 
-ARCHIVE = ".archive"
-
-
 def mark_unqueued(run_dir: str) -> None:
     write_json(os.path.join(run_dir, "status.json"), {"state": "stopped", "step": 0, "updated": time.time(),
                                                       "message": "removed from the queue before it started"})
-
-
-def archive_run(run_dir: str) -> str:
-    """Move a run that is not live into runs_dir/.archive/NAME-TIME (nothing is deleted); returns that path."""
-    info = run_info(run_dir)
-    if info["live"] or info["state"] == "dead":
-        raise UserError(f"run {info['name']!r} is {display_state(info)}: "
-                        + ("mark it stopped first" if info["state"] == "dead" else "stop it first"))
-    folder = os.path.join(os.path.dirname(os.path.normpath(run_dir)), ARCHIVE)
-    os.makedirs(folder, exist_ok=True)
-    dest = os.path.join(folder, f"{info['name']}-{time.strftime('%Y%m%d-%H%M%S')}")
-    n = 1
-    while os.path.exists(dest):
-        dest, n = f"{dest.rsplit('~', 1)[0]}~{n}", n + 1
-    os.rename(run_dir, dest)
-    return dest
-
-
-def rename_run(run_dir: str, new_name: str) -> str:
-    """Rename a run that is not live (its folder; run.json's output_dir follows). Returns the new folder."""
-    info = run_info(run_dir)
-    if info["live"] or info["state"] in ("dead", "queued"):
-        raise UserError(f"run {info['name']!r} is {display_state(info)}: only an ended run can be renamed")
-    runs_dir = os.path.dirname(os.path.normpath(run_dir))
-    dest = run_path(runs_dir, new_name)
-    if os.path.exists(dest):
-        raise UserError(f"a run named {new_name.strip()!r} already exists")
-    os.rename(run_dir, dest)
-    cfg_path = os.path.join(dest, "run.json")
-    cfg = _read_json(cfg_path)
-    if cfg.get("output_dir"):
-        write_json(cfg_path, {**cfg, "output_dir": dest})
-    return dest

@@ -17,7 +17,7 @@ import pandas as pd
 
 from calligrapher_rl.errors import UserError
 
-from . import charts, gpu_queue, presets, procs, runs
+from . import charts, gpu_queue, manage, presets, procs, runs
 
 TABLE_COLUMNS = ["run", "state", "step", "reward", "eval reward", "method", "started"]
 FORM_KEYS = [f"form:{flag}" for flag in presets.FORM_FLAGS]
@@ -37,7 +37,7 @@ def toast_error(exc: Exception) -> str:
 
 def suggest_name(preset: str) -> str:
     base = os.path.basename(str(preset or "run"))
-    base = base[:-5] if base.endswith(".toml") else base
+    base = base.removesuffix(".toml")
     return f"{base}-{time.strftime('%m%d-%H%M%S')}"
 
 
@@ -239,7 +239,8 @@ class MonitorViews:
         rows = runs.metrics(run_dir)
         figs = charts.figures(rows, revision=info["name"], method=info["method"])
         return {"p_reward": figs["reward"], "p_kl": figs["kl"], "p_loss": figs["loss"], "p_clip": figs["clipfrac"],
-                "p_sys": charts.system_figure(rows, revision=info["name"])}
+                # GPU memory and utilisation beside the curves, when the trainer logged them (not on CPU)
+                "p_sys": gr.Plot(charts.system_figure(rows, revision=info["name"]), visible=charts.has_system(rows))}
 
     def _grids(self, run_dir: str) -> dict:
         grids = runs.samples(run_dir)
@@ -262,7 +263,7 @@ class MonitorViews:
     def _empty(self, text: str, name) -> dict:
         empty = charts.figures([])
         return {"status": text, **self.buttons(None), "p_reward": empty["reward"], "p_kl": empty["kl"],
-                "p_loss": empty["loss"], "p_clip": empty["clipfrac"], "p_sys": charts.system_figure([]),
+                "p_loss": empty["loss"], "p_clip": empty["clipfrac"], "p_sys": gr.Plot(None, visible=False),
                 "latest": None, "grids": [], "log": "", "log_file": None, "selected": name}
 
     def select(self, name: str | None) -> dict:
@@ -344,7 +345,7 @@ class MonitorViews:
 
     def delete(self, name) -> dict:
         try:
-            dest = runs.archive_run(self._dir(name))
+            dest = manage.archive_run(self._dir(name))
         except UserError as exc:
             return {"action_msg": toast_error(exc)}
         gr.Info(f"{name} moved to the archive")
@@ -354,7 +355,7 @@ class MonitorViews:
 
     def rename(self, name, new_name) -> dict:
         try:
-            dest = runs.rename_run(self._dir(name), new_name)
+            dest = manage.rename_run(self._dir(name), new_name)
         except UserError as exc:
             return {"action_msg": toast_error(exc)}
         new = os.path.basename(dest)

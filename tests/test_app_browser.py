@@ -10,8 +10,13 @@ import tempfile
 import time
 
 import pytest
-from test_app_support import single_thread_runs  # noqa: F401  (a module fixture, used below)
-from test_app_support import free_port, kill_run, trained_run, wait_for
+from test_app_support import (
+    free_port,
+    kill_run,
+    single_thread_runs,  # noqa: F401  (a module fixture, used below)
+    trained_run,
+    wait_for,
+)
 
 CHROMIUM = "/usr/bin/chromium"
 DRIVER = "/usr/bin/chromedriver"
@@ -99,7 +104,7 @@ def test_tabs_render_and_the_form_checks(page):
     By = _by()
     labels = wait_for(lambda: [b.text.strip() for b in page.find_elements(By.CSS_SELECTOR, "button[role=tab]")] or None,
                       30, what="tabs")
-    assert labels[:4] == ["Train", "Runs", "Inference", "Compare"]
+    assert labels[:5] == ["Train", "Runs", "Inference", "Compare", "Dataset"]
     assert page.find_element(By.ID, "start-btn").is_displayed()
     check = [b for b in page.find_elements(By.TAG_NAME, "button") if b.text.strip() == "Check"][0]
     check.click()
@@ -199,9 +204,12 @@ def test_screenshots_of_each_tab(page, tmp_path):
     page.get(f"{page.base_url}?run=base")
     wait_for(lambda: _text(page, "#run-status").startswith("base · finished"), 60, what="the run's monitor")
     wait_for(lambda: page.find_elements(_by().CSS_SELECTOR, "#plot-reward .js-plotly-plot"), 30, what="the charts")
-    for label in ("Train", "Runs", "Inference", "Compare"):
+    for label in ("Train", "Runs", "Inference", "Compare", "Dataset"):
         _tab(page, label)
-        wait_for(lambda: _selected_tab(page) == label, 30, what=f"the {label} tab")
+        wait_for(lambda label=label: _selected_tab(page) == label, 30, what=f"the {label} tab")
+        if label == "Dataset":  # with a page of examples
+            [b for b in page.find_elements(_by().TAG_NAME, "button") if b.text.strip() == "Show examples"][0].click()
+            wait_for(lambda: "usable entries" in _text(page, "#data-msg"), 60, what="a page of examples")
         path = os.path.join(out, f"studio-{label.lower()}.png")
         assert page.save_screenshot(path)
         with Image.open(path) as im:  # small enough for the repository: half size, 64 colours

@@ -10,8 +10,12 @@ import socket
 import time
 
 import pytest
-from test_app_support import single_thread_runs  # noqa: F401  (a module fixture, used below)
-from test_app_support import kill_run, trained_run, wait_for
+from test_app_support import (
+    kill_run,
+    single_thread_runs,  # noqa: F401  (a module fixture, used below)
+    trained_run,
+    wait_for,
+)
 
 from app import charts, gpu_queue, procs, runs
 from app.data_views import DataViews
@@ -150,3 +154,26 @@ def test_the_dataset_tab(tmp_path):
     assert "already exists" in data.synth("mini", 4, 32, 3)["data_msg"]
     for bad in ("/etc/passwd", os.path.join(runs_dir, "..", "x.jsonl")):
         assert "must lie inside" in data.show(bad, 1)["data_msg"]
+
+
+def test_phase_eta_and_gpu_figures_when_the_trainer_gives_them(tmp_path):
+    runs_dir = str(tmp_path)
+    run_dir = live_run(runs_dir, "busy", "")
+    mon = MonitorViews(runs_dir)
+    plain = mon.views("busy")
+    assert "phase" not in plain["status"] and "left" not in plain["status"] and not plain["p_sys"].visible
+    with open(os.path.join(run_dir, "status.json")) as fh:
+        status = json.load(fh)
+    with open(os.path.join(run_dir, "status.json"), "w") as fh:
+        json.dump({**status, "phase": "rollout", "eta_s": 65.4}, fh)
+    with open(os.path.join(run_dir, "metrics.jsonl"), "w") as fh:
+        fh.writelines(json.dumps({"step": step, "phase": "rl", "time": time.time(), "loss": 0.1,
+                                 "sys/gpu_mem_gib": 20.0 + step, "sys/gpu_util": 90.0}) + "\n" for step in (1, 2))
+    out = mon.views("busy")
+    assert "phase: rollout" in out["status"] and "~0:01:05 left" in out["status"]
+    assert out["p_sys"].visible and charts.has_system(runs.metrics(run_dir))
+    with open(os.path.join(run_dir, "console.log"), "w") as fh:
+        fh.write("".join(f"step {i} phase rl reward 0.5 loss 0.1\n" for i in range(500)))
+    out = mon.views("busy")
+    assert out["log"].splitlines()[-1] == "step 499 phase rl reward 0.5 loss 0.1" and len(out["log"].splitlines()) == 200
+    assert out["log_file"] == os.path.join(run_dir, "console.log")  # the whole log, downloadable

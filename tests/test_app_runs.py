@@ -10,10 +10,16 @@ import sys
 import time
 
 import pytest
-from test_app_support import single_thread_runs  # noqa: F401  (a module fixture, used below)
-from test_app_support import REPO, free_port, kill_run, trained_run, wait_for
+from test_app_support import (
+    REPO,
+    free_port,
+    kill_run,
+    single_thread_runs,  # noqa: F401  (a module fixture, used below)
+    trained_run,
+    wait_for,
+)
 
-from app import charts, presets, procs, runs
+from app import charts, manage, presets, procs, runs
 from app.infer_views import InferViews
 from app.views import FORM_KEYS, MonitorViews, TrainViews
 from calligrapher_rl.config import load_preset
@@ -380,17 +386,17 @@ def test_archive_rename_and_clone_a_failed_run(tmp_path):
     assert cloned["form:learning_rate"] == 0.5 and cloned["run_name"] == "broken-clone"
     argv = presets.form_argv(runs_dir, cloned["preset"], [cloned[k] for k in FORM_KEYS], cloned["extra"])
     assert "--learning_rate" in argv and argv[-2:] == ["--seed", "7"]
-    dest = runs.rename_run(run_dir, "broken-2")
+    dest = manage.rename_run(run_dir, "broken-2")
     assert os.path.isdir(dest) and not os.path.exists(run_dir)
     assert runs.run_config(dest)["output_dir"] == dest
     with pytest.raises(UserError, match="already exists"):
         write_status(str(tmp_path / "other"), state="stopped")
-        runs.rename_run(dest, "other")
-    archived = runs.archive_run(dest)
+        manage.rename_run(dest, "other")
+    archived = manage.archive_run(dest)
     assert archived.startswith(os.path.join(runs_dir, ".archive", "broken-2-")) and os.path.isdir(archived)
     assert [r["name"] for r in runs.list_runs(runs_dir)] == ["other"]
     live = str(tmp_path / "live")
     write_status(live, pid=os.getpid())
-    for action in (runs.archive_run, lambda d: runs.rename_run(d, "x")):
+    for action in (manage.archive_run, lambda d: manage.rename_run(d, "x")):
         with pytest.raises(UserError, match="is running"):
             action(live)
