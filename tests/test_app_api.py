@@ -169,3 +169,25 @@ def test_inference_and_compare_on_a_checkpoint(studio, tmp_path):
                                   api_name="/compare")
     assert msg.startswith("⚠ choose 1 to 4 checkpoints")
     assert "unloaded 1" in client.predict(api_name="/unload")
+
+
+def test_manage_runs_and_datasets_through_the_api(studio):
+    _, runs_dir, client = studio
+    cloned = client.predict("base", api_name="/clone_config")  # the form, preset, extra flags, name, messages
+    assert cloned[0] == "grpo" and cloned[17] == "tiny-grpo" and cloned[19] == "base-clone"
+    assert "--max_train_steps" not in cloned[18] and cloned[3] == 4  # the form has it; extra holds the rest
+    csv_path = client.predict([], "base", api_name="/export_csv")
+    with open(csv_path, encoding="utf-8") as fh:
+        assert fh.readline().startswith("run,step,phase,time,")
+    fake = os.path.join(runs_dir, "api-failed")
+    os.makedirs(fake)
+    with open(os.path.join(fake, "status.json"), "w") as fh:
+        json.dump({"state": "failed", "step": 0, "message": "UserError: bad", "started": 1.0, "updated": 1.0}, fh)
+    renamed = client.predict("api-failed", "api-failed-2", api_name="/rename_run")
+    assert renamed[0].startswith("**api-failed-2** · **failed**") and "renamed" in renamed[-3]
+    deleted = client.predict("api-failed-2", api_name="/delete_run")
+    assert "moved to" in deleted[-3] and not os.path.exists(os.path.join(runs_dir, "api-failed-2"))
+    assert os.listdir(os.path.join(runs_dir, ".archive"))
+    gallery, msg, page = client.predict("bundled", 2, api_name="/dataset_page")
+    assert len(gallery) == 18 and "page 2 of 3" in msg and page == 2
+    assert client.predict("bundled", api_name="/dataset_validate").startswith("✓")
