@@ -1,4 +1,5 @@
 """The Calligrapher RL studio:  python app.py [--host 127.0.0.1] [--port 7860] [--auth USER:PASS] [--runs_dir DIR]
+                                              [--allow_read DIR ...]
 
 See docs/studio.md. The code is in the app/ package (server.py parses these flags and launches).
 """

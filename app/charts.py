@@ -3,6 +3,9 @@
 Every figure marks the phases: the supervised warmup is a shaded band and a dashed line marks where RL
 starts; when a metric is logged in both phases (loss), each phase is its own trace (warmup on the right
 axis, since its scale differs by orders of magnitude). `uirevision` keeps the user's zoom across updates.
+Labels never overlap: the title sits above the plot, the legend below the tick labels (plotly grows the
+bottom margin for it), "warmup" at the bottom of its band and "RL" at the top of its line; hovering shows
+every trace's value at that step.
 """
 
 from __future__ import annotations
@@ -31,15 +34,18 @@ def phase_bounds(rows: list[dict]) -> tuple[int | None, int | None]:
 
 def _base(title: str, rows: list[dict], revision: str, ytitle: str = "") -> go.Figure:
     fig = go.Figure()
-    fig.update_layout(title={"text": title, "x": 0.02, "font": {"size": 14}}, height=HEIGHT, template="plotly_white",
-                      margin={"l": 50, "r": 20, "t": 40, "b": 35}, uirevision=revision, hovermode="x unified",
-                      legend={"orientation": "h", "y": -0.2, "font": {"size": 10}},
-                      xaxis={"title": {"text": "step"}}, yaxis={"title": {"text": ytitle}})
+    fig.update_layout(title={"text": title, "x": 0.02, "y": 0.98, "yanchor": "top", "font": {"size": 14}},
+                      height=HEIGHT, template="plotly_white", margin={"l": 50, "r": 20, "t": 40, "b": 30},
+                      uirevision=revision, hovermode="x unified",
+                      legend={"orientation": "h", "x": 0, "xanchor": "left", "y": -0.14, "yanchor": "top",
+                              "font": {"size": 10}},
+                      xaxis={"title": {"text": ""}, "automargin": True},  # the step is in the hover label
+                      yaxis={"title": {"text": ytitle}, "automargin": True})
     last_warm, first_rl = phase_bounds(rows)
     if last_warm is not None:
         end = first_rl if first_rl is not None else last_warm
         fig.add_vrect(x0=0, x1=max(end, 0.5), fillcolor="#888", opacity=0.12, line_width=0,
-                      annotation_text="warmup", annotation_position="top left")
+                      annotation_text="warmup", annotation_position="bottom left")
     if first_rl is not None and last_warm is not None:
         fig.add_vline(x=first_rl, line_dash="dash", line_color="#555", annotation_text="RL",
                       annotation_position="top right")
@@ -89,7 +95,7 @@ def metric_figure(rows: list[dict], key: str, title: str | None = None, note: st
     if not phases:
         return _empty(fig, note or f"no {key} yet")
     both = len(phases) == 2
-    for i, phase in enumerate(phases):
+    for phase in phases:
         x, y = _series(rows, key, phase)
         on_right = both and phase == "warmup"
         fig.add_trace(go.Scatter(x=x, y=y, mode="lines+markers", name=f"{key} ({phase})",
@@ -112,3 +118,63 @@ def figures(rows: list[dict], revision: str = "", method: str | None = None) -> 
                                   note="no clipfrac: DiffusionNFT has no ratio clip" if method == "nft" else None,
                                   revision=revision),
     }
+
+
+SYSTEM_KEYS = ("sys/gpu_mem_gib", "sys/gpu_util")
+
+
+def has_system(rows: list[dict]) -> bool:
+    return any(r.get(k) is not None for r in rows for k in SYSTEM_KEYS)
+
+
+def system_figure(rows: list[dict], revision: str = "") -> go.Figure:
+    """GPU memory (GiB, left axis) and utilisation (%, right axis) of the run, when the trainer logs them."""
+    fig = _base("GPU", rows, revision, ytitle="memory (GiB)")
+    mx, my = _series(rows, "sys/gpu_mem_gib")
+    ux, uy = _series(rows, "sys/gpu_util")
+    if mx:
+        fig.add_trace(go.Scatter(x=mx, y=my, mode="lines", name="GPU memory (GiB)", line={"color": COLORS[4]}))
+    if ux:
+        fig.add_trace(go.Scatter(x=ux, y=uy, mode="lines", name="GPU util (%)", line={"color": COLORS[5], "dash": "dot"},
+                                 yaxis="y2"))
+        fig.update_layout(yaxis2={"overlaying": "y", "side": "right", "range": [0, 100], "showgrid": False,
+                                  "title": {"text": "util (%)"}})
+    if not (mx or ux):
+        _empty(fig, "no GPU figures (CPU run, or not logged)")
+    return fig
+
+
+def smooth(values: list[float], weight: float) -> list[float]:
+    """TensorBoard's smoothing: an exponential moving average, debiased so the first points are not pulled
+    towards 0. weight 0 = raw."""
+    if not 0 <= weight < 1:
+        raise ValueError(f"smoothing must be in [0, 1), got {weight}")
+    out, avg, norm = [], 0.0, 0.0
+    for v in values:
+        avg = weight * avg + (1 - weight) * v
+        norm = weight * norm + (1 - weight)
+        out.append(avg / norm)
+    return out
+
+
+def overlay_figure(runs: dict[str, list[dict]], key: str, smoothing: float = 0.0) -> go.Figure:
+    """One metric of several runs on one chart (x = step), each smoothed, with the raw values faint behind."""
+    fig = _base(f"{key} · {len(runs)} run(s)" + (f" · smoothed {smoothing:g}" if smoothing else ""), [], "overlay")
+    for i, (name, rows) in enumerate(runs.items()):
+        xs, ys = _series(rows, key)
+        if not xs:
+            continue
+        color = COLORS[i % len(COLORS)]
+        if smoothing:
+            fig.add_trace(go.Scatter(x=xs, y=ys, mode="lines", name=f"{name} (raw)", showlegend=False,
+                                     hoverinfo="skip", line={"color": color, "width": 1}, opacity=0.25))
+        fig.add_trace(go.Scatter(x=xs, y=smooth(ys, smoothing), mode="lines", name=name, line={"color": color}))
+    if not fig.data:
+        _empty(fig, f"no {key} in the chosen runs")
+    return fig
+
+
+def metric_keys(rows: list[dict]) -> list[str]:
+    """The numeric metrics of some rows, reward first."""
+    keys = {k for r in rows for k, v in r.items() if k not in ("step", "time") and isinstance(v, (int, float))}
+    return sorted(keys, key=lambda k: (not k.startswith("reward/mean"), not k.startswith("reward"), k))

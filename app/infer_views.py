@@ -1,7 +1,9 @@
-"""The Inference and Compare tabs' callbacks.
+"""The Inference and Compare tabs' callbacks ({component name: value} out, as in views.py).
 
 A checkpoint is chosen as a run plus one of its adapter files, or typed as a path; every path must resolve
 inside runs_dir (the run's own initial adapter from run.json is offered by name, never by a typed path).
+Compare runs 1-4 checkpoints on the same inputs and seed and scores every image with the training rewards
+(what OCR reads, the OCR score, the SigLIP style score).
 """
 
 from __future__ import annotations
@@ -14,9 +16,17 @@ from PIL import Image
 from calligrapher_rl.errors import UserError
 
 from . import runs
-from .inference import InferenceService, Inputs, dataset_example, editor_inputs
+from .inference import (
+    InferenceService,
+    Inputs,
+    Scorer,
+    dataset_example,
+    editor_inputs,
+    size_note,
+)
 
-NONE = "none"  # plain FLUX-Fill: the same pipeline at style strength 0
+NONE = "none"  # plain FLUX-Fill (the base weights): the same pipeline at style strength 0
+SLOTS = ["cmp_1", "cmp_2", "cmp_3", "cmp_4"]
 INITIAL = "initial"  # the run's --initial_ip_adapter_path
 
 
@@ -25,9 +35,10 @@ def err(exc: Exception) -> str:
 
 
 class InferViews:
-    def __init__(self, runs_dir: str, service: InferenceService | None = None):
+    def __init__(self, runs_dir: str, service: InferenceService | None = None, scorer: Scorer | None = None):
         self.runs_dir = runs_dir
         self.service = service or InferenceService()
+        self.scorer = scorer or Scorer()
 
     # ------------------------------------------------------------------ choosing a checkpoint
     def runs_with_checkpoints(self) -> list[str]:
@@ -47,7 +58,8 @@ class InferViews:
         return out + [("no adapter — plain FLUX-Fill", NONE)]
 
     def run_changed(self, name: str | None):
-        """Checkpoint choices (latest EMA first) and the run's model paths and resolution."""
+        """Checkpoint choices (latest EMA first) and the run's model paths (never a resize: the source keeps
+        its size unless the user asks for a square)."""
         choices = self.checkpoint_choices(name)
         cfg = {}
         if name:
@@ -55,22 +67,39 @@ class InferViews:
                 cfg = runs.run_config(runs.run_path(self.runs_dir, name))
             except UserError:
                 cfg = {}
-        return (gr.Dropdown(choices=choices, value=choices[0][1]),
-                cfg.get("pretrained_model_name_or_path") or gr.skip(), cfg.get("siglip_path") or gr.skip(),
-                cfg.get("resolution") or gr.skip())
+        out = {"ckpt": gr.Dropdown(choices=choices, value=choices[0][1])}
+        for key, flag in (("flux", "pretrained_model_name_or_path"), ("siglip", "siglip_path")):
+            if cfg.get(flag):
+                out[key] = cfg[flag]
+        return out
 
-    def side_changed(self, name: str | None):
-        """Side A: the run's latest file (EMA first)."""
-        choices = self.checkpoint_choices(name)
-        return gr.Dropdown(choices=choices, value=choices[0][1])
+    def all_choices(self) -> list[tuple[str, str]]:
+        """Every adapter file of every run (newest run first), and the base weights."""
+        out = []
+        for name in self.runs_with_checkpoints():
+            out += [(f"{name} · {label}", value) for label, value in self.checkpoint_choices(name)[:-1]]
+        return out + [("base weights — no adapter (plain FLUX-Fill)", NONE)]
 
-    def side_b_changed(self, name: str | None):
-        """Side B: the run's oldest checkpoint (EMA), or no adapter when it has only one."""
-        choices = self.checkpoint_choices(name)
-        files = [v for _, v in choices if v != NONE and not v.startswith(INITIAL + ":")]
-        oldest = [f for f in files if os.path.dirname(f) == os.path.dirname(files[-1])] if files else []
-        value = oldest[0] if oldest and os.path.dirname(files[0]) != os.path.dirname(files[-1]) else NONE
-        return gr.Dropdown(choices=choices, value=value)
+    def compare_choices(self) -> dict:
+        choices = self.all_choices()
+        return {slot: gr.Dropdown(choices=choices) for slot in SLOTS}
+
+    def step0(self, name: str | None) -> dict:
+        """A run's latest EMA (or raw) file against what it started from: its initial adapter, else the base
+        weights (a run without one started from a fresh adapter, which no file holds)."""
+        if not name:
+            return {"cmp_msg": "⚠ choose a run"}
+        files = self.checkpoint_choices(name)
+        latest = next((v for _, v in files if v != NONE and not v.startswith(INITIAL + ":")), None)
+        if latest is None:
+            return {"cmp_msg": f"⚠ run {name!r} has no checkpoint yet"}
+        start = next((v for _, v in files if v.startswith(INITIAL + ":")), NONE)
+        note = ("its initial adapter" if start != NONE else
+                "the base weights (the run began from a fresh, random adapter: no file holds step 0)")
+        choices = self.all_choices()
+        return {"cmp_1": gr.Dropdown(choices=choices, value=latest), "cmp_2": gr.Dropdown(choices=choices, value=start),
+                "cmp_3": gr.Dropdown(choices=choices, value=None), "cmp_4": gr.Dropdown(choices=choices, value=None),
+                "cmp_msg": f"A = {name}'s latest checkpoint, B = step 0: {note}. Press **Compare**."}
 
     def adapter_file(self, choice: str | None, typed: str | None = None) -> tuple[str | None, str]:
         """(file or None for no adapter, label)."""
@@ -96,13 +125,13 @@ class InferViews:
             os.sep + "ip-adapter.safetensors", " · raw")
 
     # ------------------------------------------------------------------ inputs
-    def example(self, index):
+    def example(self, index) -> dict:
         """The next example of the bundled dataset: source in the editor, its mask as the uploaded mask."""
         index = int(index or 0)
         ex = dataset_example(index)
         src = ex["source"].convert("RGBA")
-        editor = {"background": src, "layers": [], "composite": src}
-        return editor, ex["mask"].convert("RGB"), ex["reference"], ex["text"], index + 1
+        return {"editor": {"background": src, "layers": [], "composite": src}, "mask_up": ex["mask"].convert("RGB"),
+                "reference": ex["reference"], "text": ex["text"], "ex_index": index + 1}
 
     @staticmethod
     def _inputs(editor, mask_up, reference, text, steps, guidance, scale, seed, num_images, resolution, use_context):
@@ -114,29 +143,54 @@ class InferViews:
                       resolution=int(resolution) if resolution else None, use_context=bool(use_context))
 
     # ------------------------------------------------------------------ actions
-    def generate(self, choice, typed, flux, siglip, *inputs):
+    def generate(self, choice, typed, flux, siglip, *inputs) -> dict:
         try:
             file, label = self.adapter_file(choice, typed)
-            images, secs = self.service.generate(flux, siglip, file, self._inputs(*inputs))
-        except UserError as exc:
-            return [], err(exc)
-        seed = int(inputs[7] or 0)
-        gallery = [(im, f"{label} · seed {seed} · #{i + 1}") for i, im in enumerate(images)]
-        return gallery, f"✓ {len(images)} image(s) from **{label}** in {secs:.1f} s"
-
-    def compare(self, choice_a, choice_b, flux, siglip, *inputs):
-        try:
-            file_a, label_a = self.adapter_file(choice_a)
-            file_b, label_b = self.adapter_file(choice_b)
             inp = self._inputs(*inputs)
-            images_a, sa = self.service.generate(flux, siglip, file_a, inp)
-            images_b, sb = self.service.generate(flux, siglip, file_b, inp)
+            images, secs = self.service.generate(flux, siglip, file, inp)
         except UserError as exc:
-            return None, [], err(exc)
-        gallery = [(im, f"A · {label_a} · #{i + 1}") for i, im in enumerate(images_a)]
-        gallery += [(im, f"B · {label_b} · #{i + 1}") for i, im in enumerate(images_b)]
-        return ((images_a[0], images_b[0]), gallery,
-                f"✓ A = **{label_a}** ({sa:.1f} s), B = **{label_b}** ({sb:.1f} s); same inputs, seed {inp.seed}")
+            gr.Warning(str(exc))
+            return {"out_gallery": [], "inf_msg": err(exc)}
+        gallery = [(im, f"{label} · seed {inp.seed} · #{i + 1}") for i, im in enumerate(images)]
+        note = size_note(inp.source.size, inp.resolution)
+        if note:
+            gr.Info(note)
+        size = f"{images[0].width}x{images[0].height}" if images else ""
+        msg = f"✓ {len(images)} image(s) from **{label}** in {secs:.1f} s, {size}" + (f"\n\nℹ {note}" if note else "")
+        return {"out_gallery": gallery, "inf_msg": msg}
 
-    def unload(self):
-        return self.service.unload()
+    def compare(self, c1, c2, c3, c4, flux, siglip, *inputs) -> dict:
+        """1-4 checkpoints on the same inputs and seed, side by side, each image with its reward scores."""
+        from calligrapher_rl.models.stack import resolve_model_paths
+
+        chosen = [c for c in (c1, c2, c3, c4) if c]
+        try:
+            if not chosen:
+                raise UserError("choose 1 to 4 checkpoints (or the base weights) in the slots")
+            inp = self._inputs(*inputs)
+            siglip_dir = resolve_model_paths((flux or "").strip(), (siglip or "").strip())[1]
+            results = []
+            for letter, choice in zip("ABCD", chosen):
+                file, label = self.adapter_file(choice)
+                images, secs = self.service.generate(flux, siglip, file, inp)
+                results.append((letter, label, images, secs, self.scorer.score(images, inp, siglip_dir)))
+        except UserError as exc:
+            gr.Warning(str(exc))
+            return {"cmp_msg": err(exc)}
+        gallery, rows = [], ["| | checkpoint | image | OCR read | OCR score | style score |", "|---|---|---|---|---|---|"]
+        for letter, label, images, _, scores in results:
+            for i, (im, sc) in enumerate(zip(images, scores)):
+                gallery.append((im, f"{letter} · {label} · #{i + 1} · OCR {sc['ocr']:.2f} ({sc['ocr_text'] or '—'}) · "
+                                    f"style {sc['style']:.3f}"))
+                rows.append(f"| {letter} | {label} | #{i + 1} | `{sc['ocr_text'] or '—'}` | {sc['ocr']:.3f} | "
+                            f"{sc['style']:.3f} |")
+        means = " · ".join(f"{letter}: OCR {sum(s['ocr'] for s in sc) / len(sc):.3f}, style "
+                           f"{sum(s['style'] for s in sc) / len(sc):.3f}" for letter, _, _, _, sc in results)
+        first = [r[2][0] for r in results]
+        return {"slider": (first[0], first[1]) if len(first) > 1 else None, "cmp_gallery": gallery,
+                "cmp_scores": "\n".join(rows),
+                "cmp_msg": f"✓ {len(results)} checkpoint(s), same inputs, seed {inp.seed}, {inp.num_images} image(s) "
+                           f"each. Means: {means}"}
+
+    def unload(self) -> dict:
+        return {"inf_msg": self.service.unload()}

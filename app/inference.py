@@ -60,7 +60,11 @@ class InferenceService:
 
     # ------------------------------------------------------------------ loading
     def _stack(self, flux: str, siglip: str, adapter_file: str | None):
-        from calligrapher_rl.models.checkpoints import config_from_state_dict, load_into_adapter, read_adapter_file
+        from calligrapher_rl.models.checkpoints import (
+            config_from_state_dict,
+            load_into_adapter,
+            read_adapter_file,
+        )
         from calligrapher_rl.models.stack import CalligrapherStack, resolve_model_paths
 
         flux, siglip = resolve_model_paths(flux.strip(), siglip.strip())
@@ -113,6 +117,9 @@ class InferenceService:
 
         if not (inputs.text or "").strip():
             raise UserError("type the text to write")
+        if inputs.resolution is not None and (inputs.resolution < 32 or inputs.resolution % MULTIPLE):
+            raise UserError(f"Resize to a square: expected a multiple of {MULTIPLE} of at least 32 px (or empty to keep "
+                            f"the source's size), got {inputs.resolution}")
         for name, value, lo, hi in (("steps", inputs.steps, 1, 200), ("number of images", inputs.num_images, 1, 16)):
             if value is None or not lo <= int(value) <= hi:
                 raise UserError(f"{name} must be in [{lo}, {hi}], got {value}")
@@ -138,7 +145,8 @@ def _rgb(arr) -> Image.Image:
 
 
 def mask_from_upload(arr, size: tuple[int, int]) -> Image.Image:
-    """An uploaded mask (white = repaint; a transparent PNG's strokes count too), resized to the source."""
+    """An uploaded mask (white = repaint; a transparent PNG's strokes count too). It must have the source's
+    size: a mask of another size is refused, never stretched (which pixels it meant cannot be known)."""
     arr = np.asarray(arr)
     if arr.ndim == 3 and arr.shape[2] == 4 and arr[..., 3].min() < 255:
         on = arr[..., 3] > 0
@@ -146,7 +154,31 @@ def mask_from_upload(arr, size: tuple[int, int]) -> Image.Image:
         gray = arr if arr.ndim == 2 else arr[..., :3].astype(np.float32).mean(axis=2)
         on = gray > 127
     mask = Image.fromarray((on * 255).astype(np.uint8), "L")
-    return mask if mask.size == size else mask.resize(size, Image.NEAREST)
+    if mask.size != size:
+        raise UserError(f"the mask is {mask.width}x{mask.height} but the source is {size[0]}x{size[1]}: upload a mask "
+                        "of the source's size (or brush the mask on the source)")
+    return mask
+
+
+MULTIPLE = 16  # FLUX works on sides that are multiples of 16 (VAE 8 x patch 2)
+
+
+def model_size(size: tuple[int, int], resolution: int | None) -> tuple[int, int]:
+    """The size the model works at: the asked square, else the source's sides rounded down to 16."""
+    if resolution:
+        return resolution, resolution
+    return tuple(max(MULTIPLE, side // MULTIPLE * MULTIPLE) for side in size)
+
+
+def size_note(size: tuple[int, int], resolution: int | None) -> str:
+    """What happens to the source's size, in words (empty when nothing changes)."""
+    out = model_size(size, resolution)
+    if out == tuple(size):
+        return ""
+    if resolution:
+        return f"source {size[0]}x{size[1]} resized to {out[0]}x{out[1]} as asked (Resize to a square)"
+    return (f"source {size[0]}x{size[1]} resized to {out[0]}x{out[1]}: the model needs sides that are multiples of "
+            f"{MULTIPLE}")
 
 
 def editor_inputs(editor, mask_upload=None) -> tuple[Image.Image, Image.Image]:
@@ -186,3 +218,37 @@ def dataset_example(index: int = 0) -> dict:
 
     return {"source": load("source", "RGB"), "mask": load("mask", "L"), "reference": load("reference", "RGB"),
             "text": e["text"]}
+
+
+class Scorer:
+    """The training rewards on studio images: what OCR reads in the repainted region, its OCR score, and the
+    SigLIP style score against the reference. Engines load on first use and stay (one per SigLIP path)."""
+
+    def __init__(self):
+        self._ocr = None
+        self._style: dict[str, object] = {}
+        self._lock = threading.Lock()
+
+    def score(self, images: list[Image.Image], inputs: Inputs, siglip_path: str) -> list[dict]:
+        from calligrapher_rl.images import crop_to_mask
+        from calligrapher_rl.rewards import RewardSample, make_reward
+        from calligrapher_rl.rewards.ocr import ocr_crop, text_score
+
+        reference = inputs.reference or crop_to_mask(inputs.source, inputs.mask)
+        mask = inputs.mask
+        out = []
+        with self._lock:
+            if self._ocr is None:
+                self._ocr = make_reward("ocr")
+            if siglip_path not in self._style:
+                self._style[siglip_path] = make_reward("style", siglip_path=siglip_path, device=_device_dtype()[0])
+            # the images come at the model's size (see model_size): the mask follows the same rounding the
+            # pipeline applied to it, so the scored region is the repainted one
+            samples = [RewardSample(image=im.convert("RGB"), mask=mask if mask.size == im.size else
+                                    mask.resize(im.size, Image.NEAREST), text=inputs.text.strip(), reference=reference)
+                       for im in images]
+            style = self._style[siglip_path].score(samples)
+            for sample, st in zip(samples, style):
+                read = self._ocr.recognize(ocr_crop(sample))
+                out.append({"ocr_text": read, "ocr": text_score(read, sample.text), "style": st})
+        return out

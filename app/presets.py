@@ -13,7 +13,15 @@ import shlex
 import time
 
 from calligrapher_rl.atomic import atomic_path
-from calligrapher_rl.config import FIELDS, PRESETS_DIR, build_parser, field_type, list_presets, load_preset, parse_args
+from calligrapher_rl.config import (
+    FIELDS,
+    PRESETS_DIR,
+    build_parser,
+    field_type,
+    list_presets,
+    load_preset,
+    parse_args,
+)
 from calligrapher_rl.errors import UserError
 
 from .runs import check_name, confine
@@ -174,3 +182,25 @@ def save_preset(runs_dir: str, name: str, preset: str, form: list, extra: str = 
         if back != keep:
             raise UserError("preset did not read back identically; not saved", where=path)
     return path
+
+
+def clone_values(runs_dir: str, run_cfg: dict) -> tuple[str, list, str]:
+    """A run's configuration (its run.json) as the Train form: (preset, form values, extra flags). The base
+    preset is the built-in one that needs the fewest extra flags; every other difference is spelled out."""
+    from calligrapher_rl.config import TrainConfig
+
+    if not run_cfg:
+        raise UserError("the run has no run.json (it failed before writing its configuration)")
+    cfg = TrainConfig.from_json(run_cfg).to_dict()
+    keep = {k: v for k, v in cfg.items() if k in FIELDS and k not in NOT_SAVED and k not in FORM_FLAGS}
+    best = None
+    for name in list_presets():
+        base = defaults(runs_dir, name)
+        base_resolved = TrainConfig(**{k: v for k, v in base.items() if k in FIELDS}).resolved()
+        diff = {k: v for k, v in keep.items() if v != getattr(base_resolved, k)}
+        if best is None or len(diff) < len(best[1]):
+            best = (name, diff)
+    preset, diff = best
+    form = ["" if cfg[f] is None else cfg[f] for f in FORM_FLAGS]
+    extra = shlex.join([t for k, v in diff.items() for t in (f"--{k}", _show(v))])
+    return preset, form, extra

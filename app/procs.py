@@ -1,6 +1,9 @@
-"""Processes: launching a detached training run and telling whether a recorded pid is still that run.
+"""Processes: launching a detached training run, and telling whether a recorded pid is still that run.
 
-Used by runs.py (which owns the run-folder side: status, start, stop, resume).
+A pid is only ever trusted together with a time: the launch record keeps the process's own start time
+(psutil's create_time), a trainer's status.json keeps when it started. A process whose start time does
+not fit is another process that reused the pid; one whose start time cannot be told is unknown, and the
+studio refuses to signal it (and says so) rather than guess.
 """
 
 from __future__ import annotations
@@ -8,10 +11,13 @@ from __future__ import annotations
 import os
 import re
 import shlex
+import signal
 import socket
 import subprocess
 import sys
 import time
+
+import psutil
 
 from calligrapher_rl.atomic import write_json
 from calligrapher_rl.errors import UserError
@@ -19,6 +25,8 @@ from calligrapher_rl.errors import UserError
 STUDIO_FILE = "studio.json"
 CONSOLE = "console.log"
 _children: list[subprocess.Popen] = []  # processes this studio started (reaped so they never linger as zombies)
+SAME_PROCESS_S = 1.0  # create_time of one process read twice differs by clock-tick rounding only
+TRAINER_START_SLACK_S = 2.0  # a trainer writes its first status this long after its process was created, at most
 
 
 def _reap() -> None:
@@ -27,49 +35,107 @@ def _reap() -> None:
             _children.remove(p)
 
 
-def _proc_start_time(pid: int) -> float | None:
-    """Unix start time of a process (Linux /proc), or None when it cannot be read."""
+def proc_start_time(pid) -> float | None:
+    """Unix start time of a live, non-zombie process; None when there is none (or it cannot be read)."""
+    _reap()
+    if not isinstance(pid, int) or isinstance(pid, bool) or pid <= 0:
+        return None
     try:
-        with open(f"/proc/{pid}/stat", encoding="utf-8") as fh:
-            fields = fh.read().rsplit(")", 1)[1].split()
-        with open("/proc/stat", encoding="utf-8") as fh:
-            btime = next(float(line.split()[1]) for line in fh if line.startswith("btime"))
-        return btime + int(fields[19]) / os.sysconf("SC_CLK_TCK")
-    except (OSError, IndexError, ValueError, StopIteration):
+        proc = psutil.Process(pid)
+        if proc.status() in (psutil.STATUS_ZOMBIE, psutil.STATUS_DEAD):
+            return None
+        return proc.create_time()
+    except (psutil.Error, OSError):
         return None
 
 
-def pid_alive(pid, started: float | None = None) -> bool:
-    """True if the process exists, is not a zombie, and (when `started` is known) is not a newer process
-    that reused the pid: a run's process starts before it writes its first status."""
-    _reap()
-    if not isinstance(pid, int) or pid <= 0:
+def same_process(pid, created: float | None = None, started: float | None = None) -> bool | None:
+    """Is `pid` still the process that was recorded?  `created`: its own start time (launch record);
+    `started`: when it began its run (status.json; the process is at most a little older).
+    True / False, or None when it is alive but nothing recorded tells whether it is the same one."""
+    t0 = proc_start_time(pid)
+    if t0 is None:
         return False
+    if created is not None:
+        return abs(t0 - created) <= SAME_PROCESS_S
+    if started is not None:
+        return t0 <= started + TRAINER_START_SLACK_S
+    return None
+
+
+def pid_alive(pid, started: float | None = None, created: float | None = None) -> bool:
+    """True if `pid` runs and is (as far as can be told) the recorded process; an unknown one counts as alive,
+    so a run is never declared dead on a guess (signals check with same_process, which refuses unknowns)."""
+    return same_process(pid, created, started) is not False
+
+
+def signal_group(pid, sig: int = signal.SIGTERM, *, created: float | None = None, started: float | None = None,
+                 what: str = "the run's process") -> None:
+    """Send `sig` to the process group led by the recorded process, after checking it is that process.
+    UserError when it is another process (pid reused) or when that cannot be told."""
+    same = same_process(pid, created, started)
+    if same is None:
+        raise UserError(f"not signalling pid {pid}: no start time was recorded for {what}, so the studio "
+                        "cannot tell whether that pid is still it")
+    if not same:
+        raise UserError(f"not signalling pid {pid}: it is no longer {what} (gone, or the pid now belongs to "
+                        "another process)")
     try:
-        os.kill(pid, 0)
+        os.killpg(os.getpgid(pid), sig)
     except ProcessLookupError:
-        return False
-    except PermissionError:
         pass
+
+
+def launch_record(run_dir: str) -> dict:
+    import json
+
     try:
-        with open(f"/proc/{pid}/stat", encoding="utf-8") as fh:
-            if fh.read().rsplit(")", 1)[1].split()[0] in ("Z", "X"):
-                return False
-    except (OSError, IndexError):
-        pass
-    if started:
-        t0 = _proc_start_time(pid)
-        if t0 is not None and t0 > started + 2.0:
-            return False
-    return True
+        with open(os.path.join(run_dir, STUDIO_FILE), encoding="utf-8") as fh:
+            data = json.load(fh)
+        return data if isinstance(data, dict) else {}
+    except (OSError, ValueError):
+        return {}
+
+
+def launch_created(launch: dict) -> float | None:
+    """The launched process's own start time: recorded at launch; for older records, the Popen call's time
+    brackets it (the process is created during that call)."""
+    if isinstance(launch.get("created"), (int, float)):
+        return float(launch["created"])
+    return None
+
+
+def launch_alive(launch: dict) -> bool:
+    """The process in a launch record is still running (and is that process)."""
+    if not launch:
+        return False
+    created = launch_created(launch)
+    if created is not None:
+        return same_process(launch.get("pid"), created=created) is True
+    t0 = proc_start_time(launch.get("pid"))
+    launched = launch.get("launched")
+    # an old record without `created`: the process was created within the launching call
+    return t0 is not None and isinstance(launched, (int, float)) and launched - SAME_PROCESS_S <= t0 <= launched + 30
 
 
 def train_command(argv: list[str], gpus: str = "") -> list[str]:
-    n = len([g for g in gpus.split(",") if g.strip()]) if gpus else 0
+    n = len(parse_gpus(gpus))
     if n > 1:
         return [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", str(n), "-m",
                 "calligrapher_rl.train", *argv]
     return [sys.executable, "-m", "calligrapher_rl.train", *argv]
+
+
+def parse_gpus(gpus: str | None) -> list[int]:
+    """'0,1' -> [0, 1]; '' -> [] (CPU, or whatever the environment gives)."""
+    if not gpus or not gpus.strip():
+        return []
+    if not re.match(r"^\s*\d+(\s*,\s*\d+)*\s*$", gpus):
+        raise UserError(f"GPUs: expected indices like 0 or 0,1, got {gpus!r}")
+    out = [int(g) for g in gpus.split(",")]
+    if len(set(out)) != len(out):
+        raise UserError(f"GPUs: an index is repeated in {gpus!r}")
+    return out
 
 
 def command_line(argv: list[str], gpus: str = "") -> str:
@@ -82,10 +148,8 @@ def _launch(run_dir: str, argv: list[str], gpus: str = "") -> int:
     os.makedirs(run_dir, exist_ok=True)
     cmd = train_command(argv, gpus)
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    if gpus and gpus.strip():
-        if not re.match(r"^\s*\d+(\s*,\s*\d+)*\s*$", gpus):
-            raise UserError(f"GPUs: expected indices like 0 or 0,1, got {gpus!r}")
-        env["CUDA_VISIBLE_DEVICES"] = gpus.replace(" ", "")
+    if parse_gpus(gpus):
+        env["CUDA_VISIBLE_DEVICES"] = ",".join(map(str, parse_gpus(gpus)))
     launched = time.time()
     with open(os.path.join(run_dir, CONSOLE), "ab") as log:
         log.write(f"\n$ {command_line(argv, gpus)}\n".encode())
@@ -93,6 +157,7 @@ def _launch(run_dir: str, argv: list[str], gpus: str = "") -> int:
         proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
                                 start_new_session=True, env=env, close_fds=True)
     _children.append(proc)
-    write_json(os.path.join(run_dir, STUDIO_FILE), {"pid": proc.pid, "argv": cmd, "launched": launched,
-                                                    "gpus": gpus, "host": socket.gethostname()})
+    created = proc_start_time(proc.pid)
+    write_json(os.path.join(run_dir, STUDIO_FILE), {"pid": proc.pid, "created": created, "argv": cmd,
+                                                    "launched": launched, "gpus": gpus, "host": socket.gethostname()})
     return proc.pid

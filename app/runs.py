@@ -20,7 +20,15 @@ from calligrapher_rl.errors import UserError
 from calligrapher_rl.training.checkpointing import list_checkpoints
 from calligrapher_rl.training.run_dir import read_status, request_resume, request_stop
 
-from .procs import CONSOLE, STUDIO_FILE, _launch, pid_alive
+from .procs import (
+    CONSOLE,
+    STUDIO_FILE,
+    _launch,
+    launch_alive,
+    launch_record,
+    pid_alive,
+    signal_group,
+)
 
 LIVE = ("launching", "starting", "running", "paused", "stopping")
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,79}$")
@@ -168,18 +176,22 @@ def run_info(run_dir: str) -> dict:
     `launching` while a process the studio started has not written its status yet,
     `stopping` as soon as a stop was requested, `failed` when it died before writing any status."""
     status = read_status(run_dir) or {}
-    launch = _read_json(os.path.join(run_dir, STUDIO_FILE))
+    launch = launch_record(run_dir)
     cfg = run_config(run_dir)
     recorded = status.get("state")
     state, message = recorded, status.get("message", "")
     here = status.get("host") in (None, socket.gethostname())
-    launch_alive = pid_alive(launch.get("pid"), None) if launch else False
-    if launch and launch_alive and (not status or status.get("updated", 0) < launch.get("launched", 0)):
+    launched_alive = launch_alive(launch)
+    waiting = os.path.exists(os.path.join(run_dir, "queued.json"))
+    if waiting and not status and not launched_alive:
+        state, message = "queued", "waits for its GPUs (a run holds them); starts when they are free"
+    elif launch and launched_alive and (not status or status.get("updated", 0) < launch.get("launched", 0)):
         state, message = "launching", "process started, loading"
     elif recorded is None:
         state = "failed" if launch else "unknown"
         message = (tail(os.path.join(run_dir, CONSOLE), 1) or "no status.json") if launch else "no status.json"
-    elif recorded in LIVE and here and not pid_alive(status.get("pid"), status.get("started")) and not launch_alive:
+    elif recorded in LIVE and here and not pid_alive(status.get("pid"), status.get("started")) \
+            and not launched_alive:
         last = tail(os.path.join(run_dir, CONSOLE), 1).strip()
         state = "failed" if last.startswith("error:") else "dead"  # the trainer's one-line user error
         message = last[:300] if state == "failed" else (
@@ -197,7 +209,9 @@ def run_info(run_dir: str) -> dict:
         "host": status.get("host"), "remote": not here, "started": started, "updated": status.get("updated"),
         "reward": last_value(rows, "reward/mean"), "eval_reward": last_value(rows, "eval/reward/mean"),
         "sec_per_step": seconds_per_step(rows), "checkpoints": [s for s, _ in ckpts],
-        "launch_pid": launch.get("pid"), "live": state in LIVE,
+        "launch_pid": launch.get("pid"), "live": state in LIVE, "gpus": launch.get("gpus") or "",
+        "phase": status.get("phase") if state in ("running", "stopping") else None,
+        "eta_s": status.get("eta_s") if state in ("running", "stopping") else None,
     }
 
 
@@ -210,7 +224,8 @@ def list_runs(runs_dir: str) -> list[dict]:
         path = os.path.join(runs_dir, name)
         if name in RESERVED or name.startswith(".") or not NAME_RE.match(name) or not os.path.isdir(path):
             continue
-        if any(os.path.exists(os.path.join(path, f)) for f in ("status.json", "run.json", STUDIO_FILE, "metrics.jsonl")):
+        if any(os.path.exists(os.path.join(path, f))
+               for f in ("status.json", "run.json", STUDIO_FILE, "metrics.jsonl", "queued.json")):
             out.append(run_info(path))
     return sorted(out, key=lambda r: r["started"] or 0, reverse=True)
 
@@ -225,13 +240,39 @@ def display_state(info: dict) -> str:
     return info["state"] + (f" (on {info['host']})" if info.get("remote") else "")
 
 
-# ---------------------------------------------------------------------------------------------- actions
-def prepare_start(runs_dir: str, name: str, argv: list[str]) -> tuple[str, list[str]]:
-    """Check the name and the flags (the trainer's own parser and validation); (run dir, full argv)."""
+# ---------------------------------------------------------------------------------------------- checks
+PATH_FLAGS_READ = ("pretrained_model_name_or_path", "siglip_path", "initial_ip_adapter_path", "train_data_json")
+SPECIAL = {"pretrained_model_name_or_path": "tiny", "siglip_path": "tiny", "train_data_json": "bundled"}
+
+
+def confine_paths(cfg, run_dir: str, read_roots: list[str]) -> None:
+    """Every path flag of a run started from the page stays where the studio allows: what the run writes
+    (--output_dir, --logging_dir) inside its own folder, what it reads inside `read_roots`."""
+    confine(cfg.output_dir, [run_dir], "--output_dir")
+    logs = cfg.logging_dir if os.path.isabs(os.path.expanduser(cfg.logging_dir)) else os.path.join(run_dir, cfg.logging_dir)
+    confine(logs, [run_dir], "--logging_dir (TensorBoard files)")
+    for flag in PATH_FLAGS_READ:
+        value = getattr(cfg, flag)
+        if value and value.strip().lower() != SPECIAL.get(flag):
+            confine(value, read_roots, f"--{flag} (add its folder with python app.py --allow_read DIR)")
+    resume = cfg.resume_from_checkpoint
+    if resume and resume != "latest":
+        confine(resume, [run_dir], "--resume_from_checkpoint")
+
+
+def plan_start(runs_dir: str, name: str, argv: list[str], gpus: str = "", read_roots: list[str] | None = None,
+               ) -> tuple[str, list[str], list[str]]:
+    """(run dir, full argv, problems): the name, the flags (the trainer's own parser and validation), the
+    paths the page may use, then the trainer's preflight (rewards, paths, GPUs, dataset). A UserError for
+    what stops the check itself; `problems` lists everything preflight found."""
+    from calligrapher_rl.training.preflight import preflight
+
+    from .procs import parse_gpus
+
     run_dir = run_path(runs_dir, name)
     if os.path.isdir(run_dir) and os.listdir(run_dir):
         info = run_info(run_dir)
-        if info["live"]:
+        if info["live"] or info["state"] == "queued":
             raise UserError(f"run {name!r} is {info['state']}: stop it first or pick another name")
         raise UserError(f"a run named {name!r} already exists ({display_state(info)}): resume it from the Runs tab "
                         "or pick another name")
@@ -242,27 +283,39 @@ def prepare_start(runs_dir: str, name: str, argv: list[str]) -> tuple[str, list[
     from calligrapher_rl.config import parse_args
 
     cfg = parse_args(full)
-    check_paths(cfg)
+    confine_paths(cfg, run_dir, read_roots if read_roots is not None else default_read_roots(runs_dir))
+    parse_gpus(gpus)
+    return run_dir, full, preflight(cfg.resolved(), gpus=gpus or "")
+
+
+def prepare_start(runs_dir: str, name: str, argv: list[str], gpus: str = "", read_roots: list[str] | None = None,
+                  ) -> tuple[str, list[str]]:
+    """plan_start, with the first problem raised (and the count of the others)."""
+    run_dir, full, problems = plan_start(runs_dir, name, argv, gpus, read_roots)
+    if problems:
+        raise UserError(problems[0] + (f" (and {len(problems) - 1} more: press Check)" if len(problems) > 1 else ""))
     return run_dir, full
 
 
-def check_paths(cfg) -> None:
-    """Model and data paths exist (or are the embedded 'tiny' / 'bundled'): fail now, not after loading."""
-    for flag, special in (("pretrained_model_name_or_path", "tiny"), ("siglip_path", "tiny"),
-                          ("train_data_json", "bundled"), ("initial_ip_adapter_path", None)):
-        value = getattr(cfg, flag)
-        if value and value.strip().lower() != special and not os.path.exists(os.path.expanduser(value)):
-            raise UserError("no such file or folder", where=value, field=f"--{flag}")
+def default_read_roots(runs_dir: str) -> list[str]:
+    """Where runs started from the page may read models and data unless `python app.py --allow_read` adds
+    more: runs_dir, this repository, the project's cache and the Hugging Face cache."""
+    from calligrapher_rl.cache import cache_dir
+
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    hf = os.environ.get("HF_HOME") or os.path.join(os.path.expanduser("~"), ".cache", "huggingface")
+    return [runs_dir, repo, str(cache_dir()), hf]
 
 
-def start_run(runs_dir: str, name: str, argv: list[str], gpus: str = "") -> str:
+# ---------------------------------------------------------------------------------------------- actions
+def start_run(runs_dir: str, name: str, argv: list[str], gpus: str = "", read_roots: list[str] | None = None) -> str:
     """Launch a detached training run into runs_dir/NAME; returns the run folder."""
-    run_dir, full = prepare_start(runs_dir, name, argv)
+    run_dir, full = prepare_start(runs_dir, name, argv, gpus, read_roots)
     _launch(run_dir, full, gpus)
     return run_dir
 
 
-def resume_run(run_dir: str, extra: list[str] | None = None, gpus: str = "") -> str:
+def resume_run(run_dir: str, extra: list[str] | None = None, gpus: str = "", read_roots: list[str] | None = None) -> str:
     """Continue a paused run (control/resume) or relaunch a stopped/failed/dead one from its latest checkpoint."""
     info = run_info(run_dir)
     if info["state"] == "paused":
@@ -275,15 +328,26 @@ def resume_run(run_dir: str, extra: list[str] | None = None, gpus: str = "") -> 
         raise UserError(f"run {info['name']!r} has no checkpoint yet: start a new run instead")
     if not os.path.isfile(os.path.join(run_dir, "run.json")):
         raise UserError("no run.json: cannot tell the run's configuration", where=run_dir)
+    for flag in ("--output_dir", "--resume_from_checkpoint", "--preset"):
+        if any(a == flag or a.startswith(flag + "=") for a in extra or []):
+            raise UserError(f"{flag} is set by the studio when it resumes a run")
     argv = ["--preset", os.path.join(run_dir, "run.json"), *(extra or []), "--resume_from_checkpoint", "latest",
             "--output_dir", run_dir]
     from calligrapher_rl.config import parse_args
+    from calligrapher_rl.training.preflight import preflight
+
+    from .procs import parse_gpus
 
     cfg = parse_args(argv)
     if info["checkpoints"][-1] >= cfg.max_train_steps:
         raise UserError(f"run {info['name']!r} already reached max_train_steps={cfg.max_train_steps}; "
                         "add e.g. --max_train_steps N (larger) to the resume flags to train longer")
-    check_paths(cfg)
+    runs_dir = os.path.dirname(os.path.normpath(run_dir))
+    confine_paths(cfg, run_dir, read_roots if read_roots is not None else default_read_roots(runs_dir))
+    parse_gpus(gpus)
+    problems = preflight(cfg.resolved(), gpus=gpus or "")
+    if problems:
+        raise UserError(problems[0])
     for name in ("stop", "resume"):  # a stale request must not end the new process at once
         try:
             os.unlink(os.path.join(run_dir, "control", name))
@@ -295,23 +359,33 @@ def resume_run(run_dir: str, extra: list[str] | None = None, gpus: str = "") -> 
 
 def stop_run(run_dir: str, wait_s: float = 10.0) -> str:
     """Ask the run to save a checkpoint and end. While it is still loading (its stop file would be cleared
-    when the loop starts) it gets SIGTERM instead: nothing is trained yet, so nothing is lost."""
+    when the loop starts) it gets SIGTERM instead: nothing is trained yet, so nothing is lost. A signal goes
+    only to a process whose start time shows it is still that run (UserError otherwise)."""
+    from .procs import launch_created
+
     info = run_info(run_dir)
+    if info["state"] == "queued":
+        os.unlink(os.path.join(run_dir, "queued.json"))
+        mark_unqueued(run_dir)
+        return "removed from the queue (it never started)"
     if info["state"] in ("running", "paused", "stopping"):
         request_stop(run_dir)
         return "stop requested: the run saves a checkpoint after the current step, then ends"
     if info["state"] in ("launching", "starting"):
         request_stop(run_dir)
-        pid = info["launch_pid"] if info["state"] == "launching" or not info["pid"] else info["pid"]
-        try:
-            os.killpg(os.getpgid(pid), signal.SIGTERM)
-        except (ProcessLookupError, PermissionError, TypeError):
-            pass
+        status = read_status(run_dir) or {}
+        if info["state"] == "launching" or not info["pid"]:
+            pid, check = info["launch_pid"], {"created": launch_created(launch_record(run_dir))}
+            if check["created"] is None:
+                check = {"started": launch_record(run_dir).get("launched")}
+        else:
+            pid, check = info["pid"], {"started": status.get("started")}
+        signal_group(pid, signal.SIGTERM, what=f"run {info['name']!r}", **check)
         deadline = time.time() + wait_s
-        while time.time() < deadline and pid_alive(pid):
+        while time.time() < deadline and pid_alive(pid, **check):
             time.sleep(0.2)
         after = run_info(run_dir)
-        if after["state"] in ("dead", "failed", "starting", "launching") and not pid_alive(pid):
+        if after["state"] in ("dead", "failed", "starting", "launching") and not pid_alive(pid, **check):
             mark_stopped(run_dir, f"stopped in the studio while {info['state']}")
         return "stopped while loading"
     raise UserError(f"run {info['name']!r} is {display_state(info)}: nothing to stop")
@@ -331,3 +405,8 @@ def mark_stopped(run_dir: str, message: str | None = None) -> str:
         "updated": time.time(), "pid": status.get("pid") or info["launch_pid"], "host": socket.gethostname(),
     })
     return "marked stopped"
+
+
+def mark_unqueued(run_dir: str) -> None:
+    write_json(os.path.join(run_dir, "status.json"), {"state": "stopped", "step": 0, "updated": time.time(),
+                                                      "message": "removed from the queue before it started"})

@@ -1,4 +1,4 @@
-"""python app.py [--host 127.0.0.1] [--port 7860] [--auth USER:PASS] [--runs_dir DIR]
+"""python app.py [--host 127.0.0.1] [--port 7860] [--auth USER:PASS] [--runs_dir DIR] [--allow_read DIR ...]
 
 Starts the studio. It listens on 127.0.0.1 unless told otherwise (reach it through `ssh -L`), serves files
 only from runs_dir, and exits with one line (no traceback) on a bad flag or a port in use.
@@ -30,6 +30,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--port", type=int, default=7860, help="port (default 7860)")
     p.add_argument("--auth", default=None, metavar="USER:PASS", help="require this login")
     p.add_argument("--runs_dir", default="runs", metavar="DIR", help="where runs and saved presets live (default ./runs)")
+    p.add_argument("--allow_read", action="append", default=[], metavar="DIR",
+                   help="a folder runs started from the page may read models and datasets from (repeatable); "
+                        "always allowed: runs_dir, this repository, the project's cache, the Hugging Face cache")
     return p
 
 
@@ -63,15 +66,39 @@ def ssh_hint(host: str, port: int) -> str:
             f"then open http://localhost:{port}")
 
 
+QUEUE_POLL_S = 2.0
+
+
+def _start_queue_thread(runs_dir: str) -> None:
+    """Queued runs start when their GPUs are free, whether or not a page is open."""
+    import threading
+    import time
+    import traceback
+
+    from .gpu_queue import start_ready
+
+    def loop():
+        while True:
+            try:
+                start_ready(runs_dir)
+            except Exception:  # noqa: BLE001 - the queue must outlive one bad run folder; say what happened
+                traceback.print_exc()
+            time.sleep(QUEUE_POLL_S)
+
+    threading.Thread(target=loop, name="studio-queue", daemon=True).start()
+
+
 def launch(runs_dir: str, host: str = "127.0.0.1", port: int = 7860, auth: tuple[str, str] | None = None,
-           prevent_thread_lock: bool = False, quiet: bool = False):
+           prevent_thread_lock: bool = False, quiet: bool = False, allow_read: list[str] | None = None):
     """Build and launch the Blocks; returns the demo (with prevent_thread_lock=True the call returns at once)."""
     from .layout import CSS, build_demo
+    from .runs import default_read_roots
 
     runs_dir = os.path.abspath(runs_dir)
     os.makedirs(runs_dir, exist_ok=True)
-    demo = build_demo(runs_dir)
+    demo = build_demo(runs_dir, read_roots=default_read_roots(runs_dir) + [os.path.abspath(d) for d in allow_read or []])
     demo.queue(default_concurrency_limit=1)
+    _start_queue_thread(runs_dir)
     try:
         demo.launch(server_name=host, server_port=port, auth=auth, allowed_paths=[runs_dir], css=CSS,
                     prevent_thread_lock=prevent_thread_lock, quiet=quiet, show_error=True,
@@ -95,11 +122,15 @@ def main(argv=None) -> int:
         raise UserError(f"cannot create it ({exc.strerror})", where=args.runs_dir, field="--runs_dir") from None
     if not os.access(args.runs_dir, os.W_OK):
         raise UserError("not writable", where=args.runs_dir, field="--runs_dir")
+    for folder in args.allow_read:
+        if not os.path.isdir(folder):
+            raise UserError("no such folder", where=folder, field="--allow_read")
     check_port(args.host, args.port)
     if args.host not in ("127.0.0.1", "localhost", "::1") and not auth:
         print(f"warning: listening on {args.host} without --auth: anyone who reaches this port can start runs",
               file=sys.stderr)
-    demo = launch(args.runs_dir, args.host, args.port, auth, prevent_thread_lock=True, quiet=True)
+    demo = launch(args.runs_dir, args.host, args.port, auth, prevent_thread_lock=True, quiet=True,
+                  allow_read=args.allow_read)
     print(f"Runs folder: {os.path.abspath(args.runs_dir)}\n{ssh_hint(args.host, args.port)}", flush=True)
     try:
         demo.block_thread()

@@ -1,8 +1,10 @@
-"""The Train and Runs tabs' callbacks: UI values in, UI values out (runs.py, presets.py and charts.py do the work).
+"""The Train and Runs tabs' callbacks: UI values in, {component name: value} out (layout.py maps the names to
+components; a name left out leaves its component as it is). runs.py, presets.py and charts.py do the work.
 
-User mistakes come back as one line starting with "⚠" in the tab's message box, never as a traceback.
-The monitor's timer callback returns gr.skip() for every output whose source did not change, so an idle
-page costs almost nothing over an SSH tunnel and the charts keep their zoom.
+User mistakes come back as one line starting with "⚠" in the tab's message box and as a toast, never as a
+traceback. The selected run lives in server-side state (`selected`), written by every callback that changes
+it and read by the timer, and all of these run one at a time (one concurrency group): a timer tick can
+therefore never show a run the user has already left.
 """
 
 from __future__ import annotations
@@ -15,18 +17,27 @@ import pandas as pd
 
 from calligrapher_rl.errors import UserError
 
-from . import charts, presets, procs, runs
+from . import charts, gpu_queue, manage, presets, procs, runs
 
 TABLE_COLUMNS = ["run", "state", "step", "reward", "eval reward", "method", "started"]
+FORM_KEYS = [f"form:{flag}" for flag in presets.FORM_FLAGS]
+MONITOR_KEYS = ["status", "stop_btn", "resume_btn", "mark_btn", "delete_btn", "clone_btn", "p_reward", "p_kl",
+                "p_loss", "p_clip", "p_sys", "latest", "grids", "log", "log_file", "selected"]
+LOG_LINES = 200
 
 
 def err(exc: Exception) -> str:
     return f"⚠ {exc}"
 
 
+def toast_error(exc: Exception) -> str:
+    gr.Warning(str(exc))
+    return err(exc)
+
+
 def suggest_name(preset: str) -> str:
     base = os.path.basename(str(preset or "run"))
-    base = base[:-5] if base.endswith(".toml") else base
+    base = base.removesuffix(".toml")
     return f"{base}-{time.strftime('%m%d-%H%M%S')}"
 
 
@@ -40,54 +51,93 @@ def _duration(seconds: float) -> str:
 
 
 class TrainViews:
-    def __init__(self, runs_dir: str):
+    def __init__(self, runs_dir: str, read_roots: list[str] | None = None):
         self.runs_dir = runs_dir
+        self.read_roots = read_roots if read_roots is not None else runs.default_read_roots(runs_dir)
 
-    def preset_changed(self, preset: str):
+    def preset_changed(self, preset: str) -> dict:
         try:
             values = presets.form_values(self.runs_dir, preset)
         except UserError as exc:
-            return [gr.skip()] * len(presets.FORM) + [gr.skip(), err(exc)]
-        return [*values, suggest_name(preset), f"preset **{os.path.basename(str(preset))}** loaded"]
+            return {"train_msg": toast_error(exc)}
+        return {**dict(zip(FORM_KEYS, values)), "run_name": suggest_name(preset),
+                "train_msg": f"preset **{os.path.basename(str(preset))}** loaded"}
 
-    def _argv(self, preset, form, extra):
-        return presets.form_argv(self.runs_dir, preset, list(form), extra)
+    def _plan(self, preset, args):
+        *form, extra, gpus, name, force = args
+        argv = presets.form_argv(self.runs_dir, preset, list(form), extra)
+        run_dir, full, problems = runs.plan_start(self.runs_dir, name, argv, gpus or "", self.read_roots)
+        held = {} if force else gpu_queue.conflicts(self.runs_dir, gpus or "")
+        return run_dir, full, problems, gpus or "", held
 
-    def check(self, preset, *args):
-        *form, extra, gpus, name = args
+    @staticmethod
+    def _held(held: dict) -> str:
+        return ", ".join(f"GPU {g} (run {n})" for g, n in sorted(held.items()))
+
+    def check(self, preset, *args) -> dict:
+        """What Start would meet: the trainer's parser and validation, the allowed paths, then its preflight."""
         try:
-            argv = self._argv(preset, form, extra)
-            run_dir, full = runs.prepare_start(self.runs_dir, name, argv)
+            _, full, problems, gpus, held = self._plan(preset, args)
         except UserError as exc:
-            return err(exc)
-        return f"✓ valid. It will run:\n```\n{procs.command_line(full, gpus)}\n```"
+            return {"train_msg": toast_error(exc)}
+        if problems:
+            gr.Warning(f"{len(problems)} problem(s): Start would fail. The first: {problems[0]}")
+            return {"train_msg": "⚠ Start would fail:\n" + "\n".join(f"- {p}" for p in problems)}
+        wait = f"\n\nIt would wait in the queue for {self._held(held)} (or tick Force)." if held else ""
+        gr.Info("Check passed: Start will " + ("queue" if held else "launch") + " this run")
+        return {"train_msg": f"✓ valid. It will run:\n```\n{procs.command_line(full, gpus)}\n```{wait}"}
 
-    def start(self, preset, *args):
-        *form, extra, gpus, name = args
+    def start(self, preset, *args) -> dict:
         try:
-            argv = self._argv(preset, form, extra)
-            run_dir = runs.start_run(self.runs_dir, name, argv, gpus)
+            run_dir, full, problems, gpus, held = self._plan(preset, args)
+            if problems:
+                raise UserError(problems[0] + (f" (and {len(problems) - 1} more: press Check)" if len(problems) > 1 else ""))
+            if held:
+                gpu_queue.enqueue(run_dir, full, gpus)
+            else:
+                procs._launch(run_dir, full, gpus)
         except UserError as exc:
-            return err(exc), gr.skip(), gr.skip(), gr.skip()
-        names = [r["name"] for r in runs.list_runs(self.runs_dir)]
-        msg = (f"▶ started **{name}** in `{run_dir}` (a detached process: closing this tab or the studio does not "
-               "stop it). Follow it in the Runs tab.")
-        return (msg, gr.Dropdown(choices=names, value=os.path.basename(run_dir)), gr.Tabs(selected="runs"),
-                suggest_name(preset))  # a fresh name, so a second Start is not refused
+            return {"train_msg": toast_error(exc)}
+        name = os.path.basename(run_dir)
+        if held:
+            gr.Info(f"Queued {name}: waits for {self._held(held)}")
+            msg = f"⏳ queued **{name}**: it starts when {self._held(held)} is free (Force shares GPUs instead)."
+        else:
+            gr.Info(f"Started {name}")
+            msg = (f"▶ started **{name}** in `{run_dir}` (a detached process: closing this tab or the studio does not "
+                   "stop it). Follow it in the Runs tab.")
+        # the monitor of the new run comes with the tab switch, so the previous run is never shown under it
+        return {**MonitorViews(self.runs_dir, self.read_roots).views(name), "train_msg": msg, "tabs": gr.Tabs(selected="runs"),
+                "run_dd": gr.Dropdown(choices=[r["name"] for r in runs.list_runs(self.runs_dir)], value=name),
+                "run_name": suggest_name(preset)}  # a fresh name, so a second Start is not refused
 
-    def save(self, preset, *args):
+    def save(self, preset, *args) -> dict:
         *form, extra, save_name = args
         try:
             path = presets.save_preset(self.runs_dir, save_name, preset, list(form), extra)
         except UserError as exc:
-            return err(exc), gr.skip()
-        choices = presets.preset_choices(self.runs_dir)
-        return f"💾 saved `{path}`", gr.Dropdown(choices=choices, value=path)
+            return {"train_msg": toast_error(exc)}
+        gr.Info(f"Saved preset {os.path.basename(path)[:-5]}")
+        return {"train_msg": f"💾 saved preset `{path}`",
+                "preset": gr.Dropdown(choices=presets.preset_choices(self.runs_dir), value=path)}
+
+    def clone(self, name) -> dict:
+        """A run's configuration into the form (base preset + form + extra flags), with a fresh name."""
+        try:
+            cfg = runs.run_config(runs.run_path(self.runs_dir, name))
+            preset, form, extra = presets.clone_values(self.runs_dir, cfg)
+        except UserError as exc:
+            return {"action_msg": toast_error(exc)}
+        gr.Info(f"{name}'s configuration is in the Train form")
+        return {**dict(zip(FORM_KEYS, form)), "preset": preset, "extra": extra, "run_name": f"{name}-clone",
+                "tabs": gr.Tabs(selected="train"),
+                "train_msg": f"configuration of **{name}** loaded (preset {preset} + extra flags): press Start"}
 
 
 class MonitorViews:
-    def __init__(self, runs_dir: str):
+    def __init__(self, runs_dir: str, read_roots: list[str] | None = None):
         self.runs_dir = runs_dir
+        self.read_roots = read_roots
 
     # ------------------------------------------------------------------ the list
     def table(self, infos: list[dict] | None = None) -> pd.DataFrame:
@@ -107,19 +157,21 @@ class MonitorViews:
         live = [r["name"] for r in infos if r["live"]]
         return (live or names or [None])[0]
 
-    def row_selected(self, table, evt: gr.SelectData):
+    def row_selected(self, table, evt: gr.SelectData) -> dict:
         try:
             name = evt.row_value[0] if evt.row_value else table.iloc[evt.index[0], 0]
         except (AttributeError, IndexError, KeyError, TypeError):
-            return gr.skip()
-        return gr.Dropdown(choices=self.names(), value=name)
+            return {}
+        return {**self.views(name), "run_dd": gr.Dropdown(choices=self.names(), value=name)}
 
     # ------------------------------------------------------------------ one run
     def _dir(self, name: str) -> str:
         return runs.run_path(self.runs_dir, name)
 
     def status_text(self, info: dict) -> str:
-        parts = [f"**{runs.display_state(info)}**", f"step {info['step']} / {info['max_steps'] or '?'}"]
+        parts = [f"**{info['name']}**", f"**{runs.display_state(info)}**", f"step {info['step']} / {info['max_steps'] or '?'}"]
+        if info.get("phase"):
+            parts.append(f"phase: {info['phase']}")
         if info["method"]:
             parts.append(str(info["method"]).upper() if info["method"] in ("grpo", "nft") else info["method"])
         if info["reward"] is not None:
@@ -129,8 +181,12 @@ class MonitorViews:
         sps = info["sec_per_step"]
         if sps:
             parts.append(f"{sps:.2f} s/step")
-            if info["state"] in ("running", "stopping") and info["max_steps"]:
-                parts.append(f"~{_duration(sps * (info['max_steps'] - info['step']))} left")
+        if info["state"] in ("running", "stopping"):
+            eta = info.get("eta_s")
+            if not isinstance(eta, (int, float)) and sps and info["max_steps"]:
+                eta = sps * (info["max_steps"] - info["step"])  # over the last steps (runs.seconds_per_step)
+            if isinstance(eta, (int, float)):
+                parts.append(f"~{_duration(eta)} left")
         parts.append("checkpoints: " + (", ".join(map(str, info["checkpoints"][-4:])) or "none"))
         if info["updated"] and info["live"]:
             parts.append(f"updated {_duration(time.time() - info['updated'])} ago")
@@ -141,101 +197,204 @@ class MonitorViews:
             text += "\n\n→ **Mark stopped**, then **Resume** continues from the latest checkpoint."
         if info["state"] == "paused":
             text += "\n\n→ fix the cause, then **Continue**; or **Stop** (saves a checkpoint)."
+        if info["state"] == "failed" and not info["checkpoints"]:
+            text += "\n\n→ no checkpoint to resume: **Clone config** into the Train form (fix it, Start again), " \
+                    "or **Delete** (moves the folder to the archive)."
         return text
 
-    def buttons(self, info: dict | None):
+    def buttons(self, info: dict | None) -> dict:
+        hidden = gr.Button(visible=False)
         if info is None:
-            return gr.Button(visible=False), gr.Button(visible=False), gr.Button(visible=False)
+            return dict.fromkeys(("stop_btn", "resume_btn", "mark_btn", "delete_btn", "clone_btn"), hidden)
         s = info["state"]
-        stop = gr.Button("Stopping…" if s == "stopping" else "Stop (saves a checkpoint)", visible=s in runs.LIVE,
-                         interactive=s != "stopping")
+        label = {"stopping": "Stopping…", "queued": "Remove from the queue"}.get(s, "Stop (saves a checkpoint)")
+        stop = gr.Button(label, visible=s in runs.LIVE or s == "queued", interactive=s != "stopping")
         if s == "paused":
             resume = gr.Button("Continue", visible=True)
         elif s in ("stopped", "failed", "finished") and info["checkpoints"]:
             resume = gr.Button(f"Resume from checkpoint-{info['checkpoints'][-1]}", visible=True)
         else:
-            resume = gr.Button(visible=False)
-        mark = gr.Button("Mark stopped", visible=s == "dead" or (s == "failed" and info["was"] is None))
-        return stop, resume, mark
+            resume = hidden
+        ended = not info["live"] and s not in ("dead", "queued")
+        return {"stop_btn": stop, "resume_btn": resume,
+                "mark_btn": gr.Button("Mark stopped", visible=s == "dead" or (s == "failed" and info["was"] is None)),
+                "delete_btn": gr.Button("Delete (to archive)", visible=ended),
+                "clone_btn": gr.Button("Clone config", visible=bool(runs.run_config(info["path"])))}
+
+    @staticmethod
+    def log_path(info: dict) -> str | None:
+        """The run's console (everything the process printed: per-step lines, warnings, errors); a run
+        started outside the studio has only train.log."""
+        for fname in (runs.CONSOLE, "train.log"):
+            path = os.path.join(info["path"], fname)
+            if os.path.isfile(path):
+                return path
+        return None
 
     def log_text(self, info: dict) -> str:
-        train_log = os.path.join(info["path"], "train.log")
-        console = os.path.join(info["path"], runs.CONSOLE)
-        if info["state"] in ("dead", "failed", "launching", "starting") or not os.path.exists(train_log):
-            return runs.tail(console, 60) or runs.tail(train_log, 60)
-        return runs.tail(train_log, 60)
+        path = self.log_path(info)
+        return runs.tail(path, LOG_LINES) if path else ""
 
-    def views(self, name: str | None):
-        """Everything about one run: status, buttons, 4 charts, latest grid, all grids, log."""
+    def _charts(self, run_dir: str, info: dict) -> dict:
+        rows = runs.metrics(run_dir)
+        figs = charts.figures(rows, revision=info["name"], method=info["method"])
+        return {"p_reward": figs["reward"], "p_kl": figs["kl"], "p_loss": figs["loss"], "p_clip": figs["clipfrac"],
+                # GPU memory and utilisation beside the curves, when the trainer logged them (not on CPU)
+                "p_sys": gr.Plot(charts.system_figure(rows, revision=info["name"]), visible=charts.has_system(rows))}
+
+    def _grids(self, run_dir: str) -> dict:
+        grids = runs.samples(run_dir)
+        return {"latest": grids[-1][1] if grids else None, "grids": [(p, f"step {s}") for s, p in grids]}
+
+    def views(self, name: str | None) -> dict:
+        """Everything about one run (status, buttons, charts, grids, log) and the selection itself."""
         if not name:
-            empty = charts.figures([])
-            return ("No run selected: start one in the Train tab, or pick one above.", *self.buttons(None),
-                    *empty.values(), None, [], "")
+            return self._empty("No run selected: start one in the Train tab, or pick one above.", None)
         try:
             run_dir = self._dir(name)
         except UserError as exc:
-            empty = charts.figures([])
-            return (err(exc), *self.buttons(None), *empty.values(), None, [], "")
+            return self._empty(err(exc), None)
+        if not os.path.isdir(run_dir):
+            return self._empty(f"⚠ no run named {name!r} in {self.runs_dir}", None)
         info = runs.run_info(run_dir)
-        figs = charts.figures(runs.metrics(run_dir), revision=name, method=info["method"])
-        grids = runs.samples(run_dir)
-        gallery = [(p, f"step {s}") for s, p in grids]
-        return (self.status_text(info), *self.buttons(info), *figs.values(), grids[-1][1] if grids else None,
-                gallery, self.log_text(info))
+        return {"status": self.status_text(info), **self.buttons(info), **self._charts(run_dir, info),
+                **self._grids(run_dir), "log": self.log_text(info), "log_file": self.log_path(info), "selected": name}
 
-    def tick(self, name: str | None, seen: dict | None):
-        """The timer: like views() plus the run list, with gr.skip() for what did not change."""
+    def _empty(self, text: str, name) -> dict:
+        empty = charts.figures([])
+        return {"status": text, **self.buttons(None), "p_reward": empty["reward"], "p_kl": empty["kl"],
+                "p_loss": empty["loss"], "p_clip": empty["clipfrac"], "p_sys": gr.Plot(None, visible=False),
+                "latest": None, "grids": [], "log": "", "log_file": None, "selected": name}
+
+    def select(self, name: str | None) -> dict:
+        return self.views(name)
+
+    def notices(self, infos: list[dict], seen: dict) -> None:
+        """A toast when a run the page saw live has ended (finished, stopped, failed, dead)."""
+        before = seen.get("states") or {}
+        for r in infos:
+            was = before.get(r["name"])
+            if was in runs.LIVE and not r["live"]:
+                text = f"Run {r['name']} {runs.display_state(r)} at step {r['step']}"
+                (gr.Info if r["state"] in ("finished", "stopped") else gr.Warning)(text)
+        seen["states"] = {r["name"]: r["state"] for r in infos}
+
+    def tick(self, name: str | None, seen: dict | None) -> dict:
+        """The timer: the run list and the selected run, leaving out whatever did not change (so an idle page
+        costs little and the charts keep their zoom)."""
         seen = dict(seen or {})
         infos = runs.list_runs(self.runs_dir)
+        self.notices(infos, seen)
+        out: dict = {}
         table = self.table(infos)
         table_key = table.to_json()
         names = [r["name"] for r in infos]
-        out_table = table if seen.get("table") != table_key else gr.skip()
-        # new choices only: sending a value could undo a selection the user made while this tick ran
-        out_dd = gr.Dropdown(choices=names) if seen.get("names") != names else gr.skip()
+        if seen.get("table") != table_key:
+            out["runs_table"] = table
+        if seen.get("names") != names:  # new choices only: the value is the user's (or Start's) to set
+            out["run_dd"] = gr.Dropdown(choices=names)
+            out["overlay_runs"] = gr.Dropdown(choices=names)
         seen.update(table=table_key, names=names)
         info = next((r for r in infos if r["name"] == name), None)
         if info is None:
-            if seen.get("run", "<unset>") == name:
-                return (out_table, out_dd, *[gr.skip()] * 11, seen)
+            if seen.get("run", "<unset>") != name:
+                out.update(self.views(None) if name is None else self._empty(f"⚠ run {name!r} is gone", name))
             seen["run"] = name
-            return (out_table, out_dd, *self.views(None), seen)
+            out["seen"] = seen
+            return out
         run_dir = info["path"]
         mpath = os.path.join(run_dir, "metrics.jsonl")
         mkey = (name, os.path.getsize(mpath) if os.path.exists(mpath) else -1, info["method"])
-        grids = runs.samples(run_dir)
-        gkey = (name, tuple(s for s, _ in grids))
+        gkey = (name, tuple(s for s, _ in runs.samples(run_dir)))
         log = self.log_text(info)
         bkey = (name, info["state"], tuple(info["checkpoints"][-1:]), info["was"])
-        out = [self.status_text(info)]
-        out += list(self.buttons(info)) if seen.get("buttons") != bkey else [gr.skip()] * 3
+        out["status"] = self.status_text(info)
+        if seen.get("buttons") != bkey:
+            out.update(self.buttons(info))
         if seen.get("metrics") != mkey:
-            out += list(charts.figures(runs.metrics(run_dir), revision=name, method=info["method"]).values())
-        else:
-            out += [gr.skip()] * 4
+            out.update(self._charts(run_dir, info))
         if seen.get("grids") != gkey:
-            out += [grids[-1][1] if grids else None, [(p, f"step {s}") for s, p in grids]]
-        else:
-            out += [gr.skip()] * 2
-        out.append(log if seen.get("log") != (name, log) else gr.skip())
+            out.update(self._grids(run_dir))
+        if seen.get("log") != (name, log):
+            out.update(log=log, log_file=self.log_path(info))
         seen.update(run=name, buttons=bkey, metrics=mkey, grids=gkey, log=(name, log))
-        return (out_table, out_dd, *out, seen)
+        out["seen"] = seen
+        return out
 
     # ------------------------------------------------------------------ actions
-    def stop(self, name):
+    def _act(self, fn, name, *args) -> dict:
         try:
-            return runs.stop_run(self._dir(name))
+            msg = fn(self._dir(name), *args)
         except UserError as exc:
-            return err(exc)
+            return {**self.views(name), "action_msg": toast_error(exc)}
+        gr.Info(f"{name}: {msg}")
+        return {**self.views(name), "action_msg": f"✓ {name}: {msg}"}
 
-    def resume(self, name, extra, gpus):
-        try:
-            return runs.resume_run(self._dir(name), presets.split_extra(extra), gpus or "")
-        except UserError as exc:
-            return err(exc)
+    def stop(self, name) -> dict:
+        return self._act(runs.stop_run, name)
 
-    def mark(self, name):
+    def resume(self, name, extra, gpus) -> dict:
         try:
-            return runs.mark_stopped(self._dir(name))
+            flags = presets.split_extra(extra)
         except UserError as exc:
-            return err(exc)
+            return {"action_msg": toast_error(exc)}
+        return self._act(lambda d: runs.resume_run(d, flags, gpus or "", self.read_roots), name)
+
+    def mark(self, name) -> dict:
+        return self._act(runs.mark_stopped, name)
+
+    def delete(self, name) -> dict:
+        try:
+            dest = manage.archive_run(self._dir(name))
+        except UserError as exc:
+            return {"action_msg": toast_error(exc)}
+        gr.Info(f"{name} moved to the archive")
+        after = self.default_run()
+        return {**self.views(after), "run_dd": gr.Dropdown(choices=self.names(), value=after),
+                "runs_table": self.table(), "action_msg": f"🗑 **{name}** moved to `{dest}` (restore: move it back)"}
+
+    def rename(self, name, new_name) -> dict:
+        try:
+            dest = manage.rename_run(self._dir(name), new_name)
+        except UserError as exc:
+            return {"action_msg": toast_error(exc)}
+        new = os.path.basename(dest)
+        gr.Info(f"{name} renamed to {new}")
+        return {**self.views(new), "run_dd": gr.Dropdown(choices=self.names(), value=new), "runs_table": self.table(),
+                "action_msg": f"✓ renamed **{name}** to **{new}**"}
+
+    # ------------------------------------------------------------------ several runs
+    def _rows_of(self, names) -> dict[str, list[dict]]:
+        out = {}
+        for name in names or []:
+            try:
+                out[name] = runs.metrics(self._dir(name))
+            except UserError:
+                continue
+        return out
+
+    def overlay(self, names, key, smoothing) -> dict:
+        """One metric of several runs on one chart, smoothed (TensorBoard's debiased EMA)."""
+        series = self._rows_of(names)
+        keys = charts.metric_keys([r for rows in series.values() for r in rows])
+        key = key if key in keys else (keys[0] if keys else "reward/mean")
+        return {"p_overlay": charts.overlay_figure(series, key, float(smoothing or 0)),
+                "overlay_key": gr.Dropdown(choices=keys, value=key)}
+
+    def export_csv(self, names, selected=None) -> dict:
+        """The metrics of the chosen runs (else the selected one) as one CSV: run, step, phase, time, metrics."""
+        import tempfile
+
+        names = list(names or []) or ([selected] if selected else [])
+        frames = [runs.metrics_frame(self._dir(n)).assign(run=n) for n in self._rows_of(names)]
+        frames = [f for f in frames if len(f)]
+        if not frames:
+            gr.Warning("no metrics to export yet")
+            return {"csv_file": None}
+        df = pd.concat(frames, ignore_index=True)
+        front = [c for c in ("run", "step", "phase", "time") if c in df.columns]
+        df = df[front + sorted(c for c in df.columns if c not in front)]
+        folder = tempfile.mkdtemp(prefix="studio-csv-")
+        path = os.path.join(folder, ("metrics-" + "-".join(names))[:120] + ".csv")
+        df.to_csv(path, index=False)
+        return {"csv_file": path}

@@ -52,7 +52,8 @@ def page():
     driver = webdriver.Chrome(service=Service(DRIVER), options=opts)
     driver.set_page_load_timeout(60)
     try:
-        driver.get(f"http://127.0.0.1:{port}/")
+        driver.base_url = f"http://127.0.0.1:{port}/"
+        driver.get(driver.base_url)
         driver.runs_dir = runs_dir
         yield driver
     finally:
@@ -80,6 +81,19 @@ def _tab(driver, label: str):
     tabs[0].click()
 
 
+def _selected_tab(driver) -> str:
+    By = _by()
+    sel = [b.text.strip() for b in driver.find_elements(By.CSS_SELECTOR, "button[role=tab]")
+           if b.get_attribute("aria-selected") == "true"]
+    return sel[0] if sel else ""
+
+
+def _value(driver, css: str) -> str:
+    By = _by()
+    found = driver.find_elements(By.CSS_SELECTOR, css)
+    return (found[0].get_attribute("value") or "") if found else ""
+
+
 def _text(driver, css: str) -> str:
     By = _by()
     found = driver.find_elements(By.CSS_SELECTOR, css)
@@ -90,7 +104,7 @@ def test_tabs_render_and_the_form_checks(page):
     By = _by()
     labels = wait_for(lambda: [b.text.strip() for b in page.find_elements(By.CSS_SELECTOR, "button[role=tab]")] or None,
                       30, what="tabs")
-    assert labels[:4] == ["Train", "Runs", "Inference", "Compare"]
+    assert labels[:5] == ["Train", "Runs", "Inference", "Compare", "Dataset"]
     assert page.find_element(By.ID, "start-btn").is_displayed()
     check = [b for b in page.find_elements(By.TAG_NAME, "button") if b.text.strip() == "Check"][0]
     check.click()
@@ -108,20 +122,19 @@ def test_click_through_to_a_run_monitor(page):
         return cells[0] if cells else None
 
     wait_for(lambda: "a fake run" in _text(page, "#run-status"), 30, what="the newest run's status on load")
+    assert _text(page, "#run-status").startswith("zz-newer · failed")
     from selenium.common.exceptions import WebDriverException
 
     def click_then_status():  # the timer may re-render the table under the pointer: click again then
         try:
             wait_for(base_cell, 10, what="the run 'base' in the table").click()
-            wait_for(lambda: "step 4 / 4" in _text(page, "#run-status"), 5, what="the run's status line")
-            time.sleep(2.5)  # a timer tick sent before the click may show the previous run once more
-            return wait_for(lambda: "step 4 / 4" in _text(page, "#run-status") and _text(page, "#run-status"), 5,
+            return wait_for(lambda: _text(page, "#run-status").startswith("base") and _text(page, "#run-status"), 5,
                             what="the run's status line")
         except (WebDriverException, AssertionError):
             return None
 
     status = wait_for(click_then_status, 60, every=0.1, what="the status of the clicked run")
-    assert status.startswith("finished") and "checkpoints: 2, 4" in status, status
+    assert status.startswith("base · finished") and "step 4 / 4" in status and "checkpoints: 2, 4" in status, status
     plot = wait_for(lambda: page.find_elements(By.CSS_SELECTOR, "#plot-reward .js-plotly-plot"), 30,
                     what="the reward chart")
     assert "Reward" in plot[0].text
@@ -138,22 +151,68 @@ def test_the_timer_shows_a_new_run(page):
 
 
 def test_start_from_the_page_and_watch_it_finish(page):
+    """Start opens the Runs tab on the new run at once: the monitor never shows the run selected before."""
     By = _by()
+    _tab(page, "Runs")
+    wait_for(lambda: _text(page, "#run-status").startswith("base"), 30, what="the previously selected run")
     _tab(page, "Train")
     extra = wait_for(lambda: [t for t in page.find_elements(By.CSS_SELECTOR, "textarea, input[type=text]")
                               if (t.get_attribute("placeholder") or "").startswith("--seed")], 30, what="extra flags")
+    extra[0].clear()
     extra[0].send_keys("--max_train_steps 2 --eval_steps 2 --checkpointing_steps 2")
     page.find_element(By.ID, "start-btn").click()
-    msg = wait_for(lambda: page.find_element(By.ID, "train-msg").get_attribute("textContent").strip(), 30,
-                   what="the Start message (the page has moved to the Runs tab)")
-    assert "started" in msg, msg
+    shown = []  # every status line visible on the Runs tab from the click until the run finishes
+
+    def watch():
+        if _selected_tab(page) == "Runs":
+            text = _text(page, "#run-status")
+            if text and (not shown or shown[-1] != text):
+                shown.append(text)
+        return shown and "finished" in shown[-1]
+
+    def started():
+        watch()
+        text = page.find_element(By.ID, "train-msg").get_attribute("textContent")
+        return "started " in text and text  # (the message of the Check before it is still there until then)
+
+    msg = wait_for(started, 60, every=0.05, what="the Start message (the page has moved to the Runs tab)")
     name = msg.split("started ", 1)[1].split()[0]
     try:
-        status = wait_for(lambda: "finished" in _text(page, "#run-status") and _text(page, "#run-status"), 120,
-                          every=1.0, what="the run started from the page to finish in its monitor")
-        assert "step 2 / 2" in status
-        shown = wait_for(lambda: [c for c in page.find_elements(By.CSS_SELECTOR, "#runs-table [role=gridcell]")
-                                  if c.text.strip() == name], 30, what="the new run in the table")
-        assert shown
+        wait_for(watch, 180, every=0.05, what="the run started from the page to finish in its monitor")
+        assert all(t.startswith(name + " ·") for t in shown), shown  # never another run, not even for a moment
+        assert "step 2 / 2" in shown[-1]
+        assert any(c.text.strip() == name for c in page.find_elements(By.CSS_SELECTOR, "#runs-table [role=gridcell]"))
+        log = wait_for(lambda: "saved" in _value(page, "#run-log textarea") and _value(page, "#run-log textarea"), 30,
+                       what="the log of the run")
+        assert "$ python -m calligrapher_rl.train" in log
     finally:
         kill_run(os.path.join(page.runs_dir, name))
+
+
+def test_a_run_link_opens_its_monitor(page):
+    page.get(f"{page.base_url}?run=base")
+    wait_for(lambda: _selected_tab(page) == "Runs" and _text(page, "#run-status").startswith("base · finished"), 60,
+             every=0.1, what="?run=base to open the Runs tab on that run")
+
+
+def test_screenshots_of_each_tab(page, tmp_path):
+    """A picture of every tab (docs/studio.md shows them): STUDIO_SCREENSHOTS=docs/img writes them there."""
+    from PIL import Image
+
+    out = os.environ.get("STUDIO_SCREENSHOTS") or str(tmp_path)
+    os.makedirs(out, exist_ok=True)
+    page.get(f"{page.base_url}?run=base")
+    wait_for(lambda: _text(page, "#run-status").startswith("base · finished"), 60, what="the run's monitor")
+    wait_for(lambda: page.find_elements(_by().CSS_SELECTOR, "#plot-reward .js-plotly-plot"), 30, what="the charts")
+    for label in ("Train", "Runs", "Inference", "Compare", "Dataset"):
+        _tab(page, label)
+        wait_for(lambda label=label: _selected_tab(page) == label, 30, what=f"the {label} tab")
+        if label == "Dataset":  # with a page of examples
+            [b for b in page.find_elements(_by().TAG_NAME, "button") if b.text.strip() == "Show examples"][0].click()
+            wait_for(lambda: "usable entries" in _text(page, "#data-msg"), 60, what="a page of examples")
+        path = os.path.join(out, f"studio-{label.lower()}.png")
+        assert page.save_screenshot(path)
+        with Image.open(path) as im:  # small enough for the repository: half size, 64 colours
+            small = im.convert("RGB").resize((im.width // 2, im.height // 2), Image.LANCZOS)
+        small.quantize(64).save(path, optimize=True)
+        assert 0 < os.path.getsize(path) < 400_000

@@ -19,9 +19,9 @@ from test_app_support import (
     wait_for,
 )
 
-from app import charts, presets, runs
+from app import charts, manage, presets, procs, runs
 from app.infer_views import InferViews
-from app.views import MonitorViews
+from app.views import FORM_KEYS, MonitorViews, TrainViews
 from calligrapher_rl.config import load_preset
 from calligrapher_rl.errors import UserError
 
@@ -100,15 +100,15 @@ def test_monitor_views_and_tick_skip(trained):
     runs_dir, _ = trained
     mon = MonitorViews(runs_dir)
     out = mon.views("base")
-    assert out[0].startswith("**finished**") and "checkpoints: 2, 4" in out[0]
-    assert out[-3].endswith("step-000004.png") and len(out[-2]) == 3
+    assert out["status"].startswith("**base** · **finished**") and "checkpoints: 2, 4" in out["status"]
+    assert out["latest"].endswith("step-000004.png") and len(out["grids"]) == 3 and out["selected"] == "base"
+    assert out["log_file"].endswith("console.log") and "saved" in out["log"]
     first = mon.tick("base", {})
-    seen = first[-1]
-    again = mon.tick("base", seen)
-    import gradio as gr
-
-    skipped = [o for o in again[2:-1] if isinstance(o, type(gr.skip()))]
-    assert len(skipped) >= 9  # only the status line is sent again when nothing changed
+    assert {"runs_table", "run_dd", "status", "p_reward", "latest", "log"} <= set(first)
+    again = mon.tick("base", first["seen"])
+    assert set(again) == {"status", "seen"}  # only the status line is sent again when nothing changed
+    other = mon.tick(None, again["seen"])  # a selection change: the monitor follows at once
+    assert other["status"].startswith("No run selected") and other["selected"] is None
 
 
 # ------------------------------------------------------------------------------------------- dead processes
@@ -152,8 +152,9 @@ def test_a_paused_run_continues_through_control_resume(tmp_path):
     info = runs.run_info(run_dir)
     mon = MonitorViews(str(tmp_path))
     assert info["state"] == "paused" and "rewards failed" in mon.status_text(info)
-    stop, resume, mark = mon.buttons(info)
-    assert resume.value == "Continue" and resume.visible and stop.visible and not mark.visible
+    b = mon.buttons(info)
+    assert b["resume_btn"].value == "Continue" and b["resume_btn"].visible and b["stop_btn"].visible
+    assert not b["mark_btn"].visible and not b["delete_btn"].visible
     assert "resume requested" in runs.resume_run(run_dir)
     assert os.path.isfile(os.path.join(run_dir, "control", "resume"))
 
@@ -242,8 +243,8 @@ def test_form_errors_are_one_line(trained):
             runs.prepare_start(runs_dir, "new-run", presets.form_argv(runs_dir, "tiny-grpo", f, extra))
         assert "\n" not in str(exc.value)
     f = list(form)
-    f[presets.FORM_FLAGS.index("siglip_path")] = "/no/such/siglip"
-    with pytest.raises(UserError, match="no such file"):
+    f[presets.FORM_FLAGS.index("siglip_path")] = os.path.join(runs_dir, "no-such-siglip")
+    with pytest.raises(UserError, match="--siglip_path: no such folder"):
         runs.prepare_start(runs_dir, "new-run", presets.form_argv(runs_dir, "tiny-grpo", f))
     with pytest.raises(UserError, match="already exists"):
         runs.prepare_start(runs_dir, "base", presets.form_argv(runs_dir, "tiny-grpo", form))
@@ -308,3 +309,94 @@ def test_app_py_one_line_errors():
     r = subprocess.run([sys.executable, "app.py", "--auth", "nopassword", "--port", str(free_port())], cwd=REPO,
                        capture_output=True, text=True, timeout=60)
     assert r.returncode == 2 and "USER:PASS" in r.stderr and "Traceback" not in r.stderr
+
+
+# ------------------------------------------------------------------------------------------- signals and paths
+def test_a_reused_launch_pid_is_never_signalled(tmp_path):
+    """A run's recorded pid that now belongs to another process: Stop refuses, the process lives on."""
+    other = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"], start_new_session=True)
+    try:
+        wait_for(lambda: procs.proc_start_time(other.pid), 30, what="the stand-in process")
+        run_dir = str(tmp_path / "old")
+        os.makedirs(run_dir)
+        with open(os.path.join(run_dir, "studio.json"), "w") as fh:  # launched an hour ago, with this pid
+            json.dump({"pid": other.pid, "launched": time.time() - 3600, "created": time.time() - 3600}, fh)
+        info = runs.run_info(run_dir)
+        assert info["state"] == "failed" and not info["live"]  # not "launching": that pid is not the run
+        with pytest.raises(UserError, match="nothing to stop"):
+            runs.stop_run(run_dir)
+        with pytest.raises(UserError, match="no longer run 'old'"):  # asked directly, it is refused too
+            procs.signal_group(other.pid, created=time.time() - 3600, what="run 'old'")
+        with pytest.raises(UserError, match="no start time"):
+            procs.signal_group(other.pid, what="run 'old'")
+        assert other.poll() is None  # never signalled
+    finally:
+        other.kill()
+        other.wait()
+
+
+def test_path_flags_from_the_page_are_confined(trained, tmp_path):
+    runs_dir, _ = trained
+    form = presets.form_values(runs_dir, "tiny-grpo")
+    outside = str(tmp_path / "outside")
+    for extra, expected in ((f"--logging_dir {outside}", "--logging_dir"), ("--logging_dir ../../x", "--logging_dir"),
+                            (f"--train_data_json {outside}/d.jsonl", "--train_data_json"),
+                            (f"--initial_ip_adapter_path {outside}/a.bin", "--initial_ip_adapter_path")):
+        with pytest.raises(UserError, match=f"{expected}.*must lie inside") as exc:
+            runs.prepare_start(runs_dir, "confined", presets.form_argv(runs_dir, "tiny-grpo", form, extra))
+        assert "--allow_read" in str(exc.value) or "logging_dir" in expected
+    assert not os.path.exists(outside) and not os.path.exists(os.path.join(runs_dir, "confined"))
+    run_dir, argv = runs.prepare_start(runs_dir, "confined", presets.form_argv(runs_dir, "tiny-grpo", form,
+                                                                                 "--logging_dir tb"))
+    assert argv[-2:] == ["--output_dir", run_dir]
+    # a folder added with --allow_read is readable (and then checked by preflight: here it does not exist)
+    with pytest.raises(UserError, match="--train_data_json: .*not found"):
+        runs.prepare_start(runs_dir, "confined", presets.form_argv(runs_dir, "tiny-grpo", form,
+                           f"--train_data_json {outside}/d.jsonl"), read_roots=[runs_dir, str(tmp_path)])
+
+
+def test_check_lists_what_start_would_meet(trained):
+    runs_dir, _ = trained
+    form = presets.form_values(runs_dir, "tiny-grpo")
+    argv = presets.form_argv(runs_dir, "tiny-grpo", form, "--rewards nonsense:1.0")
+    _, _, problems = runs.plan_start(runs_dir, "checked", argv, gpus="0,1")
+    assert any("unknown reward 'nonsense'" in p for p in problems), problems
+    assert any(p.startswith("GPUs: 0,1 requested") for p in problems), problems
+    with pytest.raises(UserError, match="unknown reward 'nonsense'.*and 1 more"):
+        runs.start_run(runs_dir, "checked", argv, gpus="0,1")
+    assert not os.path.exists(os.path.join(runs_dir, "checked"))
+    check = TrainViews(runs_dir).check("tiny-grpo", *form, "--rewards nonsense:1.0", "0,1", "checked", False)
+    assert check["train_msg"].startswith("⚠ Start would fail") and "nonsense" in check["train_msg"]
+
+
+# ------------------------------------------------------------------------------------------- managing runs
+def test_archive_rename_and_clone_a_failed_run(tmp_path):
+    runs_dir = str(tmp_path)
+    run_dir = str(tmp_path / "broken")
+    write_status(run_dir, state="failed", pid=dead_pid(), message="UserError: bad")
+    cfg = presets.defaults(runs_dir, "tiny-nft")
+    with open(os.path.join(run_dir, "run.json"), "w") as fh:
+        json.dump({**{k: v for k, v in cfg.items() if k != "preset"}, "output_dir": run_dir, "seed": 7,
+                   "learning_rate": 0.5}, fh)
+    mon, train = MonitorViews(runs_dir), TrainViews(runs_dir)
+    out = mon.views("broken")
+    assert "Clone config" in out["status"] and out["delete_btn"].visible and out["clone_btn"].visible
+    cloned = train.clone("broken")
+    assert cloned["preset"] == "tiny-nft" and cloned["extra"] == "--seed 7"
+    assert cloned["form:learning_rate"] == 0.5 and cloned["run_name"] == "broken-clone"
+    argv = presets.form_argv(runs_dir, cloned["preset"], [cloned[k] for k in FORM_KEYS], cloned["extra"])
+    assert "--learning_rate" in argv and argv[-2:] == ["--seed", "7"]
+    dest = manage.rename_run(run_dir, "broken-2")
+    assert os.path.isdir(dest) and not os.path.exists(run_dir)
+    assert runs.run_config(dest)["output_dir"] == dest
+    with pytest.raises(UserError, match="already exists"):
+        write_status(str(tmp_path / "other"), state="stopped")
+        manage.rename_run(dest, "other")
+    archived = manage.archive_run(dest)
+    assert archived.startswith(os.path.join(runs_dir, ".archive", "broken-2-")) and os.path.isdir(archived)
+    assert [r["name"] for r in runs.list_runs(runs_dir)] == ["other"]
+    live = str(tmp_path / "live")
+    write_status(live, pid=os.getpid())
+    for action in (manage.archive_run, lambda d: manage.rename_run(d, "x")):
+        with pytest.raises(UserError, match="is running"):
+            action(live)

@@ -74,15 +74,12 @@ def wait_for(predicate, timeout: float = 120.0, every: float = 0.3, what: str = 
 
 def kill_run(run_dir: str) -> None:
     """Test clean-up: end a run the studio launched if it is still alive (its own process group, and only if
-    that process is still a calligrapher_rl one, so a reused pid is never touched)."""
-    import json
+    that pid is still the launched process by its start time, so a reused pid is never touched)."""
+    from app.procs import launch_alive, launch_record
 
+    launch = launch_record(run_dir)
     try:
-        with open(os.path.join(run_dir, "studio.json"), encoding="utf-8") as fh:
-            pid = int(json.load(fh)["pid"])
-        with open(f"/proc/{pid}/cmdline", "rb") as fh:
-            if b"calligrapher_rl" not in fh.read() or os.getpgid(pid) != pid:
-                return
-        os.killpg(pid, signal.SIGKILL)
-    except (OSError, ValueError, TypeError, KeyError):
+        if launch_alive(launch) and os.getpgid(launch["pid"]) == launch["pid"]:
+            os.killpg(launch["pid"], signal.SIGKILL)
+    except (OSError, KeyError, TypeError):
         pass

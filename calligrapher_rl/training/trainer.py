@@ -79,6 +79,10 @@ class Trainer:
         if dataset is not None:  # run.json names where the data came from (config.train_data_json is not used)
             config = dataclasses.replace(config, train_data_json=f"python:{type(dataset).__name__}")
         self.cfg = cfg = config.validate().resolved()  # a config built in Python gets the command line's checks
+        from .preflight import require_ready
+
+        # rewards, paths, GPUs, dataset: fail before loading anything (objects given in Python are the caller's)
+        require_ready(cfg, rewards=rewards is None, dataset=dataset is None)
         self.phase, self._last_row = "", {"phase": ""}
         setup.check_output_dir(cfg)
         self.acc = setup.make_accelerator(cfg)
