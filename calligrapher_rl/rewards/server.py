@@ -212,8 +212,9 @@ def guarded_protocol(header_timeout_s: float, max_connections: int):
         def connection_made(self, transport) -> None:
             super().connection_made(transport)
             self._opened = time.monotonic()
-            if len(self.connections) > max_connections:  # evict the oldest one that has not even sent a request
-                idle = [c for c in self.connections if c is not self and getattr(c, "waiting_for_headers", None)
+            live = [c for c in self.connections if not c.transport.is_closing()]  # closed ones leave a bit later
+            if len(live) > max_connections:  # evict the oldest one that has not even sent a request
+                idle = [c for c in live if c is not self and getattr(c, "waiting_for_headers", None)
                         and c.waiting_for_headers()]
                 victim = min(idle, key=lambda c: c._opened) if idle else self
                 victim.transport.close()
