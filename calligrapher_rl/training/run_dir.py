@@ -132,6 +132,7 @@ class RunLock:
             raise UserError(f"another trainer ({holder}) is running in this folder: stop it first or choose "
                             "another --output_dir", where=run_dir, field="--output_dir") from None
         self._fh = fh
+        self.removed: list[str] = []  # what --overwrite_output_dir deleted
         try:
             import psutil
 
@@ -181,10 +182,8 @@ def claim_run_dir(path: str, *, resume: bool, overwrite: bool, logging_dir: str 
             shown = ", ".join(present[:5]) + (", ..." if len(present) > 5 else "")
             raise UserError(f"not empty ({shown}): pass --resume_from_checkpoint latest to continue that run or "
                             "--overwrite_output_dir to replace it", where=path, field="--output_dir")
-        if present and overwrite and not resume:
-            removed = remove_run_files(path, logging_dir)
-            if removed:
-                logger.warning("--overwrite_output_dir: removed the earlier run's %s from %s", ", ".join(removed), path)
+        if present and overwrite and not resume:  # the trainer logs them once train.log is open again
+            lock.removed = remove_run_files(path, logging_dir)
     except BaseException:
         lock.release()
         raise

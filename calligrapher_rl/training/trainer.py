@@ -53,6 +53,8 @@ class Trainer:
             orphans = remove_orphans(cfg.output_dir) if self.is_main else []
             self.run_dir = RunDir(cfg.output_dir, is_main=self.is_main,
                                   tensorboard=cfg.report_to in ("tensorboard", "all"), logging_dir=cfg.logging_dir)
+            if self._lock is not None and self._lock.removed:
+                logger.warning("--overwrite_output_dir: removed the earlier run's %s", ", ".join(self._lock.removed))
             if orphans:
                 logger.warning("removed %d leftover(s) of writes interrupted in an earlier life of this run: %s",
                                len(orphans), ", ".join(orphans))
