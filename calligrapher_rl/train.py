@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import errno
 import logging
+import os
 import sys
 
 from .errors import cli_main
@@ -27,8 +28,9 @@ def main(argv=None) -> int:
     try:
         outcome = train(cfg)
     except Interrupted as exc:  # a stop signal while loading: status.json says stopped
-        print(f"{exc}: {cfg.output_dir}", file=sys.stderr)
-        return 128 + exc.signum
+        print(f"{exc}: {cfg.output_dir}", file=sys.stderr, flush=True)
+        sys.stdout.flush()
+        os._exit(128 + exc.signum)  # at once: the interpreter's teardown of half-loaded models takes seconds
     except StatusNotRecorded:  # stderr already named the file and the error
         return 1
     except OSError as exc:
