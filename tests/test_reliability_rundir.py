@@ -107,6 +107,12 @@ def test_a_new_run_into_a_used_folder_is_refused_and_a_resume_must_match(finishe
     assert json.loads((out / "run.json").read_text())["rl_method"] == "nft"
     assert "--overwrite_output_dir: removed the earlier run's" in (out / "train.log").read_text()
 
+    typo = tmp_path / "typo"  # a start that failed while loading recorded nothing: the fixed command runs
+    with pytest.raises(UserError, match="missing.jsonl"):
+        train(parse_args(_args(typo, "--train_data_json", str(tmp_path / "missing.jsonl"))))
+    assert read_status(str(typo))["state"] == "failed"
+    assert train(parse_args(_args(typo, "--max_train_steps", "1"))) == "finished"
+
 
 def test_sigkill_before_the_first_checkpoint_then_latest_starts_again_at_zero(tmp_path):
     out = tmp_path / "run"

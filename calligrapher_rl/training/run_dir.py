@@ -172,12 +172,13 @@ class RunLock:
 def claim_run_dir(path: str, *, resume: bool, overwrite: bool, logging_dir: str = "logs") -> RunLock:
     """Lock the folder, then refuse to mix a new run into an earlier one's files.
 
-    A new run into a folder holding anything (other than a launcher's files) is refused unless it resumes
-    (--resume_from_checkpoint) or replaces it (--overwrite_output_dir: the earlier run's files go). Nothing
+    A new run into a folder holding an earlier run's results or anyone's files (see run_results) is refused
+    unless it resumes (--resume_from_checkpoint) or replaces it (--overwrite_output_dir: the earlier run's
+    files go). Nothing
     is written or removed before the lock is ours, so a refused trainer leaves the folder untouched."""
     lock = RunLock(path)
     try:
-        present = sorted(n for n in os.listdir(path) if n not in (LOCK_FILE, *LAUNCHER_FILES))
+        present = run_results(path, logging_dir)
         if present and not resume and not overwrite:
             shown = ", ".join(present[:5]) + (", ..." if len(present) > 5 else "")
             raise UserError(f"not empty ({shown}): pass --resume_from_checkpoint latest to continue that run or "
@@ -190,14 +191,36 @@ def claim_run_dir(path: str, *, resume: bool, overwrite: bool, logging_dir: str 
     return lock
 
 
+def run_results(path: str, logging_dir: str = "logs") -> list[str]:
+    """What in the folder is an earlier run's work or someone's file: everything but the bookkeeping an
+    attempt that recorded nothing leaves (status, run.json, train.log, control/, the TensorBoard folder, an
+    empty metrics.jsonl or samples/, a launcher's files, temporaries). Rerunning a command that failed while
+    loading (a typo in a path) is then not refused; mixing into a run with metrics or checkpoints is."""
+    bookkeeping = {"status.json", "run.json", "train.log", "control", LOCK_FILE, *LAUNCHER_FILES, _top(logging_dir)}
+    found = []
+    for name in sorted(os.listdir(path)):
+        full = os.path.join(path, name)
+        if name in bookkeeping or (name.startswith(".") and ".tmp" in name):
+            continue
+        if name == "metrics.jsonl" and os.path.isfile(full) and not read_metrics(path):
+            continue
+        if name == "samples" and os.path.isdir(full) and not [n for n in os.listdir(full) if not n.startswith(".")]:
+            continue
+        found.append(name)
+    return found
+
+
+def _top(logging_dir: str) -> str:
+    """The run folder's entry holding --logging_dir ('' when it lies outside the folder)."""
+    top = os.path.normpath(logging_dir).split(os.sep)[0]
+    return "" if os.path.isabs(logging_dir) or top in ("", ".", "..") else top
+
+
 def remove_run_files(path: str, logging_dir: str = "logs") -> list[str]:
     """Delete what a run writes (metrics, status, logs, samples, checkpoints, temporaries); keep the rest."""
     from .checkpointing import CHECKPOINT_RE
 
-    names = set(RUN_FILES)
-    top = os.path.normpath(logging_dir).split(os.sep)[0]
-    if not os.path.isabs(logging_dir) and top not in ("", ".", ".."):
-        names.add(top)
+    names = set(RUN_FILES) | ({_top(logging_dir)} - {""})
     removed = []
     for name in sorted(os.listdir(path)):
         full = os.path.join(path, name)
