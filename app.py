@@ -9,7 +9,6 @@ os.environ["GRADIO_ANALYTICS_ENABLED"] = "False"
 
 if __name__ == "__main__":
     from app.server import main
-
     from calligrapher_rl.errors import cli_main
 
     cli_main(main)

@@ -97,7 +97,9 @@ class TrainConfig:
     # --- output, logging and checkpoints ---
     output_dir: str | None = _OUT(None, "run directory: metrics.jsonl, logs/, samples/, checkpoint-*/, run.json (required)")
     logging_dir: str = _OUT("logs", "TensorBoard folder, relative to --output_dir")
-    report_to: str = _OUT("tensorboard", "extra tracker (metrics.jsonl is always written)",
+    report_to: str = _OUT("tensorboard", "trackers, through accelerate: tensorboard (events in --logging_dir), wandb "
+                                         "(pip install wandb), all (tensorboard + wandb if installed), none; "
+                                         "metrics.jsonl is always written",
                           choices=("tensorboard", "wandb", "all", "none"))
     checkpointing_steps: int = _OUT(500, "save checkpoint-{step}/ every N optimizer steps")
     checkpoints_total_limit: int | None = _OUT(None, "keep only the newest N checkpoints; none = keep all")

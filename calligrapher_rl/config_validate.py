@@ -30,25 +30,34 @@ def _fail(flag: str, expectation: str, value: Any) -> None:
     raise ConfigError(flag, f"{expectation}, got {value!r}")
 
 
-def parse_reward_spec(spec: str, flag: str = "rewards") -> dict[str, float]:
-    """'ocr:0.7,style:0.3' -> {'ocr': 0.7, 'style': 0.3}; a bare name weighs 1. Syntax only."""
-    expect = "expected 'name:weight,...' (e.g. ocr:0.7,style:0.3)"
+def parse_reward_spec(spec: str, flag: str = "rewards", known: list[str] | None = None) -> dict[str, float]:
+    """'ocr:0.7,style:0.3' -> {'ocr': 0.7, 'style': 0.3}; a bare name weighs 1.
+
+    The one parser of the reward spec: the config checks the syntax; the reward registry passes
+    `known` (its registered names) so an unknown name lists the valid ones.
+    """
+    expect = "expected NAME[:WEIGHT],... (e.g. ocr:0.7,style:0.3)"
+    valid = f" (valid: {', '.join(known)})" if known is not None else ""
     if not isinstance(spec, str) or not spec.strip():
-        _fail(flag, expect, spec)
+        raise ConfigError(flag, f"no reward given; {expect}{valid}, got {spec!r}")
     weights: dict[str, float] = {}
     for part in spec.split(","):
+        if not part.strip():
+            raise ConfigError(flag, f"empty entry in {spec!r}; {expect}")
         name, sep, weight = part.strip().partition(":")
         name = name.strip()
         if not _REWARD_NAME.match(name):
             _fail(flag, f"{expect}; reward names are lowercase words", spec)
+        if known is not None and name not in known:
+            raise ConfigError(flag, f"unknown reward {name!r}{valid}")
         if name in weights:
-            _fail(flag, f"each reward at most once ({name!r} repeats)", spec)
+            raise ConfigError(flag, f"reward {name!r} given twice in {spec!r}")
         try:
             w = float(weight) if sep else 1.0
         except ValueError:
             w = math.nan
         if not math.isfinite(w):
-            _fail(flag, f"{expect}; the weight of {name!r} must be a finite number", spec)
+            raise ConfigError(flag, f"weight {weight.strip()!r} of {name!r} is not a finite number")
         weights[name] = w
     if not any(weights.values()):
         _fail(flag, "at least one reward weight must be non-zero", spec)

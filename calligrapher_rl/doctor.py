@@ -75,13 +75,13 @@ def check_gpu() -> list[tuple[str, str]]:
 def check_paths(flux: str | None, siglip: str | None, data: str | None) -> list[tuple[str, str]]:
     out = []
     if flux or siglip:
-        from .models.stack import resolve_model_paths
+        from .models.hub import resolve_model
 
-        try:
-            f, s = resolve_model_paths(flux or "tiny", siglip or "tiny")
-            out.append((OK, f"model folders: {f} and {s}"))
-        except UserError as exc:
-            out.append((FAIL, str(exc)))
+        for kind, name, label in (("flux", flux, "FLUX-Fill"), ("siglip", siglip, "SigLIP")):
+            try:
+                out.append((OK, f"{label}: {resolve_model(name or 'tiny', kind).describe()}"))
+            except UserError as exc:
+                out.append((FAIL, str(exc)))
     if data:
         from .data.dataset import load_dataset
 

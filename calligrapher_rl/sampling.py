@@ -76,10 +76,12 @@ def rollout(
     scale: float = 1.0,
     params=None,
     initial_noise: torch.Tensor | None = None,
+    quantized: bool = False,
 ) -> Rollout:
     """Denoise `fill.cond.shape[0]` samples. `noise_level=0` is the deterministic ODE (evaluation).
 
     `params` runs another set of adapter weights (e.g. NFT's old policy) without touching the live ones.
+    `quantized` samples with the stack's float8 transformer copy, if it has one (NFT rollouts, evaluation).
     """
     b = fill.cond.shape[0]
     sigmas = flux_sigmas(num_steps, fill.seq_len, stack.pipe.scheduler)
@@ -92,7 +94,7 @@ def rollout(
     for j in range(num_steps):
         s, s_next = float(sigmas[j]), float(sigmas[j + 1])
         v = stack.velocity(x, fill, text, s, image_embeds, guidance, scale, params=params, style_tokens=tokens,
-                           style_cache=kv_cache)
+                           style_cache=kv_cache, quantized=quantized)
         level = noise_level if j in stochastic and s_next > 0 else 0.0
         x, log_prob, _, _ = sde_step_with_logprob(v, s, s_next, x, level, generator=generator, sde_type=sde_type)
         trajectory.append(x)

@@ -11,8 +11,14 @@ import httpx
 import numpy as np
 import pytest
 from PIL import Image
-from test_app_support import single_thread_runs  # noqa: F401  (a module fixture, used below)
-from test_app_support import REPO, free_port, kill_run, trained_run, wait_for
+from test_app_support import (
+    REPO,
+    free_port,
+    kill_run,
+    single_thread_runs,  # noqa: F401  (a module fixture, used below)
+    trained_run,
+    wait_for,
+)
 
 from app.server import launch
 

@@ -10,8 +10,14 @@ import sys
 import time
 
 import pytest
-from test_app_support import single_thread_runs  # noqa: F401  (a module fixture, used below)
-from test_app_support import REPO, free_port, kill_run, trained_run, wait_for
+from test_app_support import (
+    REPO,
+    free_port,
+    kill_run,
+    single_thread_runs,  # noqa: F401  (a module fixture, used below)
+    trained_run,
+    wait_for,
+)
 
 from app import charts, presets, runs
 from app.infer_views import InferViews

@@ -25,7 +25,7 @@ from calligrapher_rl.config import (
 )
 from calligrapher_rl.errors import UserError, cli_main
 
-GUIDE = Path("/work/shared/seed/RL_TRAINING_GUIDE.zh.md")
+GUIDE = Path(__file__).resolve().parents[1] / "docs" / "RL_TRAINING_GUIDE.zh.md"
 PATHS = ["--pretrained_model_name_or_path", "m", "--siglip_path", "s", "--train_data_json", "d.jsonl",
          "--output_dir", "out"]
 PRESETS = ("tiny-grpo", "tiny-nft", "flux-grpo", "flux-nft")

@@ -9,9 +9,9 @@ from pathlib import Path
 
 from fastapi import FastAPI
 from fastapi.responses import JSONResponse
+from test_rewards_server import Served
 
 from calligrapher_rl.training.run_dir import read_metrics, read_status, request_resume, request_stop
-from test_rewards_server import Served
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -14,9 +14,9 @@ import time
 from pathlib import Path
 
 from fastapi import FastAPI, Request
+from test_rewards_server import Served
 
 from calligrapher_rl.training.run_dir import read_metrics, read_status
-from test_rewards_server import Served
 
 ROOT = Path(__file__).resolve().parents[1]
 

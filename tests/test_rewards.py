@@ -16,8 +16,15 @@ import pytest
 from PIL import Image, ImageDraw, ImageFont
 
 from calligrapher_rl.errors import UserError
-from calligrapher_rl.rewards import (RewardError, RewardSample, RewardSet, available_rewards, build_rewards,
-                                     make_reward, parse_spec)
+from calligrapher_rl.rewards import (
+    RewardError,
+    RewardSample,
+    RewardSet,
+    available_rewards,
+    build_rewards,
+    make_reward,
+    parse_spec,
+)
 from calligrapher_rl.rewards.base import PerSampleReward, Reward
 from calligrapher_rl.rewards.ocr import text_score
 

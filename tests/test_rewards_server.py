@@ -4,8 +4,8 @@ fake OpenAI-compatible server. Every server is a real uvicorn on 127.0.0.1, on a
 from __future__ import annotations
 
 import base64
-import json
 import io
+import json
 import math
 import os
 import socket

@@ -11,7 +11,6 @@ import sys
 import time
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 
@@ -53,7 +52,7 @@ def grpo_run(tmp_path_factory):
     return out
 
 
-def test_a_run_writes_every_contract_file(grpo_run):
+def test_a_run_writes_every_documented_file(grpo_run):
     rows = read_metrics(str(grpo_run))
     rl = [r for r in rows if r["phase"] == "rl" and "reward/mean" in r]
     assert {r["phase"] for r in rows} == {"warmup", "rl"} and len(rl) == 4  # 2 warmup steps + 4 RL epochs

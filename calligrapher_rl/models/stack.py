@@ -7,7 +7,6 @@ scale, and the transformer call with the style tokens. Sampling and training onl
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 
 import torch
@@ -73,19 +72,11 @@ class CalligrapherModel(nn.Module):
 
 
 def resolve_model_paths(flux_path: str, siglip_path: str) -> tuple[str, str]:
-    """`tiny` means the embedded offline model (built on first use)."""
-    if flux_path == "tiny" or siglip_path == "tiny":
-        from .tiny import ensure_tiny
+    """Local folders of what the user typed: a folder, `tiny` (the embedded offline model, built on first use)
+    or a Hugging Face Hub id (from the local cache; see hub.py)."""
+    from .hub import resolve_model
 
-        tiny_flux, tiny_siglip = ensure_tiny()
-        flux_path = tiny_flux if flux_path == "tiny" else flux_path
-        siglip_path = tiny_siglip if siglip_path == "tiny" else siglip_path
-    if not os.path.isfile(os.path.join(flux_path, "model_index.json")):
-        raise UserError("not a FluxFillPipeline folder (no model_index.json)", where=flux_path,
-                        field="--pretrained_model_name_or_path")
-    if not os.path.isfile(os.path.join(siglip_path, "config.json")):
-        raise UserError("not a SigLIP model folder (no config.json)", where=siglip_path, field="--siglip_path")
-    return flux_path, siglip_path
+    return resolve_model(flux_path, "flux").path, resolve_model(siglip_path, "siglip").path
 
 
 class CalligrapherStack:
@@ -94,6 +85,11 @@ class CalligrapherStack:
         self.adapter, self.device, self.dtype = adapter, torch.device(device), dtype
         self.max_sequence_length = max_sequence_length
         self.model = CalligrapherModel(pipe.transformer, adapter)
+        # What the gradient path calls: `model`, or its DistributedDataParallel wrapper on several processes
+        # (set by the trainer), so that gradient all-reduces overlap the backward.
+        self.train_model: nn.Module = self.model
+        # An optional float8 copy of the transformer for no-gradient sampling (see acceleration.py).
+        self.quantized_model: CalligrapherModel | None = None
         self._text_cache: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
 
     # ---------------------------------------------------------------- loading
@@ -103,7 +99,7 @@ class CalligrapherStack:
                         max_sequence_length: int | None = None, offload_text_encoder_two: bool = False,
                         seed: int = 0):
         from diffusers import FluxFillPipeline
-        from transformers import SiglipImageProcessor, SiglipVisionModel
+        from transformers import SiglipVisionModel
 
         flux_path, siglip_path = resolve_model_paths(flux_path, siglip_path)
         try:
@@ -208,19 +204,35 @@ class CalligrapherStack:
 
     # ---------------------------------------------------------------- the network
     def velocity(self, latents, fill, text, sigma, image_embeds, guidance, scale=1.0, params=None, style_tokens=None,
-                 style_cache=None):
+                 style_cache=None, quantized: bool = False):
         """Predicted velocity (eps - x0) in float32; `params` evaluates other adapter weights (old/ref).
 
         `style_tokens` (from `style_tokens()` with the same params) skips the projection, and a `style_cache`
         dict (used only without gradient) keeps each block's style keys/values: a rollout computes both once
-        instead of at every step."""
+        instead of at every step. `quantized` runs the float8 copy when there is one (no-gradient sampling
+        only: its log-probabilities would not match the training forward)."""
         args = (latents, fill, text, sigma, image_embeds, guidance, scale, style_tokens, style_cache)
-        if params is None:
-            out = self.model(*args)
-        else:
+        model = self.quantized_model if quantized and self.quantized_model is not None else self.model
+        if params is not None:
             named = {f"adapter.{k}": v for k, v in params.items()}
-            out = torch.func.functional_call(self.model, named, args, strict=False)
+            out = torch.func.functional_call(model, named, args, strict=False)
+        elif torch.is_grad_enabled() and model is self.model:
+            out = self.train_model(*args)
+        else:
+            out = model(*args)
         return out.float()
+
+    def enable_fp8_rollouts(self) -> None:
+        from .acceleration import fp8_copy
+
+        self.quantized_model = CalligrapherModel(fp8_copy(self.pipe.transformer), self.adapter)
+
+    def enable_compile(self, cache_dir: str | None = None) -> None:
+        from .acceleration import compile_transformer
+
+        compile_transformer(self.pipe.transformer, cache_dir)
+        if self.quantized_model is not None:
+            compile_transformer(self.quantized_model.transformer, cache_dir)
 
     def style_tokens(self, image_embeds: torch.Tensor, params=None) -> torch.Tensor:
         if params is None:

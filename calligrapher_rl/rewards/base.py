@@ -1,6 +1,6 @@
 """The reward interface the trainer relies on, and the small image helpers every reward shares.
 
-Failure policy (see reference/rl-formulas.md): a reward that could not be computed must never look
+Failure policy (see docs/rl-formulas.md): a reward that could not be computed must never look
 like a legitimate 0, because a 0 enters the group-normalised advantages and silently pushes the policy.
 So a per-sample failure is ``float('nan')`` (the trainer drops or masks it) and a failure of the whole
 batch raises :class:`RewardError`.

@@ -11,7 +11,7 @@ package default (upscale the short side to 736 px), which is ~15x faster on text
 accuracy on rendered words. If the detector finds nothing, the recogniser alone reads the whole crop,
 keeping a graded signal for half-formed text; its output counts only above the usual 0.5 confidence.
 
-Score (reference/rl-formulas.md): lowercase, drop whitespace; 1 if the target is contained in the
+Score (docs/rl-formulas.md): lowercase, drop whitespace; 1 if the target is contained in the
 recognition, else ``1 - min(lev(rec, target), len(target)) / len(target)``. Nothing recognised is a
 legitimate 0; an engine exception is NaN.
 """

@@ -10,10 +10,12 @@ from __future__ import annotations
 import concurrent.futures as cf
 import inspect
 import math
+import re
 from typing import Callable
 
 import numpy as np
 
+from ..config_validate import parse_reward_spec
 from ..errors import UserError
 from .base import Reward, RewardError, RewardSample
 
@@ -48,29 +50,11 @@ def make_reward(name: str, **options) -> Reward:
 
 
 def parse_spec(spec: str) -> dict[str, float]:
-    """``"ocr:0.7,style:0.3"`` -> {"ocr": 0.7, "style": 0.3}; a bare name weighs 1.0."""
-    valid = ", ".join(available_rewards())
-    out: dict[str, float] = {}
-    items = [it.strip() for it in (spec or "").split(",")]
-    if not any(items):
-        raise UserError(f"no reward given; expected NAME[:WEIGHT],... with NAME one of: {valid}", field="--rewards")
-    for item in items:
-        if not item:
-            raise UserError(f"empty entry in '{spec}'; expected NAME[:WEIGHT],...", field="--rewards")
-        name, sep, w = item.partition(":")
-        name = name.strip()
-        if name not in _REGISTRY:
-            raise UserError(f"unknown reward '{name}' (valid: {valid})", field="--rewards")
-        try:
-            weight = float(w) if sep else 1.0
-        except ValueError:
-            weight = math.nan
-        if not math.isfinite(weight):
-            raise UserError(f"weight '{w.strip()}' of '{name}' is not a finite number", field="--rewards")
-        if name in out:
-            raise UserError(f"reward '{name}' given twice", field="--rewards")
-        out[name] = weight
-    return out
+    """``"ocr:0.7,style:0.3"`` -> {"ocr": 0.7, "style": 0.3}; a bare name weighs 1.0; names must be registered.
+
+    The configuration's parser (one grammar for ``--rewards`` everywhere) with the registry's names.
+    """
+    return parse_reward_spec(spec, known=available_rewards())
 
 
 class RewardSet:
@@ -137,9 +121,75 @@ class RewardSet:
         self.close()
 
 
-def build_rewards(spec: str, *, siglip_path=None, server_urls=None, device="cpu") -> RewardSet:
-    """Parse ``spec`` and build the rewards, locally or (``server_urls`` given) through the client."""
-    weights = parse_spec(spec)
+class CallableReward(Reward):
+    """Any function ``fn(images, prompts, metadata) -> scores`` as a reward (the Python API's rewards).
+
+    ``images`` are the generated PIL images, ``prompts`` the text each image should show, ``metadata`` one
+    dict per image with ``text``, ``mask`` (PIL 'L', 255 = the repainted region), ``reference`` and
+    ``source`` (PIL or None). ``scores`` holds one number per image; None or NaN marks a failed sample.
+    """
+
+    def __init__(self, fn: Callable, name: str):
+        self.fn, self.name = fn, name
+
+    def score(self, samples: list[RewardSample]) -> list[float]:
+        metadata = [{"text": s.text, "mask": s.mask, "reference": s.reference, "source": s.source} for s in samples]
+        scores = self.fn([s.image for s in samples], [s.text for s in samples], metadata)
+        scores = scores.tolist() if hasattr(scores, "tolist") else list(scores)  # numpy, torch or a sequence
+        return [math.nan if v is None else float(v) for v in scores]
+
+
+def _reward_name(obj) -> str:
+    """A reward's name in metrics (`reward/<name>`): its `name`, else its function or class name, as a word."""
+    raw = getattr(obj, "name", None)
+    if not isinstance(raw, str) or raw == Reward.name:
+        raw = getattr(obj, "__name__", None) or type(obj).__name__
+    word = re.sub(r"[^a-z0-9_]+", "_", raw.lower()).strip("_") or "reward"
+    return word if word[0].isalpha() else f"r_{word}"
+
+
+def _entries(items) -> list[tuple[str, object, float]]:
+    """(name, registered name or reward object, weight) of each item of the Python API's ``rewards=``."""
+    out: list[tuple[str, object, float]] = []
+    for item in [items] if isinstance(items, str) else list(items):
+        name, weight = None, 1.0
+        if isinstance(item, tuple) and len(item) == 3:
+            name, item, weight = item
+        elif isinstance(item, tuple) and len(item) == 2:
+            item, weight = item
+        if isinstance(item, str):
+            if name is not None or weight != 1.0:  # ("ocr", 0.5) is the spec "ocr:0.5"
+                item = f"{item}:{weight}"
+            out.extend((n, n, w) for n, w in parse_spec(item).items())
+            continue
+        if not (isinstance(item, Reward) or callable(item)):
+            raise UserError(f"a reward must be a registered name, a Reward or a callable "
+                            f"(images, prompts, metadata) -> scores, got {type(item).__name__}", field="rewards")
+        if not isinstance(weight, (int, float)) or isinstance(weight, bool) or not math.isfinite(weight):
+            raise UserError(f"the weight of a reward must be a finite number, got {weight!r}", field="rewards")
+        out.append((name or _reward_name(item), item, float(weight)))
+    names = [n for n, _, _ in out]
+    if not out or len(set(names)) != len(names):
+        raise UserError(f"expected at least one reward, each name once, got {names}", field="rewards")
+    return out
+
+
+def build_rewards(spec, *, siglip_path=None, server_urls=None, device="cpu") -> RewardSet:
+    """Build the rewards of ``spec``: a ``--rewards`` string, or a list mixing registered names (``"ocr"``,
+    ``"ocr:0.7"``), :class:`Reward` objects and callables ``(images, prompts, metadata) -> scores``, each
+    optionally as ``(item, weight)`` or ``(name, item, weight)``. Registered names are computed locally, or
+    by the reward servers when ``server_urls`` is given; objects always run in this process."""
+    entries = _entries(spec)
+    weights = {name: w for name, _, w in entries}
+    local: dict[str, Reward] = {}
+    for name, item, _ in entries:
+        if isinstance(item, Reward):
+            item.name = name
+            local[name] = item
+        elif not isinstance(item, str):
+            local[name] = CallableReward(item, name)
+    registered = [name for name, item, _ in entries if isinstance(item, str)]
+    remote = None
     if server_urls:
         from .client import RemoteRewards
 
@@ -147,6 +197,8 @@ def build_rewards(spec: str, *, siglip_path=None, server_urls=None, device="cpu"
         urls = [u for u in urls if u]
         if not urls:
             raise UserError("no URL given", field="--reward_server_url")
-        return RewardSet({}, weights, remote=RemoteRewards(urls, list(weights)))
-    rewards = {name: make_reward(name, siglip_path=siglip_path, device=device) for name in weights}
-    return RewardSet(rewards, weights)
+        if registered:
+            remote = RemoteRewards(urls, registered)
+    else:
+        local.update({name: make_reward(name, siglip_path=siglip_path, device=device) for name in registered})
+    return RewardSet(local, weights, remote=remote)

@@ -30,6 +30,10 @@ def load_siglip(siglip_path, device="cpu"):
     if not siglip_path:
         raise UserError("the style reward needs a local SigLIP folder", field="--siglip_path")
     path = os.fspath(siglip_path)
+    from ..models.hub import is_hub_id, resolve_model
+
+    if is_hub_id(path):  # e.g. google/siglip-so400m-patch14-384: from the local Hugging Face cache
+        path = resolve_model(path, "siglip").path
     if not os.path.isdir(path):
         raise UserError("folder not found", where=path, field="--siglip_path")
     from transformers import AutoImageProcessor, SiglipVisionModel

@@ -28,14 +28,17 @@ class ParamEMA:
     the last step of every interval, with ``ema += (1 - d)(p - ema)``, ``d = ema_decay_at(global_step)``.
     """
 
-    def __init__(self, params: Iterable[torch.Tensor], decay: float = 0.9999, update_interval: int = 1):
+    def __init__(self, params: Iterable[torch.Tensor], decay: float = 0.9999, update_interval: int = 1,
+                 device: str | torch.device | None = None):
         if not 0.0 <= decay <= 1.0:
             raise ValueError(f"EMA decay must be in [0, 1], got {decay}")
         if int(update_interval) < 1:
             raise ValueError(f"update_interval must be >= 1, got {update_interval}")
         self.decay = float(decay)
         self.update_interval = int(update_interval)
-        self.shadow = [p.detach().float().clone() for p in params]
+        # `device="cpu"` keeps the float32 shadow in host memory (12 GB for the full adapter): each update
+        # then copies the weights over PCIe, so pair it with an update_interval > 1 on big adapters.
+        self.shadow = [p.detach().to(device=device or p.device, dtype=torch.float32, copy=True) for p in params]
         self.num_updates = 0
 
     def _check(self, params: list[torch.Tensor]) -> None:

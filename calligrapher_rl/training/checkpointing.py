@@ -1,4 +1,4 @@
-"""Checkpoints: the CONTRACT's adapter files plus everything an exact resume needs.
+"""Checkpoints: the adapter files users load (README, "What a run writes") plus everything an exact resume needs.
 
     checkpoint-{step}/
         ip-adapter.safetensors       the trained adapter (flat dotted release key names)

@@ -1,11 +1,15 @@
 """What crosses processes: rewards before advantages, gradients before the optimizer step.
 
-Only the adapter trains and its forward runs inside the frozen transformer's attention processors, so
-wrapping it in DDP would not see its own forward; instead gradients are averaged explicitly, flattened
-into one buffer (one all-reduce per optimizer step).
+Only the adapter trains, and its forward runs inside the frozen transformer's attention processors. The
+module that holds both (`CalligrapherModel`) is therefore what goes through `accelerator.prepare`: DDP sees
+the adapter's forward, registers only the parameters that require grad, and all-reduces their gradients in
+buckets while the backward is still running. The 12 B frozen transformer is told to DDP as "ignored", so it
+is neither broadcast at start nor part of any bucket.
 """
 
 from __future__ import annotations
+
+import contextlib
 
 import numpy as np
 import torch
@@ -26,8 +30,37 @@ def own_slice(values: np.ndarray, accelerator, per_process: int) -> np.ndarray:
     return values[rank * per_process:(rank + 1) * per_process]
 
 
-def average_gradients(params: list[torch.nn.Parameter], accelerator) -> None:
+def prepare_data_parallel(accelerator, stack) -> bool:
+    """Wrap the stack's trainable module in accelerate's DDP (several processes only); returns whether it
+    did. Call after the trainable set is chosen: DDP registers the parameters that require grad then."""
     if accelerator is None or accelerator.num_processes == 1:
+        return False
+    from accelerate.utils import DistributedDataParallelKwargs
+    from torch.nn.parallel import DistributedDataParallel
+
+    model = stack.model
+    frozen = [n for n, p in model.named_parameters() if not p.requires_grad] + [n for n, _ in model.named_buffers()]
+    DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(model, frozen)
+    # gradient_as_bucket_view: the gradients live in DDP's buckets, no second full-size copy of them
+    accelerator.ddp_handler = DistributedDataParallelKwargs(gradient_as_bucket_view=True, bucket_cap_mb=100)
+    stack.train_model = accelerator.prepare_model(model, device_placement=False)
+    return True
+
+
+def gradient_sync(stack, sync: bool):
+    """Context for a forward+backward: `sync=False` accumulates locally (DDP's no_sync); the first synced
+    backward after it all-reduces the accumulated sum. Without DDP it does nothing."""
+    model = stack.train_model
+    if sync or not hasattr(model, "no_sync"):
+        return contextlib.nullcontext()
+    return model.no_sync()
+
+
+def average_gradients(params: list[torch.nn.Parameter], accelerator, stack=None) -> None:
+    """The fallback for a run whose trainable module is not DDP-wrapped (DDP already averaged otherwise)."""
+    if accelerator is None or accelerator.num_processes == 1:
+        return
+    if stack is not None and hasattr(stack.train_model, "no_sync"):
         return
     import torch.distributed as dist
 

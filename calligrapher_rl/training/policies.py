@@ -20,7 +20,7 @@ from ..rl.nft import update_old_params
 
 class Policies:
     def __init__(self, adapter: StyleAdapter, trainable: str, *, use_ema: bool, ema_decay: float,
-                 ema_update_interval: int, snapshot_dtype=torch.float32):
+                 ema_update_interval: int, snapshot_dtype=torch.float32, ema_device=None):
         self.adapter = adapter
         self.named = adapter.parameter_groups(trainable)
         self.names = [n for n, _ in self.named]
@@ -28,7 +28,7 @@ class Policies:
         for p in adapter.parameters():
             p.requires_grad_(id(p) in trainable_ids)
         self.snapshot_dtype = snapshot_dtype
-        self.ema = ParamEMA(self.params, ema_decay, ema_update_interval) if use_ema else None
+        self.ema = ParamEMA(self.params, ema_decay, ema_update_interval, device=ema_device) if use_ema else None
         self.reference: dict[str, torch.Tensor] | None = None
         self.old: dict[str, torch.Tensor] | None = None
 

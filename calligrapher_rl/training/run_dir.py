@@ -236,20 +236,19 @@ def remove_run_files(path: str, logging_dir: str = "logs") -> list[str]:
 class RunDir:
     """The trainer's writer side. On non-main processes every method is a no-op."""
 
-    def __init__(self, path: str, *, is_main: bool = True, tensorboard: bool = True, logging_dir: str = "logs"):
+    def __init__(self, path: str, *, is_main: bool = True, logging_dir: str = "logs", accelerator=None):
+        """`accelerator`: an accelerate.Accelerator whose trackers (started with `init_trackers`, see
+        setup.start_trackers) also get the scalars and sample grids; None = metrics.jsonl and samples/ only."""
         self.path, self.is_main = path, is_main
-        self._tb = None
-        self._tb_dir = os.path.join(path, logging_dir)
+        self.accelerator = accelerator
+        self.status_fields: dict = {}  # live fields (phase, eta_s) added to every status.json write
+        self._last_status: tuple | None = None
         self._log_handler: logging.Handler | None = None
         self._started = time.time()
         if not is_main:
             return
         for sub in ("samples", "control", logging_dir):
             os.makedirs(os.path.join(path, sub), exist_ok=True)
-        if tensorboard:
-            from torch.utils.tensorboard import SummaryWriter
-
-            self._tb = SummaryWriter(os.path.join(path, logging_dir))
         self._log_handler = logging.FileHandler(os.path.join(path, "train.log"), encoding="utf-8")
         self._log_handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
         logging.getLogger("calligrapher_rl").addHandler(self._log_handler)
@@ -259,9 +258,10 @@ class RunDir:
         if not self.is_main:
             return
         assert state in STATES, state
+        self._last_status = (state, step, message)
         write_json(os.path.join(self.path, "status.json"), {
             "state": state, "step": step, "message": message, "pid": os.getpid(), "host": socket.gethostname(),
-            "started": self._started, "updated": time.time(), **extra,
+            "started": self._started, "updated": time.time(), **self.status_fields, **extra,
         })
 
     def final_status(self, state: str, step: int, message: str = "") -> bool:
@@ -284,6 +284,19 @@ class RunDir:
                 print(f"error: could not record the final status {state!r} in {path} ({first}; in place: {second}); "
                       f"the run ended {state}: {message}", file=sys.stderr, flush=True)
                 return False
+
+    def update_status(self, **fields) -> None:
+        """Set live fields (None removes one) and rewrite status.json with the last state, step and message."""
+        for k, v in fields.items():
+            if v is None:
+                self.status_fields.pop(k, None)
+            else:
+                self.status_fields[k] = v
+        if self._last_status is not None:
+            try:
+                self.set_status(*self._last_status)
+            except OSError as exc:  # live fields only: a full disk is reported by the state writes themselves
+                logger.warning("could not refresh status.json: %s", exc)
 
     def _control(self, name: str) -> str:
         return os.path.join(self.path, "control", name)
@@ -312,17 +325,14 @@ class RunDir:
             with open(os.path.join(self.path, "metrics.jsonl"), "a", encoding="utf-8") as fh:
                 fh.write(json.dumps(row) + "\n")
                 fh.flush()
-            if self._tb is not None:
-                for k, v in row.items():
-                    if k not in ("step", "phase", "time") and v is not None:
-                        self._tb.add_scalar(k, v, step)
-                self._tb.flush()
+            if self._trackers():
+                self.accelerator.log({k: v for k, v in row.items()
+                                      if k not in ("step", "phase", "time") and v is not None}, step=int(step))
         return row
 
     def truncate_metrics(self, after_step: int) -> int:
         """On resume: drop rows a killed run logged past its last checkpoint (they will be redone); -1
-        drops every row (a restart from scratch). TensorBoard is told to hide those steps too. Returns
-        the number of rows dropped."""
+        drops every row (a restart from scratch). Returns the number of rows dropped."""
         if not self.is_main:
             return 0
         rows = read_metrics(self.path)
@@ -331,11 +341,6 @@ class RunDir:
             return 0
         with atomic_path(os.path.join(self.path, "metrics.jsonl")) as tmp, open(tmp, "w", encoding="utf-8") as fh:
             fh.writelines(json.dumps(r) + "\n" for r in kept)
-        if self._tb is not None:  # purge_step: TensorBoard discards the earlier life's events from that step on
-            from torch.utils.tensorboard import SummaryWriter
-
-            self._tb.close()
-            self._tb = SummaryWriter(self._tb_dir, purge_step=after_step + 1)
         return len(rows) - len(kept)
 
     def save_grid(self, step: int, grid: Image.Image) -> str | None:
@@ -344,18 +349,26 @@ class RunDir:
         path = sample_path(self.path, step)
         with atomic_path(path) as tmp:
             grid.save(tmp, format="PNG")
-        if self._tb is not None:
-            self._tb.add_image("samples", np.asarray(grid.convert("RGB")), step, dataformats="HWC")
-            self._tb.flush()
+        image = np.asarray(grid.convert("RGB"))
+        for tracker in self._trackers():
+            if tracker.name == "tensorboard":  # its log_images wants NCHW batches; one HWC grid goes straight in
+                tracker.writer.add_image("samples", image, step, dataformats="HWC")
+                tracker.writer.flush()
+            else:
+                tracker.log_images({"samples": [image]}, step=step)
         return path
 
+    def _trackers(self) -> list:
+        return list(self.accelerator.trackers) if self.accelerator is not None and self.is_main else []
+
     def close(self) -> None:
-        if self._tb is not None:
+        for tracker in self._trackers():
             try:
-                self._tb.close()
+                tracker.finish()  # not accelerator.end_training(): that also tears down the process group
             except OSError as exc:  # a full disk must not hide the run's real outcome
-                logger.warning("could not close TensorBoard's event file: %s", exc)
-            self._tb = None
+                logger.warning("could not close the %s tracker: %s", tracker.name, exc)
+        if self.accelerator is not None:
+            self.accelerator.trackers.clear()
         if self.is_main and self._log_handler is not None:
             logging.getLogger("calligrapher_rl").removeHandler(self._log_handler)
             self._log_handler.close()

@@ -16,16 +16,42 @@ logger = logging.getLogger("calligrapher_rl.training")
 DTYPES = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 
+def tracker_names(report_to: str) -> list[str]:
+    """--report_to -> accelerate tracker names; `wandb` must be installed, `all` takes it only if it is."""
+    import importlib.util
+
+    has_wandb = importlib.util.find_spec("wandb") is not None
+    if report_to == "wandb" and not has_wandb:
+        raise UserError("wandb is not installed (pip install wandb), or use tensorboard", field="--report_to")
+    return {"none": [], "tensorboard": ["tensorboard"], "wandb": ["wandb"],
+            "all": ["tensorboard"] + (["wandb"] if has_wandb else [])}[report_to]
+
+
 def make_accelerator(cfg: TrainConfig):
     from accelerate import Accelerator
+    from accelerate.tracking import TensorBoardTracker
+    from accelerate.utils import ProjectConfiguration
 
     # Gradient accumulation and sync are done by the loop itself (see distributed.py).
     # cpu=True on a machine without CUDA lets `accelerate launch --multi_gpu` (torchrun) run gloo processes.
-    acc = Accelerator(mixed_precision=cfg.mixed_precision, cpu=not torch.cuda.is_available())
+    # TensorBoard writes straight into <output_dir>/<logging_dir> (run name ""), where the docs say it is.
+    logging_dir = os.path.join(cfg.output_dir, cfg.logging_dir)
+    log_with = [TensorBoardTracker("", logging_dir) if name == "tensorboard" else name
+                for name in tracker_names(cfg.report_to)]
+    acc = Accelerator(mixed_precision=cfg.mixed_precision, cpu=not torch.cuda.is_available(), log_with=log_with or None,
+                      project_config=ProjectConfiguration(project_dir=cfg.output_dir, logging_dir=logging_dir))
     if acc.device.type == "cuda":
-        # cuDNN SDPA backward fails on FLUX's attention shapes on torch 2.11/cu130 (gpu-notes.md).
+        # cuDNN SDPA backward fails on FLUX's attention shapes on torch 2.11/cu130 (docs/gpu-notes.md).
         torch.backends.cuda.enable_cudnn_sdp(False)
     return acc
+
+
+def start_trackers(acc, cfg: TrainConfig) -> None:
+    """accelerate's init_trackers on the main process: the run's configuration as hyperparameters."""
+    if acc.log_with:
+        name = os.path.basename(os.path.abspath(cfg.output_dir))
+        acc.init_trackers("calligrapher-rl", config=cfg.to_dict(),
+                          init_kwargs={"wandb": {"name": name, "dir": cfg.output_dir}})
 
 
 def autocast_for(accelerator, cfg: TrainConfig):
@@ -53,7 +79,10 @@ def build_stack(cfg: TrainConfig, device):
     return stack
 
 
-def build_dataset(cfg: TrainConfig):
+def build_dataset(cfg: TrainConfig, dataset=None):
+    """The dataset of --train_data_json, or `dataset` (any sequence of the dataset's items) checked."""
+    if dataset is not None:
+        return check_items(dataset, cfg.resolution)
     from ..data import BUNDLED, ensure_default_dataset
     from ..data.dataset import load_dataset
 
@@ -66,11 +95,50 @@ def build_dataset(cfg: TrainConfig):
     return dataset
 
 
-def build_rewards(cfg: TrainConfig, siglip_path: str, device):
+def check_items(dataset, resolution: int):
+    """A Python dataset: a sequence of dicts like TextImageDataset's items (docs/library.md): source [3,R,R] in
+    [-1,1] (the target WITH text), mask [1,R,R] in {0,1}, reference (PIL), text, prompt. The first item is
+    checked here so a wrong one fails now with its field named; masked_source is derived when missing."""
+    try:
+        n = len(dataset)
+        first = dataset[0] if n else None
+    except Exception as exc:  # noqa: BLE001 - any failure to index is the user's dataset
+        raise UserError(f"expected a sequence of items (len and [i]): {type(exc).__name__}: {exc}",
+                        field="dataset") from None
+    if not n:
+        raise UserError("the dataset has no entries", field="dataset")
+    shapes = {"source": (3, resolution, resolution), "mask": (1, resolution, resolution)}
+    for key in ("source", "mask", "reference", "text", "prompt"):
+        if not isinstance(first, dict) or key not in first:
+            raise UserError(f"item 0 has no {key!r} (items need source, mask, reference, text, prompt)", field="dataset")
+        if key in shapes and (not isinstance(first[key], torch.Tensor) or tuple(first[key].shape) != shapes[key]):
+            got = tuple(first[key].shape) if isinstance(first[key], torch.Tensor) else type(first[key]).__name__
+            raise UserError(f"item 0 {key!r}: expected a tensor of shape {shapes[key]} (--resolution "
+                            f"{resolution}), got {got}", field="dataset")
+    return dataset if "masked_source" in first else _WithMaskedSource(dataset)
+
+
+class _WithMaskedSource:
+    """Adds masked_source = source * (1 - mask), as TextImageDataset builds it (the model's input)."""
+
+    def __init__(self, items):
+        self.items = items
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def __getitem__(self, index: int) -> dict:
+        item = dict(self.items[index])
+        item["masked_source"] = item["source"] * (1.0 - item["mask"])
+        return item
+
+
+def build_rewards(cfg: TrainConfig, siglip_path: str, device, rewards=None):
+    """The rewards of --rewards, or `rewards` (the Python API's list of names, Reward objects, callables)."""
     from ..rewards import build_rewards as _build
 
     urls = [u.strip() for u in cfg.reward_server_url.split(",")] if cfg.reward_server_url else None
-    rewards = _build(cfg.rewards, siglip_path=siglip_path, server_urls=urls, device=str(device))
+    rewards = _build(cfg.rewards if rewards is None else rewards, siglip_path=siglip_path, server_urls=urls, device=str(device))
     if urls:
         rewards.check_health()  # a server that is down stops the run now, not after the first rollout
     return rewards

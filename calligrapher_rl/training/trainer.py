@@ -7,6 +7,7 @@ run_dir.py (everything the studio reads).
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import signal
@@ -16,16 +17,35 @@ import numpy as np
 import torch
 
 from ..config import TrainConfig
+from ..errors import UserError
 from ..rl.advantages import PerPromptStatTracker, compute_advantages
 from ..rl.nft import old_decay
 from ..sampling import SDEWindow, rollout
 from . import setup
-from .batches import EVAL_STREAM, RL_STREAM, WARMUP_STREAM, ConditionCache, GroupSampler, reward_samples, stream_seed, to_pil
-from ..errors import UserError
-from .checkpointing import (check_against, check_resume, identity, list_checkpoints, load_checkpoint, remove_orphans,
-                            resolve_resume, save_checkpoint)
+from .batches import (
+    EVAL_STREAM,
+    RL_STREAM,
+    WARMUP_STREAM,
+    ConditionCache,
+    GroupSampler,
+    reward_samples,
+    stream_seed,
+    to_pil,
+)
+from .callbacks import CallbackHandler, StatusCallback
+from .checkpointing import (
+    check_against,
+    check_resume,
+    identity,
+    list_checkpoints,
+    load_checkpoint,
+    remove_orphans,
+    resolve_resume,
+    save_checkpoint,
+)
 from .distributed import average_gradients, gather_rewards, mean_across, own_slice
 from .policies import Policies
+from .progress import ProgressCallback, system_metrics
 from .run_dir import Interrupted, RunDir, StatusNotRecorded, claim_run_dir, ending, make_grid
 from .updates import StatsMeter, grpo_backward, nft_backward, warmup_backward
 
@@ -37,8 +57,24 @@ class RewardFailure(RuntimeError):
 
 
 class Trainer:
-    def __init__(self, cfg: TrainConfig):
-        self.cfg = cfg = cfg.resolved()
+    """`Trainer(config, rewards=None, dataset=None, callbacks=None).run()` (docs/library.md).
+
+    `rewards`: None = config.rewards, else a list of registered names, Reward objects and callables
+    `(images, prompts, metadata) -> scores` (see rewards.registry.build_rewards). `dataset`: None =
+    config.train_data_json, else any sequence of the dataset's items. `callbacks`: see callbacks.py;
+    StatusCallback and a ProgressCallback (unless you pass one) come first.
+    """
+
+    def __init__(self, config: TrainConfig, rewards=None, dataset=None, callbacks=None):
+        callbacks = list(callbacks or [])
+        defaults = [StatusCallback()] + ([] if any(isinstance(c, ProgressCallback) or c is ProgressCallback
+                                                   for c in callbacks) else [ProgressCallback()])
+        self.callbacks = CallbackHandler(defaults + callbacks)
+        self._custom = {"rewards": rewards, "dataset": dataset}
+        if dataset is not None:  # run.json names where the data came from (config.train_data_json is not used)
+            config = dataclasses.replace(config, train_data_json=f"python:{type(dataset).__name__}")
+        self.cfg = cfg = config.validate().resolved()  # a config built in Python gets the command line's checks
+        self.phase, self._last_row = "", {"phase": ""}
         setup.check_output_dir(cfg)
         self.step, self.rl_epoch = 0, 0
         self._stop, self._signals, self._loading = False, 0, True
@@ -51,8 +87,8 @@ class Trainer:
                 self._lock = claim_run_dir(cfg.output_dir, resume=bool(cfg.resume_from_checkpoint),
                                            overwrite=cfg.overwrite_output_dir, logging_dir=cfg.logging_dir)
             orphans = remove_orphans(cfg.output_dir) if self.is_main else []
-            self.run_dir = RunDir(cfg.output_dir, is_main=self.is_main,
-                                  tensorboard=cfg.report_to in ("tensorboard", "all"), logging_dir=cfg.logging_dir)
+            self.run_dir = RunDir(cfg.output_dir, is_main=self.is_main, logging_dir=cfg.logging_dir,
+                                  accelerator=self.acc)
             if self._lock is not None and self._lock.removed:
                 logger.warning("--overwrite_output_dir: removed the earlier run's %s", ", ".join(self._lock.removed))
             if orphans:
@@ -73,11 +109,15 @@ class Trainer:
         self._loading = False
 
     def _build(self, cfg: TrainConfig) -> None:
+        setup.start_trackers(self.acc, cfg)
         self.autocast = setup.autocast_for(self.acc, cfg)
         with self.acc.main_process_first():  # the first use of 'tiny'/'bundled' builds them into the cache
             self.stack = setup.build_stack(cfg, self.acc.device)
-            self.dataset = setup.build_dataset(cfg)
-            self.rewards = setup.build_rewards(cfg, setup.resolved_siglip_path(cfg), self.acc.device)
+            self.dataset = setup.build_dataset(cfg, self._custom["dataset"])
+            self.rewards = setup.build_rewards(cfg, setup.resolved_siglip_path(cfg), self.acc.device,
+                                               self._custom["rewards"])
+        if self._custom["rewards"] is not None:  # run.json records the rewards that were used
+            self.cfg = cfg = dataclasses.replace(cfg, rewards=",".join(f"{n}:{w:g}" for n, w in self.rewards.weights.items()))
         self.policies = Policies(self.stack.adapter, cfg.trainable, use_ema=cfg.use_ema, ema_decay=cfg.ema_decay,
                                  ema_update_interval=cfg.ema_update_interval)
         self.optimizer, self.scheduler = setup.build_optimizer(cfg, self.policies.params)
@@ -96,12 +136,14 @@ class Trainer:
     # ================================================================== the loop
     def run(self) -> str:
         cfg = self.cfg
+        outcome = "failed"
         try:
             try:
                 self._maybe_resume()
                 if cfg.use_rl and self.step >= cfg.rl_warmup_steps and self.policies.reference is None:
                     self.policies.begin_rl(with_old=cfg.rl_method == "nft")
                 self.run_dir.set_status("running", self.step, "")
+                self.callbacks.call("on_train_begin", self)
                 if cfg.eval_at_start and self.step == 0 and cfg.eval_steps:
                     self.evaluate()
                 while self.step < cfg.max_train_steps and not self._stop_requested():
@@ -120,12 +162,17 @@ class Trainer:
             self.save()
             if not self.run_dir.final_status(final, self.step, message):
                 raise StatusNotRecorded(f"the run ended {final}, but status.json could not say so")
+            outcome = final
             return final
         except BaseException as exc:
             if not isinstance(exc, StatusNotRecorded):
                 self.run_dir.final_status(*ending(exc, self.step))
             raise
         finally:
+            try:
+                self.callbacks.call("on_train_end", self, state=outcome)
+            except Exception:  # noqa: BLE001 - must not hide the run's own exception; logged with its traceback
+                logger.exception("a callback failed in on_train_end")
             self.rewards.close()
             self.run_dir.close()
             self._release()
@@ -145,6 +192,7 @@ class Trainer:
     def _after_steps(self, before: int) -> None:
         cfg = self.cfg
         crossed = lambda every: every and self.step // every > before // every  # noqa: E731
+        self.callbacks.call("on_step_end", self, step=self.step, phase=self._last_row["phase"], metrics=self._last_row)
         if crossed(cfg.eval_steps):  # before the checkpoint: a resume from it must not lose this grid
             self.evaluate()
         if crossed(cfg.checkpointing_steps):
@@ -154,6 +202,7 @@ class Trainer:
     # ================================================================== phases
     def warmup_step(self) -> None:
         cfg, t0 = self.cfg, time.time()
+        self._phase("warmup")
         gen = torch.Generator().manual_seed(stream_seed(cfg.seed, WARMUP_STREAM, self.step, self.acc.process_index))
         meter = StatsMeter()
         for micro in range(cfg.gradient_accumulation_steps):
@@ -164,7 +213,7 @@ class Trainer:
                                       autocast=self.autocast))
         stats = {**meter.means(), **self.optimizer_step()}
         stats["time/step_s"] = time.time() - t0
-        self.run_dir.log_metrics(self.step, "warmup", mean_across(self.acc, stats))
+        self._log("warmup", mean_across(self.acc, stats))
 
     def rl_epoch_step(self) -> None:
         """One RL epoch: roll out num_batches batches, score them (overlapping the next rollout),
@@ -173,6 +222,7 @@ class Trainer:
         if self.policies.reference is None:
             self.policies.begin_rl(with_old=cfg.rl_method == "nft")
         t0 = time.time()
+        self._phase("rollout")
         batches, rollouts, futures = [], [], []
         for b in range(cfg.rl_num_batches_per_epoch):
             batch = self.conditions.batch(self.sampler.batch(RL_STREAM, self.rl_epoch * cfg.rl_num_batches_per_epoch + b))
@@ -181,12 +231,14 @@ class Trainer:
             futures.append(self.rewards.score_async(reward_samples(batch, images)))
             batches.append(batch), rollouts.append(ro)
         t_rollout = time.time() - t0
+        self._phase("scoring")
         scores = [f.result() for f in futures]
         t_reward = time.time() - t0 - t_rollout
         stats = self._reward_stats(scores)
         advantages = self._advantages(batches, scores)
 
         t1 = time.time()
+        self._phase("update")
         meter, steps_done = StatsMeter(), 0
         n_batches = len(batches)
         for inner in range(cfg.rl_num_inner_epochs):
@@ -207,7 +259,34 @@ class Trainer:
         stats.update(meter.means())
         stats.update({"time/rollout_s": t_rollout, "time/reward_s": t_reward, "time/update_s": time.time() - t1,
                       "rl/epoch": self.rl_epoch, "rl/optimizer_steps": steps_done})
-        self.run_dir.log_metrics(self.step, "rl", mean_across(self.acc, stats))
+        self._log("rl", mean_across(self.acc, stats))
+
+    def _phase(self, phase: str) -> None:
+        self.phase = phase
+        self.callbacks.call("on_phase", self, phase=phase)
+
+    def _log(self, phase: str, stats: dict[str, float]) -> dict:
+        """One metrics.jsonl row (+ trackers), with this process's GPU memory/utilisation on CUDA."""
+        row = self.run_dir.log_metrics(self.step, phase, {**stats, **system_metrics(self.acc.device)})
+        if not any(k.startswith("eval/") for k in row):
+            self._last_row = row
+        self.callbacks.call("on_log", self, step=self.step, phase=phase, logs=row)
+        return row
+
+    # ================================================================== the Python API
+    def add_callback(self, callback) -> None:
+        self.callbacks.add(callback)
+
+    def pop_callback(self, callback):
+        """Remove a callback (an instance, or the first of a class) and return it."""
+        return self.callbacks.pop(callback)
+
+    def remove_callback(self, callback) -> None:
+        self.callbacks.pop(callback)
+
+    def stop(self) -> None:
+        """Ask the run to end after the current step, with a checkpoint (what control/stop does)."""
+        self._stop = True
 
     # ================================================================== pieces
     def _rollout(self, batch, b: int):
@@ -294,6 +373,7 @@ class Trainer:
         """ODE samples of fixed examples with the EMA weights; grid rows: input, output, target, reference."""
         cfg = self.cfg
         self._evaluated_step = self.step
+        self._phase("evaluating")
         n = min(cfg.num_eval_samples, len(self.dataset))
         batch = self.conditions.batch(list(range(n)))
         gen = torch.Generator().manual_seed(stream_seed(cfg.seed, EVAL_STREAM))
@@ -305,16 +385,18 @@ class Trainer:
         stats = {("eval/reward/mean" if k == "total" else f"eval/reward/{k}"): float(np.nanmean(v)) if np.isfinite(v).any()
                  else float("nan") for k, v in scores.items()}
         phase = "rl" if cfg.use_rl and self.step >= cfg.rl_warmup_steps else "warmup"
-        self.run_dir.log_metrics(self.step, phase, stats)
+        self._log(phase, stats)
         rows = [to_pil(torch.stack([it["masked_source"] for it in batch.items])), images,
                 to_pil(batch.sources()), [it["reference"] for it in batch.items]]
-        self.run_dir.save_grid(self.step, make_grid(rows))
+        grid_path = self.run_dir.save_grid(self.step, make_grid(rows))
+        self.callbacks.call("on_evaluate", self, step=self.step, metrics=stats, grid_path=grid_path)
 
     # ================================================================== checkpoints and stopping
     def save(self) -> None:
         if not self.is_main or self._saved_step == self.step:  # e.g. the last step was a checkpoint step
             return
         self._saved_step = self.step
+        self._phase("saving")
         p = self.policies
         state = {"rl_epoch": self.rl_epoch, "ema_updates": p.ema.num_updates if p.ema else 0,
                  "tracker": self.tracker.state_dict() if self.tracker else None, "config": identity(self.cfg)}
@@ -322,6 +404,7 @@ class Trainer:
                                old=p.old, ref=p.reference, optimizer=self.optimizer, scheduler=self.scheduler,
                                state=state, total_limit=self.cfg.checkpoints_total_limit)
         logger.info("saved %s", path)
+        self.callbacks.call("on_save", self, step=self.step, path=str(path))
 
     def _maybe_resume(self) -> None:
         path = self._resume_path

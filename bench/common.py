@@ -1,0 +1,127 @@
+"""Pieces shared by the GPU benchmarks: the real-size stack with random weights, synthetic batches, timing,
+and a JSON result that is rewritten after every measurement (a timeout or an OOM late in a call keeps the
+earlier numbers)."""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+
+import torch
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
+
+from calligrapher_rl.models.stack import CalligrapherStack, FillCondition, TextCondition  # noqa: E402
+from calligrapher_rl.models.style_adapter import StyleAdapter, install_style_adapter  # noqa: E402
+
+
+class Results(dict):
+    """A dict that writes itself to `path` (atomically) on every `put`."""
+
+    def __init__(self, path: str, **initial):
+        super().__init__(**initial)
+        self.path = path
+        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+        self.flush()
+
+    def put(self, key, value):
+        self[key] = value
+        self.flush()
+        print(f"[result] {key} = {json.dumps(value)}", flush=True)
+
+    def flush(self):
+        tmp = self.path + ".tmp"
+        with open(tmp, "w") as fh:
+            json.dump(self, fh, indent=2)
+        os.replace(tmp, self.path)
+
+
+def real_components(tiny: bool):
+    """FLUX.1-Fill-dev / SigLIP so400m configs (or the tiny ones), built directly on the device."""
+    from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxFillPipeline, FluxTransformer2DModel
+    from transformers import (
+        CLIPTextConfig,
+        CLIPTextModel,
+        SiglipVisionConfig,
+        SiglipVisionModel,
+        T5Config,
+        T5EncoderModel,
+    )
+
+    from calligrapher_rl.models import tiny as t
+
+    if tiny:
+        pipe = t.build_tiny_pipeline(0)
+        siglip, proc = t.build_tiny_siglip(0)
+        return pipe, siglip, proc, 32
+    transformer = FluxTransformer2DModel(in_channels=384, out_channels=64, num_layers=19, num_single_layers=38,
+                                         attention_head_dim=128, num_attention_heads=24, joint_attention_dim=4096,
+                                         pooled_projection_dim=768, guidance_embeds=True, axes_dims_rope=(16, 56, 56))
+    vae = AutoencoderKL(in_channels=3, out_channels=3, down_block_types=["DownEncoderBlock2D"] * 4,
+                        up_block_types=["UpDecoderBlock2D"] * 4, block_out_channels=[128, 256, 512, 512],
+                        layers_per_block=2, latent_channels=16, norm_num_groups=32, scaling_factor=0.3611,
+                        shift_factor=0.1159, use_quant_conv=False, use_post_quant_conv=False)
+    clip = CLIPTextModel(CLIPTextConfig(vocab_size=49408, hidden_size=768, intermediate_size=3072, num_hidden_layers=12,
+                                        num_attention_heads=12, max_position_embeddings=77, projection_dim=768,
+                                        hidden_act="quick_gelu"))
+    t5 = T5EncoderModel(T5Config(vocab_size=32128, d_model=4096, d_kv=64, d_ff=10240, num_layers=24, num_heads=64,
+                                 feed_forward_proj="gated-gelu", is_encoder_decoder=False))
+    scheduler = FlowMatchEulerDiscreteScheduler(shift=3.0, use_dynamic_shifting=True, base_shift=0.5, max_shift=1.15,
+                                                base_image_seq_len=256, max_image_seq_len=4096)
+    pipe = FluxFillPipeline(scheduler=scheduler, vae=vae, text_encoder=clip, tokenizer=t._clip_tokenizer(),
+                            text_encoder_2=t5, tokenizer_2=t._t5_tokenizer(), transformer=transformer)
+    siglip = SiglipVisionModel(SiglipVisionConfig(hidden_size=1152, intermediate_size=4304, num_hidden_layers=27,
+                                                  num_attention_heads=16, image_size=384, patch_size=14))
+    try:
+        from transformers import SiglipImageProcessorPil as Processor
+    except ImportError:
+        from transformers import SiglipImageProcessor as Processor
+    return pipe, siglip, Processor(size={"height": 384, "width": 384}), 512
+
+
+def build_stack(tiny: bool, device, dtype):
+    with torch.device(device):
+        prev = torch.get_default_dtype()
+        torch.set_default_dtype(dtype)
+        try:
+            pipe, siglip, proc, seq = real_components(tiny)
+        finally:
+            torch.set_default_dtype(prev)
+        adapter = StyleAdapter.for_transformer(pipe.transformer, siglip.config.hidden_size, num_style_tokens=128)
+    install_style_adapter(pipe.transformer, adapter)
+    for m in (pipe.transformer, pipe.vae, pipe.text_encoder, pipe.text_encoder_2, siglip):
+        m.requires_grad_(False).eval()
+    adapter.float().requires_grad_(True)
+    return CalligrapherStack(pipe, siglip, proc, adapter, device, dtype, seq)
+
+
+def synthetic_batch(stack, b: int, res: int):
+    lh = stack.latent_hw(res, res)[0]
+    L, dev, dt = (lh // 2) ** 2, stack.device, stack.dtype
+    fill = FillCondition(torch.randn(b, L, 320, device=dev, dtype=dt),
+                         stack.pipe._prepare_latent_image_ids(b, lh // 2, lh // 2, dev, dt), res, res)
+    t5_dim = stack.pipe.text_encoder_2.config.d_model
+    pooled = stack.pipe.text_encoder.config.hidden_size
+    text = TextCondition(torch.randn(b, stack.max_sequence_length, t5_dim, device=dev, dtype=dt),
+                         torch.randn(b, pooled, device=dev, dtype=dt), torch.zeros(stack.max_sequence_length, 3, device=dev, dtype=dt))
+    embeds = torch.randn(b, stack.siglip.config.hidden_size, device=dev)
+    return fill, text, embeds
+
+
+def timed(fn, repeat: int = 2) -> float:
+    """Seconds of the fastest of `repeat` calls after one warm-up."""
+    fn()
+    best = float("inf")
+    for _ in range(repeat):
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        fn()
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+        best = min(best, time.perf_counter() - t0)
+    return best
+
+

@@ -1,0 +1,68 @@
+"""The adapter's optimizer: AdamW, 8-bit AdamW, and its state sharded across processes.
+
+Memory of the full official adapter (3.0 B parameters, fp32 master weights) on one card:
+weights 12 GB + gradients 12 GB + AdamW's two moments 24 GB. 8-bit AdamW (torchao, block-wise quantized
+moments, or bitsandbytes) keeps the moments in 6 GB. On several processes the moments are sharded with
+`ZeroRedundancyOptimizer` (ZeRO stage 1): each rank keeps and updates 1/N of them and broadcasts its
+slice of the new weights, so adding GPUs adds room. The checkpoint always holds the consolidated state.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+
+from ..errors import UserError
+
+logger = logging.getLogger("calligrapher_rl.training")
+
+
+def adamw_8bit_class():
+    """torchao's AdamW8bit when importable (pure PyTorch + Triton, no extra binary), else bitsandbytes'."""
+    try:
+        from torchao.optim import AdamW8bit
+
+        return AdamW8bit
+    except ImportError:
+        pass
+    try:
+        import bitsandbytes as bnb
+
+        return bnb.optim.AdamW8bit
+    except ImportError:
+        raise UserError("needs torchao or bitsandbytes (pip install torchao)", field="--use_8bit_adam") from None
+
+
+def make_optimizer(params: list[torch.nn.Parameter], *, lr: float, betas: tuple[float, float], weight_decay: float,
+                   eps: float, use_8bit: bool, shard: bool) -> torch.optim.Optimizer:
+    """AdamW over `params`; 8-bit moments when `use_8bit`; moments sharded over processes when `shard`
+    (needs an initialised torch.distributed process group)."""
+    opt_cls = adamw_8bit_class() if use_8bit else torch.optim.AdamW
+    kwargs = dict(lr=lr, betas=betas, weight_decay=weight_decay, eps=eps)
+    if use_8bit and params and params[0].device.type == "cpu" and opt_cls.__module__.startswith("torchao"):
+        # torchao's 8-bit state has no CPU kernels worth using; plain AdamW keeps CPU runs (tests) exact
+        logger.warning("--use_8bit_adam: CPU parameters, using fp32 AdamW")
+        opt_cls = torch.optim.AdamW
+    if shard:
+        from torch.distributed.optim import ZeroRedundancyOptimizer
+
+        return ZeroRedundancyOptimizer(params, optimizer_class=opt_cls, **kwargs)
+    return opt_cls(params, **kwargs)
+
+
+def is_sharded(optimizer) -> bool:
+    from torch.distributed.optim import ZeroRedundancyOptimizer
+
+    return isinstance(optimizer, ZeroRedundancyOptimizer)
+
+
+def consolidated_state_dict(optimizer) -> dict | None:
+    """The whole optimizer state on the main process (None elsewhere). Every process must call it:
+    with sharded state it is a collective."""
+    if not is_sharded(optimizer):
+        return optimizer.state_dict()
+    import torch.distributed as dist
+
+    optimizer.consolidate_state_dict(to=0)
+    return optimizer.state_dict() if dist.get_rank() == 0 else None
