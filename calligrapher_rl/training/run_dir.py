@@ -233,6 +233,22 @@ def remove_run_files(path: str, logging_dir: str = "logs") -> list[str]:
     return removed
 
 
+class _LogFile(logging.FileHandler):
+    """train.log. A write that fails (a full disk) is said once, in one line, and the file is then left
+    alone: logging's default is a traceback on stderr for every line, burying the run's own error."""
+
+    def handleError(self, record) -> None:  # noqa: N802 - logging's name
+        if not getattr(self, "_broken", False):
+            self._broken = True
+            exc = sys.exc_info()[1]
+            print(f"warning: {self.baseFilename}: cannot write ({exc}); the log continues on stderr only",
+                  file=sys.stderr, flush=True)
+
+    def emit(self, record) -> None:
+        if not getattr(self, "_broken", False):
+            super().emit(record)
+
+
 class RunDir:
     """The trainer's writer side. On non-main processes every method is a no-op."""
 
@@ -249,7 +265,7 @@ class RunDir:
             return
         for sub in ("samples", "control", logging_dir):
             os.makedirs(os.path.join(path, sub), exist_ok=True)
-        self._log_handler = logging.FileHandler(os.path.join(path, "train.log"), encoding="utf-8")
+        self._log_handler = _LogFile(os.path.join(path, "train.log"), encoding="utf-8")
         self._log_handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
         logging.getLogger("calligrapher_rl").addHandler(self._log_handler)
 
