@@ -1,8 +1,9 @@
 """One owner per run folder, nothing of an earlier run lost or mixed in, every bad checkpoint named.
 
 Faults from the reliability table (docs/reliability.md): two trainers on one folder, a new run into a
-used folder, a resume of another method's checkpoint, a kill before the first checkpoint, orphaned
-temporaries, corrupt checkpoints, an output folder under a missing parent."""
+used folder, a resume of another method's checkpoint, a kill before the first checkpoint, a kill in the
+middle of a checkpoint write, orphaned temporaries, corrupt checkpoints, an output folder under a
+missing parent."""
 
 from __future__ import annotations
 
@@ -21,6 +22,7 @@ from safetensors.torch import load_file, save_file
 
 from calligrapher_rl.config import parse_args
 from calligrapher_rl.errors import UserError
+from calligrapher_rl.training.checkpointing import list_checkpoints, remove_orphans, resolve_resume
 from calligrapher_rl.training.run_dir import read_metrics, read_status, request_stop
 from calligrapher_rl.training.setup import check_output_dir
 from calligrapher_rl.training.trainer import train
@@ -221,3 +223,30 @@ def test_output_dir_under_a_missing_parent_is_created_and_a_file_parent_is_named
     (tmp_path / "afile").write_text("x")
     with pytest.raises(UserError, match=r"afile is a file, not a folder"):
         check_output_dir(parse_args(_args(tmp_path / "afile" / "sub" / "run")))
+
+
+def test_kill_9_in_the_middle_of_a_checkpoint_write_leaves_latest_on_the_previous_one(finished, tmp_path):
+    run = _copy(finished, tmp_path / "run")
+    writer = subprocess.Popen([sys.executable, "-c", f"""
+import os, time
+from calligrapher_rl.atomic import atomic_dir
+with atomic_dir({str(run / "checkpoint-9")!r}) as tmp:  # what save_checkpoint does, held open half-written
+    open(os.path.join(tmp, "ip-adapter.safetensors"), "wb").write(b"half an adapter")
+    os.makedirs(os.path.join(tmp, "trainer_state"))
+    open(os.path.join(tmp, "trainer_state", "state.json"), "w").write('{{"step": 9')
+    print("inside", flush=True)
+    time.sleep(120)
+"""], cwd=ROOT, stdout=subprocess.PIPE, text=True)
+    try:
+        assert writer.stdout.readline().strip() == "inside"
+    finally:
+        writer.send_signal(signal.SIGKILL)
+        writer.wait()
+    assert [step for step, _ in list_checkpoints(str(run))] == [2] and not (run / "checkpoint-9").exists()
+    assert resolve_resume(str(run), "latest") == str(run / "checkpoint-2")
+    assert [p.name for p in run.glob(".checkpoint-9.*.tmp")]  # the orphan, until the next start
+    # a re-save killed between its two renames: the previous folder, moved aside, is put back
+    os.replace(run / "checkpoint-2", run / ".checkpoint-2.k1ll.tmp.old")
+    removed = remove_orphans(str(run))
+    assert len(removed) == 1 and removed[0].startswith(".checkpoint-9.") and not list(run.glob(".checkpoint-*"))
+    assert resolve_resume(str(run), "latest") == str(run / "checkpoint-2")
