@@ -33,6 +33,8 @@ __all__ = ["TrainConfig", "build_parser", "parse_args", "load_preset", "find_pre
 
 PRESETS_DIR = Path(__file__).resolve().parent.parent / "presets"
 VERSION_KEY = "calligrapher_rl_version"  # the package version, stored beside the fields in run.json
+# Flags that were read by nothing and are gone; an earlier run's run.json may still hold them.
+RETIRED_FIELDS = ("dataloader_num_workers", "tiny_width", "use_context")
 DEFAULT_KL_BETA = {"grpo": 0.1, "nft": 0.01}  # the guide documents both defaults of --rl_kl_beta
 DEFAULT_NUM_STYLE_TOKENS = 128  # the release's count
 
@@ -88,11 +90,9 @@ class TrainConfig:
     num_style_tokens: int | None = _MODEL(
         None, "style tokens of the adapter; none = read from --initial_ip_adapter_path's shapes, else 128")
     use_qformer: bool = _MODEL(True, "style projection = MLP + QFormer (the release); false = the fork's MLP only")
-    tiny_width: int | None = _MODEL(None, "width of the tiny offline model (only with 'tiny'); none = its default")
     train_data_json: str | None = _MODEL(
         None, "dataset (.json/.jsonl file or folder), or 'bundled' for the bundled synthetic set (required)")
     resolution: int = _MODEL(512, "training image size in pixels (multiple of 16; the release trained at 512)")
-    dataloader_num_workers: int = _MODEL(0, "data loader worker processes (0 = load in the main process)")
 
     # --- output, logging and checkpoints ---
     output_dir: str | None = _OUT(None, "run directory: metrics.jsonl, logs/, samples/, checkpoint-*/, run.json (required)")
@@ -115,7 +115,8 @@ class TrainConfig:
     gradient_accumulation_steps: int = _OPTIM(1, "batches accumulated into one optimizer step")
     learning_rate: float = _OPTIM(1e-4, "AdamW learning rate")
     max_train_steps: int = _OPTIM(10000, "optimizer steps in all, supervised warmup included")
-    lr_scheduler: str = _OPTIM("constant", "learning-rate schedule after --lr_warmup_steps",
+    lr_scheduler: str = _OPTIM("constant", "learning-rate schedule after --lr_warmup_steps (constant with warmup "
+                                           "steps > 0 = diffusers' constant_with_warmup)",
                                choices=("constant", "cosine", "linear"))
     lr_warmup_steps: int = _OPTIM(0, "linear learning-rate warmup steps (not the same as --rl_warmup_steps)")
     use_8bit_adam: bool = _OPTIM(False, "bitsandbytes 8-bit AdamW (pip install '.[bnb]'); saves ~3/4 of Adam's memory")
@@ -124,14 +125,15 @@ class TrainConfig:
     adam_weight_decay: float = _OPTIM(1e-4, "AdamW weight decay")
     adam_epsilon: float = _OPTIM(1e-8, "AdamW epsilon")
     max_grad_norm: float = _OPTIM(1.0, "gradient-norm clipping")
-    mixed_precision: str = _OPTIM("no", "compute dtype of the frozen model (FLUX wants bf16)", choices=("no", "fp16", "bf16"))
+    mixed_precision: str = _OPTIM("no", "compute dtype of the frozen model (FLUX wants bf16); fp16 trains with "
+                                        "dynamic loss scaling (a GradScaler)", choices=("no", "fp16", "bf16"))
+    max_nonfinite_steps: int = _OPTIM(5, "optimizer steps in a row with a non-finite loss or gradient norm (each one "
+                                         "skipped: no update, no EMA step) after which the run stops as failed")
     gradient_checkpointing: bool = _OPTIM(False, "recompute transformer activations in backward (less memory)")
     offload_text_encoder_two: bool = _OPTIM(False, "keep T5 off the GPU except while encoding prompts")
     trainable: str = _OPTIM("all", "what trains: all = whole style adapter, attn = only to_k_ip/to_v_ip, "
                                    "proj = only the style projections", choices=("all", "attn", "proj"))
     ip_adapter_scale: float = _OPTIM(1.0, "style strength: weight of the style attention (release: 1.0, range 0-2)")
-    use_context: bool = _OPTIM(False, "in-context reference strip pasted above the source (the release's inference "
-                                      "option); off for training")
 
     # --- RL (both methods) ---
     use_rl: bool = _RL(False, "online RL after --rl_warmup_steps supervised steps (off = supervised only)")
@@ -156,7 +158,8 @@ class TrainConfig:
                             choices=("sde", "cps"))
     rl_sde_window_size: int = _SDE(0, "stochastic, trained steps per rollout in a window; 0 = all steps")
     rl_sde_window_range: str | None = _SDE(
-        None, "'lo,hi': the window lies inside steps [lo, hi); none = '0,N/2' when a window is used")
+        None, "'lo,hi': the window lies inside steps [lo, hi), its start drawn in [lo, hi - size]; hi <= N - 1 "
+              "(the last step is never stochastic); none = '0,max(N/2, size)' when a window is used")
 
     # --- GRPO ---
     rl_grpo_clip_range: float = _GRPO(0.2, "PPO ratio clip epsilon")
@@ -165,14 +168,19 @@ class TrainConfig:
     nft_beta: float = _NFT(0.5, "mixing of current and old velocity (> 0)")
     nft_adv_mode: str = _NFT("normal", "advantage transform before the optimality probability",
                              choices=("normal", "positive_only", "negative_only", "one_only", "binary"))
-    nft_decay_type: int = _NFT(0, "old-model update: 0 = fixed, 1 = slow, 2 = fast after step 75", choices=(0, 1, 2))
+    nft_decay_type: int = _NFT(
+        0, "old (rollout) model after each epoch: old <- eta old + (1 - eta) current, eta from the count of RL "
+           "optimizer steps (warmup not counted): 0 = eta 0, the old model becomes the current one; 1 = "
+           "min(0.001 step, 0.5); 2 = eta 0 for 75 steps, then min(0.0075 (step - 75), 0.999), lagging ever more",
+        choices=(0, 1, 2))
     nft_num_timesteps: int | None = _NFT(
         None, "timesteps trained per sample; none = int(rl_num_inference_steps x rl_timestep_fraction)")
 
     # --- rewards ---
     rewards: str = _REWARD("ocr:0.7,style:0.3", "weighted reward sum 'name:weight,...' (a bare name weighs 1)")
     reward_server_url: str | None = _REWARD(None, "reward server(s) 'URL[,URL]'; none = score in this process")
-    reward_timeout_s: float = _REWARD(60.0, "timeout of one reward call, in seconds")
+    reward_timeout_s: float = _REWARD(60.0, "timeout of one reward server request (--reward_server_url) or VLM-judge "
+                                            "call, in seconds")
     rl_reward_failure_limit: float = _REWARD(
         0.1, "fraction of failed reward calls in an epoch above which the run pauses (failed samples are "
              "left out of the update, never scored 0)")
@@ -198,7 +206,7 @@ class TrainConfig:
         if self.rl_eval_num_inference_steps is None:
             upd["rl_eval_num_inference_steps"] = n
         if self.rl_sde_window_size and self.rl_sde_window_range is None and isinstance(n, int):
-            upd["rl_sde_window_range"] = f"0,{max(n // 2, self.rl_sde_window_size)}"
+            upd["rl_sde_window_range"] = f"0,{max(n // 2, self.rl_sde_window_size)}"  # validation checks the room
         if self.nft_num_timesteps is None and isinstance(n, int) and isinstance(self.rl_timestep_fraction, (int, float)):
             upd["nft_num_timesteps"] = max(1, int(n * self.rl_timestep_fraction))
         if self.num_style_tokens is None and not self.initial_ip_adapter_path:
@@ -248,6 +256,8 @@ class TrainConfig:
         if not isinstance(data, dict):
             raise UserError("expected a JSON object of flag values", where=where)
         data.pop(VERSION_KEY, None)
+        for key in RETIRED_FIELDS:
+            data.pop(key, None)
         return cls(**coerce_values(data, where, allow_preset=True))
 
 
@@ -328,6 +338,8 @@ def load_preset(name_or_path: str | Path) -> dict[str, Any]:
         raise UserError("expected a table of flag values", where=where)
     if data.pop(VERSION_KEY, None) is not None:  # an earlier run's run.json: rerun its configuration
         data.pop("preset", None)
+        for key in RETIRED_FIELDS:
+            data.pop(key, None)
     return coerce_values(data, where)
 
 

@@ -114,11 +114,11 @@ def validate(cfg) -> None:
     need(c.resolution % 16 == 0 and c.resolution >= 32, "resolution", "must be a multiple of 16 and at least 32")
     for name in ("train_batch_size", "gradient_accumulation_steps", "max_train_steps", "rl_num_images_per_prompt",
                  "rl_num_batches_per_epoch", "rl_num_inference_steps", "rl_eval_num_inference_steps",
-                 "rl_num_inner_epochs", "checkpointing_steps", "num_eval_samples", "ema_update_interval"):
+                 "rl_num_inner_epochs", "checkpointing_steps", "num_eval_samples", "ema_update_interval", "max_nonfinite_steps"):
         need(getattr(c, name) >= 1, name, "must be at least 1")
-    for name in ("rl_warmup_steps", "lr_warmup_steps", "eval_steps", "dataloader_num_workers", "rl_sde_window_size"):
+    for name in ("rl_warmup_steps", "lr_warmup_steps", "eval_steps", "rl_sde_window_size"):
         need(getattr(c, name) >= 0, name, "must be >= 0")
-    for name in ("checkpoints_total_limit", "num_style_tokens", "tiny_width", "nft_num_timesteps"):
+    for name in ("checkpoints_total_limit", "num_style_tokens", "nft_num_timesteps"):
         need(getattr(c, name) is None or getattr(c, name) >= 1, name, "must be at least 1 or none")
     need(0 <= c.seed < 2**32, "seed", "must be in [0, 2^32)")
 
@@ -150,12 +150,15 @@ def validate(cfg) -> None:
              "recommends 4-8)")
         need(c.rl_method != "grpo" or c.rl_noise_level > 0, "rl_noise_level",
              "must be > 0 for GRPO (a deterministic step has no log-probability to optimise)")
-    need(c.rl_sde_window_size <= n, "rl_sde_window_size", f"must be <= rl_num_inference_steps ({n})")
+    # the last step (into sigma 0) is never stochastic: a window fits in the first n - 1 steps
+    need(c.rl_sde_window_size <= n - 1, "rl_sde_window_size",
+         f"must be <= rl_num_inference_steps - 1 ({n - 1}; the last step is never stochastic)")
     bounds = sde_window_bounds(c)
     if bounds is not None:
         lo, hi = bounds
-        need(0 <= lo and lo + c.rl_sde_window_size <= hi <= n, "rl_sde_window_range",
-             f"must be 'lo,hi' with 0 <= lo, lo + window ({c.rl_sde_window_size}) <= hi <= steps ({n})")
+        need(0 <= lo and lo + c.rl_sde_window_size <= hi <= n - 1, "rl_sde_window_range",
+             f"has no room for the window: need 0 <= lo and lo + window ({c.rl_sde_window_size}) <= hi <= "
+             f"steps - 1 ({n - 1}; the last step is never stochastic)")
     need(c.nft_num_timesteps <= n, "nft_num_timesteps", f"must be <= rl_num_inference_steps ({n})")
 
     # rewards

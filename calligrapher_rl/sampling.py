@@ -37,12 +37,13 @@ class SDEWindow:
 
     @staticmethod
     def pick(num_steps: int, size: int, lo: int, hi: int, rng: np.random.Generator) -> "SDEWindow":
-        """A random window of `size` steps starting in [lo, hi] (Flow-GRPO's "fast" mode)."""
-        if size <= 0 or size >= num_steps:
-            return SDEWindow(0, num_steps)
-        hi = min(hi, num_steps - size)
-        lo = min(max(lo, 0), hi)
-        return SDEWindow(int(rng.integers(lo, hi + 1)), size)
+        """A random window of `size` steps lying inside steps [lo, hi): its start is drawn in
+        [lo, hi - size] inclusive (Flow-GRPO's "fast" mode). The last step (into sigma 0) is never
+        stochastic, so hi <= num_steps - 1; a range without room is refused (config validation)."""
+        if not (size >= 1 and 0 <= lo and lo + size <= hi <= num_steps - 1):
+            raise ValueError(f"no room for an SDE window of {size} steps in [{lo}, {hi}) of {num_steps} steps "
+                             f"(the last step is never stochastic)")
+        return SDEWindow(int(rng.integers(lo, hi - size + 1)), size)
 
     def steps(self) -> list[int]:
         return list(range(self.start, self.start + self.size))
@@ -72,7 +73,7 @@ def rollout(
     noise_level: float = 0.0,
     sde_type: str = "sde",
     window: SDEWindow | None = None,
-    generator: torch.Generator | None = None,
+    generator: torch.Generator | list[torch.Generator] | None = None,
     scale: float = 1.0,
     params=None,
     initial_noise: torch.Tensor | None = None,
@@ -82,9 +83,12 @@ def rollout(
 
     `params` runs another set of adapter weights (e.g. NFT's old policy) without touching the live ones.
     `quantized` samples with the stack's float8 transformer copy, if it has one (NFT rollouts, evaluation).
+    `generator`: one for the batch, or one per sample (a sample's noise then ignores its batch-mates).
     """
     b = fill.cond.shape[0]
     sigmas = flux_sigmas(num_steps, fill.seq_len, stack.pipe.scheduler)
+    if initial_noise is None and isinstance(generator, (list, tuple)):  # one generator per sample
+        initial_noise = torch.cat([stack.noise_like(fill, 1, g) for g in generator])
     x = initial_noise if initial_noise is not None else stack.noise_like(fill, b, generator)
     x = x.to(stack.device, torch.float32)
     stochastic = set((window or SDEWindow(0, num_steps)).steps()) if noise_level > 0 else set()

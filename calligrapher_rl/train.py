@@ -39,7 +39,7 @@ def main(argv=None) -> int:
         print(f"error: {exc}", file=sys.stderr)  # status.json says failed (or stderr said it could not)
         return 1
     print(f"{outcome}: {cfg.output_dir}")
-    return 0
+    return 1 if outcome == "failed" else 0  # failed: status.json and the log name the cause
 
 
 # A full, read-only or failing disk: the environment's fault, one line rather than a traceback.

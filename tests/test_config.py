@@ -360,3 +360,44 @@ def test_run_json_round_trip():
         TrainConfig.from_json({**data, "max_train_steps": "10"})
     with pytest.raises(UserError, match="not valid JSON"):
         TrainConfig.from_json("{")
+
+
+@pytest.mark.parametrize("extra", [["--rl_sde_window_size", "1", "--rl_sde_window_range", "0,4"],
+                                   ["--rl_sde_window_size", "4"], ["--rl_sde_window_size", "3", "--rl_sde_window_range", "1,4"]])
+def test_sde_window_without_room_is_a_one_line_error(extra):
+    """The last step (into sigma 0) is never stochastic: a window must fit in steps [lo, hi) with hi <= N - 1."""
+    with pytest.raises(ConfigError) as exc:
+        parse_args([*PATHS, "--rl_num_inference_steps", "4", *extra])
+    assert "\n" not in str(exc.value) and "last step is never stochastic" in str(exc.value)
+    assert exc.value.flag in ("rl_sde_window_size", "rl_sde_window_range")
+    parse_args([*PATHS, "--rl_num_inference_steps", "4", "--rl_sde_window_size", "1", "--rl_sde_window_range", "0,3"])
+
+
+def test_flags_read_by_nothing_are_gone_and_old_run_json_still_loads(tmp_path):
+    for flag in ("--dataloader_num_workers", "--tiny_width", "--use_context"):
+        with pytest.raises(UserError):
+            parse_args([*PATHS, flag, "1"])
+    old = json.loads(cfg().to_json())
+    old.update(dataloader_num_workers=0, tiny_width=None, use_context=False)
+    assert TrainConfig.from_json(json.dumps(old)) == TrainConfig.from_json(cfg().to_json())
+    (tmp_path / "run.json").write_text(json.dumps(old))
+    assert "use_context" not in load_preset(str(tmp_path / "run.json"))
+
+
+def test_every_config_field_is_read_by_the_run():
+    """Every field of the config, not only the guide's, is read by code outside the config modules
+    (directly as cfg.<field>, or through the helper named here): no flag that does nothing."""
+    root = Path(__file__).resolve().parents[1] / "calligrapher_rl"
+    sources = "".join(p.read_text() for p in root.rglob("*.py") if not p.name.startswith("config"))
+    via_helper = {"rl_timestep_fraction": "num_trained_timesteps()", "nft_num_timesteps": "num_trained_timesteps()",
+                  "rl_sde_window_range": "sde_window()", "rewards": "cfg.rewards", "preset": "parse_args("}
+    for name in dataclasses.fields(TrainConfig):
+        used = re.search(rf"cfg\.{name.name}\b", sources) or (name.name in via_helper and via_helper[name.name] in sources)
+        assert used, f"--{name.name} is parsed but never used"
+
+
+def test_fp16_and_nonfinite_limit_flags():
+    assert parse_args([*PATHS, "--mixed_precision", "fp16"]).mixed_precision == "fp16"  # the guide's examples use it
+    assert parse_args(PATHS).max_nonfinite_steps == 5
+    with pytest.raises(ConfigError, match="max_nonfinite_steps"):
+        parse_args([*PATHS, "--max_nonfinite_steps", "0"])

@@ -1,25 +1,27 @@
-"""Learning tests: on the tiny random model, on CPU, GRPO and DiffusionNFT raise a cheap reward.
+"""Learning tests that a broken update cannot pass: on the tiny random model, on CPU, GRPO and
+DiffusionNFT raise a cheap reward, and the same runs with the learning signal destroyed do not.
 
-Each test runs the real trainer in-process (tiny FLUX-Fill, bundled data, fixed seed), reads
-metrics.jsonl and asserts a clear rise of the per-epoch training reward `reward/mean`. The settings
-and every threshold below come from measurements over several seeds; docs/learning.md has the table.
+Each test runs the real trainer in-process (tiny FLUX-Fill, bundled data, fixed seed) and reads
+metrics.jsonl. The thresholds come from measurements over seeds 1-3 (docs/learning.md has the table).
 
-Why these settings (all flags, no library change):
-- `--trainable attn`, `--ip_adapter_scale 2`: the style key/value maps alone learn faster than the whole
-  adapter (+0.023 vs +0.016 brightness in 30 epochs; the projections alone barely move it), and scale 2
-  (the top of the release's range) doubles the adapter's say in the velocity (+0.037 vs +0.029).
-- 16 prompts per batch = the whole bundled set in every batch: `reward/mean` then carries no prompt
-  sampling noise, only image noise, so epoch-to-epoch fluctuations are 0.001-0.002.
-- several batches per epoch (8 for GRPO, 4 for NFT): more optimizer steps per rollout compute; the
-  per-prompt group of 16 images still spans the epoch (advantages are computed per epoch).
-- 4 sampler steps at 32 px: a rollout image costs ~0.35 ms a step on one core.
-- GRPO: SDE noise level 1.0 (vs 0.7: +0.021 vs +0.016), lr 2e-2, no KL (nothing to preserve).
-- NFT: nft_beta 0.1 (+0.031; beta 1.0 barely moves: +0.005), 2 trained timesteps per sample, lr 2e-2, no KL.
-- GRPO also raises fidelity, but too slowly for a clear margin in a minute (+0.004-0.008 in 25 epochs),
-  so the fidelity test uses NFT (+0.012-0.016 in 35 epochs).
+- Paired controls: the same seed with each epoch's advantages permuted across the samples (the update
+  machinery runs, the signal is gone) must gain less than half of the real run; with the reward negated
+  the measured quantity must fall. An absolute floor alone let a shuffled-advantage GRPO pass.
+- All features on: KL > 0, an SDE window, gradient accumulation 2, supervised warmup, EMA and (NFT)
+  decay type 2 still learn, and inside an epoch the old (rollout) policy differs from the live one.
+- One process = two processes: one optimizer step on 2 gloo processes equals the step on 1 process.
+- On-policy: the first ratio is exactly 1, with and without an SDE window (rollouts use the K/V cache).
+
+Settings (flags only): 32 px, 4 sampler steps, 8 style tokens, `--trainable attn`, `--ip_adapter_scale 2`,
+lr 2e-2, all 16 bundled prompts in every batch so `reward/mean` carries no prompt-sampling noise.
 """
 
 from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -27,12 +29,14 @@ import torch
 
 from calligrapher_rl.config import parse_args
 from calligrapher_rl.training.run_dir import read_metrics
-from calligrapher_rl.training.trainer import train
+from calligrapher_rl.training.trainer import Trainer
 
 pytestmark = pytest.mark.slow
+ROOT = Path(__file__).resolve().parents[1]
 
-K = 5  # epochs averaged at each end of a run
-EPOCHS = 25  # brightness runs; the fidelity run takes 35 (fidelity rises ~0.0004 an epoch, brightness ~0.0013)
+K = 4  # epochs averaged at each end of a run
+EPOCHS = 15
+FLOOR = {"grpo": 0.008, "nft": 0.005}  # about half the smallest gain over seeds 1-3 (docs/learning.md)
 
 # Everything that is not the method: model, data, sizes, no warmup/eval/checkpoints/EMA in between.
 COMMON = ["--resolution", "32", "--num_style_tokens", "8", "--rl_num_inference_steps", "4",
@@ -47,70 +51,173 @@ GRPO = ["--preset", "tiny-grpo", *COMMON, "--rl_noise_level", "1.0", "--rl_sde_t
 NFT = ["--preset", "tiny-nft", *COMMON, "--nft_beta", "0.1", "--nft_num_timesteps", "2", "--nft_decay_type", "1",
        "--nft_adv_mode", "normal", "--rl_noise_level", "0", "--rl_num_images_per_prompt", "4",
        "--rl_num_batches_per_epoch", "4", "--max_train_steps", str(4 * EPOCHS)]
+# every feature on: KL, a window of 2 of the 3 stochastic steps, accumulation 2, warmup, EMA, decay type 2
+ALL_ON = ["--rl_warmup_steps", "2", "--use_ema", "true", "--ema_decay", "0.9", "--gradient_accumulation_steps", "2",
+          "--rl_sde_window_size", "2", "--rl_sde_window_range", "0,3"]
+GRPO_ALL = [*GRPO, *ALL_ON, "--rl_kl_beta", "0.01", "--max_train_steps", str(2 + 4 * EPOCHS)]
+NFT_ALL = [*NFT, *ALL_ON, "--rl_kl_beta", "1e-4", "--nft_decay_type", "2", "--rl_noise_level", "1.0",
+           "--max_train_steps", str(2 + 2 * EPOCHS)]
 
 
 @pytest.fixture(autouse=True)
 def one_thread():
-    """One intra-op thread: the tiny model's matrices are too small for two to help much, and on a shared
-    2-core machine spinning OpenMP threads made these runs up to 5x slower. It also makes the trajectory
-    independent of the core count. (Measured single-threaded: docs/learning.md.)"""
+    """One intra-op thread: the tiny model's matrices are too small for two to help, on a shared machine
+    spinning OpenMP threads made these runs up to 5x slower, and the trajectory no longer depends on the
+    core count. (Measured single-threaded: docs/learning.md.)"""
     before = torch.get_num_threads()
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
 
 
-def _run(tmp_path, flags, *extra) -> list[dict]:
-    """The RL epochs' metric rows of a run of `flags` (+ `extra`, which override them)."""
-    out = tmp_path / "run"
-    assert train(parse_args([*flags, "--output_dir", str(out), *extra])) == "finished"
-    return [r for r in read_metrics(str(out)) if r.get("phase") == "rl" and "reward/mean" in r]
+class PermutedAdvantages(Trainer):
+    """Control: each epoch's advantages shuffled across its samples (fixed seed per epoch). Everything
+    else (rollouts, losses, optimizer) is the real run's; only the link between image and reward is cut."""
+
+    def _advantages(self, batches, scores):
+        adv = super()._advantages(batches, scores)
+        flat = torch.cat(adv)
+        perm = torch.randperm(len(flat), generator=torch.Generator().manual_seed(1000 + self.rl_epoch))
+        return list(flat[perm.to(flat.device)].split([len(a) for a in adv]))
 
 
-def _assert_clear_rise(rows: list[dict], epochs: int, floor: float) -> None:
-    """The last K epochs' mean reward beats the first K's by >= max(floor, 5 sigma), and every one of
-    the last K epochs beats every one of the first K.
+class OldPolicyProbe(Trainer):
+    """Records, before each update, the largest |old - live| weight difference (NFT's old policy)."""
 
-    sigma is the epoch-to-epoch fluctuation of `reward/mean` at the start: std(first differences of the
-    first 2K epochs) / sqrt(2) (a steady trend drops out of the differences). The standard error of the
-    difference of two K-epoch means is sigma sqrt(2/K) = 0.63 sigma, so 5 sigma is ~8 standard errors.
-    The floors are about half the smallest gain measured over seeds 1, 2, 3 and 42 (docs/learning.md),
-    so a different CPU's rounding (which changes the trajectory like another seed does) still passes.
-    """
-    r = np.array([row["reward/mean"] for row in rows])
-    assert len(r) == epochs and np.isfinite(r).all() and all(row["reward/failed"] == 0 for row in rows)
-    first, last = r[:K].mean(), r[-K:].mean()
+    def _update(self, batch, ro, adv, inner, b, group):
+        if self.policies.old is not None:
+            gap = max(float((self.policies.old[n] - p.detach()).abs().max()) for n, p in self.policies.named)
+            self.old_gaps.setdefault(self.rl_epoch, []).append(gap)
+        return super()._update(batch, ro, adv, inner, b, group)
+
+
+def _run(tmp_path, flags, *extra, trainer=Trainer, name="run"):
+    """(RL epoch rows, trainer) of a run of `flags` (+ `extra`, which override them)."""
+    out = tmp_path / name
+    tr = trainer(parse_args([*flags, "--output_dir", str(out), *extra]))
+    tr.old_gaps = {}
+    assert tr.run() == "finished"
+    return [r for r in read_metrics(str(out)) if r.get("phase") == "rl" and "reward/mean" in r], tr
+
+
+def _gain(rows, key: str) -> float:
+    r = np.array([row[key] for row in rows])
+    return float(r[-K:].mean() - r[:K].mean())
+
+
+def _assert_clear_rise(rows: list[dict], key: str, floor: float) -> float:
+    """The last K epochs' mean of `key` beats the first K's by >= max(floor, 5 sigma), and every one of
+    the last K epochs beats every one of the first K. sigma = the epoch-to-epoch noise at the start,
+    std(first differences of the first 2K epochs) / sqrt(2) (a steady trend drops out of them)."""
+    r = np.array([row[key] for row in rows])
+    assert len(r) == EPOCHS and np.isfinite(r).all() and all(row["reward/failed"] == 0 for row in rows)
+    gain = _gain(rows, key)
     noise = float(np.std(np.diff(r[:2 * K])) / np.sqrt(2))
     curve = np.round(r, 4).tolist()
-    assert last - first >= max(floor, 5 * noise), f"gain {last - first:.4f}, sigma {noise:.4f}, rewards {curve}"
+    assert gain >= max(floor, 5 * noise), f"gain {gain:.4f}, sigma {noise:.4f}, {key} {curve}"
     assert r[-K:].min() > r[:K].max(), f"the last epochs do not all beat the first ones: {curve}"
+    return gain
 
 
-def test_grpo_raises_brightness(tmp_path):
-    rows = _run(tmp_path, GRPO, "--rewards", "brightness:1", "--seed", "1")
-    _assert_clear_rise(rows, EPOCHS, floor=0.015)  # measured gains 0.032-0.035 (seeds 1-3)
-    # 8 batches per epoch: the later ones are off-policy, so the PPO ratio really varies (clip is live)
-    assert max(row["ratio/std"] for row in rows) > 1e-4
+def _assert_controls(tmp_path, flags, real_gain: float) -> None:
+    """Same seed, advantages permuted: gains < half the real gain. Reward negated: brightness falls."""
+    perm, _ = _run(tmp_path, flags, "--rewards", "brightness:1", "--seed", "1", trainer=PermutedAdvantages, name="perm")
+    neg, _ = _run(tmp_path, flags, "--rewards", "brightness:-1", "--seed", "1", name="neg")
+    g_perm, g_neg = _gain(perm, "reward/brightness"), _gain(neg, "reward/brightness")
+    assert g_perm < 0.5 * real_gain, f"permuted advantages gained {g_perm:.4f} vs {real_gain:.4f}"
+    assert g_neg < -0.25 * real_gain, f"the negated reward did not lower brightness: {g_neg:.4f} vs {real_gain:.4f}"
 
 
-def test_nft_raises_brightness(tmp_path):
-    rows = _run(tmp_path, NFT, "--rewards", "brightness:1", "--seed", "1")
-    _assert_clear_rise(rows, EPOCHS, floor=0.013)  # measured gains 0.027-0.033 (seeds 1-3)
+def test_grpo_with_every_feature_on_learns_and_its_controls_do_not(tmp_path):
+    rows, _ = _run(tmp_path, GRPO_ALL, "--rewards", "brightness:1", "--seed", "1")
+    gain = _assert_clear_rise(rows, "reward/brightness", floor=FLOOR["grpo"])
+    assert all(row["kl"] > 0 for row in rows[1:]) and all(row["rl/optimizer_steps"] == 4 for row in rows)
+    assert max(row["ratio/std"] for row in rows) > 1e-4  # the second optimizer step of an epoch is off-policy
+    _assert_controls(tmp_path, GRPO_ALL, gain)
 
 
-def test_nft_raises_fidelity(tmp_path):
-    rows = _run(tmp_path, NFT, "--rewards", "fidelity:1", "--seed", "1", "--max_train_steps", str(4 * 35))
-    _assert_clear_rise(rows, 35, floor=0.006)  # measured gains 0.012-0.016 (seeds 1-3, 42)
+def test_nft_with_every_feature_on_learns_its_old_policy_lags_and_its_controls_do_not(tmp_path):
+    rows, tr = _run(tmp_path, NFT_ALL, "--rewards", "brightness:1", "--seed", "1", trainer=OldPolicyProbe)
+    gain = _assert_clear_rise(rows, "reward/brightness", floor=FLOOR["nft"])
+    assert all(row["kl"] > 0 for row in rows[1:]) and all(row["rl/optimizer_steps"] == 2 for row in rows)
+    assert all(row["nft/old_decay"] == 0 for row in rows)  # type 2, fewer than 75 RL steps: eta 0
+    for epoch, gaps in tr.old_gaps.items():  # 4 batches, 2 optimizer steps per epoch
+        assert gaps[0] == 0 and gaps[1] == 0, (epoch, gaps)  # eta 0: old = live at the epoch's start
+        assert gaps[2] > 0 and gaps[3] > 0, (epoch, gaps)  # after the first step the live policy moved on
+    _assert_controls(tmp_path, NFT_ALL, gain)
 
 
-def test_grpo_one_batch_per_epoch_is_on_policy(tmp_path):
+@pytest.mark.parametrize("window", [[], ["--rl_sde_window_size", "2", "--rl_sde_window_range", "0,3"]],
+                         ids=["all-steps", "window"])
+def test_grpo_first_ratio_is_exactly_one_on_policy(tmp_path, window):
     """One rollout batch per epoch, one inner epoch, no accumulation: every update evaluates the very
-    policy that rolled out, so the ratio is exactly 1 and nothing is clipped (first epoch and after)."""
-    rows = _run(tmp_path, GRPO, "--rewards", "brightness:1", "--seed", "1", "--train_batch_size", "4",
-                "--rl_num_images_per_prompt", "4", "--rl_num_batches_per_epoch", "1", "--rl_num_inner_epochs", "1",
-                "--gradient_accumulation_steps", "1", "--max_train_steps", "3")
+    policy that rolled out (the rollout with the K/V cache, the update without), so the ratio is 1."""
+    rows, _ = _run(tmp_path, GRPO, "--rewards", "brightness:1", "--seed", "1", "--train_batch_size", "4",
+                   "--rl_num_images_per_prompt", "4", "--rl_num_batches_per_epoch", "1", "--max_train_steps", "3",
+                   *window)
     assert len(rows) == 3
     for row in rows:
-        assert abs(row["ratio/mean"] - 1) < 1e-5 and row["ratio/std"] < 1e-5, row
-        assert row["clipfrac"] == 0 and row["approx_kl"] < 1e-10, row
+        assert row["ratio/mean"] == 1.0 and row["ratio/std"] == 0.0, row
+        assert row["clipfrac"] == 0 and row["approx_kl"] == 0, row
         assert row["rl/optimizer_steps"] == 1
+
+
+STEP_SCRIPT = '''
+import sys, torch
+from calligrapher_rl.config import parse_args
+from calligrapher_rl.training.trainer import Trainer
+
+class Capture(Trainer):
+    def _advantages(self, batches, scores):
+        adv = super()._advantages(batches, scores)
+        self.captured = torch.cat(adv).cpu()
+        return adv
+
+torch.set_num_threads(1)
+tr = Capture(parse_args(sys.argv[2:]))
+assert tr.run() == "finished"
+beta1 = tr.cfg.adam_beta1
+flat = lambda ts: torch.cat([t.detach().reshape(-1).float().cpu() for t in ts])
+grad = flat(tr.optimizer.state[p]["exp_avg"] / (1 - beta1) for p in tr.policies.params)  # Adam's first moment
+torch.save({"adv": tr.captured, "grad": grad, "weights": flat(tr.policies.params)},
+           f"{sys.argv[1]}/rank{tr.acc.process_index}.pt")
+'''
+
+
+@pytest.mark.timeout(600)
+def test_one_process_step_equals_two_process_step(tmp_path):
+    """The same GRPO step (2 prompts x 4 images, per-sample noise) on 1 process and on 2 gloo processes:
+    the advantages, the averaged gradient and the new weights agree to float tolerance."""
+    script = tmp_path / "step.py"
+    script.write_text(STEP_SCRIPT)
+    flags = [*GRPO, "--rewards", "brightness:1", "--seed", "3", "--rl_num_images_per_prompt", "4",
+             "--rl_num_batches_per_epoch", "1", "--max_train_steps", "1", "--learning_rate", "1e-3",
+             "--adam_epsilon", "1e-3"]  # Adam's first step is ~sign(g); a large eps keeps it smooth where g ~ 0
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    outs = {}
+    for n in (1, 2):
+        out = tmp_path / f"p{n}"
+        out.mkdir()
+        launch = [sys.executable] if n == 1 else [
+            sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2", "--num_machines",
+            "1", "--main_process_port", str(_free_port()), "--mixed_precision", "no", "--dynamo_backend", "no"]
+        r = subprocess.run([*launch, str(script), str(out), *flags, "--output_dir", str(out / "run"),
+                            "--train_batch_size", str(2 // n)], capture_output=True, text=True, timeout=500,
+                           cwd=ROOT, env=env)
+        assert r.returncode == 0, r.stderr[-3000:]
+        outs[n] = [torch.load(out / f"rank{i}.pt", weights_only=True) for i in range(n)]
+    one, two = outs[1][0], outs[2]
+    assert torch.allclose(torch.cat([two[0]["adv"], two[1]["adv"]]), one["adv"], atol=1e-4)
+    assert one["adv"].abs().max() > 0.5  # a real signal, not all zeros
+    for rank in two:
+        assert torch.allclose(rank["grad"], one["grad"], rtol=1e-3, atol=1e-6 * float(one["grad"].abs().max()))
+        assert torch.allclose(rank["weights"], one["weights"], atol=1e-7)
+    assert not torch.allclose(one["grad"], torch.zeros_like(one["grad"]))
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]

@@ -133,16 +133,23 @@ def test_sampled_step_has_stated_mean_and_std():
     assert (emp_std / total - 1).abs().max() < 0.03
 
 
-def test_kl_to_reference_uses_step_variance():
+def test_kl_to_reference_is_flow_grpo_convention():
+    """sde: mean((m - m_ref)^2) / (2 std_dev_t^2), NOT divided by the transition variance std^2 |dt|
+    (so a beta means what it means in Flow-GRPO); cps: mean((m - m_ref)^2); [B]; 0 where std is 0."""
     m, m_ref = rand(B, L, C, seed=19), rand(B, L, C, seed=20)
     std_t = torch.tensor([0.5, 0.7, 0.0]).view(B, 1, 1)
-    dt = -0.1
-    kl = kl_to_reference(m, m_ref, std_t, dt)
-    for b in range(B):
-        var = std_t[b].item() ** 2 * 0.1
-        sq = ((m[b].double() - m_ref[b].double()) ** 2).mean().item()
-        assert kl[b].item() == pytest.approx(sq / (2 * var) if var > 0 else 0.0, rel=1e-5)
-    assert kl_to_reference(m, m, std_t, dt).abs().max() == 0
+    for dt in (-0.1, torch.tensor([-0.1, -0.2, -0.05])):
+        kl = kl_to_reference(m, m_ref, std_t, dt)
+        kl_cps = kl_to_reference(m, m_ref, std_t, dt, "cps")
+        assert kl.shape == kl_cps.shape == (B,)
+        for b in range(B):
+            sq = ((m[b].double() - m_ref[b].double()) ** 2).mean().item()
+            std = std_t[b].item()
+            assert kl[b].item() == pytest.approx(sq / (2 * std**2) if std > 0 else 0.0, rel=1e-5)
+            assert kl_cps[b].item() == pytest.approx(sq, rel=1e-5)
+    assert kl_to_reference(m, m, std_t, -0.1).abs().max() == 0
+    with pytest.raises(ValueError):
+        kl_to_reference(m, m_ref, std_t, -0.1, "ode")
 
 
 # ---------------------------------------------------------------- grpo
@@ -278,3 +285,16 @@ def test_old_decay_schedules_and_update():
     assert torch.equal(old[1].float(), torch.full((2,), 0.25))
     update_old_params(old, new, 0.0)
     assert torch.equal(old[0], new[0])
+
+
+def test_sde_window_start_in_lo_to_hi_minus_size_and_never_the_last_step():
+    """Flow-GRPO: start ~ randint(lo, hi - size) inclusive, so the window lies inside [lo, hi); the last
+    step (into sigma 0) is never stochastic, and a range with no room is an error."""
+    from calligrapher_rl.sampling import SDEWindow
+
+    rng = np.random.default_rng(0)
+    assert {SDEWindow.pick(10, 2, 1, 6, rng).start for _ in range(400)} == {1, 2, 3, 4}
+    assert {tuple(SDEWindow.pick(4, 3, 0, 3, rng).steps()) for _ in range(20)} == {(0, 1, 2)}
+    for size, lo, hi in ((1, 0, 4), (3, 1, 3), (0, 0, 2)):
+        with pytest.raises(ValueError, match="no room"):
+            SDEWindow.pick(4, size, lo, hi, rng)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -187,3 +188,292 @@ def test_two_process_run_gathers_rewards(tmp_path):
         assert 0 < a["reward/mean"] < 1 and abs(a["reward/mean"] - b["reward/mean"]) < 0.1
         assert abs(a["ratio/mean"] - 1) < 1e-5
     assert (out2 / "checkpoint-4" / "ip-adapter.safetensors").exists()
+
+
+# ---------------------------------------------------------------- the trainer's fixes, in process
+@contextlib.contextmanager
+def _trainer(out, *extra, preset="tiny-grpo"):
+    """A Trainer of the tiny model that a test drives step by step (closed afterwards)."""
+    from calligrapher_rl.training.trainer import Trainer
+
+    tr = Trainer(parse_args(_args(out, "--eval_steps", "0", "--eval_at_start", "false", *extra, preset=preset)))
+    try:
+        yield tr
+    finally:
+        tr.rewards.close()
+        tr.run_dir.close()
+
+
+def _flat(params) -> torch.Tensor:
+    return torch.cat([p.detach().float().reshape(-1) for p in params])
+
+
+def test_trainer_validates_a_config_built_in_python(tmp_path):
+    from calligrapher_rl.config import ConfigError, TrainConfig
+    from calligrapher_rl.training.trainer import Trainer
+
+    cfg = TrainConfig(pretrained_model_name_or_path="tiny", siglip_path="tiny", train_data_json="bundled",
+                      output_dir=str(tmp_path / "run"), rl_num_inference_steps=4, rl_sde_window_size=1,
+                      rl_sde_window_range="0,4")
+    with pytest.raises(ConfigError, match="rl_sde_window_range"):
+        Trainer(cfg)
+    assert not (tmp_path / "run").exists()
+
+
+def test_nonfinite_loss_skips_the_step_and_is_logged(tmp_path):
+    """A NaN in a frozen weight makes the loss NaN: no update, no EMA step, counted, NaN kept in the
+    metrics (not dropped); once the weights are finite again, steps apply and the streak resets."""
+    with _trainer(tmp_path / "run", "--rl_warmup_steps", "10", "--max_train_steps", "10", "--trainable", "attn") as tr:
+        frozen = tr.stack.adapter.image_proj_mlp if hasattr(tr.stack.adapter, "image_proj_mlp") else None
+        frozen_p = next(p for n, p in tr.stack.adapter.named_parameters() if not n.startswith("attn_adapter."))
+        assert not frozen_p.requires_grad and frozen is not None
+        before, ema_before = _flat(tr.policies.params), _flat(tr.policies.ema.shadow)
+        keep = frozen_p.detach().clone()
+        with torch.no_grad():
+            frozen_p.view(-1)[0] = float("nan")
+        tr.warmup_step()
+        assert torch.equal(_flat(tr.policies.params), before) and torch.equal(_flat(tr.policies.ema.shadow), ema_before)
+        assert tr.step == 1 and tr.skipped_nonfinite == 1 and tr.optimizer.state == {}
+        row = read_metrics(str(tmp_path / "run"))[-1]
+        assert row["train/skipped_nonfinite"] == 1 and row["train/skipped"] == 1
+        assert "loss" in row and (row["loss"] is None or np.isnan(row["loss"])), row  # logged as NaN, not dropped
+        with torch.no_grad():
+            frozen_p.copy_(keep)
+        tr.warmup_step()
+        assert not torch.equal(_flat(tr.policies.params), before) and torch.isfinite(_flat(tr.policies.params)).all()
+        assert tr._nonfinite_streak == 0 and tr.skipped_nonfinite == 1
+
+
+def test_nonfinite_steps_in_a_row_fail_the_run_with_the_cause(tmp_path):
+    out = tmp_path / "run"
+    with _trainer(out, "--rl_warmup_steps", "10", "--max_train_steps", "10", "--max_nonfinite_steps", "3") as tr:
+        with torch.no_grad():
+            next(p for n, p in tr.stack.adapter.named_parameters() if not n.startswith("attn_adapter.")).fill_(float("nan"))
+        assert tr.run() == "failed"
+    status = read_status(str(out))
+    assert status["state"] == "failed" and "non-finite loss" in status["message"] and "3" in status["message"]
+    assert status["step"] == 3 and (out / "checkpoint-3").is_dir()
+    assert [r["train/skipped_nonfinite"] for r in read_metrics(str(out))] == [1, 2, 3]
+
+
+def test_nan_decoded_images_get_failed_rewards_and_no_update(tmp_path):
+    """NaN images are failed samples (NaN reward), never the score of a black image; an epoch without a
+    finite reward makes no optimizer step."""
+    out = tmp_path / "run"
+    with _trainer(out, "--rl_warmup_steps", "0", "--max_train_steps", "5", "--rl_reward_failure_limit", "1",
+                  "--trainable", "attn", "--max_nonfinite_steps", "2") as tr:
+        with torch.no_grad():
+            next(p for n, p in tr.stack.adapter.named_parameters() if not n.startswith("attn_adapter.")).fill_(float("nan"))
+        before = _flat(tr.policies.params)
+        assert tr.run() == "failed"
+        assert torch.equal(_flat(tr.policies.params), before)
+    rows = [r for r in read_metrics(str(out)) if "reward/failed" in r]
+    assert len(rows) == 2 and all(r["reward/failed"] == 1 and r["rl/optimizer_steps"] == 0 for r in rows), rows
+    assert "no finite reward" in read_status(str(out))["message"]
+
+
+def test_weight_health_alarms(tmp_path, caplog):
+    with _trainer(tmp_path / "run", "--rl_warmup_steps", "10", "--max_train_steps", "10", "--ip_adapter_scale", "0",
+                  "--trainable", "attn") as tr:
+        with caplog.at_level("WARNING", logger="calligrapher_rl.training"):
+            for _ in range(3):
+                tr.warmup_step()  # style attention weighted 0: the style maps get exactly zero gradient
+            assert any("gradient norm exactly 0" in r.getMessage() for r in caplog.records)
+            with torch.no_grad():
+                for p in tr.policies.params:
+                    p.mul_(1000.0)
+            tr.warmup_step()
+            assert any("weight norm grew" in r.getMessage() for r in caplog.records)
+
+
+def test_ema_steps_with_the_post_increment_step(tmp_path):
+    """Flow-GRPO: global_step += 1, then ema.step(params, global_step): the first decay is min(2/11, d)."""
+    with _trainer(tmp_path / "run", "--rl_warmup_steps", "10", "--max_train_steps", "10", "--ema_decay", "0.99") as tr:
+        p0 = _flat(tr.policies.params)
+        tr.warmup_step()
+        p1, d = _flat(tr.policies.params), 2.0 / 11.0
+        assert torch.allclose(_flat(tr.policies.ema.shadow), d * p0 + (1 - d) * p1, atol=1e-7)
+
+
+def test_constant_lr_with_warmup_warms_up(tmp_path):
+    from calligrapher_rl.training.setup import build_optimizer
+
+    cfg = parse_args(_args(tmp_path / "x", "--lr_scheduler", "constant", "--lr_warmup_steps", "4",
+                           "--learning_rate", "1e-3"))
+    opt, sched = build_optimizer(cfg, [torch.nn.Parameter(torch.zeros(2))])
+    lrs = []
+    for _ in range(6):
+        lrs.append(sched.get_last_lr()[0])
+        opt.step()
+        sched.step()
+    assert lrs == pytest.approx([0, 2.5e-4, 5e-4, 7.5e-4, 1e-3, 1e-3])
+
+
+def test_reward_timeout_reaches_the_reward_client(tmp_path):
+    from fastapi import FastAPI
+    from test_rewards_server import Served
+
+    from calligrapher_rl.training.setup import build_rewards
+
+    app = FastAPI()
+
+    @app.get("/health")
+    def health():
+        return {"status": "ok", "rewards": ["fidelity"]}
+
+    server = Served(app)
+    try:
+        cfg = parse_args(_args(tmp_path / "x", "--rewards", "fidelity", "--reward_server_url", server.url,
+                               "--reward_timeout_s", "7.5"))
+        rewards = build_rewards(cfg, "tiny", "cpu")
+        try:
+            assert rewards.remote.timeout_s == 7.5 and rewards.remote.client.timeout.read == 7.5
+        finally:
+            rewards.close()
+    finally:
+        server.stop()
+
+
+def test_last_accumulation_group_is_scaled_by_its_real_size(tmp_path):
+    """One batch per epoch with --gradient_accumulation_steps 2: the group holds one batch, so its gradient
+    is that batch's mean gradient, the same as without accumulation (not half of it)."""
+    norms = []
+    for ga in ("1", "2"):
+        out = tmp_path / f"ga{ga}"
+        with _trainer(out, "--rl_warmup_steps", "0", "--max_train_steps", "1", "--gradient_accumulation_steps", ga,
+                      "--train_batch_size", "2") as tr:
+            assert tr.run() == "finished"
+        norms.append([r["grad_norm"] for r in read_metrics(str(out)) if "grad_norm" in r])
+    assert len(norms[0]) == 1 and norms[0] == pytest.approx(norms[1], rel=1e-5)
+
+
+def test_nft_old_decay_counts_rl_steps_only_and_the_count_is_checkpointed(tmp_path):
+    """80 warmup steps, then one NFT epoch of 2 optimizer steps with decay type 2: eta = old_decay(2) = 0,
+    so the old policy becomes the current one (counting warmup steps gave eta(82) = 0.05, a lagging old
+    policy). The RL step count is saved and restored on resume."""
+    out = tmp_path / "run"
+    args = ("--rl_warmup_steps", "80", "--max_train_steps", "82", "--nft_decay_type", "2", "--use_ema", "false",
+            "--rl_num_batches_per_epoch", "2", "--train_batch_size", "1", "--checkpointing_steps", "1000")
+    with _trainer(out, *args, preset="tiny-nft") as tr:
+        assert tr.run() == "finished"
+        assert tr.rl_steps == 2
+        old = torch.cat([tr.policies.old[n].reshape(-1) for n in tr.policies.names])
+        assert torch.equal(old, _flat(tr.policies.params))
+    rl = [r for r in read_metrics(str(out)) if r["phase"] == "rl" and "nft/old_decay" in r]
+    assert [r["nft/old_decay"] for r in rl] == [0.0]
+    state = json.loads((out / "checkpoint-82" / "trainer_state" / "state.json").read_text())
+    assert state["rl_steps"] == 2 and state["step"] == 82
+    with _trainer(out, *args, "--resume_from_checkpoint", "latest", "--max_train_steps", "90", preset="tiny-nft") as tr:
+        tr._maybe_resume()
+        assert tr.rl_steps == 2 and tr.step == 82
+
+
+def test_nft_trains_distinct_timesteps_per_sample(tmp_path, monkeypatch):
+    """Each sample trains the first k of its own permutation of the schedule's timesteps: with k = N every
+    sample sees every timestep exactly once (draws with replacement repeat some)."""
+    from calligrapher_rl.training.updates import nft_backward
+
+    with _trainer(tmp_path / "run", "--rl_warmup_steps", "0", "--max_train_steps", "1", "--nft_num_timesteps", "4",
+                  "--train_batch_size", "4", "--rl_kl_beta", "0", preset="tiny-nft") as tr:
+        tr.policies.begin_rl(with_old=True)
+        batch = tr.conditions.batch(tr.sampler.batch(1, 0))
+        ro = tr._rollout(batch, 0)
+        seen, real = [], tr.stack.velocity
+
+        def spy(latents, fill, text, sigma, *a, **k):
+            if torch.is_grad_enabled():  # v_theta: once per trained timestep
+                seen.append(torch.as_tensor(sigma).reshape(-1).clone())
+            return real(latents, fill, text, sigma, *a, **k)
+
+        monkeypatch.setattr(tr.stack, "velocity", spy)
+        adv = torch.linspace(-1, 1, len(batch.indices))
+        nft_backward(tr.stack, batch, ro, adv, 4, policies=tr.policies, guidance=30.0, scale=2.0, beta=0.1,
+                     kl_beta=0.0, adv_mode="normal", adv_clip_max=5.0, generator=torch.Generator().manual_seed(0),
+                     loss_scale=0.25, autocast=contextlib.nullcontext)
+    t = torch.stack(seen, 1)  # [B, 4]
+    assert t.shape == (16, 4)
+    for row in t:
+        assert sorted(row.tolist()) == pytest.approx(sorted(ro.sigmas[:-1].tolist()))
+
+
+def test_fp16_trains_with_loss_scaling(tmp_path):
+    """fp16 (the guide's examples use it) trains through a GradScaler: the loss is scaled before backward,
+    gradients unscaled before clipping, overflowing steps skipped while the scale drops, the rest applied.
+    (A subprocess: accelerate's mixed-precision state is one per process.)"""
+    out = tmp_path / "run"
+    r = _cli(*_args(out, "--rl_warmup_steps", "4", "--max_train_steps", "4", "--mixed_precision", "fp16",
+                    "--eval_steps", "0", "--eval_at_start", "false"))
+    assert r.returncode == 0, r.stderr[-2000:]
+    rows = read_metrics(str(out))
+    assert len(rows) == 4 and all(r["train/loss_scale"] >= 1 for r in rows), rows
+    applied = [r for r in rows if r["train/skipped"] == 0]
+    assert applied and all(np.isfinite(r["grad_norm"]) and np.isfinite(r["loss"]) for r in applied), rows
+    assert read_status(str(out))["state"] == "finished"
+
+
+@pytest.mark.timeout(600)
+def test_two_processes_pause_resume_and_finish(tmp_path):
+    """2 gloo processes; the rewards fail, the run pauses; once the reward server is back, control/resume
+    (read and consumed by the main process only, the decision shared by a collective) lets both
+    processes go on in step to the end. The failed epoch makes no optimizer step."""
+    from fastapi import FastAPI
+    from fastapi.responses import JSONResponse
+    from test_rewards_server import Served
+
+    from calligrapher_rl.training.run_dir import request_resume
+
+    failing = {"on": True}
+    app = FastAPI()
+
+    @app.get("/health")
+    def health():
+        return {"status": "ok", "rewards": ["fidelity"]}
+
+    @app.post("/score")
+    def score(body: dict):
+        if failing["on"]:
+            return JSONResponse({"detail": "scorer down"}, status_code=500)
+        return {"scores": {"fidelity": [0.2 + 0.1 * (i % 4) for i in range(len(body["samples"]))]}}
+
+    server = Served(app)
+    out = tmp_path / "run"
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
+         "--main_process_port", str(_free_port()), "--mixed_precision", "no", "--dynamo_backend", "no", "-m",
+         "calligrapher_rl.train", *_args(out, "--max_train_steps", "2", "--rl_warmup_steps", "0", "--eval_steps", "0",
+                                         "--eval_at_start", "false", "--train_batch_size", "1", "--rewards", "fidelity",
+                                         "--reward_server_url", server.url, "--reward_timeout_s", "5",
+                                         "--checkpointing_steps", "1000")],
+        cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, start_new_session=True)
+
+    def wait(cond, what, timeout=300):
+        deadline = time.time() + timeout
+        while not cond():
+            assert proc.poll() is None, f"run exited while waiting for {what}: {proc.stderr.read()[-3000:]}"
+            assert time.time() < deadline, f"timed out waiting for {what}"
+            time.sleep(0.2)
+
+    try:
+        wait(lambda: (read_status(str(out)) or {}).get("state") == "paused", "the pause")
+        failing["on"] = False
+        request_resume(str(out))
+        _, err = proc.communicate(timeout=300)
+        assert proc.returncode == 0, err[-3000:]
+    finally:
+        if proc.poll() is None:  # the launcher and both workers (their own process group)
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+        server.stop()
+    assert read_status(str(out))["state"] == "finished"
+    assert not (out / "control" / "resume").exists()  # consumed once, by the main process
+    rows = [r for r in read_metrics(str(out)) if "reward/failed" in r]
+    assert [r["reward/failed"] for r in rows] == [1.0, 0.0, 0.0] and [r["rl/optimizer_steps"] for r in rows] == [0, 1, 1]
+    assert [r["reward/count"] for r in rows] == [8.0] * 3  # both processes' samples every epoch
+
+
+def test_rl_starts_with_fresh_optimizer_moments_after_warmup(tmp_path):
+    """Supervised gradients dwarf policy gradients; their Adam second moment must not shrink the RL steps."""
+    with _trainer(tmp_path / "run", "--rl_warmup_steps", "2", "--max_train_steps", "3") as tr:
+        assert tr.run() == "finished"
+        assert {int(s["step"]) for s in tr.optimizer.state.values()} == {1}  # one RL step since the reset

@@ -174,11 +174,12 @@ def _entries(items) -> list[tuple[str, object, float]]:
     return out
 
 
-def build_rewards(spec, *, siglip_path=None, server_urls=None, device="cpu") -> RewardSet:
+def build_rewards(spec, *, siglip_path=None, server_urls=None, device="cpu", timeout_s: float | None = None) -> RewardSet:
     """Build the rewards of ``spec``: a ``--rewards`` string, or a list mixing registered names (``"ocr"``,
     ``"ocr:0.7"``), :class:`Reward` objects and callables ``(images, prompts, metadata) -> scores``, each
     optionally as ``(item, weight)`` or ``(name, item, weight)``. Registered names are computed locally, or
-    by the reward servers when ``server_urls`` is given; objects always run in this process."""
+    by the reward servers when ``server_urls`` is given; objects always run in this process. ``timeout_s``
+    bounds each server request (and each call of a local reward that makes one, e.g. the VLM judge)."""
     entries = _entries(spec)
     weights = {name: w for name, _, w in entries}
     local: dict[str, Reward] = {}
@@ -198,7 +199,8 @@ def build_rewards(spec, *, siglip_path=None, server_urls=None, device="cpu") -> 
         if not urls:
             raise UserError("no URL given", field="--reward_server_url")
         if registered:
-            remote = RemoteRewards(urls, registered)
+            remote = RemoteRewards(urls, registered, **({"timeout_s": timeout_s} if timeout_s else {}))
     else:
-        local.update({name: make_reward(name, siglip_path=siglip_path, device=device) for name in registered})
+        options = {"timeout_s": timeout_s} if timeout_s else {}
+        local.update({name: make_reward(name, siglip_path=siglip_path, device=device, **options) for name in registered})
     return RewardSet(local, weights, remote=remote)

@@ -139,11 +139,14 @@ def nft_loss(v_theta: torch.Tensor, v_old: torch.Tensor, v_ref: torch.Tensor | N
 
 
 def old_decay(step: int, decay_type: int) -> float:
-    """``eta`` of the old-policy update after ``step`` epochs.
+    """``eta`` of the old-policy update ``old <- eta old + (1 - eta) current`` made after each epoch.
 
-    0: ``eta = 0`` (old = current policy after every epoch, i.e. on-policy rollouts);
-    1: ``min(0.001 step, 0.5)`` (slowly lagging old policy);
-    2: 0 below step 75, then ``min(0.0075 (step - 75), 0.999)`` (almost frozen later on).
+    ``step`` counts RL optimizer steps only (DiffusionNFT's ``global_step``; supervised warmup steps
+    are not RL steps). ``eta = 0`` makes the old policy the current one (on-policy rollouts); the
+    closer ``eta`` is to 1, the more the old policy lags behind.
+    0: ``eta = 0`` always;
+    1: ``min(0.001 step, 0.5)`` (lags more and more, at most an even mix);
+    2: 0 below step 75 (on-policy), then ``min(0.0075 (step - 75), 0.999)`` (almost frozen later on).
     """
     if decay_type not in DECAY_TYPES or isinstance(decay_type, bool):
         raise ValueError(f"unknown nft decay_type {decay_type!r}; expected one of {DECAY_TYPES}")

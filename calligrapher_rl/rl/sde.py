@@ -13,9 +13,9 @@ Conventions (``reference/rl-formulas.md``): sigmas run from 1 (noise) to 0 (clea
 the model predicts ``v ~ eps - x0``. All arithmetic is float32 whatever the model dtype, because the
 log-probability ratio of GRPO is sensitive to rounding.
 
-Variance convention used everywhere in this module (log-prob and KL alike): the variance of one
-transition is ``var = (std_dev_t * sqrt(-dt))^2`` for ``sde`` and ``var = std_dev_t^2`` for ``cps``,
-where ``std_dev_t`` is the value this function returns.
+Variance convention of the log-prob: the variance of one transition is ``var = (std_dev_t * sqrt(-dt))^2``
+for ``sde`` and ``var = std_dev_t^2`` for ``cps``, where ``std_dev_t`` is the value this function returns.
+The KL term to the reference (``kl_to_reference``) follows Flow-GRPO's convention instead (see there).
 """
 
 from __future__ import annotations
@@ -156,20 +156,29 @@ def step_variance(std_dev_t: torch.Tensor, dt, sde_type: str = "sde") -> torch.T
 
 def kl_to_reference(prev_sample_mean: torch.Tensor, ref_prev_sample_mean: torch.Tensor,
                     std_dev_t: torch.Tensor, dt, sde_type: str = "sde") -> torch.Tensor:
-    """Per-sample KL between the policy's and the reference policy's step Gaussians, shape [B].
+    """GRPO's per-sample KL term to the reference policy, shape [B], in Flow-GRPO's convention:
 
-    Both share the same variance, so ``KL = mean_dims((mean - ref_mean)^2) / (2 var)`` with
-    ``var = step_variance(std_dev_t, dt, sde_type)``, the transition variance the log-prob uses.
-    (Flow-GRPO divides by ``std_dev_t^2`` without the ``-dt`` factor, which is ``-dt`` times this.)
-    Where a step is deterministic (var == 0) the KL is reported as 0.
-    GRPO's KL term is ``kl_to_reference(...).mean()``.
+    * ``sde``: ``mean_dims((mean - ref_mean)^2) / (2 std_dev_t^2)``;
+    * ``cps``: ``mean_dims((mean - ref_mean)^2)``.
+
+    Flow-GRPO divides by ``std_dev_t^2``, not by the transition variance ``std_dev_t^2 |dt|`` that the
+    log-prob uses, so this is ``|dt|`` times the exact Gaussian KL. Keeping its convention makes a
+    ``beta_kl`` mean here what it means in Flow-GRPO (published betas 0-0.04 carry over); the exact KL
+    would make the same beta ``1/|dt|`` (9-18x at 6-10 steps) stronger. ``dt`` is accepted for the
+    signature's sake and checked, but does not enter. Where a step is deterministic (std 0) the KL is 0.
+    GRPO's KL loss is ``kl_to_reference(...).mean()``.
     """
+    if sde_type not in SDE_TYPES:
+        raise ValueError(f"unknown sde_type {sde_type!r}; expected one of {SDE_TYPES}")
     if prev_sample_mean.shape != ref_prev_sample_mean.shape:
         raise ValueError("policy and reference means must share a shape")
     mean = prev_sample_mean.float()
-    var = step_variance(std_dev_t, dt, sde_type).to(mean.device)
-    var = var.reshape(var.shape[0], *([1] * (mean.ndim - 1)))
-    sq = (mean - ref_prev_sample_mean.float()) ** 2
-    safe_var = torch.where(var > 0, var, torch.ones_like(var))
-    per_elem = torch.where(var > 0, sq / (2.0 * safe_var), torch.zeros_like(sq))
-    return _mean_dims(per_elem)
+    batch = mean.shape[0]
+    _per_sample(dt, batch, mean.ndim, mean.device)  # one dt, or one per sample
+    sq = _mean_dims((mean - ref_prev_sample_mean.float()) ** 2)
+    if sde_type == "cps":
+        return sq
+    std = torch.as_tensor(std_dev_t, dtype=torch.float32, device=mean.device)
+    std = (std.expand(batch) if std.ndim == 0 else std.reshape(batch, -1)[:, 0]).float()
+    safe = torch.where(std > 0, std, torch.ones_like(std))
+    return torch.where(std > 0, sq / (2.0 * safe**2), torch.zeros_like(sq))

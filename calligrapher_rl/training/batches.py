@@ -41,8 +41,9 @@ class GroupSampler:
         m = self.prompts_per_process * self.num_processes
         chosen = rng.permutation(self.num_items)[:m] if m <= self.num_items else rng.integers(0, self.num_items, m)
         ids = np.repeat(chosen, self.group_size)
-        if self.num_processes > 1:  # spread groups over processes (a group may span several)
-            ids = ids[rng.permutation(len(ids))]
+        # spread groups over processes (a group may span several); shuffled for one process too, so that
+        # one process and several see the same global batch in the same order
+        ids = ids[rng.permutation(len(ids))]
         return ids.tolist()
 
     def batch(self, stream: int, k: int) -> list[int]:
@@ -110,6 +111,24 @@ def to_pil(images: torch.Tensor) -> list[Image.Image]:
 
 def mask_pil(mask: torch.Tensor) -> Image.Image:
     return Image.fromarray((mask[0].cpu().numpy() > 0.5).astype(np.uint8) * 255, mode="L")
+
+
+def fail_nonfinite_images(scores: dict[str, np.ndarray], finite) -> dict[str, np.ndarray]:
+    """A decoded image with a NaN/inf pixel is a failed sample: NaN in every reward, never the score of
+    the black picture `to_pil` makes of it. `finite` holds one bool per image."""
+    bad = ~np.asarray(finite, dtype=bool)
+    if not bad.any():
+        return scores
+    import logging
+
+    logging.getLogger("calligrapher_rl.training").warning("%d of %d decoded images are not finite: their rewards "
+                                                          "count as failed", int(bad.sum()), bad.size)
+    out = {}
+    for name, vals in scores.items():
+        v = np.array(vals, dtype=np.float64)
+        v[bad] = np.nan
+        out[name] = v
+    return out
 
 
 def reward_samples(batch: Batch, images: list[Image.Image]):

@@ -134,11 +134,13 @@ class _WithMaskedSource:
 
 
 def build_rewards(cfg: TrainConfig, siglip_path: str, device, rewards=None):
-    """The rewards of --rewards, or `rewards` (the Python API's list of names, Reward objects, callables)."""
+    """The rewards of --rewards, or `rewards` (the Python API's list of names, Reward objects, callables);
+    --reward_timeout_s bounds each server request (and each local reward call that makes one, e.g. VLM)."""
     from ..rewards import build_rewards as _build
 
     urls = [u.strip() for u in cfg.reward_server_url.split(",")] if cfg.reward_server_url else None
-    rewards = _build(cfg.rewards if rewards is None else rewards, siglip_path=siglip_path, server_urls=urls, device=str(device))
+    rewards = _build(cfg.rewards if rewards is None else rewards, siglip_path=siglip_path, server_urls=urls,
+                     device=str(device), timeout_s=cfg.reward_timeout_s)
     if urls:
         rewards.check_health()  # a server that is down stops the run now, not after the first rollout
     return rewards
@@ -157,9 +159,19 @@ def build_optimizer(cfg: TrainConfig, params):
                         weight_decay=cfg.adam_weight_decay, eps=cfg.adam_epsilon)
     from diffusers.optimization import get_scheduler
 
-    scheduler = get_scheduler(cfg.lr_scheduler, optimizer, num_warmup_steps=cfg.lr_warmup_steps,
+    # diffusers' "constant" ignores warmup steps; with warmup asked for, use its warmup variant
+    name = "constant_with_warmup" if cfg.lr_scheduler == "constant" and cfg.lr_warmup_steps > 0 else cfg.lr_scheduler
+    scheduler = get_scheduler(name, optimizer, num_warmup_steps=cfg.lr_warmup_steps,
                               num_training_steps=cfg.max_train_steps)
     return optimizer, scheduler
+
+
+def make_grad_scaler(accelerator, cfg: TrainConfig):
+    """fp16 needs loss scaling or small gradients underflow to 0: accelerate's GradScaler where it makes
+    one (CUDA), torch's on other devices. None for bf16/fp32, which need none."""
+    if cfg.mixed_precision != "fp16":
+        return None
+    return accelerator.scaler or torch.amp.GradScaler(accelerator.device.type)
 
 
 def resolved_siglip_path(cfg: TrainConfig) -> str:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import math
 import os
 import signal
 import time
@@ -28,6 +29,7 @@ from .batches import (
     WARMUP_STREAM,
     ConditionCache,
     GroupSampler,
+    fail_nonfinite_images,
     reward_samples,
     stream_seed,
     to_pil,
@@ -44,7 +46,7 @@ from .checkpointing import (
     save_checkpoint,
 )
 from .distributed import average_gradients, gather_rewards, mean_across, own_slice
-from .policies import Policies
+from .policies import Policies, WeightHealth
 from .progress import ProgressCallback, system_metrics
 from .run_dir import Interrupted, RunDir, StatusNotRecorded, claim_run_dir, ending, make_grid
 from .updates import StatsMeter, grpo_backward, nft_backward, warmup_backward
@@ -54,6 +56,11 @@ logger = logging.getLogger("calligrapher_rl.training")
 
 class RewardFailure(RuntimeError):
     pass
+
+
+class NonFiniteTraining(RuntimeError):
+    """--max_nonfinite_steps optimizer steps in a row had a non-finite loss or gradient norm."""
+
 
 
 class Trainer:
@@ -121,10 +128,14 @@ class Trainer:
         self.policies = Policies(self.stack.adapter, cfg.trainable, use_ema=cfg.use_ema, ema_decay=cfg.ema_decay,
                                  ema_update_interval=cfg.ema_update_interval)
         self.optimizer, self.scheduler = setup.build_optimizer(cfg, self.policies.params)
+        self.scaler = setup.make_grad_scaler(self.acc, cfg)  # fp16 only: dynamic loss scaling
         self.conditions = ConditionCache(self.stack, self.dataset, cfg.seed)
         self.sampler = GroupSampler(len(self.dataset), cfg.train_batch_size, cfg.rl_num_images_per_prompt if cfg.use_rl else 1,
                                     num_processes=self.acc.num_processes, rank=self.acc.process_index, seed=cfg.seed)
         self.tracker = PerPromptStatTracker(cfg.rl_global_std) if cfg.rl_per_prompt_stat_tracking else None
+        self.rl_steps = 0  # RL optimizer steps taken (warmup and skipped steps not counted): NFT's decay clock
+        self.skipped_nonfinite, self._nonfinite_streak, self._nonfinite_failure = 0, 0, None
+        self.health = WeightHealth()
         self._saved_step = self._evaluated_step = -1
         if self.is_main:
             from ..atomic import write_text
@@ -141,7 +152,7 @@ class Trainer:
             try:
                 self._maybe_resume()
                 if cfg.use_rl and self.step >= cfg.rl_warmup_steps and self.policies.reference is None:
-                    self.policies.begin_rl(with_old=cfg.rl_method == "nft")
+                    self._begin_rl()
                 self.run_dir.set_status("running", self.step, "")
                 self.callbacks.call("on_train_begin", self)
                 if cfg.eval_at_start and self.step == 0 and cfg.eval_steps:
@@ -152,6 +163,8 @@ class Trainer:
                         self.warmup_step()
                     else:
                         self.rl_epoch_step()
+                    if self._nonfinite_failure:
+                        raise NonFiniteTraining(self._nonfinite_failure)
                     self._after_steps(before)
                 final = "stopped" if self.step < cfg.max_train_steps else "finished"
                 if final == "finished" and cfg.eval_steps and self._evaluated_step != self.step:
@@ -159,6 +172,9 @@ class Trainer:
                 message = "stop requested" if final == "stopped" else "done"
             except RewardFailure as exc:  # paused for reward failures, then asked to stop: keep the work
                 final, message = "stopped", str(exc)
+            except NonFiniteTraining as exc:  # the skipped steps left the weights finite: keep them, say why
+                logger.error("%s", exc)
+                final, message = "failed", str(exc)
             self.save()
             if not self.run_dir.final_status(final, self.step, message):
                 raise StatusNotRecorded(f"the run ended {final}, but status.json could not say so")
@@ -204,14 +220,16 @@ class Trainer:
         cfg, t0 = self.cfg, time.time()
         self._phase("warmup")
         gen = torch.Generator().manual_seed(stream_seed(cfg.seed, WARMUP_STREAM, self.step, self.acc.process_index))
-        meter = StatsMeter()
+        meter, loss_ok = StatsMeter(), True
         for micro in range(cfg.gradient_accumulation_steps):
             k = self.step * cfg.gradient_accumulation_steps + micro
             batch = self.conditions.batch(self.sampler.batch(WARMUP_STREAM, k))
-            meter.add(warmup_backward(self.stack, batch, guidance=cfg.rl_guidance_scale, scale=cfg.ip_adapter_scale,
-                                      generator=gen, loss_scale=1.0 / cfg.gradient_accumulation_steps,
-                                      autocast=self.autocast))
-        stats = {**meter.means(), **self.optimizer_step()}
+            got = warmup_backward(self.stack, batch, guidance=cfg.rl_guidance_scale, scale=cfg.ip_adapter_scale,
+                                  generator=gen, loss_scale=1.0 / cfg.gradient_accumulation_steps,
+                                  autocast=self.autocast, backward=self._backward)
+            loss_ok &= math.isfinite(got["loss"])
+            meter.add(got)
+        stats = {**meter.means(), **self.optimizer_step(loss_ok)}
         stats["time/step_s"] = time.time() - t0
         self._log("warmup", mean_across(self.acc, stats))
 
@@ -220,19 +238,20 @@ class Trainer:
         turn rewards into advantages across all processes, then num_inner_epochs of updates."""
         cfg = self.cfg
         if self.policies.reference is None:
-            self.policies.begin_rl(with_old=cfg.rl_method == "nft")
+            self._begin_rl()
         t0 = time.time()
         self._phase("rollout")
-        batches, rollouts, futures = [], [], []
+        batches, rollouts, futures, finite = [], [], [], []
         for b in range(cfg.rl_num_batches_per_epoch):
             batch = self.conditions.batch(self.sampler.batch(RL_STREAM, self.rl_epoch * cfg.rl_num_batches_per_epoch + b))
             ro = self._rollout(batch, b)
-            images = to_pil(self.stack.decode(ro.final, batch.fill.height, batch.fill.width))
-            futures.append(self.rewards.score_async(reward_samples(batch, images)))
+            decoded = self.stack.decode(ro.final, batch.fill.height, batch.fill.width)
+            finite.append(torch.isfinite(decoded.float()).flatten(1).all(1).cpu().numpy())
+            futures.append(self.rewards.score_async(reward_samples(batch, to_pil(decoded))))
             batches.append(batch), rollouts.append(ro)
         t_rollout = time.time() - t0
         self._phase("scoring")
-        scores = [f.result() for f in futures]
+        scores = [fail_nonfinite_images(f.result(), ok) for f, ok in zip(futures, finite)]
         t_reward = time.time() - t0 - t_rollout
         stats = self._reward_stats(scores)
         advantages = self._advantages(batches, scores)
@@ -240,23 +259,34 @@ class Trainer:
         t1 = time.time()
         self._phase("update")
         meter, steps_done = StatsMeter(), 0
-        n_batches = len(batches)
-        for inner in range(cfg.rl_num_inner_epochs):
+        n_batches, ga = len(batches), cfg.gradient_accumulation_steps
+        if stats["reward/failed"] >= 1.0:  # no finite reward (e.g. resumed after a pause): nothing to learn from
+            self._count_nonfinite("no finite reward in the epoch")
+        for inner in range(cfg.rl_num_inner_epochs if stats["reward/failed"] < 1.0 else 0):
+            loss_ok = True
             for b, (batch, ro, adv) in enumerate(zip(batches, rollouts, advantages)):
-                meter.add(self._update(batch, ro, adv, inner, b))
-                if (b + 1) % cfg.gradient_accumulation_steps == 0 or b == n_batches - 1:
-                    meter.add(self.optimizer_step())
-                    steps_done += 1
+                group = min(ga, n_batches - b // ga * ga)  # the real size of b's accumulation group (the last may be short)
+                got = self._update(batch, ro, adv, inner, b, group)
+                loss_ok &= math.isfinite(got.get("loss", 0.0))
+                meter.add(got)
+                if (b + 1) % ga == 0 or b == n_batches - 1:
+                    done = self.optimizer_step(loss_ok)
+                    meter.add(done)
+                    steps_done += int(done["train/skipped"] == 0)
+                    loss_ok = True
                     if self.step >= cfg.max_train_steps:  # the budget ends mid-epoch: stop exactly there
                         break
             if self.step >= cfg.max_train_steps:
                 break
-        if cfg.rl_method == "nft":
-            self.policies.update_old(old_decay(self.step, cfg.nft_decay_type))
+        if cfg.rl_method == "nft":  # eta from the RL optimizer steps taken so far (DiffusionNFT's global_step)
+            stats["nft/old_decay"] = old_decay(self.rl_steps, cfg.nft_decay_type)
+            self.policies.update_old(stats["nft/old_decay"])
         self.rl_epoch += 1
         if self.tracker is not None:
             self.tracker.clear()
         stats.update(meter.means())
+        stats.pop("train/skipped", None)
+        stats["train/skipped_nonfinite"] = float(self.skipped_nonfinite)  # the total, not the epoch's mean
         stats.update({"time/rollout_s": t_rollout, "time/reward_s": t_reward, "time/update_s": time.time() - t1,
                       "rl/epoch": self.rl_epoch, "rl/optimizer_steps": steps_done})
         self._log("rl", mean_across(self.acc, stats))
@@ -289,10 +319,21 @@ class Trainer:
         self._stop = True
 
     # ================================================================== pieces
+    def _begin_rl(self) -> None:
+        """Snapshot the reference (and NFT's old) policy. After a supervised warmup, AdamW's moments start
+        afresh: supervised gradients are far larger than policy gradients, and their second moment
+        (beta2 0.999) would otherwise shrink every RL step for thousands of steps."""
+        self.policies.begin_rl(with_old=self.cfg.rl_method == "nft")
+        if self.step > 0:
+            self.optimizer.state.clear()
+            logger.info("RL begins at step %d: optimizer moments reset", self.step)
     def _rollout(self, batch, b: int):
         cfg = self.cfg
-        seed = stream_seed(cfg.seed, RL_STREAM, self.rl_epoch, b, self.acc.process_index)
-        gen = torch.Generator().manual_seed(seed)
+        # one generator per sample, keyed by its place in the global batch: a sample's noise does not depend
+        # on how the batch is split over processes (one process = several, to float tolerance)
+        first = self.acc.process_index * self.sampler.images_per_process
+        gen = [torch.Generator().manual_seed(stream_seed(cfg.seed, RL_STREAM, self.rl_epoch, b, first + i))
+               for i in range(len(batch.indices))]
         window = None
         if cfg.rl_sde_window_size:
             lo, hi = cfg.sde_window()
@@ -324,9 +365,13 @@ class Trainer:
                "check the reward servers, then resume (control/resume) or stop")
         logger.error(msg)
         self.run_dir.set_status("paused", self.step, msg)
-        while not self.run_dir.consume_resume():
-            if self._stop_requested():
+        while True:
+            stop, resume = self._control(resume=True)
+            if stop:
+                self._stop = True
                 raise RewardFailure(msg)
+            if resume:
+                break
             time.sleep(1.0)
         self.run_dir.set_status("running", self.step, "resumed after reward failures")
 
@@ -341,31 +386,83 @@ class Trainer:
         return [torch.as_tensor(adv[b * per:(b + 1) * per], dtype=torch.float32, device=self.acc.device)
                 for b in range(len(batches))]
 
-    def _update(self, batch, ro, adv, inner: int, b: int) -> dict[str, float]:
+    def _update(self, batch, ro, adv, inner: int, b: int, group: int) -> dict[str, float]:
+        """Forward + backward of batch b, its loss divided by the steps it trains and by `group`, the
+        number of batches accumulated into its optimizer step."""
         cfg = self.cfg
         common = dict(policies=self.policies, guidance=cfg.rl_guidance_scale, scale=cfg.ip_adapter_scale,
-                      kl_beta=cfg.rl_kl_beta, adv_clip_max=cfg.rl_adv_clip_max, autocast=self.autocast)
+                      kl_beta=cfg.rl_kl_beta, adv_clip_max=cfg.rl_adv_clip_max, autocast=self.autocast,
+                      backward=self._backward)
         if cfg.rl_method == "grpo":
             steps = ro.sde_steps if cfg.rl_sde_window_size else ro.sde_steps[:cfg.num_trained_timesteps()]
-            scale = 1.0 / (len(steps) * cfg.gradient_accumulation_steps)
+            scale = 1.0 / (len(steps) * group)
             return grpo_backward(self.stack, batch, ro, adv, steps, noise_level=cfg.rl_noise_level,
                                  sde_type=cfg.rl_sde_type, clip_range=cfg.rl_grpo_clip_range, loss_scale=scale, **common)
         gen = torch.Generator().manual_seed(stream_seed(cfg.seed, RL_STREAM, self.rl_epoch, b, inner, 7,
                                                         self.acc.process_index))
         n = cfg.num_trained_timesteps()
         return nft_backward(self.stack, batch, ro, adv, n, beta=cfg.nft_beta, adv_mode=cfg.nft_adv_mode, generator=gen,
-                            loss_scale=1.0 / (n * cfg.gradient_accumulation_steps), **common)
+                            loss_scale=1.0 / (n * group), **common)
 
-    def optimizer_step(self) -> dict[str, float]:
+    def _backward(self, loss: torch.Tensor) -> None:
+        if not loss.requires_grad:  # nothing trainable reached the loss (e.g. --ip_adapter_scale 0): zero gradient
+            return
+        (self.scaler.scale(loss) if self.scaler is not None else loss).backward()
+
+    def optimizer_step(self, loss_ok: bool = True) -> dict[str, float]:
+        """Average, unscale (fp16), clip and apply the gradients. A non-finite loss or gradient norm on
+        any process skips the step on every process (no update, no EMA step), counted and logged."""
         params = self.policies.params
         average_gradients(params, self.acc)
+        if self.scaler is not None:
+            for p in params:  # the scaler records its inf check per gradient: give it one even if nothing flowed
+                p.grad = torch.zeros_like(p) if p.grad is None else p.grad
+            self.scaler.unscale_(self.optimizer)
         grad_norm = torch.nn.utils.clip_grad_norm_(params, self.cfg.max_grad_norm)
-        self.optimizer.step()
-        self.scheduler.step()
+        ok = self._all_agree(loss_ok and bool(torch.isfinite(grad_norm)))
+        if ok:
+            if self.scaler is not None:
+                self.scaler.step(self.optimizer)
+            else:
+                self.optimizer.step()
+            self.scheduler.step()
+        if self.scaler is not None:
+            self.scaler.update()  # an overflow lowers the loss scale
         self.optimizer.zero_grad(set_to_none=True)
-        self.policies.ema_step(self.step)
+        in_rl = self.cfg.use_rl and self.step >= self.cfg.rl_warmup_steps
         self.step += 1
-        return {"grad_norm": float(grad_norm), "lr": float(self.scheduler.get_last_lr()[0])}
+        if ok:
+            self.rl_steps += int(in_rl)
+            self.policies.ema_step(self.step)  # the post-increment step, as Flow-GRPO
+            self._nonfinite_streak = 0
+        elif not loss_ok or self.scaler is None:  # an fp16 overflow alone is the scaler's business
+            self._count_nonfinite(f"non-finite {'loss' if not loss_ok else 'gradient norm'}")
+        else:
+            self.skipped_nonfinite += 1
+        stats = {"grad_norm": float(grad_norm), "lr": float(self.scheduler.get_last_lr()[0]), "train/skipped": float(not ok),
+                 "train/skipped_nonfinite": float(self.skipped_nonfinite),  # in all, this run
+                 "train/weight_norm": self.health.check(self.policies.params, ok, float(grad_norm))}
+        if self.scaler is not None:
+            stats["train/loss_scale"] = float(self.scaler.get_scale())
+        return stats
+
+    def _count_nonfinite(self, cause: str) -> None:
+        """One more skipped update; --max_nonfinite_steps in a row end the run once this step or epoch is
+        logged (the counts are the same on every process, so all of them end together)."""
+        self.skipped_nonfinite += 1
+        self._nonfinite_streak += 1
+        logger.warning("step %d skipped: %s (%d in a row, limit %d)", self.step, cause, self._nonfinite_streak,
+                       self.cfg.max_nonfinite_steps)
+        if self._nonfinite_streak >= self.cfg.max_nonfinite_steps and self._nonfinite_failure is None:
+            self._nonfinite_failure = (f"{cause} in {self._nonfinite_streak} updates in a row (--max_nonfinite_steps "
+                                       f"{self.cfg.max_nonfinite_steps}); the last finite weights are saved")
+
+    def _all_agree(self, ok: bool) -> bool:
+        """True on every process only if it is true on every process."""
+        if self.acc.num_processes == 1:
+            return ok
+        bad = self.acc.reduce(torch.tensor([0.0 if ok else 1.0], device=self.acc.device), reduction="sum")
+        return bool(bad.item() == 0)
 
     # ================================================================== evaluation
     @torch.no_grad()
@@ -380,8 +477,10 @@ class Trainer:
         with self.policies.evaluation_weights(), self.autocast():
             ro = rollout(self.stack, batch.fill, batch.text, batch.image_embeds, num_steps=cfg.rl_eval_num_inference_steps,
                          guidance=cfg.rl_guidance_scale, generator=gen, scale=cfg.ip_adapter_scale)
-        images = to_pil(self.stack.decode(ro.final, batch.fill.height, batch.fill.width))
-        scores = self.rewards.score(reward_samples(batch, images))
+        decoded = self.stack.decode(ro.final, batch.fill.height, batch.fill.width)
+        images = to_pil(decoded)
+        scores = fail_nonfinite_images(self.rewards.score(reward_samples(batch, images)),
+                                       torch.isfinite(decoded.float()).flatten(1).all(1).cpu().numpy())
         stats = {("eval/reward/mean" if k == "total" else f"eval/reward/{k}"): float(np.nanmean(v)) if np.isfinite(v).any()
                  else float("nan") for k, v in scores.items()}
         phase = "rl" if cfg.use_rl and self.step >= cfg.rl_warmup_steps else "warmup"
@@ -399,7 +498,10 @@ class Trainer:
         self._phase("saving")
         p = self.policies
         state = {"rl_epoch": self.rl_epoch, "ema_updates": p.ema.num_updates if p.ema else 0,
-                 "tracker": self.tracker.state_dict() if self.tracker else None, "config": identity(self.cfg)}
+                 "tracker": self.tracker.state_dict() if self.tracker else None, "rl_steps": self.rl_steps,
+                 "skipped_nonfinite": self.skipped_nonfinite,
+                 "grad_scaler": self.scaler.state_dict() if self.scaler is not None else None,
+                 "config": identity(self.cfg)}
         path = save_checkpoint(self.cfg.output_dir, self.step, adapter=self.stack.adapter.state_dict(), ema=p.ema_state(),
                                old=p.old, ref=p.reference, optimizer=self.optimizer, scheduler=self.scheduler,
                                state=state, total_limit=self.cfg.checkpoints_total_limit)
@@ -430,17 +532,29 @@ class Trainer:
             raise UserError(f"could not be restored ({type(exc).__name__}: {str(exc).splitlines()[0][:200]})",
                             where=path, field="--resume_from_checkpoint") from None
         self.step, self.rl_epoch = int(ck["state"]["step"]), int(ck["state"]["rl_epoch"])
+        # older checkpoints lack the RL step count: every step past the warmup was an RL step then
+        default_rl = max(0, self.step - self.cfg.rl_warmup_steps) if self.cfg.use_rl else 0
+        self.rl_steps = int(ck["state"].get("rl_steps", default_rl))
+        self.skipped_nonfinite = int(ck["state"].get("skipped_nonfinite", 0))
+        if self.scaler is not None and ck["state"].get("grad_scaler"):
+            self.scaler.load_state_dict(ck["state"]["grad_scaler"])
         self._saved_step = self.step
         dropped = self.run_dir.truncate_metrics(self.step)
         logger.info("resumed from %s at step %d%s", path, self.step,
                     f"; dropped {dropped} metric rows logged after it (they are redone)" if dropped else "")
 
+    def _control(self, resume: bool = False) -> tuple[bool, bool]:
+        """(stop, resume) requests. Only the main process reads (and consumes) control/stop and
+        control/resume; one collective gives every process the same answer, so all stay in step."""
+        stop = self._stop or (self.is_main and self.run_dir.stop_requested())
+        res = resume and self.is_main and not stop and self.run_dir.consume_resume()
+        if self.acc.num_processes > 1:  # a signal on any process stops all of them
+            flags = self.acc.reduce(torch.tensor([float(stop), float(res)], device=self.acc.device), reduction="sum")
+            stop, res = bool(flags[0].item() > 0), bool(flags[1].item() > 0)
+        return stop, res
+
     def _stop_requested(self) -> bool:
-        if not self._stop and self.run_dir.is_main and self.run_dir.stop_requested():
-            self._stop = True
-        if self.acc.num_processes > 1:  # every process must leave the loop at the same step
-            flag = torch.tensor([1.0 if self._stop else 0.0], device=self.acc.device)
-            self._stop = bool(self.acc.reduce(flag, reduction="sum").item() > 0)
+        self._stop = self._control()[0]  # every process must leave the loop at the same step
         if self._stop:
             self.run_dir.set_status("stopping", self.step, "saving a checkpoint")
         return self._stop

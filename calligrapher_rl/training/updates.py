@@ -9,7 +9,6 @@ from __future__ import annotations
 
 from collections import defaultdict
 
-import numpy as np
 import torch
 
 from ..rl.grpo import grpo_loss
@@ -20,14 +19,15 @@ from .batches import Batch
 
 
 class StatsMeter:
-    """Averages float stats over micro-steps."""
+    """Averages float stats over micro-steps. A non-finite value is kept (the mean becomes NaN/inf):
+    a NaN loss must show in the metrics, never vanish from them."""
 
     def __init__(self):
         self.sums, self.counts = defaultdict(float), defaultdict(int)
 
     def add(self, stats: dict[str, float], prefix: str = "") -> None:
         for k, v in stats.items():
-            if v is not None and np.isfinite(v):
+            if v is not None:
                 self.sums[prefix + k] += float(v)
                 self.counts[prefix + k] += 1
 
@@ -35,8 +35,12 @@ class StatsMeter:
         return {k: self.sums[k] / self.counts[k] for k in self.sums}
 
 
+def _plain_backward(loss: torch.Tensor) -> None:
+    loss.backward()
+
+
 def warmup_backward(stack, batch: Batch, *, guidance: float, scale: float, generator: torch.Generator,
-                    loss_scale: float, autocast) -> dict[str, float]:
+                    loss_scale: float, autocast, backward=_plain_backward) -> dict[str, float]:
     """Supervised flow matching on the ground truth: target = the source WITH its text, input = the
     masked source (in the fill condition), style = the reference; latents carry the VAE shift."""
     x0 = stack.encode_images(batch.sources(), generator=generator).float()
@@ -52,13 +56,14 @@ def warmup_backward(stack, batch: Batch, *, guidance: float, scale: float, gener
     # The release's bench sources show other text than the label: no supervised target there.
     keep = torch.tensor([bool(it.get("source_shows_text", True)) for it in batch.items], device=per_sample.device)
     loss = per_sample[keep].mean() if keep.any() else per_sample.sum() * 0
-    (loss * loss_scale).backward()
+    backward(loss * loss_scale)
     return {"loss": float(loss.detach()), "warmup/supervised_fraction": float(keep.float().mean())}
 
 
 def grpo_backward(stack, batch: Batch, ro: Rollout, advantages: torch.Tensor, steps: list[int], *, policies,
                   guidance: float, scale: float, noise_level: float, sde_type: str, clip_range: float,
-                  adv_clip_max: float, kl_beta: float, loss_scale: float, autocast) -> dict[str, float]:
+                  adv_clip_max: float, kl_beta: float, loss_scale: float, autocast,
+                  backward=_plain_backward) -> dict[str, float]:
     """PPO-clip over the trained transitions x_j -> x_{j+1}, each a micro-batch, plus the KL to the
     reference policy computed from the two policies' step means."""
     meter = StatsMeter()
@@ -81,7 +86,7 @@ def grpo_backward(stack, batch: Batch, ro: Rollout, advantages: torch.Tensor, st
             kl = kl[valid].mean() if valid.any() else kl.sum() * 0
             loss = loss + kl_beta * kl
             stats["kl"] = float(kl.detach())
-        (loss * loss_scale).backward()
+        backward(loss * loss_scale)
         stats["loss"] = float(loss.detach())
         meter.add(stats)
     return meter.means()
@@ -89,15 +94,18 @@ def grpo_backward(stack, batch: Batch, ro: Rollout, advantages: torch.Tensor, st
 
 def nft_backward(stack, batch: Batch, ro: Rollout, advantages: torch.Tensor, num_timesteps: int, *, policies,
                  guidance: float, scale: float, beta: float, kl_beta: float, adv_mode: str, adv_clip_max: float,
-                 generator: torch.Generator, loss_scale: float, autocast) -> dict[str, float]:
-    """Negative-aware fine-tuning on the clean rollouts x0: at fresh noise and random schedule
-    timesteps, the implicit positive/negative policies are regressed onto x0, weighted by r."""
+                 generator: torch.Generator, loss_scale: float, autocast, backward=_plain_backward) -> dict[str, float]:
+    """Negative-aware fine-tuning on the clean rollouts x0: at fresh noise and schedule timesteps, the
+    implicit positive/negative policies are regressed onto x0, weighted by r. Each sample trains the
+    first `num_timesteps` of its own random permutation of the schedule's timesteps (DiffusionNFT):
+    distinct timesteps, never one twice."""
     meter = StatsMeter()
     x0 = ro.final.float()
     b = x0.shape[0]
     sigmas = ro.sigmas[:-1]  # the schedule's noisy levels (all > 0)
-    for _ in range(num_timesteps):
-        t = sigmas[torch.randint(0, len(sigmas), (b,), generator=generator)].to(x0.device)
+    order = torch.argsort(torch.rand(b, len(sigmas), generator=generator), dim=1)  # a permutation per sample
+    for i in range(num_timesteps):
+        t = sigmas[order[:, i]].to(x0.device)
         eps = torch.randn(x0.shape, generator=generator).to(x0.device)
         tt = t.view(b, 1, 1)
         x_t = (1 - tt) * x0 + tt * eps
@@ -112,6 +120,6 @@ def nft_backward(stack, batch: Batch, ro: Rollout, advantages: torch.Tensor, num
                                        params=policies.reference)
         loss, stats = nft_loss(v_theta, v_old, v_ref, x_t, x0, t, advantages, beta, kl_beta, adv_mode=adv_mode,
                                adv_clip_max=adv_clip_max)
-        (loss * loss_scale).backward()
+        backward(loss * loss_scale)
         meter.add(stats)
     return meter.means()
