@@ -1,7 +1,7 @@
 """Signals against a run stuck on a reward server, and while it loads.
 
-The first SIGTERM/SIGINT finishes the current step (its reward call ends at the call's timeout, here
-when the test lets the hung server answer), saves and stops; a second one exits at once without saving.
+The first SIGTERM/SIGINT finishes the current step (its hung reward call ends at --reward_timeout_s),
+saves and stops; a second one exits at once without saving and without waiting for the call.
 Either way status.json ends `stopped`, never `running` with a dead pid."""
 
 from __future__ import annotations
@@ -22,16 +22,18 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 class HungServer:
-    """Healthy at start; /score (or /health with hang_health) blocks until released, then every score
-    is 1e308: a broken scorer whose numbers look finite."""
+    """Healthy at start. hang="score": every /score blocks until released; "first": only the first one
+    does, the others (the client's retries included) answer at once; "health": /health blocks. Every
+    answered score is 1e308: a broken scorer whose numbers look finite."""
 
-    def __init__(self, hang_health: bool = False):
+    def __init__(self, hang: str = "score"):
         self.entered, self.release = threading.Event(), threading.Event()
+        self.calls = 0
         app = FastAPI()
 
         @app.get("/health")
         def health():
-            if hang_health:
+            if hang == "health":
                 self.entered.set()
                 self.release.wait(120)
             return {"status": "ok", "rewards": ["fidelity"]}
@@ -39,9 +41,11 @@ class HungServer:
         @app.post("/score")
         async def score(request: Request):
             n = len((await request.json())["samples"])
-            self.entered.set()
-            while not self.release.is_set():  # async: the server keeps answering while this one hangs
-                await _sleep(0.05)
+            self.calls += 1
+            if hang == "score" or (hang == "first" and self.calls == 1):
+                self.entered.set()
+                while not self.release.is_set():  # async: the server keeps answering while this one hangs
+                    await _sleep(0.05)
             return {"scores": {"fidelity": [1e308] * n}}
 
         self.served = Served(app)
@@ -58,12 +62,12 @@ async def _sleep(s):
     await asyncio.sleep(s)
 
 
-def _start(out, url):
+def _start(out, url, *extra):
     return subprocess.Popen(
         [sys.executable, "-m", "calligrapher_rl.train", "--preset", "tiny-grpo", "--output_dir", str(out),
          "--resolution", "32", "--rl_num_inference_steps", "4", "--num_style_tokens", "8", "--eval_steps", "0",
          "--rl_warmup_steps", "1", "--max_train_steps", "1000", "--checkpointing_steps", "1000",
-         "--rewards", "fidelity", "--reward_server_url", url],
+         "--rewards", "fidelity", "--reward_server_url", url, *extra],
         cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
 
 
@@ -80,20 +84,23 @@ def _state(out):
 
 
 def test_hung_reward_first_signal_stops_after_the_step_and_failed_scores_pause(tmp_path):
-    server, out = HungServer(), tmp_path / "run"
-    proc = _start(out, server.url)
+    """The first reward call never returns: it is cut at --reward_timeout_s, retried, and the retries get
+    1e308 for every sample. Those count as failed, so the epoch pauses instead of training on them, and
+    the pending stop request ends the run with a checkpoint."""
+    server, out = HungServer(hang="first"), tmp_path / "run"
+    proc = _start(out, server.url, "--reward_timeout_s", "1")
     try:
         _wait(server.entered.is_set, "the first reward call", proc)
         proc.send_signal(signal.SIGTERM)
         _wait(lambda: _state(out) == "stopping", "status stopping", proc)
         assert "signal 15: stopping after the current step" in read_status(str(out))["message"]
-        server.release.set()  # the reward call ends (as at its timeout): every score 1e308
-        _, err = proc.communicate(timeout=120)
+        _, err = proc.communicate(timeout=120)  # the hung call is never released: its timeout ends it
         assert proc.returncode == 0, err[-2000:]
         status = read_status(str(out))
         assert status["state"] == "stopped" and "100% of rewards failed" in status["message"]  # 1e308 = failed
         assert (out / f"checkpoint-{status['step']}" / "ip-adapter.safetensors").exists()
         assert not [r for r in read_metrics(str(out)) if r["phase"] == "rl"]  # nothing trained on them
+        assert server.calls > 1 and not server.release.is_set()
     finally:
         if proc.poll() is None:
             proc.kill()
@@ -124,7 +131,7 @@ def test_hung_reward_second_signal_exits_at_once_with_a_final_status(tmp_path):
 
 
 def test_sigterm_while_loading_ends_at_once_with_status_stopped(tmp_path):
-    server, out = HungServer(hang_health=True), tmp_path / "run"  # the health check is part of loading
+    server, out = HungServer(hang="health"), tmp_path / "run"  # the health check is part of loading
     proc = _start(out, server.url)
     try:
         _wait(lambda: server.entered.is_set() and _state(out) == "starting", "loading", proc)
