@@ -104,6 +104,8 @@ class TrainConfig:
     checkpointing_steps: int = _OUT(500, "save checkpoint-{step}/ every N optimizer steps")
     checkpoints_total_limit: int | None = _OUT(None, "keep only the newest N checkpoints; none = keep all")
     resume_from_checkpoint: str | None = _OUT(None, "'latest' (newest checkpoint in --output_dir) or a checkpoint folder")
+    overwrite_output_dir: bool = _OUT(False, "start a new run in a non-empty --output_dir, deleting the earlier run's "
+                                             "metrics, logs, samples and checkpoints (without it such a start is refused)")
     seed: int = _OUT(42, "random seed of data order, rollout noise and initialisation")
     preset: str | None = _OUT(None, "preset name (presets/NAME.toml) or a .toml/.json file; typed flags override it")
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import base64
 import io
+import json
 import math
 import os
 import socket
@@ -266,3 +267,205 @@ def test_server_command_serves_and_rejects_bad_flags(tmp_path):
     finally:
         proc.terminate()
         proc.wait(timeout=10)
+
+
+# ---------------------------------------------------------------- hostile clients and broken servers
+
+def _b64png(im: Image.Image) -> str:
+    buf = io.BytesIO()
+    im.save(buf, format="PNG")
+    return base64.b64encode(buf.getvalue()).decode()
+
+
+def _bomb_header(width: int, height: int) -> str:
+    """A PNG whose header declares width x height; its few bytes of data decompress to nothing useful."""
+    import struct
+    import zlib
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    raw = b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0))
+    raw += chunk(b"IDAT", zlib.compress(b"\x00" * 1024)) + chunk(b"IEND", b"")
+    return base64.b64encode(raw).decode()
+
+
+class Counted:
+    """ASGI wrapper counting POST /score requests (to see whether a client retried)."""
+
+    def __init__(self, app):
+        self.app, self.posts = app, 0
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] == "http" and scope["path"] == "/score":
+            self.posts += 1
+        await self.app(scope, receive, send)
+
+
+def test_pixel_caps_deep_json_and_bombs_are_4xx_with_one_line_and_not_retried(local):
+    counted = Counted(create_app({"brightness": local["brightness"]}, max_request_bytes=16 << 20))
+    srv = Served(counted)
+    try:
+        small = Image.new("L", (8, 8), 255)
+        big = Image.new("L", (8000, 8000))  # 64 Mpx of zeros: a 60 KB PNG that decodes to 192 MB of RGB
+        r = httpx.post(f"{srv.url}/score", json={"samples": [{"image": _b64png(big), "mask": _b64png(big),
+                                                              "text": "x"}]}, timeout=60)
+        assert r.status_code == 413 and "8000x8000" in r.json()["detail"] and "\n" not in r.json()["detail"]
+        bomb = {"samples": [{"image": _bomb_header(30000, 30000), "mask": _b64png(small), "text": "x"}]}
+        r = httpx.post(f"{srv.url}/score", json=bomb)  # beyond PIL's own bomb limit: refused from the header
+        assert r.status_code == 413 and "pixels" in r.json()["detail"]
+        many = {"samples": [{"image": _b64png(Image.new("RGB", (4000, 4000))), "mask": _b64png(Image.new("L", (4000, 4000))),
+                             "text": "x"}] * 3}  # each image under the cap, the request over it
+        r = httpx.post(f"{srv.url}/score", json=many, timeout=60)
+        assert r.status_code == 413 and "request's images" in r.json()["detail"]
+        deep = httpx.post(f"{srv.url}/score", content=b"[" * 50_000 + b"]" * 50_000)
+        assert deep.status_code == 422 and deep.json()["detail"] == "body: JSON nested too deeply"
+        assert httpx.get(f"{srv.url}/health").status_code == 200
+
+        before = counted.posts  # the client: a 4xx is the request's fault, asked once, then NaN
+        counted_tight = Counted(create_app({"brightness": local["brightness"]}, max_image_pixels=100))
+        srv2 = Served(counted_tight)
+        try:
+            t0 = time.time()
+            out = RemoteRewards([srv2.url], ["brightness"], retries=3, backoff_s=2).score(samples(1))
+            assert np.isnan(out["brightness"]).all() and counted_tight.posts == 1 and time.time() - t0 < 2
+        finally:
+            srv2.stop()
+        assert counted.posts == before
+    finally:
+        srv.stop()
+
+
+def test_health_answers_within_100_ms_while_big_requests_decode():
+    """Three clients keep posting 6 images of 1400x1400 each; /health stays fast because parsing and
+    decoding run in worker threads. The server is a separate process, as in use (no shared GIL with the
+    load generator)."""
+    size = 1400
+    a = (np.add.outer(np.arange(size), np.arange(size)) % 251).astype(np.uint8)
+    a = np.stack([a, a.T, a // 2], -1)
+    a[::7] = np.random.default_rng(0).integers(0, 255, a[::7].shape, dtype=np.uint8)
+    buf = io.BytesIO()
+    Image.fromarray(a).save(buf, format="PNG", compress_level=1)
+    sample = {"image": base64.b64encode(buf.getvalue()).decode(), "mask": _b64png(Image.new("L", (size, size), 255)),
+              "text": "x"}
+    raw = json.dumps({"rewards": ["brightness"], "samples": [sample] * 6}).encode()
+    proc, url = _server_process("brightness")
+    stop, errors, latencies = threading.Event(), [], []
+
+    def load():
+        with httpx.Client(timeout=120) as c:
+            while not stop.is_set():
+                r = c.post(f"{url}/score", content=raw, headers={"content-type": "application/json"})
+                if r.status_code != 200:
+                    errors.append(r.text)
+
+    threads = [threading.Thread(target=load, daemon=True) for _ in range(3)]
+    try:
+        for t in threads:
+            t.start()
+        with httpx.Client(timeout=30) as c:
+            while len(latencies) < 60:
+                t0 = time.perf_counter()
+                assert c.get(f"{url}/health").status_code == 200
+                latencies.append(time.perf_counter() - t0)
+                time.sleep(0.03)
+    finally:
+        stop.set()
+        for t in threads:
+            t.join(timeout=120)
+        proc.terminate()
+        proc.wait(timeout=10)
+    assert not errors, errors[:1]
+    latencies.sort()
+    assert latencies[len(latencies) // 2] < 0.1 and latencies[int(0.9 * len(latencies))] < 0.25, latencies
+
+
+def _server_process(rewards: str, *extra, nofile: int | None = None):
+    root = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "PYTHONPATH": str(root) + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    url = dead_url()
+
+    def limit():
+        if nofile:
+            import resource
+
+            resource.setrlimit(resource.RLIMIT_NOFILE, (nofile, nofile))
+
+    proc = subprocess.Popen([sys.executable, "-m", "calligrapher_rl.rewards.server", "--port", url.rsplit(":", 1)[1],
+                             "--rewards", rewards, "--log_level", "critical", *extra], cwd=root, env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, preexec_fn=limit)
+    deadline = time.time() + 60
+    while True:
+        try:
+            httpx.get(f"{url}/health", timeout=2)
+            return proc, url
+        except httpx.HTTPError:
+            assert proc.poll() is None and time.time() < deadline, "the reward server did not start"
+            time.sleep(0.1)
+
+
+def test_server_survives_1030_slow_loris_connections_under_a_1024_file_limit():
+    """1,030 connections that never finish their headers, against a server allowed 1,024 open files: it
+    evicts the oldest header-less connections (so /health is answered during the flood), closes every
+    one of them at the header deadline (10 s by default), and answers at once afterwards."""
+    import resource
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft < 1200:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (min(hard, 4096), hard))
+        except (ValueError, OSError):
+            pytest.skip(f"this test process may open only {soft} files; the flood needs 1,030")
+    proc, url = _server_process("brightness", nofile=1024)
+    port = int(url.rsplit(":", 1)[1])
+    flood = []
+    try:
+        for _ in range(1030):
+            s = socket.create_connection(("127.0.0.1", port), timeout=10)
+            s.sendall(b"GET /health HTTP/1.1\r\nHost: x\r\n")  # ...and never the blank line that ends the headers
+            flood.append(s)
+        assert httpx.get(f"{url}/health", timeout=10).status_code == 200  # during the flood
+        for s in flood:
+            s.setblocking(False)
+        deadline = time.time() + 40
+        while True:
+            open_ = 0
+            for s in flood:
+                try:
+                    open_ += s.recv(1) != b""
+                except BlockingIOError:
+                    open_ += 1
+                except OSError:
+                    pass
+            if not open_:
+                break
+            assert time.time() < deadline, f"{open_} slow connections still open"
+            time.sleep(0.5)
+        t0 = time.perf_counter()
+        assert httpx.get(f"{url}/health", timeout=10).status_code == 200
+        assert time.perf_counter() - t0 < 1.0
+        assert proc.poll() is None
+    finally:
+        for s in flood:
+            s.close()
+        proc.terminate()
+        proc.wait(timeout=10)
+
+
+def test_non_finite_and_out_of_range_scores_count_as_failed(caplog):
+    app = FastAPI()
+
+    @app.post("/score")
+    def score():  # what a broken scorer sends: Python's json reads Infinity and 1e400 as inf
+        return PlainTextResponse('{"scores": {"ocr": [1e308, Infinity, -1e7, null, 0.5, 1e400, -0.25]}}')
+
+    srv = Served(app)
+    try:
+        out = RemoteRewards([srv.url], ["ocr"], retries=0).score(samples(7))["ocr"]
+        assert np.isnan(out[:4]).all() and out[4] == 0.5 and np.isnan(out[5]) and out[6] == -0.25
+        assert "4 score(s) non-finite or beyond" in caplog.text
+    finally:
+        srv.stop()
+    with build_rewards("fidelity") as rs:  # a local per-sample reward is held to the same range
+        rs.rewards["fidelity"].score_one = lambda s: 1e308
+        assert np.isnan(rs.score(samples(2))["total"]).all()

@@ -22,6 +22,9 @@ from ..images import binarize_mask, mask_bbox, pad_to_square
 logger = logging.getLogger("calligrapher_rl.rewards")
 
 NAN = float("nan")
+# A reward beyond this magnitude is a broken scorer, not a signal: |r| = 1e308 overflows every statistic
+# (the mean, the std, the advantages) while still looking finite. It counts as failed (NaN), like inf.
+REWARD_ABS_LIMIT = 1e6
 
 
 class RewardError(UserError):
@@ -58,6 +61,28 @@ class Reward:
         pass
 
 
+def sanitize_scores(values, name: str) -> list[float]:
+    """Scores as floats, with every non-finite or out-of-range (|r| > REWARD_ABS_LIMIT) one made NaN, i.e.
+    failed: counted by the trainer's failure statistics and its pause, never used in an update. Logged."""
+    out, bad = [], []
+    for i, v in enumerate(values):
+        try:
+            f = float(v) if v is not None else NAN
+        except (TypeError, ValueError, OverflowError):  # float(10**400) overflows
+            f = math.inf
+        if math.isfinite(f) and abs(f) <= REWARD_ABS_LIMIT:
+            out.append(f)
+            continue
+        if not math.isnan(f):
+            bad.append((i, v))
+        out.append(NAN)
+    if bad:
+        i, v = bad[0]
+        logger.warning("reward %s: %d score(s) non-finite or beyond +-%g counted as failed (e.g. sample %d: %r)",
+                       name, len(bad), REWARD_ABS_LIMIT, i, v)
+    return out
+
+
 class PerSampleReward(Reward):
     """A reward computed one sample at a time; an exception on one sample makes only that one NaN.
 
@@ -75,7 +100,7 @@ class PerSampleReward(Reward):
             except Exception as exc:  # noqa: BLE001 - any per-sample failure becomes NaN, logged
                 logger.warning("reward %s: sample %d failed: %s: %s", self.name, i, type(exc).__name__, exc)
                 out.append(NAN)
-        return out
+        return sanitize_scores(out, self.name)
 
 
 def region_box(sample: RewardSample) -> tuple[int, int, int, int]:

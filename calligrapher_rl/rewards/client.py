@@ -5,7 +5,9 @@ than the trainer. A batch is cut into chunks dealt round-robin over the URLs and
 chunk that fails (connection error, timeout, 5xx, or a garbage answer: not JSON, missing names, wrong
 length, non-numbers) is retried with exponential backoff, each retry on the next URL, so one dead
 server costs only latency. After the last retry its samples are NaN, never 0, with a logged warning.
-A 4xx answer is our request's fault (too large, invalid) and is not retried.
+A 4xx answer is our request's fault (too large, invalid) and is not retried: the same request would
+get the same answer. A score that is non-finite or out of range (base.sanitize_scores: 1e308 from a
+broken server) is a failed sample (NaN), so the trainer's failure count and pause see it.
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ import time
 
 import numpy as np
 
-from .base import RewardError, RewardSample, logger
+from .base import RewardError, RewardSample, logger, sanitize_scores
 
 
 def encode_image(image, mode: str = "RGB") -> str | None:
@@ -88,7 +90,7 @@ class RemoteRewards:
                 raise _Garbage(f"'{name}' missing or not {n} values")
             if not all(v is None or (isinstance(v, (int, float)) and not isinstance(v, bool)) for v in vals):
                 raise _Garbage(f"'{name}' has non-numeric values")
-            out[name] = [math.nan if v is None else float(v) for v in vals]
+            out[name] = sanitize_scores(vals, f"{name} from {url}")
         return out
 
     def _score_chunk(self, k: int, payload: list[dict]) -> dict[str, list[float]]:

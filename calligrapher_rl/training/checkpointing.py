@@ -16,6 +16,7 @@ state a resume needs. A checkpoint folder appears only once complete (written to
 from __future__ import annotations
 
 import json
+import logging
 import os
 import re
 import shutil
@@ -26,6 +27,8 @@ from safetensors.torch import load_file, save_file
 from ..atomic import atomic_dir
 from ..errors import UserError
 from ..models.checkpoints import save_adapter_files
+
+logger = logging.getLogger("calligrapher_rl.training")
 
 CHECKPOINT_RE = re.compile(r"^checkpoint-(\d+)$")
 
@@ -50,10 +53,87 @@ def resolve_resume(run_dir: str, value: str | None) -> str | None:
     if value == "latest":
         found = list_checkpoints(run_dir)
         return found[-1][1] if found else None
+    if not os.path.isdir(value):
+        raise UserError("no such checkpoint folder", where=value, field="--resume_from_checkpoint")
     if not os.path.isfile(os.path.join(value, "trainer_state", "state.json")):
         raise UserError("not a checkpoint folder (no trainer_state/state.json)", where=value,
                         field="--resume_from_checkpoint")
     return value
+
+
+# What a checkpoint must agree with to be resumed: the model it adapts, the adapter's architecture, what
+# trains (the optimizer's parameter groups) and the RL method (its policies and state).
+IDENTITY_KEYS = ("model_type", "pretrained_model_name_or_path", "siglip_path", "tiny_width", "num_style_tokens",
+                 "use_qformer", "trainable", "use_rl", "rl_method")
+_PATH_KEYS = ("pretrained_model_name_or_path", "siglip_path")
+
+
+def identity(cfg) -> dict:
+    """The part of a config recorded in each checkpoint's state.json and checked on resume."""
+    return {k: getattr(cfg, k, None) for k in IDENTITY_KEYS}
+
+
+def _fail(ckpt: str, file: str, problem: str):
+    raise UserError(problem, where=os.path.join(ckpt, file), field="--resume_from_checkpoint")
+
+
+def read_state(ckpt: str) -> dict:
+    """trainer_state/state.json, checked: an object with integer step and rl_epoch."""
+    name = os.path.join("trainer_state", "state.json")
+    try:
+        with open(os.path.join(ckpt, name), encoding="utf-8") as fh:
+            state = json.load(fh)
+    except (OSError, ValueError) as exc:  # UnicodeDecodeError is a ValueError
+        _fail(ckpt, name, f"unreadable ({type(exc).__name__}: {str(exc).splitlines()[0][:160] if str(exc) else ''})")
+    if not isinstance(state, dict):
+        _fail(ckpt, name, "expected a JSON object")
+    for key in ("step", "rl_epoch"):
+        if not isinstance(state.get(key), int) or isinstance(state.get(key), bool) or state[key] < 0:
+            _fail(ckpt, name, f"'{key}' missing or not a non-negative integer")
+    return state
+
+
+def _recorded_identity(ckpt: str, state: dict) -> dict | None:
+    if isinstance(state.get("config"), dict):
+        return state["config"]
+    run_json = os.path.join(os.path.dirname(os.path.abspath(ckpt)), "run.json")  # checkpoints of older versions
+    try:
+        with open(run_json, encoding="utf-8") as fh:
+            data = json.load(fh)
+        return {k: data.get(k) for k in IDENTITY_KEYS} if isinstance(data, dict) else None
+    except (OSError, ValueError):
+        return None
+
+
+def _same(key: str, a, b) -> bool:
+    if a == b:
+        return True
+    if key in _PATH_KEYS and isinstance(a, str) and isinstance(b, str):  # a moved or copied model folder
+        a, b = os.path.normpath(os.path.expanduser(a)), os.path.normpath(os.path.expanduser(b))
+        return os.path.realpath(a) == os.path.realpath(b) or os.path.basename(a) == os.path.basename(b)
+    return False
+
+
+def check_resume(cfg, ckpt: str) -> dict:
+    """Before any model loads: the checkpoint's state is readable and it was made by a run of the same
+    method on the same model. Returns the state."""
+    state = read_state(ckpt)
+    recorded = _recorded_identity(ckpt, state)
+    if recorded:
+        mine = identity(cfg)
+        for key in IDENTITY_KEYS:
+            theirs = recorded.get(key)
+            if theirs is None or mine[key] is None:
+                continue
+            if key == "rl_method" and not (recorded.get("use_rl") and mine.get("use_rl")):
+                continue  # a supervised checkpoint may start either method
+            if key == "use_rl" or _same(key, theirs, mine[key]):
+                continue
+            raise UserError(f"the checkpoint was trained with --{key} {theirs}, this run has {mine[key]}: resume with "
+                            f"the checkpoint's settings, or start a new run from its adapter with "
+                            f"--initial_ip_adapter_path {os.path.join(ckpt, 'ip-adapter.safetensors')}",
+                            where=ckpt, field="--resume_from_checkpoint")
+    return state
 
 
 def _prefixed(prefix: str, state: dict[str, torch.Tensor] | None) -> dict[str, torch.Tensor]:
@@ -82,23 +162,115 @@ def save_checkpoint(run_dir: str, step: int, *, adapter: dict, ema: dict | None,
 
 
 def load_checkpoint(path: str) -> dict:
-    """Returns {adapter, ema, old, ref, optimizer, scheduler, state}; tensors on CPU."""
-    ts = os.path.join(path, "trainer_state")
-    try:
-        with open(os.path.join(ts, "state.json"), encoding="utf-8") as fh:
-            state = json.load(fh)
-        adapter = load_file(os.path.join(path, "ip-adapter.safetensors"))
-        policies = load_file(os.path.join(ts, "policies.safetensors")) if os.path.exists(
-            os.path.join(ts, "policies.safetensors")) else {}
-        optimizer = torch.load(os.path.join(ts, "optimizer.pt"), map_location="cpu", weights_only=True)
-        scheduler = torch.load(os.path.join(ts, "scheduler.pt"), map_location="cpu", weights_only=True)
-    except (OSError, ValueError, RuntimeError) as exc:
-        raise UserError(f"incomplete or unreadable checkpoint ({str(exc).splitlines()[0][:160]})", where=path,
-                        field="--resume_from_checkpoint") from None
+    """Returns {adapter, ema, old, ref, optimizer, scheduler, state}; tensors on CPU. Any unreadable or
+    malformed file is a one-line UserError naming it (see check_against for the checks against a model)."""
+    state = read_state(path)
+    ts = "trainer_state"
+
+    def tensors(name: str, required: bool) -> dict:
+        full = os.path.join(path, name)
+        if not required and not os.path.exists(full):
+            return {}
+        try:
+            return load_file(full)
+        except Exception as exc:  # noqa: BLE001 - safetensors raises its own SafetensorError, OSError, ...
+            _fail(path, name, f"unreadable ({type(exc).__name__}: {str(exc).splitlines()[0][:160] if str(exc) else ''})")
+
+    def torch_state(name: str) -> dict:
+        try:
+            out = torch.load(os.path.join(path, name), map_location="cpu", weights_only=True)
+        except Exception as exc:  # noqa: BLE001 - truncated zip, pickle refused by weights_only, missing file
+            _fail(path, name, f"unreadable ({type(exc).__name__}: {str(exc).splitlines()[0][:160] if str(exc) else ''})")
+        if not isinstance(out, dict):
+            _fail(path, name, f"expected a state dict, found {type(out).__name__}")
+        return out
+
+    adapter = tensors("ip-adapter.safetensors", True)
+    policies = tensors(os.path.join(ts, "policies.safetensors"), False)
+    optimizer = torch_state(os.path.join(ts, "optimizer.pt"))
+    scheduler = torch_state(os.path.join(ts, "scheduler.pt"))
 
     def group(prefix: str) -> dict | None:
         out = {k[len(prefix) + 1:]: v for k, v in policies.items() if k.startswith(prefix + ".")}
         return out or None
 
     return {"adapter": adapter, "ema": group("ema"), "old": group("old"), "ref": group("ref"),
-            "optimizer": optimizer, "scheduler": scheduler, "state": state}
+            "optimizer": optimizer, "scheduler": scheduler, "state": state, "path": path}
+
+
+def check_against(ck: dict, model_state: dict, trainable: dict, optimizer) -> None:
+    """The loaded checkpoint fits this run's adapter (names and shapes), its trainable weights (the
+    policies) and its optimizer (groups and moment shapes): a mismatch is one line naming the file, not a
+    traceback later (an optimizer state of the wrong shape fails only at the next step)."""
+    path = ck["path"]
+
+    def shapes(file: str, got: dict, want: dict, exact: bool) -> None:
+        missing = [k for k in want if k not in got]
+        extra = [k for k in got if k not in want] if exact else []
+        wrong = [k for k in want if k in got and tuple(got[k].shape) != tuple(want[k].shape)]
+        if missing or extra or wrong:
+            k = (wrong or missing or extra)[0]
+            what = (f"'{k}' has shape {tuple(got[k].shape)}, this model needs {tuple(want[k].shape)}" if wrong else
+                    f"'{k}' is missing" if missing else f"'{k}' is not a weight of this model")
+            _fail(path, file, f"does not fit this run's adapter ({len(wrong)} wrong shapes, {len(missing)} missing, "
+                              f"{len(extra)} unknown; e.g. {what})")
+
+    shapes("ip-adapter.safetensors", ck["adapter"], model_state, exact=True)
+    pol = os.path.join("trainer_state", "policies.safetensors")
+    for prefix in ("ref", "old"):
+        if ck[prefix] is not None:
+            shapes(pol, ck[prefix], trainable, exact=True)
+    if ck["ema"] is not None:
+        shapes(pol, ck["ema"], trainable, exact=False)
+
+    opt_file = os.path.join("trainer_state", "optimizer.pt")
+    sd = ck["optimizer"]
+    groups = sd.get("param_groups")
+    if not isinstance(sd.get("state"), dict) or not isinstance(groups, list) or not all(
+            isinstance(g, dict) and isinstance(g.get("params"), list) for g in groups):
+        _fail(path, opt_file, "not an optimizer state (needs 'state' and 'param_groups')")
+    mine = [list(g["params"]) for g in optimizer.param_groups]
+    if [len(g["params"]) for g in groups] != [len(g) for g in mine]:
+        _fail(path, opt_file, f"holds {sum(len(g['params']) for g in groups)} parameters in {len(groups)} group(s), "
+                              f"this run trains {sum(map(len, mine))} in {len(mine)} (another --trainable?)")
+    by_id = {pid: p for g, ps in zip(groups, mine) for pid, p in zip(g["params"], ps)}
+    for pid, st in sd["state"].items():
+        if pid not in by_id or not isinstance(st, dict):
+            _fail(path, opt_file, f"state of an unknown parameter {pid!r}")
+        for name, value in st.items():
+            if isinstance(value, torch.Tensor) and value.dim() > 0 and tuple(value.shape) != tuple(by_id[pid].shape):
+                _fail(path, opt_file, f"'{name}' of parameter {pid} has shape {tuple(value.shape)}, "
+                                      f"the parameter has {tuple(by_id[pid].shape)}")
+    sched = ck["scheduler"]
+    if not isinstance(sched.get("last_epoch"), int):
+        _fail(path, os.path.join("trainer_state", "scheduler.pt"), "not a learning-rate scheduler state (no last_epoch)")
+
+
+_ORPHAN_DIR = re.compile(r"^\.(checkpoint-\d+)\..+\.tmp(\.old)?$")
+
+
+def remove_orphans(run_dir: str) -> list[str]:
+    """Remove what writers killed mid-write left: `.checkpoint-N.*.tmp` folders and `.NAME.*.tmp` files
+    (atomic.py's temporaries) at the top and in samples/. Only the folder's owner may call this (the
+    run lock is held). A `.tmp.old` folder is the previous checkpoint-N moved aside by a re-save that was
+    killed between its two renames: it is put back when checkpoint-N is missing."""
+    removed = []
+    for sub in ("", "samples"):
+        folder = os.path.join(run_dir, sub)
+        if not os.path.isdir(folder):
+            continue
+        for name in sorted(os.listdir(folder)):
+            full = os.path.join(folder, name)
+            m = _ORPHAN_DIR.match(name)
+            if m and os.path.isdir(full) and not sub:
+                final = os.path.join(folder, m.group(1))
+                if m.group(2) and not os.path.exists(final):
+                    os.replace(full, final)
+                    logger.warning("restored %s from %s (a re-save was interrupted)", final, name)
+                    continue
+                shutil.rmtree(full, ignore_errors=True)
+                removed.append(os.path.join(sub, name))
+            elif name.startswith(".") and name.endswith(".tmp") and os.path.isfile(full):
+                os.unlink(full)
+                removed.append(os.path.join(sub, name))
+    return removed

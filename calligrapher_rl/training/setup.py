@@ -182,8 +182,23 @@ def resolved_siglip_path(cfg: TrainConfig) -> str:
 
 
 def check_output_dir(cfg: TrainConfig) -> None:
-    parent = os.path.dirname(os.path.abspath(cfg.output_dir)) or "."
-    if os.path.exists(cfg.output_dir) and not os.path.isdir(cfg.output_dir):
+    """The run folder can be made: not a file, under a folder that exists (missing parents are created,
+    as `mkdir -p` would, and the log says so) and that is writable."""
+    out = os.path.abspath(cfg.output_dir)
+    if os.path.exists(out) and not os.path.isdir(out):
         raise UserError("exists and is not a folder", where=cfg.output_dir, field="--output_dir")
-    if not os.access(parent, os.W_OK) and not os.path.isdir(cfg.output_dir):
+    parent = os.path.dirname(out)
+    ancestor = parent
+    while not os.path.exists(ancestor):
+        ancestor = os.path.dirname(ancestor)
+    if not os.path.isdir(ancestor):
+        raise UserError(f"{ancestor} is a file, not a folder", where=cfg.output_dir, field="--output_dir")
+    if ancestor != parent:
+        try:
+            os.makedirs(parent, exist_ok=True)
+        except OSError as exc:
+            raise UserError(f"the parent folder does not exist and could not be created under {ancestor} "
+                            f"({exc.strerror})", where=parent, field="--output_dir") from None
+        logger.info("created the missing parent folder %s of --output_dir", parent)
+    if not os.path.isdir(out) and not os.access(parent, os.W_OK):
         raise UserError("parent folder is not writable", where=parent, field="--output_dir")

@@ -18,6 +18,7 @@ import numpy as np
 import torch
 
 from ..config import TrainConfig
+from ..errors import UserError
 from ..rl.advantages import PerPromptStatTracker, compute_advantages
 from ..rl.nft import old_decay
 from ..sampling import SDEWindow, rollout
@@ -34,7 +35,16 @@ from .batches import (
     to_pil,
 )
 from .callbacks import CallbackHandler, StatusCallback
-from .checkpointing import load_checkpoint, resolve_resume, save_checkpoint
+from .checkpointing import (
+    check_against,
+    check_resume,
+    identity,
+    list_checkpoints,
+    load_checkpoint,
+    remove_orphans,
+    resolve_resume,
+    save_checkpoint,
+)
 from .distributed import (
     average_gradients,
     gather_rewards,
@@ -46,7 +56,7 @@ from .distributed import (
 from .optim import consolidated_state_dict, reset_state
 from .policies import Policies, WeightHealth
 from .progress import ProgressCallback, system_metrics
-from .run_dir import RunDir, make_grid
+from .run_dir import Interrupted, RunDir, StatusNotRecorded, claim_run_dir, ending, make_grid
 from .updates import StatsMeter, grpo_backward, nft_backward, warmup_backward
 
 logger = logging.getLogger("calligrapher_rl.training")
@@ -85,17 +95,37 @@ class Trainer:
         require_ready(cfg, rewards=rewards is None, dataset=dataset is None)
         self.phase, self._last_row = "", {"phase": ""}
         setup.check_output_dir(cfg)
-        self.acc = setup.make_accelerator(cfg)
-        self.is_main = self.acc.is_main_process
-        self.run_dir = RunDir(cfg.output_dir, is_main=self.is_main, logging_dir=cfg.logging_dir, accelerator=self.acc)
-        self.run_dir.clear_control()  # stale requests of an earlier life of this run dir; later ones count
-        self.run_dir.set_status("starting", 0, "loading models")
+        self.step, self.rl_epoch = 0, 0
+        self._stop, self._signals, self._loading = False, 0, True
+        self.run_dir, self._lock = None, None
+        self._old_handlers = self._install_signal_handlers()  # a signal while loading ends the run at once
         try:
+            self.acc = setup.make_accelerator(cfg)
+            self.is_main = self.acc.is_main_process
+            if self.is_main:  # refused (another trainer, an earlier run's files) before anything is written
+                self._lock = claim_run_dir(cfg.output_dir, resume=bool(cfg.resume_from_checkpoint),
+                                           overwrite=cfg.overwrite_output_dir, logging_dir=cfg.logging_dir)
+            orphans = remove_orphans(cfg.output_dir) if self.is_main else []
+            self.run_dir = RunDir(cfg.output_dir, is_main=self.is_main, logging_dir=cfg.logging_dir,
+                                  accelerator=self.acc)
+            if self._lock is not None and self._lock.removed:
+                logger.warning("--overwrite_output_dir: removed the earlier run's %s", ", ".join(self._lock.removed))
+            if orphans:
+                logger.warning("removed %d leftover(s) of writes interrupted in an earlier life of this run: %s",
+                               len(orphans), ", ".join(orphans))
+            self.run_dir.clear_control()  # stale requests of an earlier life of this run dir; later ones count
+            self.run_dir.set_status("starting", 0, "loading models")
+            self._resume_path = resolve_resume(cfg.output_dir, cfg.resume_from_checkpoint)
+            if self._resume_path is not None:
+                check_resume(cfg, self._resume_path)  # method and model, before minutes of loading
             self._build(cfg)
         except BaseException as exc:  # a watcher must not see "starting" forever
-            self.run_dir.set_status("failed", 0, f"{type(exc).__name__}: {str(exc)[:300]}")
-            self.run_dir.close()
+            if self.run_dir is not None:
+                self.run_dir.final_status(*ending(exc, 0))
+                self.run_dir.close()
+            self._release()
             raise
+        self._loading = False
 
     def _build(self, cfg: TrainConfig) -> None:
         setup.start_trackers(self.acc, cfg)
@@ -118,11 +148,9 @@ class Trainer:
         self.sampler = GroupSampler(len(self.dataset), cfg.train_batch_size, cfg.rl_num_images_per_prompt if cfg.use_rl else 1,
                                     num_processes=self.acc.num_processes, rank=self.acc.process_index, seed=cfg.seed)
         self.tracker = PerPromptStatTracker(cfg.rl_global_std) if cfg.rl_per_prompt_stat_tracking else None
-        self.step, self.rl_epoch = 0, 0
         self.rl_steps = 0  # RL optimizer steps taken (warmup and skipped steps not counted): NFT's decay clock
         self.skipped_nonfinite, self._nonfinite_streak, self._nonfinite_failure = 0, 0, None
         self.health = WeightHealth()
-        self._stop = False
         self._saved_step = self._evaluated_step = -1
         if self.is_main:
             from ..atomic import write_text
@@ -134,44 +162,42 @@ class Trainer:
     # ================================================================== the loop
     def run(self) -> str:
         cfg = self.cfg
-        self._install_signal_handlers()
-        self._maybe_resume()
-        if cfg.use_rl and self.step >= cfg.rl_warmup_steps and self.policies.reference is None:
-            self._begin_rl()
-        self.run_dir.set_status("running", self.step, "")
         outcome = "failed"
         try:
-            self.callbacks.call("on_train_begin", self)
-            if cfg.eval_at_start and self.step == 0 and cfg.eval_steps:
-                self.evaluate()
-            while self.step < cfg.max_train_steps and not self._stop_requested():
-                before = self.step
-                if not cfg.use_rl or self.step < cfg.rl_warmup_steps:
-                    self.warmup_step()
-                else:
-                    self.rl_epoch_step()
-                if self._nonfinite_failure:
-                    raise NonFiniteTraining(self._nonfinite_failure)
-                self._after_steps(before)
-            final = "stopped" if self.step < cfg.max_train_steps else "finished"
-            if final == "finished" and cfg.eval_steps and self._evaluated_step != self.step:
-                self.evaluate()  # the last grid is of the final weights
+            try:
+                self._maybe_resume()
+                if cfg.use_rl and self.step >= cfg.rl_warmup_steps and self.policies.reference is None:
+                    self._begin_rl()
+                self.run_dir.set_status("running", self.step, "")
+                self.callbacks.call("on_train_begin", self)
+                if cfg.eval_at_start and self.step == 0 and cfg.eval_steps:
+                    self.evaluate()
+                while self.step < cfg.max_train_steps and not self._stop_requested():
+                    before = self.step
+                    if not cfg.use_rl or self.step < cfg.rl_warmup_steps:
+                        self.warmup_step()
+                    else:
+                        self.rl_epoch_step()
+                    if self._nonfinite_failure:
+                        raise NonFiniteTraining(self._nonfinite_failure)
+                    self._after_steps(before)
+                final = "stopped" if self.step < cfg.max_train_steps else "finished"
+                if final == "finished" and cfg.eval_steps and self._evaluated_step != self.step:
+                    self.evaluate()  # the last grid is of the final weights
+                message = "stop requested" if final == "stopped" else "done"
+            except RewardFailure as exc:  # paused for reward failures, then asked to stop: keep the work
+                final, message = "stopped", str(exc)
+            except NonFiniteTraining as exc:  # the skipped steps left the weights finite: keep them, say why
+                logger.error("%s", exc)
+                final, message = "failed", str(exc)
             self.save()
-            self.run_dir.set_status(final, self.step, "stop requested" if final == "stopped" else "done")
+            if not self.run_dir.final_status(final, self.step, message):
+                raise StatusNotRecorded(f"the run ended {final}, but status.json could not say so")
             outcome = final
             return final
-        except RewardFailure as exc:  # paused for reward failures, then asked to stop: keep the work
-            self.save()
-            self.run_dir.set_status("stopped", self.step, str(exc))
-            outcome = "stopped"
-            return "stopped"
-        except NonFiniteTraining as exc:  # the skipped steps left the weights finite: keep them, say why
-            logger.error("%s", exc)
-            self.save()
-            self.run_dir.set_status("failed", self.step, str(exc))
-            return "failed"
         except BaseException as exc:
-            self.run_dir.set_status("failed", self.step, f"{type(exc).__name__}: {str(exc)[:300]}")
+            if not isinstance(exc, StatusNotRecorded):
+                self.run_dir.final_status(*ending(exc, self.step))
             raise
         finally:
             try:
@@ -180,6 +206,19 @@ class Trainer:
                 logger.exception("a callback failed in on_train_end")
             self.rewards.close()
             self.run_dir.close()
+            self._release()
+
+    def _release(self) -> None:
+        """The run folder and the signal handlers go back (to a later run, to the embedding program)."""
+        if self._lock is not None:
+            self._lock.release()
+            self._lock = None
+        for signum, old in (self._old_handlers or {}).items():
+            try:
+                signal.signal(signum, old)
+            except (ValueError, TypeError):
+                pass
+        self._old_handlers = None
 
     def _after_steps(self, before: int) -> None:
         cfg = self.cfg
@@ -484,7 +523,8 @@ class Trainer:
         state = {"rl_epoch": self.rl_epoch, "ema_updates": p.ema.num_updates if p.ema else 0,
                  "tracker": self.tracker.state_dict() if self.tracker else None, "rl_steps": self.rl_steps,
                  "skipped_nonfinite": self.skipped_nonfinite,
-                 "grad_scaler": self.scaler.state_dict() if self.scaler is not None else None}
+                 "grad_scaler": self.scaler.state_dict() if self.scaler is not None else None,
+                 "config": identity(self.cfg)}
         path = save_checkpoint(self.cfg.output_dir, self.step, adapter=self.stack.adapter.state_dict(), ema=p.ema_state(),
                                old=p.old_state(), ref=p.reference, optimizer=optimizer_state, scheduler=self.scheduler,
                                state=state, total_limit=self.cfg.checkpoints_total_limit)
@@ -492,16 +532,28 @@ class Trainer:
         self.callbacks.call("on_save", self, step=self.step, path=str(path))
 
     def _maybe_resume(self) -> None:
-        path = resolve_resume(self.cfg.output_dir, self.cfg.resume_from_checkpoint)
+        path = self._resume_path
         if path is None:
+            if self.cfg.resume_from_checkpoint == "latest":  # e.g. killed before its first checkpoint
+                dropped = self.run_dir.truncate_metrics(-1)
+                logger.warning("--resume_from_checkpoint latest: no checkpoint in %s yet, so the run starts at step 0%s",
+                               self.cfg.output_dir, f"; dropped the {dropped} metric rows of the earlier attempt"
+                               if dropped else "")
             return
         ck = load_checkpoint(path)
-        self.stack.adapter.load_state_dict({k: v.to(self.acc.device) for k, v in ck["adapter"].items()})
-        self.optimizer.load_state_dict(ck["optimizer"])
-        self.scheduler.load_state_dict(ck["scheduler"])
-        self.policies.load_snapshots(ck["ref"], ck["old"], self.acc.device)
-        if ck["ema"] is not None:
-            self.policies.load_ema_state(ck["ema"], ck["state"].get("ema_updates", 0))
+        check_against(ck, self.stack.adapter.state_dict(), dict(self.policies.named), self.optimizer)
+        try:
+            self.stack.adapter.load_state_dict({k: v.to(self.acc.device) for k, v in ck["adapter"].items()})
+            self.optimizer.load_state_dict(ck["optimizer"])
+            self.scheduler.load_state_dict(ck["scheduler"])
+            self.policies.load_snapshots(ck["ref"], ck["old"], self.acc.device)
+            if ck["ema"] is not None:
+                self.policies.load_ema_state(ck["ema"], ck["state"].get("ema_updates", 0))
+            if self.tracker is not None and ck["state"].get("tracker"):
+                self.tracker.load_state_dict(ck["state"]["tracker"])
+        except (RuntimeError, ValueError, KeyError, TypeError, IndexError) as exc:
+            raise UserError(f"could not be restored ({type(exc).__name__}: {str(exc).splitlines()[0][:200]})",
+                            where=path, field="--resume_from_checkpoint") from None
         self.step, self.rl_epoch = int(ck["state"]["step"]), int(ck["state"]["rl_epoch"])
         # older checkpoints lack the RL step count: every step past the warmup was an RL step then
         default_rl = max(0, self.step - self.cfg.rl_warmup_steps) if self.cfg.use_rl else 0
@@ -510,10 +562,9 @@ class Trainer:
         if self.scaler is not None and ck["state"].get("grad_scaler"):
             self.scaler.load_state_dict(ck["state"]["grad_scaler"])
         self._saved_step = self.step
-        if self.tracker is not None and ck["state"].get("tracker"):
-            self.tracker.load_state_dict(ck["state"]["tracker"])
-        self.run_dir.truncate_metrics(self.step)
-        logger.info("resumed from %s at step %d", path, self.step)
+        dropped = self.run_dir.truncate_metrics(self.step)
+        logger.info("resumed from %s at step %d%s", path, self.step,
+                    f"; dropped {dropped} metric rows logged after it (they are redone)" if dropped else "")
 
     def _control(self, resume: bool = False) -> tuple[bool, bool]:
         """(stop, resume) requests. Only the main process reads (and consumes) control/stop and
@@ -531,16 +582,42 @@ class Trainer:
             self.run_dir.set_status("stopping", self.step, "saving a checkpoint")
         return self._stop
 
-    def _install_signal_handlers(self) -> None:
-        def handler(signum, frame):  # finish the current step, checkpoint, exit cleanly
-            logger.warning("signal %d: stopping after this step", signum)
-            self._stop = True
-
+    def _install_signal_handlers(self) -> dict:
+        """SIGTERM/SIGINT: while loading, end at once (nothing is trained yet); while training, the first
+        finishes the current step (a hung reward call ends at its timeout), saves and stops; a second
+        exits at once without saving, status `stopped`. Returns the handlers it replaced."""
+        old = {}
         try:
-            signal.signal(signal.SIGTERM, handler)
-            signal.signal(signal.SIGINT, handler)
+            for signum in (signal.SIGTERM, signal.SIGINT):
+                old[signum] = signal.signal(signum, self._on_signal)
         except ValueError:  # not the main thread (e.g. embedded in a test); stop files still work
             pass
+        return old
+
+    def _on_signal(self, signum, frame) -> None:
+        self._signals += 1
+        if self._loading and self._signals == 1:
+            raise Interrupted(signum)
+        if self._signals == 1:
+            logger.warning("signal %d: stopping after the current step (a checkpoint is saved); "
+                           "a second signal exits at once without saving", signum)
+            self._stop = True
+            try:
+                self.run_dir.set_status("stopping", self.step, f"signal {signum}: stopping after the current step")
+            except OSError:
+                pass
+            return
+        found = list_checkpoints(self.cfg.output_dir) if self.run_dir is not None else []
+        message = (f"stopped at once by a second signal ({signum}) without saving; "
+                   + (f"a resume continues from checkpoint-{found[-1][0]}" if found else "no checkpoint yet"))
+        logger.error(message)
+        recorded = self.run_dir.final_status("stopped", self.step, message) if self.run_dir is not None else True
+        for handler in logging.getLogger("calligrapher_rl").handlers + logging.getLogger().handlers:
+            try:
+                handler.flush()
+            except Exception:  # noqa: BLE001 - exiting regardless
+                pass
+        os._exit(128 + signum if recorded else 1)  # not sys.exit: a hung reward thread would be waited for
 
 
 def train(cfg: TrainConfig) -> str:
