@@ -49,7 +49,7 @@ FORM = [
     ("train_data_json", "Dataset", "'bundled' = synthetic set"),
 ]
 FORM_FLAGS = [f for f, _, _ in FORM]
-NOT_SAVED = ("output_dir", "resume_from_checkpoint", "preset")
+NOT_SAVED = ("output_dir", "resume_from_checkpoint", "overwrite_output_dir", "preset")  # per run, never a preset
 
 
 def presets_dir(runs_dir: str) -> str:

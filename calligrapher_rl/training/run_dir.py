@@ -20,7 +20,6 @@ import errno
 import fcntl
 import json
 import logging
-import math
 import os
 import shutil
 import socket
@@ -335,15 +334,14 @@ class RunDir:
     def log_metrics(self, step: int, phase: str, metrics: dict[str, float]) -> dict:
         row = {"step": int(step), "phase": phase, "time": time.time()}
         for k, v in metrics.items():
-            v = float(v)
-            row[k] = v if math.isfinite(v) else None  # JSON has no NaN; null = not available
+            row[k] = float(v)  # non-finite values as they are (Python's json writes NaN/Infinity): never dropped
         if self.is_main:
             with open(os.path.join(self.path, "metrics.jsonl"), "a", encoding="utf-8") as fh:
                 fh.write(json.dumps(row) + "\n")
                 fh.flush()
             if self._trackers():
                 self.accelerator.log({k: v for k, v in row.items()
-                                      if k not in ("step", "phase", "time") and v is not None}, step=int(step))
+                                      if k not in ("step", "phase", "time")}, step=int(step))
         return row
 
     def truncate_metrics(self, after_step: int) -> int:

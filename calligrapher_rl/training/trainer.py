@@ -89,10 +89,6 @@ class Trainer:
         if dataset is not None:  # run.json names where the data came from (config.train_data_json is not used)
             config = dataclasses.replace(config, train_data_json=f"python:{type(dataset).__name__}")
         self.cfg = cfg = config.validate().resolved()  # a config built in Python gets the command line's checks
-        from .preflight import require_ready
-
-        # rewards, paths, GPUs, dataset: fail before loading anything (objects given in Python are the caller's)
-        require_ready(cfg, rewards=rewards is None, dataset=dataset is None)
         self.phase, self._last_row = "", {"phase": ""}
         setup.check_output_dir(cfg)
         self.step, self.rl_epoch = 0, 0
@@ -115,6 +111,11 @@ class Trainer:
                                len(orphans), ", ".join(orphans))
             self.run_dir.clear_control()  # stale requests of an earlier life of this run dir; later ones count
             self.run_dir.set_status("starting", 0, "loading models")
+            from .preflight import require_ready
+
+            # rewards, paths, GPUs, dataset: fail before loading anything, with status failed (objects passed
+            # in Python are the caller's to check)
+            require_ready(cfg, rewards=rewards is None, dataset=dataset is None)
             self._resume_path = resolve_resume(cfg.output_dir, cfg.resume_from_checkpoint)
             if self._resume_path is not None:
                 check_resume(cfg, self._resume_path)  # method and model, before minutes of loading
