@@ -76,6 +76,7 @@ class Trainer:
         self.rl_steps = 0  # RL optimizer steps taken (warmup and skipped steps not counted): NFT's decay clock
         self.skipped_nonfinite, self._nonfinite_streak, self._nonfinite_failure = 0, 0, None
         self.health = WeightHealth()
+        self._status_note = ""
         self._stop = False
         self._saved_step = self._evaluated_step = -1
         if self.is_main:
@@ -134,7 +135,8 @@ class Trainer:
             self.evaluate()
         if crossed(cfg.checkpointing_steps):
             self.save()
-        self.run_dir.set_status("running", self.step, "")
+        self.run_dir.set_status("running", self.step, self._status_note)  # a note lasts until the next status
+        self._status_note = ""
 
     # ================================================================== phases
     def warmup_step(self) -> None:
@@ -263,7 +265,8 @@ class Trainer:
             if resume:
                 break
             time.sleep(1.0)
-        self.run_dir.set_status("running", self.step, "resumed after reward failures")
+        self._status_note = "resumed after reward failures"
+        self.run_dir.set_status("running", self.step, self._status_note)
 
     def _advantages(self, batches, scores) -> list[torch.Tensor]:
         cfg = self.cfg
