@@ -213,8 +213,8 @@ class Trainer:
     # ================================================================== pieces
     def _begin_rl(self) -> None:
         """Snapshot the reference (and NFT's old) policy. After a supervised warmup, AdamW's moments start
-        afresh: supervised gradients are far larger than policy gradients (~30x on the tiny model), and their second moment
-        (beta2 0.999) would otherwise shrink every RL step for thousands of steps."""
+        afresh: supervised gradients are far larger than policy gradients (~30x on the tiny model), and
+        their second moment (beta2 0.999) would otherwise shrink every RL step for thousands of steps."""
         self.policies.begin_rl(with_old=self.cfg.rl_method == "nft")
         if self.step > 0:
             self.optimizer.state.clear()
