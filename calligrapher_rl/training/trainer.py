@@ -152,6 +152,7 @@ class Trainer:
         self.rl_steps = 0  # RL optimizer steps taken (warmup and skipped steps not counted): NFT's decay clock
         self.skipped_nonfinite, self._nonfinite_streak, self._nonfinite_failure = 0, 0, None
         self.health = WeightHealth()
+        self._status_note = ""
         self._saved_step = self._evaluated_step = -1
         if self.is_main:
             from ..atomic import write_text
@@ -229,7 +230,8 @@ class Trainer:
             self.evaluate()
         if crossed(cfg.checkpointing_steps):
             self.save()
-        self.run_dir.set_status("running", self.step, "")
+        self.run_dir.set_status("running", self.step, self._status_note)  # a note lasts until the next status
+        self._status_note = ""
 
     # ================================================================== phases
     def warmup_step(self) -> None:
@@ -340,8 +342,8 @@ class Trainer:
     # ================================================================== pieces
     def _begin_rl(self) -> None:
         """Snapshot the reference (and NFT's old) policy. After a supervised warmup, AdamW's moments start
-        afresh: supervised gradients are far larger than policy gradients, and their second moment
-        (beta2 0.999) would otherwise shrink every RL step for thousands of steps."""
+        afresh: supervised gradients are far larger than policy gradients (~30x on the tiny model), and
+        their second moment (beta2 0.999) would otherwise shrink every RL step for thousands of steps."""
         self.policies.begin_rl(with_old=self.cfg.rl_method == "nft")
         if self.step > 0:
             reset_state(self.optimizer)
@@ -393,7 +395,8 @@ class Trainer:
             if resume:
                 break
             time.sleep(1.0)
-        self.run_dir.set_status("running", self.step, "resumed after reward failures")
+        self._status_note = "resumed after reward failures"
+        self.run_dir.set_status("running", self.step, self._status_note)
 
     def _advantages(self, batches, scores) -> list[torch.Tensor]:
         cfg = self.cfg
