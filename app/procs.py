@@ -121,8 +121,9 @@ def launch_alive(launch: dict) -> bool:
 def train_command(argv: list[str], gpus: str = "") -> list[str]:
     n = len(parse_gpus(gpus))
     if n > 1:
-        return [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", str(n), "-m",
-                "calligrapher_rl.train", *argv]
+        # port 0: a free rendezvous port, so runs on different GPU sets never collide on accelerate's 29500
+        return [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", str(n),
+                "--main_process_port", "0", "-m", "calligrapher_rl.train", *argv]
     return [sys.executable, "-m", "calligrapher_rl.train", *argv]
 
 
