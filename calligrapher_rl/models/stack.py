@@ -73,13 +73,10 @@ class CalligrapherModel(nn.Module):
 
 
 def resolve_model_paths(flux_path: str, siglip_path: str) -> tuple[str, str]:
-    """`tiny` means the embedded offline model (built on first use)."""
-    if flux_path == "tiny" or siglip_path == "tiny":
-        from .tiny import ensure_tiny
+    """`tiny` means the embedded random model (built on first use), `tiny-pretrained` the shipped one."""
+    from .tiny import resolve_tiny_names
 
-        tiny_flux, tiny_siglip = ensure_tiny()
-        flux_path = tiny_flux if flux_path == "tiny" else flux_path
-        siglip_path = tiny_siglip if siglip_path == "tiny" else siglip_path
+    flux_path, siglip_path = resolve_tiny_names(flux_path, siglip_path)
     if not os.path.isfile(os.path.join(flux_path, "model_index.json")):
         raise UserError("not a FluxFillPipeline folder (no model_index.json)", where=flux_path,
                         field="--pretrained_model_name_or_path")
@@ -123,6 +120,9 @@ class CalligrapherStack:
             torch.manual_seed(seed)
             adapter = StyleAdapter.for_transformer(pipe.transformer, siglip.config.hidden_size, **overrides)
         if adapter_path:
+            from .tiny import resolve_adapter_name
+
+            adapter_path = resolve_adapter_name(adapter_path)
             _, flat = read_adapter_file(adapter_path)
             adapter = StyleAdapter(config_from_state_dict(flat, adapter.config))
             load_into_adapter(adapter, flat, adapter_path)
