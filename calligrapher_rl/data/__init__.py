@@ -15,7 +15,7 @@ from .entries import DEFAULT_PROMPT, Entry, parse_entries, read_entry_images
 from .synth import SYNTH_VERSION, render_sample, synthesize
 
 BUNDLED = "bundled"
-BUNDLED_GLYPHS = "bundled-glyphs"  # the pretrained tiny's task (synth --task glyphs), 64 examples at 64 px
+BUNDLED_GLYPHS = "bundled-glyphs"  # the pretrained tiny's task (synth --task glyphs), 16 examples at 64 px
 
 __all__ = [
     "BUNDLED", "BUNDLED_GLYPHS", "DEFAULT_PROMPT", "Entry", "TextImageDataset", "collate_fn", "default_dataset_dir",
@@ -58,5 +58,5 @@ def resolve_dataset_path(value) -> str:
     if isinstance(value, str) and value.strip().lower() == BUNDLED:
         return ensure_default_dataset()
     if isinstance(value, str) and value.strip().lower() == BUNDLED_GLYPHS:
-        return ensure_default_dataset(n=64, task="glyphs")
+        return ensure_default_dataset(task="glyphs")
     return os.fspath(value)

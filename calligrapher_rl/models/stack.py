@@ -102,6 +102,8 @@ class CalligrapherStack:
         from diffusers import FluxFillPipeline
         from transformers import SiglipImageProcessor, SiglipVisionModel
 
+        if adapter_path is None and flux_path == "tiny-pretrained":  # the name stands for its whole stack
+            adapter_path = "tiny-pretrained"
         flux_path, siglip_path = resolve_model_paths(flux_path, siglip_path)
         try:
             pipe = FluxFillPipeline.from_pretrained(flux_path, dtype=dtype, local_files_only=True)
