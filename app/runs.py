@@ -247,11 +247,12 @@ def prepare_start(runs_dir: str, name: str, argv: list[str]) -> tuple[str, list[
 
 
 def check_paths(cfg) -> None:
-    """Model and data paths exist (or are the embedded 'tiny' / 'bundled'): fail now, not after loading."""
-    for flag, special in (("pretrained_model_name_or_path", "tiny"), ("siglip_path", "tiny"),
-                          ("train_data_json", "bundled"), ("initial_ip_adapter_path", None)):
+    """Model and data paths exist (or are the embedded names): fail now, not after loading."""
+    tiny, data = ("tiny", "tiny-pretrained"), ("bundled", "bundled-glyphs")
+    for flag, special in (("pretrained_model_name_or_path", tiny), ("siglip_path", tiny),
+                          ("train_data_json", data), ("initial_ip_adapter_path", ("tiny-pretrained",))):
         value = getattr(cfg, flag)
-        if value and value.strip().lower() != special and not os.path.exists(os.path.expanduser(value)):
+        if value and value.strip().lower() not in special and not os.path.exists(os.path.expanduser(value)):
             raise UserError("no such file or folder", where=value, field=f"--{flag}")
 
 

@@ -90,7 +90,7 @@ def _eval(argv) -> int:
                                 description="mean OCR reward of a pretrained tiny on unseen glyph examples (synth seed 0)")
     p.add_argument("--model", default="tiny-pretrained", help="a folder written by pretrain/export, or tiny-pretrained")
     p.add_argument("--ip_adapter", default=None, help="adapter file (default: the model folder's)")
-    p.add_argument("--n", type=int, default=64, help="examples (the first n of synth --task glyphs --seed 0; bundled-glyphs is the first 16)")
+    p.add_argument("--n", type=int, default=64, help="examples (the first n of synth --task glyphs --seed 0)")
     p.add_argument("--steps", type=int, default=4, help="ODE steps (the tiny presets' eval steps)")
     p.add_argument("--grid", default=None, help="also write a PNG grid of the samples here")
     args = p.parse_args(argv)
@@ -102,7 +102,7 @@ def _eval(argv) -> int:
 def evaluate_ocr(model: str = "tiny-pretrained", adapter: str | None = None, *, n: int = 64, steps: int = 4,
                  seed: int = 0, scale: float = 1.0, grid: str | None = None) -> dict:
     """Mean OCR reward of ODE samples (guidance 30, as the presets) on the first `n` glyph examples of synth seed 0
-    (`bundled-glyphs` is the first 16 of them; pretraining never sees seed 0)."""
+    (pretraining never sees seed 0)."""
     import numpy as np
     import torch
 

@@ -1,8 +1,8 @@
 """Learning on the real reward: GRPO on the pretrained tiny raises the OCR reward; permuted advantages do not.
 
-The run is the real trainer in-process on `tiny-pretrained` with the `ocr` reward (RapidOCR), on 4 fixed
-one- and two-character glyph examples (unseen in pretraining) so that every epoch scores the same
-prompts and `reward/mean` carries no prompt-sampling noise. The paired control is the same run, same
+The run is the real trainer in-process on `tiny-pretrained` with the `ocr` reward (RapidOCR), on the
+presets' `bundled-glyphs` (4 one- and two-character examples, unseen in pretraining), so that every
+epoch scores the same prompts and `reward/mean` carries no prompt-sampling noise. The paired control is the same run, same
 seed, with each epoch's advantages randomly permuted across its images: the same update sizes, no
 information about which image read right. It must not learn. Settings and thresholds: docs/learning.md
 (last section).
@@ -10,15 +10,11 @@ information about which image read right. It must not learn. Settings and thresh
 
 from __future__ import annotations
 
-import json
-import os
-
 import numpy as np
 import pytest
 import torch
 
 from calligrapher_rl.config import parse_args
-from calligrapher_rl.data.synth import synthesize
 from calligrapher_rl.training import trainer as trainer_module
 from calligrapher_rl.training.run_dir import read_metrics
 
@@ -26,18 +22,6 @@ pytestmark = pytest.mark.slow
 
 EPOCHS = 12
 K = 3  # epochs averaged at each end
-
-
-def _short_glyph_set(folder) -> str:
-    """The first 4 examples of 1-2 characters among synth seed 1 of the glyphs task."""
-    synthesize(folder, n=24, resolution=64, seed=1, task="glyphs")
-    with open(os.path.join(folder, "data.jsonl"), encoding="utf-8") as f:
-        short = [line for line in f if len(json.loads(line)["text"]) <= 2][:4]
-    assert len(short) == 4
-    path = os.path.join(folder, "short.jsonl")
-    with open(path, "w", encoding="utf-8") as f:
-        f.write("".join(short))
-    return path
 
 
 def _run(tmp_path, data: str, name: str) -> list[float]:
@@ -61,7 +45,7 @@ def one_thread():
 
 
 def test_grpo_raises_ocr_reward_and_permuted_advantages_do_not(tmp_path, monkeypatch):
-    data = _short_glyph_set(tmp_path / "data")
+    data = "bundled-glyphs"  # the presets' 4 short examples: KC, 3, 8, 9H
     learned = _run(tmp_path, data, "grpo")
 
     original = trainer_module.Trainer._advantages

@@ -11,7 +11,11 @@ from safetensors.torch import load_file
 
 from calligrapher_rl.data.synth import GLYPH_CHARS, render_sample
 from calligrapher_rl.models.stack import CalligrapherStack, resolve_model_paths
-from calligrapher_rl.models.tiny import PRETRAINED_DIR, PRETRAINED_NAME, resolve_adapter_name
+from calligrapher_rl.models.tiny import (
+    PRETRAINED_DIR,
+    PRETRAINED_NAME,
+    resolve_adapter_name,
+)
 
 
 def test_shipped_in_the_package_within_25_mb():

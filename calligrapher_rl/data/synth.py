@@ -305,3 +305,17 @@ def synthesize(out_dir: str | os.PathLike, n: int, resolution: int = 512, seed: 
     tmp.write_text("\n".join(lines) + "\n", encoding="utf-8")
     os.replace(tmp, target)
     return target
+
+
+def synthesize_short_glyphs(out_dir: str | os.PathLike, n: int = 4, seed: int = 1, max_len: int = 2) -> Path:
+    """The first `n` examples of at most `max_len` characters among `glyphs` samples of `seed` (the tiny
+    presets' set: short texts are the ones the pretrained tiny already writes sometimes, so RL has a signal)."""
+    out = Path(out_dir)
+    pool = synthesize(out, n=12 * n, resolution=64, seed=seed, task="glyphs")
+    lines = [line for line in pool.read_text(encoding="utf-8").splitlines() if len(json.loads(line)["text"]) <= max_len]
+    if len(lines) < n:
+        raise UserError(f"only {len(lines)} examples of <= {max_len} characters among {12 * n}", field="n")
+    tmp = out / ".data.jsonl.tmp"
+    tmp.write_text("\n".join(lines[:n]) + "\n", encoding="utf-8")
+    os.replace(tmp, pool)
+    return pool

@@ -38,12 +38,12 @@ GUIDANCE = 30.0
 NUM_STYLE_TOKENS = 8
 MAX_TEXT_TOKENS = 32  # the stack's T5 length for narrow text encoders
 DATA_SEED = 10_000
-ARCH = dict(
-    text_dim=64, pooled_dim=64,
-    transformer=dict(num_layers=2, num_single_layers=3, attention_head_dim=32, num_attention_heads=4,
-                     axes_dims_rope=(8, 12, 12)),
-    vae=dict(block_out_channels=[16, 32, 64, 64]),
-)
+ARCH = {
+    "text_dim": 64, "pooled_dim": 64,
+    "transformer": {"num_layers": 2, "num_single_layers": 3, "attention_head_dim": 32, "num_attention_heads": 4,
+                    "axes_dims_rope": (8, 12, 12)},
+    "vae": {"block_out_channels": [16, 32, 64, 64]},
+}
 COMPONENTS = ("vae", "transformer", "text_encoder", "text_encoder_2")
 
 
