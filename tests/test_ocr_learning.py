@@ -20,7 +20,7 @@ from calligrapher_rl.training.run_dir import read_metrics
 
 pytestmark = pytest.mark.slow
 
-EPOCHS = 12
+EPOCHS = 10
 K = 3  # epochs averaged at each end
 
 
