@@ -18,7 +18,10 @@ SUBCOMMANDS = ("pretrain", "export", "eval")
 
 
 def _random_tiny(argv) -> int:
-    p = argparse.ArgumentParser(prog="python -m calligrapher_rl.tiny", description=__doc__.split(":", 1)[1].split("\n")[0].strip())
+    p = argparse.ArgumentParser(prog="python -m calligrapher_rl.tiny",
+                                description=__doc__.split(":", 1)[1].split("\n")[0].strip(),
+                                epilog="commands:\n" + __doc__.split("\n\n", 1)[1],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", required=True, help="folder to write flux-fill/ and siglip/ into")
     p.add_argument("--seed", type=int, default=0, help="weights are deterministic per seed")
     args = p.parse_args(argv)
@@ -48,7 +51,8 @@ def _pretrain(argv) -> int:
     p.add_argument("--workers", type=int, default=d.workers, help="processes rendering the data (0 = all cores)")
     p.add_argument("--max_minutes", type=float, default=0.0,
                    help="end phase 2 early (with a snapshot) once the run has taken this long; 0 = never")
-    p.add_argument("--snapshot_dir", default="", help="where snapshots and a copy of pretrain.json go (default: --out)")
+    p.add_argument("--snapshot_dir", default="",
+                   help="where snapshots and a copy of pretrain.json go (default: --out)")
     p.add_argument("--device", default=None, help="cuda or cpu (default: cuda if present)")
     args = p.parse_args(argv)
     for name in ("n_data", "vae_steps", "dit_steps", "batch_size"):
@@ -87,8 +91,10 @@ def _export(argv) -> int:
 
 def _eval(argv) -> int:
     p = argparse.ArgumentParser(prog="python -m calligrapher_rl.tiny eval",
-                                description="mean OCR reward of a pretrained tiny on unseen glyph examples (synth seed 0)")
-    p.add_argument("--model", default="tiny-pretrained", help="a folder written by pretrain/export, or tiny-pretrained")
+                                description="mean OCR reward of a pretrained tiny on unseen glyph examples "
+                                            "(synth seed 0)")
+    p.add_argument("--model", default="tiny-pretrained",
+                   help="a folder written by pretrain/export, or tiny-pretrained")
     p.add_argument("--ip_adapter", default=None, help="adapter file (default: the model folder's)")
     p.add_argument("--n", type=int, default=64, help="examples (the first n of synth --task glyphs --seed 0)")
     p.add_argument("--steps", type=int, default=4, help="ODE steps (the tiny presets' eval steps)")

@@ -2,8 +2,8 @@
 
 The run is the real trainer in-process on `tiny-pretrained` with the `ocr` reward (RapidOCR), on the
 presets' `bundled-glyphs` (4 one- and two-character examples, unseen in pretraining), so that every
-epoch scores the same prompts and `reward/mean` carries no prompt-sampling noise. The paired control is the same run, same
-seed, with each epoch's advantages randomly permuted across its images: the same update sizes, no
+epoch scores the same prompts and `reward/mean` carries no prompt-sampling noise. The paired control is
+the same run, same seed, with each epoch's advantages randomly permuted across its images: the same update sizes, no
 information about which image read right. It must not learn. Settings and thresholds: docs/learning.md
 (last section).
 """

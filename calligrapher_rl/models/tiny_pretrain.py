@@ -272,11 +272,12 @@ def _train_dit(pipe, siglip, processor, adapter, data, cfg, device, log: _Log, g
         opt.step()
         done = step + 1
         if step % 100 == 0 or done == cfg.dit_steps:
-            log.add("dit", step, loss=round(float(loss.detach()), 5), s_per_step=round((time.time() - t_start) / done, 4))
+            log.add("dit", step, loss=round(float(loss.detach()), 5),
+                    s_per_step=round((time.time() - t_start) / done, 4))
         over = cfg.max_minutes and time.time() - log.t0 > 60 * cfg.max_minutes
         if done in cfg.snapshot_steps or over:
-            save_snapshot(os.path.join(cfg.snapshot_dir or out, f"weights-step{done}.safetensors"), pipe, siglip, adapter,
-                          {"step": done, "seed": cfg.seed})
+            save_snapshot(os.path.join(cfg.snapshot_dir or out, f"weights-step{done}.safetensors"), pipe, siglip,
+                          adapter, {"step": done, "seed": cfg.seed})
         if over:
             log.data["stopped_early_at"] = done
             break
@@ -312,70 +313,3 @@ def pretrain(out: str, cfg: PretrainConfig, device: str | None = None) -> dict:
     log.flush()
     return log.data
 
-
-def continue_dit(snapshot: str, out: str, cfg: PretrainConfig) -> dict:
-    """Phase 2 continued from a snapshot on a CPU: the VAE and the text encoders stay frozen, so every
-    latent, fill condition and prompt embedding is computed once and a step costs only the transformer
-    and the adapter. The learning rate anneals from `dit_lr` to 0 over `dit_steps`."""
-    device = torch.device("cpu")
-    os.makedirs(out, exist_ok=True)
-    log = _Log(out, cfg, device)
-    log.data["init_snapshot"] = os.path.basename(snapshot)
-    pipe, siglip, processor, adapter = load_snapshot(snapshot, cfg.seed)
-    install_style_adapter(pipe.transformer, adapter)
-    for module in (pipe.vae, pipe.text_encoder, pipe.text_encoder_2, siglip):
-        module.eval().requires_grad_(False)
-    from ..data.entries import DEFAULT_PROMPT
-
-    sources, masks, refs, texts = render_data(cfg.n_data, cfg.seed + 1, cfg.workers)  # fresh pictures
-    stack = CalligrapherStack(pipe, siglip, processor, adapter, device, torch.float32, MAX_TEXT_TOKENS)
-    gen = torch.Generator().manual_seed(cfg.seed + 1)
-    x0s, conds, embeds, t5s, pooleds = [], [], [], [], []
-    with torch.no_grad():
-        for i in range(0, cfg.n_data, 256):
-            x, m = _to_unit(sources[i:i + 256]), masks[i:i + 256].float()
-            x0s.append(stack.encode_images(x, generator=gen).float())
-            conds.append(stack.prepare_fill(x, m, generator=gen).cond)
-            embeds.append(stack.encode_style(refs[i:i + 256]))
-            clip_ids, t5_ids = _tokens(pipe, [DEFAULT_PROMPT.format(text=t) for t in texts[i:i + 256]])
-            text = encode_text(pipe, clip_ids, t5_ids)
-            t5s.append(text.prompt_embeds)
-            pooleds.append(text.pooled)
-    x0s, conds, embeds, t5s, pooleds = (torch.cat(v) for v in (x0s, conds, embeds, t5s, pooleds))
-    log.data["times"]["precompute_s"] = round(time.time() - log.t0, 1)
-    img_ids = pipe._prepare_latent_image_ids(cfg.batch_size, RESOLUTION // 16, RESOLUTION // 16, device, torch.float32)
-    text_ids = torch.zeros(t5s.shape[1], 3)
-    trained = [pipe.transformer, adapter]
-    params = [p for m in trained for p in m.train().requires_grad_(True).parameters()]
-    opt = torch.optim.AdamW(params, lr=cfg.dit_lr, weight_decay=0.0)
-    from .stack import FillCondition
-
-    t_start = time.time()
-    for step in range(cfg.dit_steps):
-        for g in opt.param_groups:
-            g["lr"] = _lr(step, cfg.dit_lr, cfg.warmup, cfg.dit_steps)
-        idx = torch.randint(cfg.n_data, (cfg.batch_size,), generator=gen)
-        x0, fill = x0s[idx], FillCondition(conds[idx], img_ids, RESOLUTION, RESOLUTION)
-        b = x0.shape[0]
-        t = torch.sigmoid(torch.randn(b, generator=gen))
-        eps = torch.randn(x0.shape, generator=gen)
-        x_t = (1 - t.view(b, 1, 1)) * x0 + t.view(b, 1, 1) * eps
-        v = stack.velocity(x_t, fill, TextCondition(t5s[idx], pooleds[idx], text_ids), t, embeds[idx], GUIDANCE, 1.0)
-        w = 1.0 + cfg.mask_weight * fill.cond[..., 64:].float().mean(-1)
-        loss = (w * ((v - (eps - x0)) ** 2).mean(-1)).sum() / w.sum()
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        opt.step()
-        done = step + 1
-        if step % 100 == 0 or done == cfg.dit_steps:
-            log.add("dit", step, loss=round(float(loss.detach()), 5), s_per_step=round((time.time() - t_start) / done, 4))
-        if done in cfg.snapshot_steps or done == cfg.dit_steps:
-            save_snapshot(os.path.join(cfg.snapshot_dir or out, f"weights-cont{done}.safetensors"), pipe, siglip,
-                          adapter, {"step": done, "seed": cfg.seed, "init": os.path.basename(snapshot)})
-    for m in trained:
-        m.eval().requires_grad_(False)
-    write_layout(out, pipe, siglip, processor, adapter)
-    log.data["times"]["total_s"] = round(time.time() - log.t0, 1)
-    log.flush()
-    return log.data
