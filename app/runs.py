@@ -242,7 +242,8 @@ def display_state(info: dict) -> str:
 
 # ---------------------------------------------------------------------------------------------- checks
 PATH_FLAGS_READ = ("pretrained_model_name_or_path", "siglip_path", "initial_ip_adapter_path", "train_data_json")
-SPECIAL = {"pretrained_model_name_or_path": "tiny", "siglip_path": "tiny", "train_data_json": "bundled"}
+SPECIAL = {"pretrained_model_name_or_path": ("tiny", "tiny-pretrained"), "siglip_path": ("tiny", "tiny-pretrained"),
+           "train_data_json": ("bundled", "bundled-glyphs"), "initial_ip_adapter_path": ("tiny-pretrained",)}
 
 
 def confine_paths(cfg, run_dir: str, read_roots: list[str]) -> None:
@@ -253,7 +254,7 @@ def confine_paths(cfg, run_dir: str, read_roots: list[str]) -> None:
     confine(logs, [run_dir], "--logging_dir (TensorBoard files)")
     for flag in PATH_FLAGS_READ:
         value = getattr(cfg, flag)
-        if value and value.strip().lower() != SPECIAL.get(flag):
+        if value and value.strip().lower() not in SPECIAL.get(flag, ()):
             confine(value, read_roots, f"--{flag} (add its folder with python app.py --allow_read DIR)")
     resume = cfg.resume_from_checkpoint
     if resume and resume != "latest":

@@ -1,14 +1,27 @@
-"""python -m calligrapher_rl.tiny --out DIR [--seed N]: write the offline tiny FLUX-Fill + SigLIP folders."""
+"""python -m calligrapher_rl.tiny --out DIR [--seed N]: write the offline tiny FLUX-Fill + SigLIP folders.
+
+    python -m calligrapher_rl.tiny --out DIR [--seed N]            the random tiny (for tests)
+    python -m calligrapher_rl.tiny pretrain --out DIR [--seed N]   train the tiny that writes (GPU: minutes)
+    python -m calligrapher_rl.tiny export --snapshot FILE --out DIR   a pretrain snapshot -> the layout
+    python -m calligrapher_rl.tiny eval [--model DIR|tiny-pretrained] [--n 64]   its OCR reward (ODE, 4 steps)
+"""
 
 from __future__ import annotations
 
 import argparse
+import json
+import os
 
-from .errors import cli_main
+from .errors import UserError, cli_main
+
+SUBCOMMANDS = ("pretrain", "export", "eval")
 
 
-def main(argv=None) -> int:
-    p = argparse.ArgumentParser(prog="python -m calligrapher_rl.tiny", description=__doc__.split(":", 1)[1].strip())
+def _random_tiny(argv) -> int:
+    p = argparse.ArgumentParser(prog="python -m calligrapher_rl.tiny",
+                                description=__doc__.split(":", 1)[1].split("\n")[0].strip(),
+                                epilog="commands:\n" + __doc__.split("\n\n", 1)[1],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", required=True, help="folder to write flux-fill/ and siglip/ into")
     p.add_argument("--seed", type=int, default=0, help="weights are deterministic per seed")
     args = p.parse_args(argv)
@@ -17,6 +30,134 @@ def main(argv=None) -> int:
     flux, siglip = write_tiny(args.out, args.seed)
     print(f"{flux}\n{siglip}")
     return 0
+
+
+def _pretrain(argv) -> int:
+    from .models.tiny_pretrain import PretrainConfig
+
+    d = PretrainConfig()
+    p = argparse.ArgumentParser(prog="python -m calligrapher_rl.tiny pretrain",
+                                description="train the tiny stack on the synthetic glyphs task (docs/tiny.md)")
+    p.add_argument("--out", required=True, help="writes flux-fill/, siglip/, ip-adapter.safetensors, pretrain.json")
+    p.add_argument("--seed", type=int, default=d.seed, help="the run is deterministic per seed (and device)")
+    p.add_argument("--n_data", type=int, default=d.n_data, help="synthetic glyph pictures to train on")
+    p.add_argument("--vae_steps", type=int, default=d.vae_steps, help="phase 1: autoencoder steps")
+    p.add_argument("--dit_steps", type=int, default=d.dit_steps, help="phase 2: flow-matching steps")
+    p.add_argument("--batch_size", type=int, default=d.batch_size)
+    p.add_argument("--vae_lr", type=float, default=d.vae_lr)
+    p.add_argument("--dit_lr", type=float, default=d.dit_lr)
+    p.add_argument("--snapshot_steps", default="", help="phase-2 steps to write weights-step{N}.safetensors at, "
+                   "e.g. 1000,2000")
+    p.add_argument("--workers", type=int, default=d.workers, help="processes rendering the data (0 = all cores)")
+    p.add_argument("--max_minutes", type=float, default=0.0,
+                   help="end phase 2 early (with a snapshot) once the run has taken this long; 0 = never")
+    p.add_argument("--snapshot_dir", default="",
+                   help="where snapshots and a copy of pretrain.json go (default: --out)")
+    p.add_argument("--device", default=None, help="cuda or cpu (default: cuda if present)")
+    args = p.parse_args(argv)
+    for name in ("n_data", "vae_steps", "dit_steps", "batch_size"):
+        if getattr(args, name) < 1:
+            raise UserError(f"expected a positive integer, got {getattr(args, name)}", field=f"--{name}")
+    try:
+        snaps = [int(s) for s in args.snapshot_steps.split(",") if s.strip()]
+    except ValueError:
+        raise UserError(f"expected comma-separated integers, got {args.snapshot_steps!r}",
+                        field="--snapshot_steps") from None
+    cfg = PretrainConfig(seed=args.seed, n_data=args.n_data, vae_steps=args.vae_steps, dit_steps=args.dit_steps,
+                         batch_size=args.batch_size, vae_lr=args.vae_lr, dit_lr=args.dit_lr, snapshot_steps=snaps,
+                         workers=args.workers, max_minutes=args.max_minutes,
+                         snapshot_dir=args.snapshot_dir)
+    from .models.tiny_pretrain import pretrain
+
+    log = pretrain(args.out, cfg, args.device)
+    print(json.dumps({"out": args.out, "times": log["times"], "device": log["device"]}))
+    return 0
+
+
+def _export(argv) -> int:
+    p = argparse.ArgumentParser(prog="python -m calligrapher_rl.tiny export",
+                                description="write a pretrain snapshot in the layout of tiny")
+    p.add_argument("--snapshot", required=True, help="a weights-step{N}.safetensors of `pretrain`")
+    p.add_argument("--out", required=True, help="writes flux-fill/, siglip/, ip-adapter.safetensors")
+    p.add_argument("--seed", type=int, default=0, help="the seed the snapshot was trained with")
+    args = p.parse_args(argv)
+    if not os.path.isfile(args.snapshot):
+        raise UserError("no such file", where=args.snapshot, field="--snapshot")
+    from .models.tiny_pretrain import load_snapshot, write_layout
+
+    print("\n".join(write_layout(args.out, *load_snapshot(args.snapshot, args.seed))))
+    return 0
+
+
+def _eval(argv) -> int:
+    p = argparse.ArgumentParser(prog="python -m calligrapher_rl.tiny eval",
+                                description="mean OCR reward of a pretrained tiny on unseen glyph examples "
+                                            "(synth seed 0)")
+    p.add_argument("--model", default="tiny-pretrained",
+                   help="a folder written by pretrain/export, or tiny-pretrained")
+    p.add_argument("--ip_adapter", default=None, help="adapter file (default: the model folder's)")
+    p.add_argument("--n", type=int, default=64, help="examples (the first n of synth --task glyphs --seed 0)")
+    p.add_argument("--steps", type=int, default=4, help="ODE steps (the tiny presets' eval steps)")
+    p.add_argument("--grid", default=None, help="also write a PNG grid of the samples here")
+    args = p.parse_args(argv)
+    result = evaluate_ocr(args.model, args.ip_adapter, n=args.n, steps=args.steps, grid=args.grid)
+    print(json.dumps(result))
+    return 0
+
+
+def evaluate_ocr(model: str = "tiny-pretrained", adapter: str | None = None, *, n: int = 64, steps: int = 4,
+                 seed: int = 0, scale: float = 1.0, grid: str | None = None) -> dict:
+    """Mean OCR reward of ODE samples (guidance 30, as the presets) on the first `n` glyph examples of synth seed 0
+    (pretraining never sees seed 0)."""
+    import numpy as np
+    import torch
+
+    from .data import ensure_default_dataset, load_dataset
+    from .models.stack import CalligrapherStack
+    from .models.tiny import PRETRAINED_NAME
+    from .rewards.base import RewardSample
+    from .rewards.ocr import OcrReward
+    from .sampling import rollout
+    from .training.batches import mask_pil, to_pil
+
+    if model == PRETRAINED_NAME:
+        flux, siglip, adapter = PRETRAINED_NAME, PRETRAINED_NAME, adapter or PRETRAINED_NAME
+    else:
+        flux, siglip = os.path.join(model, "flux-fill"), os.path.join(model, "siglip")
+        adapter = adapter or os.path.join(model, "ip-adapter.safetensors")
+    stack = CalligrapherStack.from_pretrained(flux, siglip, adapter_path=adapter, num_style_tokens=8)
+    data = load_dataset(ensure_default_dataset(n=max(n, 16), task="glyphs"), resolution=64)  # seed 0: unseen
+    items = [data[i] for i in range(min(n, len(data)))]
+    gen = torch.Generator().manual_seed(seed)
+    fill = stack.prepare_fill(torch.stack([it["source"] for it in items]), torch.stack([it["mask"] for it in items]),
+                              generator=gen)
+    embeds = stack.encode_style([it["reference"] for it in items])
+    text = stack.encode_prompts([it["prompt"] for it in items])
+    ro = rollout(stack, fill, text, embeds, num_steps=steps, guidance=30.0, generator=gen, scale=scale)
+    images = to_pil(stack.decode(ro.final, fill.height, fill.width))
+    ocr = OcrReward()
+    scores = [ocr.score_one(RewardSample(image=im, mask=mask_pil(it["mask"]), text=it["text"],
+                                         reference=it["reference"])) for im, it in zip(images, items)]
+    if grid:
+        from PIL import Image
+
+        cols = min(16, len(images))
+        rows = [images[i:i + cols] for i in range(0, len(images), cols)]
+        sheet = Image.new("RGB", (64 * cols, 64 * len(rows)))
+        for r, row in enumerate(rows):
+            for c, im in enumerate(row):
+                sheet.paste(im, (64 * c, 64 * r))
+        sheet.save(grid)
+    return {"ocr": float(np.mean(scores)), "exact": float(np.mean([s == 1.0 for s in scores])), "n": len(scores)}
+
+
+def main(argv=None) -> int:
+    import sys
+
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] in SUBCOMMANDS:
+        return {"pretrain": _pretrain, "export": _export, "eval": _eval}[argv[0]](argv[1:])
+    return _random_tiny(argv)
 
 
 if __name__ == "__main__":

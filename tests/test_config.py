@@ -174,8 +174,9 @@ def test_presets_load_and_validate(name):
 def test_tiny_presets_are_the_cpu_default():
     for name in ("tiny-grpo", "tiny-nft"):
         c = parse_args(["--preset", name])
-        assert (c.pretrained_model_name_or_path, c.siglip_path, c.train_data_json) == ("tiny", "tiny", "bundled")
-        assert c.resolution == 64 and c.mixed_precision == "no" and c.rewards == "fidelity:1.0"
+        assert (c.pretrained_model_name_or_path, c.siglip_path, c.train_data_json) == (
+            "tiny-pretrained", "tiny-pretrained", "bundled-glyphs")  # the shipped tiny that writes
+        assert c.resolution == 64 and c.mixed_precision == "no" and c.rewards == "ocr:1.0"
         assert c.output_dir == f"runs/{name}"
 
 

@@ -15,9 +15,10 @@ from .entries import DEFAULT_PROMPT, Entry, parse_entries, read_entry_images
 from .synth import SYNTH_VERSION, render_sample, synthesize
 
 BUNDLED = "bundled"
+BUNDLED_GLYPHS = "bundled-glyphs"  # 4 short examples of the pretrained tiny's task (synth --task glyphs), 64 px
 
 __all__ = [
-    "BUNDLED", "DEFAULT_PROMPT", "Entry", "TextImageDataset", "collate_fn", "default_dataset_dir",
+    "BUNDLED", "BUNDLED_GLYPHS", "DEFAULT_PROMPT", "Entry", "TextImageDataset", "collate_fn", "default_dataset_dir",
     "ensure_default_dataset", "load_dataset", "parse_entries", "read_entry_images", "render_sample",
     "resolve_dataset_path", "synthesize",
 ]
@@ -35,19 +36,20 @@ def __getattr__(name: str):
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
-def default_dataset_dir(resolution: int = 64, n: int = 16, seed: int = 0) -> Path:
+def default_dataset_dir(resolution: int = 64, n: int = 16, seed: int = 0, task: str = "words") -> Path:
     """Where the default synthetic set of these parameters lives (the name changes with SYNTH_VERSION)."""
-    return cache_dir() / "datasets" / f"synth-v{SYNTH_VERSION}-r{resolution}-n{n}-s{seed}"
+    kind = "synth" if task == "words" else f"synth-{task}"
+    return cache_dir() / "datasets" / f"{kind}-v{SYNTH_VERSION}-r{resolution}-n{n}-s{seed}"
 
 
-def ensure_default_dataset(resolution: int = 64, n: int = 16, seed: int = 0) -> str:
+def ensure_default_dataset(resolution: int = 64, n: int = 16, seed: int = 0, task: str = "words") -> str:
     """Build the default set if it is not there yet; return the path of its data.jsonl.
 
     It is written into a temporary sibling folder and renamed into place, so a crash or a concurrent
     process never leaves a half-written set where a later run would read it.
     """
-    final = build_once(default_dataset_dir(resolution, n, seed), "data.jsonl",
-                       lambda tmp: synthesize(tmp, n=n, resolution=resolution, seed=seed))
+    final = build_once(default_dataset_dir(resolution, n, seed, task), "data.jsonl",
+                       lambda tmp: synthesize(tmp, n=n, resolution=resolution, seed=seed, task=task))
     return str(final / "data.jsonl")
 
 
@@ -55,4 +57,10 @@ def resolve_dataset_path(value) -> str:
     """A dataset argument as a path: "bundled" (any case) means the default synthetic set."""
     if isinstance(value, str) and value.strip().lower() == BUNDLED:
         return ensure_default_dataset()
+    if isinstance(value, str) and value.strip().lower() == BUNDLED_GLYPHS:
+        from .synth import synthesize_short_glyphs
+
+        final = build_once(cache_dir() / "datasets" / f"glyphs-short-v{SYNTH_VERSION}-n4-s1", "data.jsonl",
+                           lambda tmp: synthesize_short_glyphs(tmp, n=4, seed=1))
+        return str(final / "data.jsonl")
     return os.fspath(value)

@@ -1,6 +1,6 @@
 """Command line: `synth` builds a synthetic text dataset, `validate` checks one.
 
-    python -m calligrapher_rl.data synth --out DIR --n N [--resolution R] [--seed N]
+    python -m calligrapher_rl.data synth --out DIR --n N [--resolution R] [--seed N] [--task words|glyphs]
     python -m calligrapher_rl.data validate PATH
 
 Both go through errors.cli_main, so a user mistake prints one line, never a traceback.
@@ -22,6 +22,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--n", type=int, required=True, help="number of samples")
     p.add_argument("--resolution", type=int, default=512, help="square side in pixels (multiple of 16)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--task", default="words", help="words (varied text and styles) or glyphs (1-4 digits and "
+                   "capitals, plain fonts, flat backgrounds: the pretrained tiny's task)")
     v = sub.add_parser("validate", help="check every entry of a dataset; exit 1 if any problem")
     v.add_argument("path", help='a .json/.jsonl file, a folder holding one or self_bench.txt, or "bundled"')
     args = parser.parse_args(argv)
@@ -32,7 +34,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "synth":
         from .synth import synthesize
 
-        target = synthesize(args.out, n=args.n, resolution=args.resolution, seed=args.seed)
+        target = synthesize(args.out, n=args.n, resolution=args.resolution, seed=args.seed, task=args.task)
         print(f"wrote {args.n} samples at {args.resolution}x{args.resolution} to {target}")
         return 0
 

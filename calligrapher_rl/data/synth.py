@@ -45,6 +45,13 @@ NUMBER_FORMS = ("{d4}", "${d1}.{d2}", "No.{d1}", "{d2}%", "24/7", "{d1}:{d2}", "
 CONSONANTS = "bcdfghjklmnprstvwxz"
 VOWELS = "aeiouy"
 
+# The `glyphs` task: a task a tiny model can learn and an OCR engine reads at 64 px. 1-4 characters from
+# the digits and capitals that no OCR confuses with a digit (no O/I/S/B/Z/G), in the two plainest
+# vendored faces, upright, dark-on-light or light-on-dark on a flat background.
+GLYPH_CHARS = "0123456789ACEHKLPX"
+GLYPH_FONTS = ("dejavu-sans-bold", "dejavu-sans-mono")
+TASKS = ("words", "glyphs")
+
 
 @dataclass
 class SynthSample:
@@ -169,9 +176,56 @@ def _padding(layer: Image.Image) -> int:
     return max(2, round(0.12 * min(layer.size)))
 
 
-def render_sample(index: int, seed: int = 0, resolution: int = 512) -> SynthSample:
-    """Sample `index` of the data set for `seed` (independent of how many samples are made)."""
+def random_glyphs(rng: np.random.Generator, lo: int = 1, hi: int = 4) -> str:
+    return "".join(_pick(rng, GLYPH_CHARS) for _ in range(int(rng.integers(lo, hi + 1))))
+
+
+def _render_glyphs(rng: np.random.Generator, side: int) -> SynthSample:
+    """The `glyphs` task: 1-4 characters, ink about 40% of the side high, at most 85% wide."""
+    text = random_glyphs(rng)
+    ref_text = random_glyphs(rng, 2, 4)
+    while ref_text == text:
+        ref_text = random_glyphs(rng, 2, 4)
+    light = rng.random() < 0.5
+    lo, hi = (170, 256) if light else (0, 86)
+    bg_colour = tuple(int(v) for v in rng.integers(lo, hi, size=3))
+    colour = tuple(int(v) for v in rng.integers(0, 86, size=3)) if light else \
+        tuple(int(v) for v in rng.integers(170, 256, size=3))
+    fonts = [f for f in GLYPH_FONTS if f in available_fonts()] or available_fonts()
+    font = _pick(rng, fonts)
+    bg = {"kind": "flat", "colours": [list(bg_colour)]}
+    style = {"font": font, "colour": list(colour), "background": bg, "angle": 0.0,
+             "stroke_colour": list(colour), "stroke_width": 0}
+    probe = load_font(font, 100)
+    pl, pt, pr, pb = probe.getbbox("0" * max(len(text), 2))  # one size per length: a steady glyph height
+    size = int(min(100 * 0.85 * side / max(pr - pl, 1), 100 * 0.4 * side / max(pb - pt, 1)))
+    style["size"] = max(size, 8)
+    layer = render_text(text, style)
+    pad = _padding(layer)
+    lw, lh = layer.size
+    x = int(rng.integers(pad, max(pad, side - lw - pad) + 1))
+    y = int(rng.integers(pad, max(pad, side - lh - pad) + 1))
+    canvas = Image.new("RGBA", (side, side), bg_colour + (255,))
+    canvas.alpha_composite(layer, (x, y))
+    mask = Image.new("L", (side, side), 0)
+    ImageDraw.Draw(mask).rectangle(
+        (max(0, x - pad), max(0, y - pad), min(side, x + lw + pad) - 1, min(side, y + lh + pad) - 1), fill=255)
+    ref_layer = render_text(ref_text, style)
+    rw, rh = ref_layer.size
+    ref = Image.new("RGBA", (rw + 2 * pad, rh + 2 * pad), bg_colour + (255,))
+    ref.alpha_composite(ref_layer, (pad, pad))
+    return SynthSample(canvas.convert("RGB"), mask, ref.convert("RGB"), text, ref_text, style)
+
+
+def render_sample(index: int, seed: int = 0, resolution: int = 512, task: str = "words") -> SynthSample:
+    """Sample `index` of the data set for `seed` (independent of how many samples are made).
+
+    `task`: `words` (varied words, fonts, backgrounds, rotations) or `glyphs` (see GLYPH_CHARS)."""
+    if task not in TASKS:
+        raise UserError(f"expected one of {', '.join(TASKS)}, got {task!r}", field="--task")
     rng = np.random.default_rng([seed, index, SYNTH_VERSION])
+    if task == "glyphs":
+        return _render_glyphs(rng, resolution)
     side = resolution
     text = random_word(rng)
     ref_text = random_word(rng)
@@ -212,7 +266,9 @@ def render_sample(index: int, seed: int = 0, resolution: int = 512) -> SynthSamp
     return SynthSample(canvas.convert("RGB"), mask, ref.convert("RGB"), text, ref_text, style)
 
 
-def _check_args(n: int, resolution: int, seed: int) -> None:
+def _check_args(n: int, resolution: int, seed: int, task: str = "words") -> None:
+    if task not in TASKS:
+        raise UserError(f"expected one of {', '.join(TASKS)}, got {task!r}", field="--task")
     if n < 1:
         raise UserError(f"expected at least 1 sample, got {n}", field="--n")
     if resolution < 32 or resolution % 16:
@@ -221,9 +277,10 @@ def _check_args(n: int, resolution: int, seed: int) -> None:
         raise UserError(f"expected a non-negative seed, got {seed}", field="--seed")
 
 
-def synthesize(out_dir: str | os.PathLike, n: int, resolution: int = 512, seed: int = 0) -> Path:
+def synthesize(out_dir: str | os.PathLike, n: int, resolution: int = 512, seed: int = 0,
+               task: str = "words") -> Path:
     """Write DIR/images/{id}_{source,mask,ref}.png and DIR/data.jsonl; return the data.jsonl path."""
-    _check_args(n, resolution, seed)
+    _check_args(n, resolution, seed, task)
     out = Path(out_dir)
     try:
         (out / "images").mkdir(parents=True, exist_ok=True)
@@ -231,7 +288,7 @@ def synthesize(out_dir: str | os.PathLike, n: int, resolution: int = 512, seed: 
         raise UserError(f"cannot create the folder ({exc.strerror})", where=str(out), field="--out") from None
     lines = []
     for i in range(n):
-        s = render_sample(i, seed, resolution)
+        s = render_sample(i, seed, resolution, task)
         sid = f"s{seed}-{i:06d}"
         rel = {k: f"images/{sid}_{k}.png" for k in ("source", "mask", "ref")}
         for key, image in (("source", s.source), ("mask", s.mask), ("ref", s.reference)):
@@ -248,3 +305,17 @@ def synthesize(out_dir: str | os.PathLike, n: int, resolution: int = 512, seed: 
     tmp.write_text("\n".join(lines) + "\n", encoding="utf-8")
     os.replace(tmp, target)
     return target
+
+
+def synthesize_short_glyphs(out_dir: str | os.PathLike, n: int = 4, seed: int = 1, max_len: int = 2) -> Path:
+    """The first `n` examples of at most `max_len` characters among `glyphs` samples of `seed` (the tiny
+    presets' set: short texts are the ones the pretrained tiny already writes sometimes, so RL has a signal)."""
+    out = Path(out_dir)
+    pool = synthesize(out, n=12 * n, resolution=64, seed=seed, task="glyphs")
+    lines = [line for line in pool.read_text(encoding="utf-8").splitlines() if len(json.loads(line)["text"]) <= max_len]
+    if len(lines) < n:
+        raise UserError(f"only {len(lines)} examples of <= {max_len} characters among {12 * n}", field="n")
+    tmp = out / ".data.jsonl.tmp"
+    tmp.write_text("\n".join(lines[:n]) + "\n", encoding="utf-8")
+    os.replace(tmp, pool)
+    return pool

@@ -54,12 +54,13 @@ def is_hub_id(name: str) -> bool:
 
 
 def resolve_model(name: str, kind: str) -> ResolvedModel:
-    """`name` (folder, `tiny` or Hub id) -> a checked local folder of `kind` ("flux" or "siglip")."""
+    """`name` (folder, `tiny`, `tiny-pretrained` or Hub id) -> a checked local folder of `kind` ("flux" or "siglip")."""
     marker, flag, what = KINDS[kind]
-    if name == "tiny":
-        from .tiny import ensure_tiny
+    if name in ("tiny", "tiny-pretrained"):
+        from .tiny import resolve_tiny_names
 
-        resolved = ResolvedModel(ensure_tiny()[0 if kind == "flux" else 1], "tiny model", name)
+        pair = resolve_tiny_names(name, name)
+        resolved = ResolvedModel(pair[0 if kind == "flux" else 1], f"{name} model", name)
     elif is_hub_id(name):
         resolved = _from_hub(name, kind, flag)
     else:

@@ -72,8 +72,8 @@ class CalligrapherModel(nn.Module):
 
 
 def resolve_model_paths(flux_path: str, siglip_path: str) -> tuple[str, str]:
-    """Local folders of what the user typed: a folder, `tiny` (the embedded offline model, built on first use)
-    or a Hugging Face Hub id (from the local cache; see hub.py)."""
+    """Local folders of what the user typed: a folder, `tiny` (the embedded random model, built on first use),
+    `tiny-pretrained` (the shipped one that writes) or a Hugging Face Hub id (from the local cache; see hub.py)."""
     from .hub import resolve_model
 
     return resolve_model(flux_path, "flux").path, resolve_model(siglip_path, "siglip").path
@@ -101,6 +101,8 @@ class CalligrapherStack:
         from diffusers import FluxFillPipeline
         from transformers import SiglipVisionModel
 
+        if adapter_path is None and flux_path == "tiny-pretrained":  # the name stands for its whole stack
+            adapter_path = "tiny-pretrained"
         flux_path, siglip_path = resolve_model_paths(flux_path, siglip_path)
         try:
             pipe = FluxFillPipeline.from_pretrained(flux_path, dtype=dtype, local_files_only=True)
@@ -119,6 +121,9 @@ class CalligrapherStack:
             torch.manual_seed(seed)
             adapter = StyleAdapter.for_transformer(pipe.transformer, siglip.config.hidden_size, **overrides)
         if adapter_path:
+            from .tiny import resolve_adapter_name
+
+            adapter_path = resolve_adapter_name(adapter_path)
             _, flat = read_adapter_file(adapter_path)
             adapter = StyleAdapter(config_from_state_dict(flat, adapter.config))
             load_into_adapter(adapter, flat, adapter_path)

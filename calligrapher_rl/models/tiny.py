@@ -32,7 +32,7 @@ TINY_POOLED_DIM = 32  # CLIP width == pooled_projection_dim
 TINY_SIGLIP_SIZE = 64
 
 
-def tiny_transformer_config() -> dict:
+def tiny_transformer_config(**overrides) -> dict:
     return dict(
         patch_size=1,
         in_channels=384,  # 64 noisy + 64 masked-image + 256 mask features per packed token
@@ -45,10 +45,10 @@ def tiny_transformer_config() -> dict:
         pooled_projection_dim=TINY_POOLED_DIM,
         guidance_embeds=True,
         axes_dims_rope=(4, 6, 6),
-    )
+    ) | overrides
 
 
-def tiny_vae_config() -> dict:
+def tiny_vae_config(**overrides) -> dict:
     return dict(
         in_channels=3,
         out_channels=3,
@@ -63,7 +63,7 @@ def tiny_vae_config() -> dict:
         shift_factor=0.1159,
         use_quant_conv=False,
         use_post_quant_conv=False,
-    )
+    ) | overrides
 
 
 def _clip_tokenizer() -> CLIPTokenizer:
@@ -87,22 +87,28 @@ def _t5_tokenizer() -> T5TokenizerFast:
     return T5TokenizerFast(vocab=pieces, extra_ids=0, model_max_length=512)
 
 
-def build_tiny_pipeline(seed: int = 0) -> FluxFillPipeline:
+def build_tiny_pipeline(seed: int = 0, *, text_dim: int = TINY_TEXT_DIM, pooled_dim: int = TINY_POOLED_DIM,
+                        transformer: dict | None = None, vae: dict | None = None) -> FluxFillPipeline:
+    """Random weights, deterministic per seed; the keyword sizes are the pretrained tiny's (tiny_pretrain.py)."""
     torch.manual_seed(seed)
     clip_tok, t5_tok = _clip_tokenizer(), _t5_tokenizer()
     clip = CLIPTextModel(
         CLIPTextConfig(
-            vocab_size=len(clip_tok), hidden_size=TINY_POOLED_DIM, intermediate_size=37, num_hidden_layers=2,
-            num_attention_heads=2, max_position_embeddings=77, projection_dim=TINY_POOLED_DIM,
-            bos_token_id=clip_tok.bos_token_id, eos_token_id=clip_tok.eos_token_id, pad_token_id=clip_tok.pad_token_id,
+            vocab_size=len(clip_tok), hidden_size=pooled_dim, intermediate_size=37 if pooled_dim == TINY_POOLED_DIM
+            else 2 * pooled_dim, num_hidden_layers=2, num_attention_heads=2, max_position_embeddings=77,
+            projection_dim=pooled_dim, bos_token_id=clip_tok.bos_token_id, eos_token_id=clip_tok.eos_token_id,
+            pad_token_id=clip_tok.pad_token_id,
         )
     )
     t5 = T5EncoderModel(
-        T5Config(vocab_size=len(t5_tok), d_model=TINY_TEXT_DIM, d_kv=8, d_ff=37, num_layers=2, num_heads=4,
+        T5Config(vocab_size=len(t5_tok), d_model=text_dim, d_kv=8 if text_dim == TINY_TEXT_DIM else text_dim // 4,
+                 d_ff=37 if text_dim == TINY_TEXT_DIM else 2 * text_dim, num_layers=2, num_heads=4,
                  decoder_start_token_id=0, pad_token_id=0, eos_token_id=1)
     )
-    transformer = FluxTransformer2DModel(**tiny_transformer_config())
-    vae = AutoencoderKL(**tiny_vae_config())
+    transformer = FluxTransformer2DModel(**tiny_transformer_config(joint_attention_dim=text_dim,
+                                                                   pooled_projection_dim=pooled_dim,
+                                                                   **(transformer or {})))
+    vae = AutoencoderKL(**tiny_vae_config(**(vae or {})))
     scheduler = FlowMatchEulerDiscreteScheduler(
         num_train_timesteps=1000, shift=3.0, use_dynamic_shifting=True, base_shift=0.5, max_shift=1.15,
         base_image_seq_len=256, max_image_seq_len=4096,
@@ -145,3 +151,26 @@ def ensure_tiny(seed: int = 0) -> tuple[str, str]:
 
     final = build_once(cache_dir() / f"tiny-seed{seed}", "siglip/config.json", build)
     return os.path.join(final, "flux-fill"), os.path.join(final, "siglip")
+
+
+# The pretrained tiny (models/tiny_pretrain.py) ships in the package: no build, no download.
+PRETRAINED_NAME = "tiny-pretrained"
+PRETRAINED_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "assets", PRETRAINED_NAME)
+
+
+def resolve_tiny_names(flux_path: str, siglip_path: str) -> tuple[str, str]:
+    """`tiny` = the random tiny (built once into the cache); `tiny-pretrained` = the shipped one that writes."""
+    if "tiny" in (flux_path, siglip_path):
+        tiny_flux, tiny_siglip = ensure_tiny()
+        flux_path = tiny_flux if flux_path == "tiny" else flux_path
+        siglip_path = tiny_siglip if siglip_path == "tiny" else siglip_path
+    if flux_path == PRETRAINED_NAME:
+        flux_path = os.path.join(PRETRAINED_DIR, "flux-fill")
+    if siglip_path == PRETRAINED_NAME:
+        siglip_path = os.path.join(PRETRAINED_DIR, "siglip")
+    return flux_path, siglip_path
+
+
+def resolve_adapter_name(path: str | None) -> str | None:
+    """`tiny-pretrained` as an adapter path = the shipped pretrained adapter (release names, safetensors)."""
+    return os.path.join(PRETRAINED_DIR, "ip-adapter.safetensors") if path == PRETRAINED_NAME else path

@@ -12,11 +12,11 @@ import os
 
 from ..errors import UserError
 
-TINY, BUNDLED = "tiny", "bundled"
+TINY, BUNDLED = ("tiny", "tiny-pretrained"), ("bundled", "bundled-glyphs")  # the embedded names
 
 
-def _is(value, special: str) -> bool:
-    return isinstance(value, str) and value.strip().lower() == special
+def _is(value, special: tuple[str, ...]) -> bool:
+    return isinstance(value, str) and value.strip().lower() in special
 
 
 def _rewards(cfg) -> list[str]:
@@ -44,7 +44,7 @@ def _model_paths(cfg) -> list[str]:
         elif not os.path.isfile(os.path.join(path, marker)):
             problems.append(f"--{flag}: expected {what} (with {marker}), got {value}")
     init = cfg.initial_ip_adapter_path
-    if init and not os.path.isfile(os.path.expanduser(init)):
+    if init and not _is(init, ("tiny-pretrained",)) and not os.path.isfile(os.path.expanduser(init)):
         problems.append(f"--initial_ip_adapter_path: no such file: {init}")
     resume = cfg.resume_from_checkpoint
     if resume and resume != "latest":
