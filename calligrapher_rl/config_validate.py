@@ -184,6 +184,7 @@ def warnings(cfg) -> list[str]:
         out.append("--mixed_precision fp16: FLUX activations overflow in fp16; use bf16")
     if c.use_rl and c.rl_method == "grpo" and c.rl_sde_type == "cps" and c.rl_grpo_clip_range > 1e-3:
         out.append("--rl_sde_type cps: its log-probabilities drop the constants; use a clip range near 1e-5")
-    if c.use_rl and not c.initial_ip_adapter_path and c.rl_warmup_steps == 0:
+    ships_adapter = c.pretrained_model_name_or_path == "tiny-pretrained"  # the name loads its pretrained adapter
+    if c.use_rl and not c.initial_ip_adapter_path and not ships_adapter and c.rl_warmup_steps == 0:
         out.append("RL from a randomly initialised style adapter with no supervised warmup")
     return out

@@ -65,8 +65,12 @@ def test_the_trainer_refuses_before_loading_anything(tmp_path):
     c = cfg(tmp_path, "--rewards", "nonsense:1.0")
     with pytest.raises(UserError, match="unknown reward 'nonsense'"):
         Trainer(c)
-    # nothing was started: no status ("starting ... loading models"), no run folder content
-    assert not os.path.exists(os.path.join(c.output_dir, "status.json"))
+    # nothing was loaded (run.json is written once the models are), and the run folder says why it failed
+    from calligrapher_rl.training.run_dir import read_status
+
+    assert not os.path.exists(os.path.join(c.output_dir, "run.json"))
+    status = read_status(c.output_dir)
+    assert status["state"] == "failed" and "nonsense" in status["message"], status
 
 
 def test_the_cli_says_it_in_one_line(tmp_path):
@@ -78,4 +82,4 @@ def test_the_cli_says_it_in_one_line(tmp_path):
                        timeout=120)
     assert r.returncode == 2 and "Traceback" not in r.stderr
     assert r.stderr.strip().splitlines()[-1].startswith("error: --rewards: unknown reward 'nonsense'")
-    assert not os.path.exists(tmp_path / "run" / "status.json")
+    assert not os.path.exists(tmp_path / "run" / "run.json")  # refused before any model was loaded
