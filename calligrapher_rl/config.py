@@ -82,8 +82,11 @@ class TrainConfig:
     # --- model and data ---
     model_type: str = _MODEL("flux", "base model family (FLUX.1-Fill)", choices=("flux",))
     pretrained_model_name_or_path: str | None = _MODEL(
-        None, "FLUX.1-Fill-dev diffusers folder, or 'tiny' for the offline tiny model (required)")
-    siglip_path: str | None = _MODEL(None, "SigLIP so400m-patch14-384 folder (style encoder), or 'tiny' (required)")
+        None, "FLUX.1-Fill-dev: a diffusers folder, a Hub id from the local Hugging Face cache "
+              "(black-forest-labs/FLUX.1-Fill-dev), 'tiny-pretrained' (the shipped tiny that writes) or 'tiny' "
+              "(the random tiny) (required)")
+    siglip_path: str | None = _MODEL(None, "SigLIP so400m-patch14-384 (style encoder): a folder, a Hub id from the local "
+                                           "cache, 'tiny-pretrained' or 'tiny' (required)")
     initial_ip_adapter_path: str | None = _MODEL(
         None, "style adapter to start from: the release's calligrapher.bin, a fork ip-adapter.bin or this "
               "project's .safetensors; none = random initialisation")

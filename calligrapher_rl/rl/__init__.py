@@ -1,6 +1,6 @@
 """The RL math, as pure functions of tensors: sampler-step log-probabilities (``sde``), the GRPO and
 DiffusionNFT losses, group-relative advantages and the parameter EMA. No I/O and no model classes, so
-every formula can be tested on random tensors (formulas: ``reference/rl-formulas.md``)."""
+every formula can be tested on random tensors (formulas: ``docs/rl-formulas.md``)."""
 
 from .advantages import PerPromptStatTracker, batch_advantages, compute_advantages
 from .ema import ParamEMA, ema_decay_at

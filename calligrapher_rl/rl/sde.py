@@ -9,7 +9,7 @@ serves two purposes:
 * training: ``prev_sample`` is the stored latent and the log-probability is recomputed under the
   current weights (gradient flows through the mean only).
 
-Conventions (``reference/rl-formulas.md``): sigmas run from 1 (noise) to 0 (clean), ``dt = s' - s < 0``,
+Conventions (``docs/rl-formulas.md``): sigmas run from 1 (noise) to 0 (clean), ``dt = s' - s < 0``,
 the model predicts ``v ~ eps - x0``. All arithmetic is float32 whatever the model dtype, because the
 log-probability ratio of GRPO is sensitive to rounding.
 
