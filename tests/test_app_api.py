@@ -109,7 +109,7 @@ def test_start_a_run_and_watch_it_finish(studio):
 def test_inference_and_compare_on_a_checkpoint(studio, tmp_path):
     _, runs_dir, client = studio
     ckpt, flux, siglip = client.predict("base", api_name="/checkpoints")  # the run's models, never a resize
-    assert ckpt["value"] == "base/checkpoint-4/ip-adapter-ema.safetensors" and (flux, siglip) == ("tiny", "tiny")
+    assert ckpt["value"] == "base/checkpoint-4/ip-adapter-ema.safetensors" and (flux, siglip) == ("tiny-pretrained", "tiny-pretrained")
     editor, mask, reference, text = client.predict(api_name="/load_example")
     assert editor["layers"] == [] and mask and reference and text
     value = {"background": handle_file(editor["background"]), "layers": [], "composite": handle_file(editor["composite"])}

@@ -83,7 +83,7 @@ def test_charts_from_real_metrics(trained):
     figs = charts.figures(rows, revision="base", method="grpo")
     assert set(figs) == {"reward", "kl", "loss", "clipfrac"}
     names = [t.name for t in figs["reward"].data]
-    assert "reward/mean" in names and "reward/fidelity" in names and "eval (EMA, fixed set)" in names
+    assert "reward/mean" in names and "reward/ocr" in names and "eval (EMA, fixed set)" in names  # the preset's reward
     assert "reward/count" not in names
     loss = [t.name for t in figs["loss"].data]
     assert loss == ["loss (warmup)", "loss (rl)"]  # the phases are separate traces
@@ -208,7 +208,7 @@ def test_path_confinement(trained, tmp_path):
 def test_preset_save_load_round_trip(tmp_path):
     runs_dir = str(tmp_path)
     form = presets.form_values(runs_dir, "tiny-grpo")
-    assert form[presets.FORM_FLAGS.index("pretrained_model_name_or_path")] == "tiny"
+    assert form[presets.FORM_FLAGS.index("pretrained_model_name_or_path")] == "tiny-pretrained"
     form[presets.FORM_FLAGS.index("learning_rate")] = 0.002
     form[presets.FORM_FLAGS.index("rl_method")] = "nft"
     form[presets.FORM_FLAGS.index("rewards")] = "fidelity:0.5,style:0.5"

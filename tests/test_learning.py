@@ -39,7 +39,10 @@ EPOCHS = 15
 FLOOR = {"grpo": 0.006, "nft": 0.005}  # about half the smallest gain over seeds 1-3 (docs/learning.md)
 
 # Everything that is not the method: model, data, sizes, no warmup/eval/checkpoints/EMA in between.
-COMMON = ["--resolution", "32", "--num_style_tokens", "8", "--rl_num_inference_steps", "4",
+COMMON = ["--pretrained_model_name_or_path", "tiny", "--siglip_path", "tiny", "--train_data_json", "bundled",
+          "--rewards", "fidelity:1.0", "--train_batch_size", "16", "--ip_adapter_scale", "2.0",
+          "--learning_rate", "2e-2", "--ema_decay", "0.99",  # the random tiny, as measured in docs/learning.md
+          "--resolution", "32", "--num_style_tokens", "8", "--rl_num_inference_steps", "4",
           "--rl_warmup_steps", "0", "--use_ema", "false", "--eval_steps", "0", "--eval_at_start", "false",
           "--checkpointing_steps", "100000", "--report_to", "none", "--rl_kl_beta", "0",
           "--mixed_precision", "no", "--rl_guidance_scale", "30", "--rl_per_prompt_stat_tracking", "true",

@@ -21,7 +21,12 @@ from calligrapher_rl.training.batches import GroupSampler
 from calligrapher_rl.training.run_dir import read_metrics, read_status, request_stop
 from calligrapher_rl.training.trainer import train
 
-FAST = ["--resolution", "32", "--rl_num_inference_steps", "4", "--rl_eval_num_inference_steps", "4",
+# The random tiny and the cheap fidelity reward at toy sizes (the tiny presets now run the pretrained tiny on OCR):
+# what these tests check is the plumbing, in seconds.
+RANDOM_TINY = ["--pretrained_model_name_or_path", "tiny", "--siglip_path", "tiny", "--train_data_json", "bundled",
+               "--rewards", "fidelity:1.0", "--rl_num_images_per_prompt", "4", "--train_batch_size", "16",
+               "--ip_adapter_scale", "2.0", "--learning_rate", "2e-2", "--ema_decay", "0.99", "--eval_steps", "10"]
+FAST = [*RANDOM_TINY, "--resolution", "32", "--rl_num_inference_steps", "4", "--rl_eval_num_inference_steps", "4",
         "--num_eval_samples", "2", "--num_style_tokens", "8"]
 ROOT = Path(__file__).resolve().parents[1]
 
