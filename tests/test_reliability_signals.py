@@ -14,6 +14,7 @@ import time
 from pathlib import Path
 
 from fastapi import FastAPI, Request
+from test_reliability import _wait  # the one wait-on-state helper of the run tests
 from test_rewards_server import Served
 
 from calligrapher_rl.training.run_dir import read_metrics, read_status
@@ -69,14 +70,6 @@ def _start(out, url, *extra):
          "--rl_warmup_steps", "1", "--max_train_steps", "1000", "--checkpointing_steps", "1000",
          "--rewards", "fidelity", "--reward_server_url", url, *extra],
         cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-
-
-def _wait(cond, what, proc, timeout=180):
-    deadline = time.time() + timeout
-    while not cond():
-        assert proc.poll() is None, f"run exited while waiting for {what}: {proc.stderr.read()[-2000:]}"
-        assert time.time() < deadline, f"timed out waiting for {what}"
-        time.sleep(0.1)
 
 
 def _state(out):

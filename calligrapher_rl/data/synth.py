@@ -202,19 +202,8 @@ def _render_glyphs(rng: np.random.Generator, side: int) -> SynthSample:
     style["size"] = max(size, 8)
     layer = render_text(text, style)
     pad = _padding(layer)
-    lw, lh = layer.size
-    x = int(rng.integers(pad, max(pad, side - lw - pad) + 1))
-    y = int(rng.integers(pad, max(pad, side - lh - pad) + 1))
-    canvas = Image.new("RGBA", (side, side), bg_colour + (255,))
-    canvas.alpha_composite(layer, (x, y))
-    mask = Image.new("L", (side, side), 0)
-    ImageDraw.Draw(mask).rectangle(
-        (max(0, x - pad), max(0, y - pad), min(side, x + lw + pad) - 1, min(side, y + lh + pad) - 1), fill=255)
-    ref_layer = render_text(ref_text, style)
-    rw, rh = ref_layer.size
-    ref = Image.new("RGBA", (rw + 2 * pad, rh + 2 * pad), bg_colour + (255,))
-    ref.alpha_composite(ref_layer, (pad, pad))
-    return SynthSample(canvas.convert("RGB"), mask, ref.convert("RGB"), text, ref_text, style)
+    return _compose(layer, pad, side, text, ref_text, style, rng,
+                    lambda size: Image.new("RGBA", size, bg_colour + (255,)))
 
 
 def render_sample(index: int, seed: int = 0, resolution: int = 512, task: str = "words") -> SynthSample:
@@ -251,17 +240,24 @@ def render_sample(index: int, seed: int = 0, resolution: int = 512, task: str = 
         if max(layer.size) + 2 * pad <= side or size <= 6:
             break
         size = int(size * 0.9)
+    return _compose(layer, pad, side, text, ref_text, style, rng,
+                    lambda size: make_background(bg, size, rng).convert("RGBA"))
+
+
+def _compose(layer, pad: int, side: int, text: str, ref_text: str, style: dict, rng, background) -> SynthSample:
+    """Place the rendered text at a random padded spot of a `side` square, its padded box as the mask, and the
+    reference text in the same style on its own padded card; `background(size)` paints each RGBA canvas."""
     lw, lh = layer.size
     x = int(rng.integers(pad, max(pad, side - lw - pad) + 1))
     y = int(rng.integers(pad, max(pad, side - lh - pad) + 1))
-    canvas = make_background(bg, (side, side), rng).convert("RGBA")
+    canvas = background((side, side))
     canvas.alpha_composite(layer, (x, y))
     mask = Image.new("L", (side, side), 0)
     ImageDraw.Draw(mask).rectangle(
         (max(0, x - pad), max(0, y - pad), min(side, x + lw + pad) - 1, min(side, y + lh + pad) - 1), fill=255)
     ref_layer = render_text(ref_text, style)
     rw, rh = ref_layer.size
-    ref = make_background(bg, (rw + 2 * pad, rh + 2 * pad), rng).convert("RGBA")
+    ref = background((rw + 2 * pad, rh + 2 * pad))
     ref.alpha_composite(ref_layer, (pad, pad))
     return SynthSample(canvas.convert("RGB"), mask, ref.convert("RGB"), text, ref_text, style)
 

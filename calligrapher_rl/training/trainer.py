@@ -139,8 +139,8 @@ class Trainer:
         if self._custom["rewards"] is not None:  # run.json records the rewards that were used
             self.cfg = cfg = dataclasses.replace(cfg, rewards=",".join(f"{n}:{w:g}" for n, w in self.rewards.weights.items()))
         self.policies = Policies(self.stack.adapter, cfg.trainable, use_ema=cfg.use_ema, ema_decay=cfg.ema_decay,
-                                 ema_update_interval=cfg.ema_update_interval, snapshot_dtype=setup.DTYPES[
-                                     "bf16" if cfg.snapshot_dtype == "bf16" else "no"],
+                                 ema_update_interval=cfg.ema_update_interval,
+                                 snapshot_dtype=torch.bfloat16 if cfg.snapshot_dtype == "bf16" else torch.float32,
                                  ema_device="cpu" if cfg.ema_on_cpu else None)
         prepare_data_parallel(self.acc, self.stack)  # DDP over the trainable set chosen just above
         self.optimizer, self.scheduler = setup.build_optimizer(cfg, self.policies.params, self.acc.num_processes)
