@@ -1,9 +1,10 @@
-"""Speed options for the frozen FLUX transformer: regional `torch.compile` and an FP8 copy for rollouts.
+"""Speed options for the frozen FLUX transformer: `torch.compile` and an FP8 copy for rollouts.
 
 Only the style adapter trains, so the 12 B transformer is a fixed function of its inputs. Two things follow:
-- Its 57 repeated blocks can be compiled once each ("regional compilation", diffusers'
-  `compile_repeated_blocks`): the same speed as compiling the whole model, a fraction of the compile time.
-  The style processors are plain callables inside the blocks, so they are compiled with them.
+- It can be compiled in place, as a whole (the default) or block by block ("regional compilation",
+  diffusers' `compile_repeated_blocks`); the style processors are plain callables inside the blocks, so they
+  are compiled with them. Not yet shown to pay: on the GPU the regional variant most likely hit dynamo's
+  recompile limit and the whole-model compile was not timed (docs/benchmarks.md), so `--compile` is opt-in.
 - Sampling that needs no log-probabilities (NFT rollouts, evaluation) may run a float8 copy of the
   transformer (torchao, dynamic per-row activation and weight scales). The copy shares nothing trainable:
   the adapter's processors are installed in both, so the copy always sees the live (or old) adapter.
@@ -30,7 +31,8 @@ def default_inductor_cache() -> str:
 
 
 def compile_transformer(transformer: nn.Module, cache_dir: str | None = None, scope: str = "full") -> None:
-    """Compile each repeated block of the transformer (lazily: the first call of each shape pays).
+    """Compile the transformer in place, whole (`scope="full"`) or each repeated block (`"regional"`);
+    lazily: the first call of each shape pays.
 
     `dynamic=False`: a run has one group size and one resolution, so static shapes give the fastest
     kernels; a second shape recompiles once rather than making every shape symbolic."""
