@@ -112,7 +112,17 @@ def synthetic_batch(stack, b: int, res: int):
 
 def timed(fn, repeat: int = 2) -> float:
     """Seconds of the fastest of `repeat` calls after one warm-up."""
+    return timed_with_first(fn, repeat)[1]
+
+
+def timed_with_first(fn, repeat: int = 2) -> tuple[float, float]:
+    """(seconds of the first call - compilation included, if any -, seconds of the fastest of `repeat` more)."""
+    sync = torch.cuda.synchronize if torch.cuda.is_available() else (lambda: None)
+    sync()
+    t0 = time.perf_counter()
     fn()
+    sync()
+    first = time.perf_counter() - t0
     best = float("inf")
     for _ in range(repeat):
         if torch.cuda.is_available():
@@ -122,6 +132,6 @@ def timed(fn, repeat: int = 2) -> float:
         if torch.cuda.is_available():
             torch.cuda.synchronize()
         best = min(best, time.perf_counter() - t0)
-    return best
+    return first, best
 
 

@@ -3,20 +3,22 @@
     python bench/gpu_bench.py --out bench/results/latest.json          # on a GPU (~8 minutes)
     python bench/gpu_bench.py --tiny --out /tmp/bench.json               # a CPU dry run of the same code
 
-Measures in one process, writing the JSON after every measurement, baselines beside ours:
-- baseline_ms_per_image_step / compiled_baseline_ms_per_image_step: diffusers' FluxFill transformer +
-  FlowMatchEuler loop without the adapter, eager and under torch.compile (regional, default mode);
-- rollout_eager_ms_per_image_step / rollout_ms_per_image_step: our SDE rollout (style tokens projected once,
-  style K/V cached, 57 style attentions), eager and compiled (the trainer's default on CUDA);
-- rollout_fp8_ms_per_image_step: the same on the float8 transformer copy (NFT rollouts, evaluation), and
-  fp8_vs_bf16: how far its samples are from bf16's on the same noise;
-- first_ratio_max_abs_dev: max |ratio - 1| of the first GRPO update (the rollout's stored log-probs against
-  the training forward, bf16);
-- update_ms_per_image_step: GRPO and NFT per image and trained timestep (compiled; eager and checkpointed
-  variants beside it);
-- peak_gib_by_trainable: one iteration of flux-grpo / flux-nft at group 8, 512^2, with trainable `attn` and
-  `all` and the memory savings the presets use (8-bit AdamW, bf16 snapshots, EMA in host memory);
-- overhead_fraction: share of a whole RL iteration spent outside the transformer.
+Measures in one process, writing the JSON after every measurement, baselines beside ours, in the order of
+what matters most (a section that would start after --budget_s is skipped, and says so):
+- baseline_ms_per_image_step / rollout_eager_ms_per_image_step: diffusers' FluxFill transformer +
+  FlowMatchEuler loop without the adapter, and our SDE rollout (style tokens projected once, every block's
+  style keys/values precomputed once), both eager;
+- rollout_ms_per_image_step / compiled_baseline_ms_per_image_step: the same two under torch.compile (whole
+  model, default mode, static shapes; compile_s = first call minus a steady one);
+- rollout_fp8_ms_per_image_step: our rollout on the compiled float8 transformer copy (NFT rollouts,
+  evaluation), and fp8_vs_bf16: how far its samples are from bf16's on the same noise;
+- update_ms_per_image_step: GRPO and NFT per image and trained timestep, compiled (KL on: GRPO's reference
+  forward, NFT's old and reference forwards);
+- first_ratio_max_abs_dev: max |ratio - 1| of the first GRPO update (the compiled rollout's stored log-probs
+  against the compiled training forward, bf16);
+- overhead_fraction: share of a whole RL iteration spent outside the transformer (compiled);
+- peak_gib_by_trainable (--sections peak): one iteration of flux-grpo / flux-nft at group 8, 512^2, with
+  trainable `attn` and `all` and the presets' memory savings (8-bit AdamW, bf16 snapshots, EMA in host memory).
 """
 
 from __future__ import annotations
@@ -29,7 +31,7 @@ import os
 import time
 
 import torch
-from common import Results, build_stack, synthetic_batch, timed  # noqa: I001 (bench/ is the script dir)
+from common import Results, build_stack, synthetic_batch, timed, timed_with_first  # noqa: I001 (bench/ is the script dir)
 
 from calligrapher_rl.models.acceleration import compile_transformer
 from calligrapher_rl.rl.sde import sde_step_with_logprob
@@ -73,32 +75,33 @@ def plain_processors(stack):
         stack.pipe.transformer.set_attn_processor(procs)
 
 
-def ms_per_image_step(fn, b, steps, repeat=2):
-    return round(1000 * timed(fn, repeat) / (b * steps), 2)
-
-
 def bench_rollouts(stack, res, batches, steps, autocast, out: Results, ours_key, base_key, quantized=False,
                    budget_s=1e9):
-    ours, base = {}, {}
+    """ms per image and sampler step of our rollout (and of the plain loop), per batch; the first call's extra
+    seconds (compilation, when compiled) go to `compile_s`."""
+    ours, base = out.get(ours_key, {}), out.get(base_key, {}) if base_key else {}
+    compile_s = out.get("compile_s", {})
     for b in batches:
         if elapsed() > budget_s:
             print(f"skip b={b} ({ours_key}): time budget", flush=True)
             break
         fill, text, embeds = synthetic_batch(stack, b, res)
-        t = time.time()
-        with torch.no_grad(), autocast():  # as the trainer's rollouts
-            ours[str(b)] = ms_per_image_step(lambda: rollout(stack, fill, text, embeds, num_steps=steps, guidance=30.0,
-                                                             noise_level=0.7, quantized=quantized), b, steps)
-        print(f"{ours_key} b={b}: {ours[str(b)]} ms (section {time.time() - t:.0f} s)", flush=True)
-        out.put(ours_key, ours)
+        runs = [(ours_key, ours, lambda: rollout(stack, fill, text, embeds, num_steps=steps, guidance=30.0,
+                                                 noise_level=0.7, quantized=quantized), contextlib.nullcontext)]
         if base_key:
-            with torch.no_grad(), plain_processors(stack):
-                base[str(b)] = ms_per_image_step(lambda: plain_loop(stack, fill, text, b, steps), b, steps)
-            out.put(base_key, base)
+            runs.append((base_key, base, lambda: plain_loop(stack, fill, text, b, steps),
+                         lambda: plain_processors(stack)))
+        for key, table, fn, ctx in runs:
+            with torch.no_grad(), autocast(), ctx():  # as the trainer's rollouts
+                first, best = timed_with_first(fn)
+            table[str(b)] = round(1000 * best / (b * steps), 2)
+            compile_s[f"{key}[{b}]"] = round(first - best, 1)
+            out.put(key, table)
+            out.put("compile_s", compile_s)
     return ours, base
 
 
-def first_ratio(stack, res, b, steps, autocast) -> dict:
+def first_ratio(stack, res, b, steps, autocast, checkpointing: bool) -> dict:
     """Roll out with SDE steps and stored log-probs (no grad, K/V cache), then evaluate the same
     transitions through the training forward (grad on): before any update every ratio must be 1."""
     fill, text, embeds = synthetic_batch(stack, b, res)
@@ -106,7 +109,8 @@ def first_ratio(stack, res, b, steps, autocast) -> dict:
     with torch.no_grad(), autocast():
         ro = rollout(stack, fill, text, embeds, num_steps=steps, guidance=30.0, noise_level=0.7, generator=gen)
     stored, recomputed = 0.0, 0.0
-    stack.pipe.transformer.enable_gradient_checkpointing()  # as the flux presets' training forward
+    if checkpointing:  # as the flux presets' training forward
+        stack.pipe.transformer.enable_gradient_checkpointing()
     for j in ro.sde_steps[:2]:
         s, s_next = float(ro.sigmas[j]), float(ro.sigmas[j + 1])
         x_j, x_next = ro.latents[:, j], ro.latents[:, j + 1]
@@ -119,7 +123,8 @@ def first_ratio(stack, res, b, steps, autocast) -> dict:
         stored = max(stored, float((torch.exp(logp.detach() - ro.log_probs[:, j]) - 1).abs().max()))
         recomputed = max(recomputed, float((torch.exp(logp.detach() - logp0) - 1).abs().max()))
         del v, logp
-    stack.pipe.transformer.disable_gradient_checkpointing()
+    if checkpointing:
+        stack.pipe.transformer.disable_gradient_checkpointing()
     return {"stored": stored, "recomputed_no_grad": recomputed}
 
 
@@ -205,28 +210,34 @@ def fp8_difference(stack, res, b, steps, autocast) -> dict:
             "pixel_mae_0_255": round(float((iq - ia).abs().mean() * 127.5), 2)}
 
 
-def overhead_fraction(stack, res, b, steps, autocast) -> float:
+def overhead_fraction(stack, res, b, steps, autocast, checkpointing) -> float:
     from overhead import overhead_fraction as measure
 
-    return measure(stack, res, b, steps, autocast)
+    return measure(stack, res, b, steps, autocast, checkpointing)
 
 
 # ---------------------------------------------------------------------------------------------- main
+SECTIONS = ("eager", "compiled", "fp8", "update", "ratio", "overhead", "peak")
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--tiny", action="store_true")
     ap.add_argument("--out", required=True)
-    ap.add_argument("--batches", default="1,4,8,16")
+    ap.add_argument("--batches", default="8", help="rollout batch sizes timed (eager, compiled and FP8)")
     ap.add_argument("--steps", type=int, default=4)
     ap.add_argument("--budget_s", type=float, default=520, help="skip what would start after this many seconds")
-    ap.add_argument("--compile_scope", default="full", choices=("full", "regional"))
-    ap.add_argument("--skip", default="", help="comma list: eager,ratio,update,overhead,compiled,fp8,peak")
+    ap.add_argument("--sections", default="eager,compiled,fp8,update,ratio,overhead",
+                    help=f"comma list, run in this order: {','.join(SECTIONS)}")
     args = ap.parse_args()
     cuda = torch.cuda.is_available() and not args.tiny
     device, dtype = ("cuda", torch.bfloat16) if cuda else ("cpu", torch.float32)
     if cuda:
         torch.backends.cuda.enable_cudnn_sdp(False)  # cuDNN SDPA backward crashes on these shapes (docs/gpu-notes.md)
-    skip = set(args.skip.split(","))
+    sections = [x for x in args.sections.split(",") if x]
+    unknown = set(sections) - set(SECTIONS)
+    if unknown:
+        raise SystemExit(f"error: --sections: unknown {sorted(unknown)}; expected some of {SECTIONS}")
     batches = [int(x) for x in args.batches.split(",")]
     stack = build_stack(args.tiny, device, dtype)
     res = 64 if args.tiny else 512
@@ -240,57 +251,75 @@ def main():
                             "transformers": transformers.__version__},
                   resolution=res, rollout_steps_timed=args.steps)
     print(f"built stack in {elapsed():.1f} s", flush=True)
-    if "eager" not in skip:
-        bench_rollouts(stack, res, batches, args.steps, autocast, out, "rollout_eager_ms_per_image_step",
-                       "baseline_ms_per_image_step")
-    if "ratio" not in skip:
-        r = first_ratio(stack, res, 8, 6, autocast)
-        out.put("first_ratio_max_abs_dev", r["stored"])
-        out.put("first_ratio_detail", {**r, "settings": "group 8, 6 steps, noise 0.7, bf16, first 2 SDE steps"})
-    if "overhead" not in skip:
-        out.put("overhead_fraction_eager", overhead_fraction(stack, res, 4, args.steps, autocast))
-    stack.pipe.text_encoder_2.to("cpu")  # as the flux presets: T5 offloaded, prompt embeddings cached
-    if cuda:
-        torch.cuda.empty_cache()
-    if "update" not in skip:
-        out.put("update_eager_ms_per_image_step", bench_update(stack, res, 4, args.steps, autocast))
-        stack.pipe.transformer.enable_gradient_checkpointing()
-        out.put("update_eager_checkpointed_ms_per_image_step", bench_update(stack, res, 4, args.steps, autocast))
-        stack.pipe.transformer.disable_gradient_checkpointing()
-    if "peak" not in skip:  # eager: what a run needs before compile (compiled kernels need less, not more)
-        by = {}
-        for method in ("grpo", "nft"):
-            for trainable in ("attn", "all"):
-                if elapsed() < args.budget_s:
+    compiled = False
+
+    def ensure_compiled():
+        nonlocal compiled
+        if not compiled:
+            compile_transformer(stack.pipe.transformer, os.environ.get("TORCHINDUCTOR_CACHE_DIR"))
+            compiled = True
+            out.put("compile_settings", "torch.compile of the whole transformer (nn.Module.compile), default "
+                                        "mode, dynamic=False; adapter processors inside the graph")
+
+    for section in sections:
+        if elapsed() > args.budget_s:
+            print(f"skip {section}: time budget ({elapsed():.0f} s)", flush=True)
+            out.setdefault("skipped", []).append(section)
+            out.flush()
+            continue
+        t = time.time()
+        if section == "eager":
+            bench_rollouts(stack, res, batches, args.steps, autocast, out, "rollout_eager_ms_per_image_step",
+                           "baseline_ms_per_image_step")
+        elif section == "compiled":
+            ensure_compiled()
+            bench_rollouts(stack, res, batches, args.steps, autocast, out, "rollout_ms_per_image_step",
+                           "compiled_baseline_ms_per_image_step", budget_s=args.budget_s)
+        elif section == "fp8" and cuda:
+            stack.enable_fp8_rollouts()
+            compile_transformer(stack.quantized_model.transformer)
+            bench_rollouts(stack, res, batches, args.steps, autocast, out, "rollout_fp8_ms_per_image_step", None,
+                           quantized=True, budget_s=args.budget_s)
+            out.put("fp8_vs_bf16", fp8_difference(stack, res, batches[0], args.steps, autocast))
+            stack.quantized_model = None  # its weights go; the rest runs bf16
+            if cuda:
+                torch.cuda.empty_cache()
+        elif section == "update":
+            ensure_compiled()
+            out.put("update_ms_per_image_step", bench_update(stack, res, 4, args.steps, autocast))
+            out.put("update_settings", "batch 4, trainable attn, compiled, no activation checkpointing, bf16 "
+                                       "autocast, KL on (GRPO reference forward; NFT old + reference forwards)")
+        elif section == "ratio":  # batch 4 without checkpointing: the update's compiled graphs
+            ensure_compiled()
+            r = first_ratio(stack, res, 4, args.steps, autocast, checkpointing=False)
+            out.put("first_ratio_max_abs_dev", r["stored"])
+            out.put("first_ratio_detail", {**r, "settings": f"batch 4, {args.steps} steps, noise 0.7, bf16, "
+                                                            "compiled rollout and training forward, first 2 SDE steps"})
+        elif section == "overhead":
+            out.put("overhead_fraction", overhead_fraction(stack, res, 4, args.steps, autocast,
+                                                           checkpointing=not compiled))
+            out.put("overhead_settings", f"GRPO iteration at batch 4, {args.steps} steps, "
+                                         + ("compiled" if compiled else "eager, gradient checkpointing"))
+        elif section == "peak":  # eager: what a run needs before compile
+            by = {}
+            for method in ("grpo", "nft"):
+                for trainable in ("attn", "all"):
                     by.setdefault(f"flux-{method}", {})[trainable] = peak_iteration(stack, res, method, trainable,
                                                                                   autocast)
                     out.put("peak_gib_by_trainable", by)
-        out.put("peak_gib", {k: v.get("all", v.get("attn")) for k, v in by.items()})
-        out.put("peak_settings", "group 8, 512^2, 4-step rollout, KL on, gradient checkpointing, 8-bit AdamW "
-                                 "(torchao), bf16 reference/old snapshots, fp32 EMA in host memory, eager")
-    if "compiled" not in skip:
-        t = time.time()
-        compile_transformer(stack.pipe.transformer, os.environ.get("TORCHINDUCTOR_CACHE_DIR"), args.compile_scope)
-        out.put("compile_scope", args.compile_scope)
-        bench_rollouts(stack, res, batches, args.steps, autocast, out, "rollout_ms_per_image_step",
-                       "compiled_baseline_ms_per_image_step", budget_s=args.budget_s - 120)
-        out.put("compile_s_rollout_sections", round(time.time() - t, 1))
-        if elapsed() < args.budget_s - 90:
-            out.put("update_ms_per_image_step", bench_update(stack, res, 4, args.steps, autocast))
-            out.put("update_settings", "batch 4, trainable attn, compiled, no activation checkpointing, "
-                                       "bf16 autocast, KL on (GRPO reference forward; NFT old + reference forwards)")
-    if "fp8" not in skip and cuda and elapsed() < args.budget_s - 60:
-        stack.enable_fp8_rollouts()
-        compile_transformer(stack.quantized_model.transformer, scope=args.compile_scope)
-        out.put("fp8_vs_bf16", fp8_difference(stack, res, 8, args.steps, autocast))
-        fp8_batches = [b for b in (8, 16, 4, 1) if b in batches]
-        bench_rollouts(stack, res, fp8_batches, args.steps, autocast, out, "rollout_fp8_ms_per_image_step", None,
-                       quantized=True, budget_s=args.budget_s)
-    if "overhead" not in skip and elapsed() < args.budget_s:
-        stack.quantized_model = None
-        out.put("overhead_fraction", overhead_fraction(stack, res, 4, args.steps, autocast))
+            out.put("peak_gib", {k: v.get("all", v.get("attn")) for k, v in by.items()})
+            out.put("peak_settings", "group 8, 512^2, 4-step rollout, KL on, gradient checkpointing, 8-bit AdamW "
+                                     "(torchao), bf16 reference/old snapshots, fp32 EMA in host memory, eager")
+        out.setdefault("section_s", {})[section] = round(time.time() - t, 1)
+        out.flush()
+        print(f"section {section}: {time.time() - t:.0f} s (elapsed {elapsed():.0f} s)", flush=True)
+        if section == "eager":  # as the flux presets: T5 offloaded, prompt embeddings cached
+            stack.pipe.text_encoder_2.to("cpu")
+            if cuda:
+                torch.cuda.empty_cache()
     out.put("total_s", round(elapsed(), 1))
-    assert all(math.isfinite(v) for v in out.get("rollout_ms_per_image_step", {}).values())
+    for key in ("rollout_ms_per_image_step", "rollout_eager_ms_per_image_step"):
+        assert all(math.isfinite(v) for v in out.get(key, {}).values())
 
 
 if __name__ == "__main__":

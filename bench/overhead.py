@@ -1,5 +1,5 @@
 """Share of a whole RL iteration (encoders, rollout, decode, reward, update) spent outside the transformer,
-measured with CUDA events around its forward."""
+measured with CUDA events around its forward (eager or compiled)."""
 
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ def make_rollout(stack, fill, text, embeds, steps):
         return rollout(stack, fill, text, embeds, num_steps=steps, guidance=30.0, noise_level=0.7)
 
 
-def overhead_fraction(stack, res, b, steps, autocast) -> float:
+def overhead_fraction(stack, res, b, steps, autocast, checkpointing: bool = True) -> float:
     """Whole RL iteration (GRPO) vs time inside the transformer, measured with CUDA events on its forward."""
     from PIL import Image
 
@@ -38,12 +38,14 @@ def overhead_fraction(stack, res, b, steps, autocast) -> float:
             return e
         return time.perf_counter()
 
-    h1 = tr.register_forward_pre_hook(lambda m, a: events.append([mark()]))
+    # hooks on the uncompiled wrapper around the transformer (hooks on a compiled module would be traced
+    # into its graph); its own work beside the transformer call is an input concat and casts
+    h1 = stack.model.register_forward_pre_hook(lambda m, a: events.append([mark()]))
 
     def post(m, a, o):
         events[-1].append(mark())
 
-    h2 = tr.register_forward_hook(post)
+    h2 = stack.model.register_forward_hook(post)
     reward = BrightnessReward()
     pol = Policies(stack.adapter, "attn", use_ema=False, ema_decay=0.99, ema_update_interval=1)
     pol.begin_rl(with_old=False)
@@ -80,7 +82,8 @@ def overhead_fraction(stack, res, b, steps, autocast) -> float:
                                               scale=1.0, noise_level=0.7, sde_type="sde", clip_range=1e-4,
                                               adv_clip_max=5.0, kl_beta=0.04, loss_scale=0.5, autocast=autocast))
 
-    tr.enable_gradient_checkpointing()  # as the flux presets
+    if checkpointing:  # as the flux presets (eager)
+        tr.enable_gradient_checkpointing()
     iteration()  # warm-up; encodes and caches the prompts, after which T5 can leave the GPU
     stack.pipe.text_encoder_2.to("cpu")
     if cuda:
@@ -96,7 +99,8 @@ def overhead_fraction(stack, res, b, steps, autocast) -> float:
     inside = in_rollout + phases["update"]
     print("phases (s):", {k: round(v, 3) for k, v in phases.items()}, flush=True)
     h1.remove(), h2.remove()
-    tr.disable_gradient_checkpointing()
+    if checkpointing:
+        tr.disable_gradient_checkpointing()
     for p in stack.adapter.parameters():
         p.grad = None
     print(f"iteration {total:.2f} s, transformer {inside:.2f} s", flush=True)

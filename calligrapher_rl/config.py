@@ -131,8 +131,9 @@ class TrainConfig:
                                          "then keeps an fp32 master in host memory)", choices=("fp32", "bf16"))
     ema_on_cpu: bool = _OPTIM(False, "keep the fp32 EMA of the trainable weights in host memory (each EMA update "
                                      "copies them over PCIe: pair with --ema_update_interval > 1)")
-    compile: bool = _OPTIM(False, "torch.compile the frozen transformer (CUDA; lazily, the first call of each shape "
-                                  "compiles; kernels cached on disk); off = eager")
+    compile: bool | None = _OPTIM(None, "torch.compile the frozen transformer, whole, static shapes (lazily: the first "
+                                        "call of each shape compiles, about a minute on FLUX; kernels cached on disk); "
+                                        "none = on with CUDA, off on CPU; false = eager")
     rollout_fp8: bool = _OPTIM(False, "sample NFT rollouts and evaluations with a float8 copy of the transformer "
                                       "(torchao, compute capability >= 8.9; +6 GB); GRPO rollouts stay in the "
                                       "training precision so their log-probs match the update's")
@@ -411,7 +412,8 @@ def build_parser() -> argparse.ArgumentParser:
         help_text = help_text.replace("%", "%%")
         kwargs: dict[str, Any] = {"help": help_text}
         if base is bool:
-            kwargs.update(nargs="?", const=True, type=_parse_bool, metavar="true|false")
+            kwargs.update(nargs="?", const=True, type=_nullable(_parse_bool) if optional else _parse_bool,
+                          metavar="true|false|none" if optional else "true|false")
         else:
             kwargs["type"] = _nullable(base) if optional else base
             if "choices" in f.metadata:

@@ -60,7 +60,9 @@ def inpaint(stack, source: Image.Image, mask: Image.Image, text: str, reference:
     strip_h = 0
     if use_context:
         source, mask, strip_h = build_context_input(source, mask, reference)
-    tokens = stack.adapter.style_tokens(stack.encode_style([reference])).to(stack.dtype)
+    tokens, style_kv = stack.style_condition(stack.encode_style([reference]))
+    tokens = tokens.to(stack.dtype).repeat_interleave(num_images, 0)
+    style_kv = tuple((k.repeat_interleave(num_images, 0), v.repeat_interleave(num_images, 0)) for k, v in style_kv)
     text_cond = stack.encode_prompts([PROMPT_TEMPLATE.format(text=text)])
     generator = torch.Generator("cpu").manual_seed(seed)
     images = stack.pipe(
@@ -68,8 +70,7 @@ def inpaint(stack, source: Image.Image, mask: Image.Image, text: str, reference:
         image=source, mask_image=mask, height=source.height, width=source.width,
         num_inference_steps=steps, guidance_scale=guidance, generator=generator, num_images_per_prompt=num_images,
         max_sequence_length=stack.max_sequence_length,
-        joint_attention_kwargs={"style_tokens": tokens.repeat_interleave(num_images, 0), "style_scale": scale,
-                                "style_cache": {}},
+        joint_attention_kwargs={"style_tokens": tokens, "style_scale": scale, "style_kv": style_kv},
     ).images
     return [im.crop((0, strip_h, im.width, im.height)) for im in images]
 

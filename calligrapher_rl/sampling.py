@@ -92,13 +92,15 @@ def rollout(
     x = initial_noise if initial_noise is not None else stack.noise_like(fill, b, generator)
     x = x.to(stack.device, torch.float32)
     stochastic = set((window or SDEWindow(0, num_steps)).steps()) if noise_level > 0 else set()
-    tokens = stack.style_tokens(image_embeds, params)  # fixed for the whole rollout: project once
-    kv_cache: dict = {}  # and each block's style keys/values, once
+    if torch.is_grad_enabled():  # (no caller differentiates through a rollout; kept exact if one does)
+        tokens, style_kv = stack.style_tokens(image_embeds, params), None
+    else:  # fixed for the whole rollout: project once, and each block's style keys/values once
+        tokens, style_kv = stack.style_condition(image_embeds, params)
     trajectory, log_probs = [x], []
     for j in range(num_steps):
         s, s_next = float(sigmas[j]), float(sigmas[j + 1])
         v = stack.velocity(x, fill, text, s, image_embeds, guidance, scale, params=params, style_tokens=tokens,
-                           style_cache=kv_cache, quantized=quantized)
+                           style_kv=style_kv, quantized=quantized)
         level = noise_level if j in stochastic and s_next > 0 else 0.0
         x, log_prob, _, _ = sde_step_with_logprob(v, s, s_next, x, level, generator=generator, sde_type=sde_type)
         trajectory.append(x)

@@ -243,17 +243,21 @@ def test_infer_cli_and_its_one_line_errors(tiny_paths, tmp_path):
         assert len(lines) == 1 and expect in lines[0] and "Traceback" not in r.stderr, (expect, r.stderr)
 
 
-def test_style_kv_cache_changes_nothing_and_is_unused_with_gradients(tiny_stack, tmp_path):
+def test_precomputed_style_kv_changes_nothing_and_is_unused_with_gradients(tiny_stack, tmp_path):
     x, fill, text, embeds = _one_sample(tiny_stack, tmp_path, 4)
-    cache: dict = {}
     with torch.no_grad():
+        tokens, style_kv = tiny_stack.style_condition(embeds)
         plain = [tiny_stack.velocity(x, fill, text, s, embeds, 30.0) for s in (0.9, 0.4)]
-        cached = [tiny_stack.velocity(x, fill, text, s, embeds, 30.0, style_cache=cache) for s in (0.9, 0.4)]
-    assert len(cache) == len(tiny_stack.adapter.attn_adapter)  # one entry per block, filled once
-    for a, b in zip(plain, cached):
-        torch.testing.assert_close(a, b)
-    grad_cache: dict = {}
-    v = tiny_stack.velocity(x, fill, text, 0.5, embeds, 30.0, style_cache=grad_cache)
+        reused = [tiny_stack.velocity(x, fill, text, s, embeds, 30.0, style_tokens=tokens, style_kv=style_kv)
+                  for s in (0.9, 0.4)]
+    assert len(style_kv) == len(tiny_stack.adapter.attn_adapter)  # one (key, value) per block
+    for a, b in zip(plain, reused):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+    # with gradients the maps are recomputed from the live weights (a detached copy would cut the gradient)
+    zeros = tuple((torch.zeros_like(k), torch.zeros_like(v)) for k, v in style_kv)
+    v = tiny_stack.velocity(x, fill, text, 0.5, embeds, 30.0, style_kv=zeros)
+    with torch.no_grad():
+        torch.testing.assert_close(v, tiny_stack.velocity(x, fill, text, 0.5, embeds, 30.0))
     v.sum().backward()
-    assert grad_cache == {} and tiny_stack.adapter.attn_adapter[0].to_k_ip.weight.grad is not None
+    assert tiny_stack.adapter.attn_adapter[0].to_k_ip.weight.grad is not None
     tiny_stack.adapter.zero_grad(set_to_none=True)

@@ -1,10 +1,12 @@
 """Speed options for the frozen FLUX transformer: `torch.compile` and an FP8 copy for rollouts.
 
 Only the style adapter trains, so the 12 B transformer is a fixed function of its inputs. Two things follow:
-- It can be compiled in place, as a whole (the default) or block by block ("regional compilation",
-  diffusers' `compile_repeated_blocks`); the style processors are plain callables inside the blocks, so they
-  are compiled with them. Not yet shown to pay: on the GPU the regional variant most likely hit dynamo's
-  recompile limit and the whole-model compile was not timed (docs/benchmarks.md), so `--compile` is opt-in.
+- It is compiled in place, as a whole, with static shapes: one graph per (batch shape, grad mode). The style
+  processors are plain callables inside the blocks, compiled with them; a rollout hands every block its
+  precomputed style keys/values as tensors, so no Python state changes between steps (no recompiles).
+  Regional compilation (diffusers' `compile_repeated_blocks`) does not suit the adapter: each block's processor
+  is a distinct object (it picks its own keys/values by index), so dynamo guards on it and recompiles the
+  shared block code once per block - 57 graphs on FLUX, past dynamo's recompile limit.
 - Sampling that needs no log-probabilities (NFT rollouts, evaluation) may run a float8 copy of the
   transformer (torchao, dynamic per-row activation and weight scales). The copy shares nothing trainable:
   the adapter's processors are installed in both, so the copy always sees the live (or old) adapter.
@@ -30,27 +32,24 @@ def default_inductor_cache() -> str:
     return os.path.join(base, "calligrapher_rl", "inductor")
 
 
-def compile_transformer(transformer: nn.Module, cache_dir: str | None = None, scope: str = "full") -> None:
-    """Compile the transformer in place, whole (`scope="full"`) or each repeated block (`"regional"`);
-    lazily: the first call of each shape pays.
+def compile_transformer(transformer: nn.Module, cache_dir: str | None = None, backend: str = "inductor") -> None:
+    """Compile the transformer in place (`nn.Module.compile`: the module object, its processors and
+    `functional_call` all stay as they are); lazily: the first call of each shape pays.
 
     `dynamic=False`: a run has one group size and one resolution, so static shapes give the fastest
-    kernels; a second shape recompiles once rather than making every shape symbolic."""
+    kernels; a second shape recompiles once rather than making every shape symbolic. `backend` other than
+    inductor is for tests (dynamo's "eager" traces the same graphs without generating kernels)."""
     os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", cache_dir or default_inductor_cache())
     import torch._inductor.config as inductor_config
 
-    inductor_config.fx_graph_cache = True
-    # Our processors make each block one graph; raise dynamo's per-code cache above the shapes a run
-    # meets (rollout batch, update batch, evaluation batch, with and without the K/V cache).
+    inductor_config.fx_graph_cache = True  # kernels survive the process: the next run starts faster
+    # a run meets a handful of graphs (rollout, update with and without grad, evaluation, per batch shape);
+    # keep dynamo's per-code cache well above that so a new shape never silently falls back to eager
     dynamo_config = torch._dynamo.config
     for name in ("recompile_limit", "cache_size_limit"):  # the name changed across torch versions
         if hasattr(dynamo_config, name):
             setattr(dynamo_config, name, max(getattr(dynamo_config, name), 64))
-    if scope == "regional":
-        transformer.compile_repeated_blocks(fullgraph=False, dynamic=False)
-    else:  # the whole forward in place (nn.Module.compile): the module object, its processors and
-        # functional_call all stay as they are
-        transformer.compile(dynamic=False)
+    transformer.compile(dynamic=False, backend=backend)
 
 
 def fp8_supported(device) -> tuple[bool, str]:

@@ -50,14 +50,15 @@ class CalligrapherModel(nn.Module):
         self.adapter = adapter
 
     def forward(self, latents, fill: FillCondition, text: TextCondition, sigma, image_embeds, guidance, scale=1.0,
-                style_tokens=None, style_cache=None):
+                style_tokens=None, style_kv=None):
         b = latents.shape[0]
         dtype = self.transformer.dtype
         if style_tokens is None:
             style_tokens = self.adapter(image_embeds)
         style_tokens = style_tokens.to(dtype)
         guidance_t = torch.full((b,), float(guidance), device=latents.device, dtype=torch.float32)
-        sigma = torch.as_tensor(sigma, device=latents.device, dtype=torch.float32).expand(b)
+        # contiguous: a stride-0 expanded timestep and a real [B] one would be two compiled graphs
+        sigma = torch.as_tensor(sigma, device=latents.device, dtype=torch.float32).expand(b).contiguous()
         return self.transformer(
             hidden_states=torch.cat([latents.to(dtype), fill.cond.to(dtype)], dim=2),
             timestep=sigma.to(dtype),
@@ -66,7 +67,7 @@ class CalligrapherModel(nn.Module):
             encoder_hidden_states=text.prompt_embeds.to(dtype),
             txt_ids=text.text_ids,
             img_ids=fill.img_ids,
-            joint_attention_kwargs={"style_tokens": style_tokens, "style_scale": scale, "style_cache": style_cache},
+            joint_attention_kwargs={"style_tokens": style_tokens, "style_scale": scale, "style_kv": style_kv},
             return_dict=False,
         )[0]
 
@@ -209,14 +210,14 @@ class CalligrapherStack:
 
     # ---------------------------------------------------------------- the network
     def velocity(self, latents, fill, text, sigma, image_embeds, guidance, scale=1.0, params=None, style_tokens=None,
-                 style_cache=None, quantized: bool = False):
+                 style_kv=None, quantized: bool = False):
         """Predicted velocity (eps - x0) in float32; `params` evaluates other adapter weights (old/ref).
 
-        `style_tokens` (from `style_tokens()` with the same params) skips the projection, and a `style_cache`
-        dict (used only without gradient) keeps each block's style keys/values: a rollout computes both once
-        instead of at every step. `quantized` runs the float8 copy when there is one (no-gradient sampling
+        `style_tokens` and `style_kv` (from `style_condition()` with the same params; `style_kv` is used only
+        without gradient) skip the projection and each block's style key/value maps: a rollout computes
+        them once instead of at every step. `quantized` runs the float8 copy when there is one (no-gradient sampling
         only: its log-probabilities would not match the training forward)."""
-        args = (latents, fill, text, sigma, image_embeds, guidance, scale, style_tokens, style_cache)
+        args = (latents, fill, text, sigma, image_embeds, guidance, scale, style_tokens, style_kv)
         model = self.quantized_model if quantized and self.quantized_model is not None else self.model
         if params is not None:
             named = {f"adapter.{k}": v for k, v in params.items()}
@@ -243,6 +244,14 @@ class CalligrapherStack:
         if params is None:
             return self.adapter(image_embeds)
         return torch.func.functional_call(self.adapter, params, (image_embeds,), strict=False)
+
+    def style_condition(self, image_embeds: torch.Tensor, params=None):
+        """(style tokens, every block's style keys/values) for a no-gradient rollout, in the transformer's
+        dtype: computed once, passed to every step as plain tensors."""
+        args = (image_embeds, self.pipe.transformer.config.num_attention_heads, self.dtype)
+        if params is None:
+            return self.adapter(*args)
+        return torch.func.functional_call(self.adapter, params, args, strict=False)
 
 
 def _load_siglip_processor(path: str):

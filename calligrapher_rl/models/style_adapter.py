@@ -92,13 +92,12 @@ class StyleAttnProcessor(nn.Module):
         value = self.to_v_ip(tokens).to(dtype).view(b, -1, heads, self.head_dim)
         return self.norm_ip_k(key), value
 
-    def _style_attention(self, query: torch.Tensor, style_tokens: torch.Tensor, cache: dict | None) -> torch.Tensor:
+    def _style_attention(self, query: torch.Tensor, style_tokens: torch.Tensor, style_kv) -> torch.Tensor:
         # The style keys/values depend only on the tokens and the weights: a rollout (no gradient) computes
-        # them once per processor instead of once per step (measured: 15% of a rollout step on FLUX).
-        if cache is not None and not torch.is_grad_enabled():
-            if id(self) not in cache:
-                cache[id(self)] = self._style_kv(style_tokens, query.shape[2], query.dtype)
-            key, value = cache[id(self)]
+        # them once for all its steps (`StyleAdapter.style_kv`; measured: 15% of a rollout step on FLUX) and
+        # passes them in as plain tensors, so a compiled transformer sees one graph per shape.
+        if style_kv is not None and not torch.is_grad_enabled():
+            key, value = style_kv
         else:
             key, value = self._style_kv(style_tokens, query.shape[2], query.dtype)
         # [B, L, heads, d] -> [B, heads, L, d] for SDPA; no RoPE on the style branch.
@@ -114,7 +113,7 @@ class StyleAttnProcessor(nn.Module):
         image_rotary_emb=None,
         style_tokens: torch.Tensor | None = None,
         style_scale: float = 1.0,
-        style_cache: dict | None = None,
+        style_kv: tuple[torch.Tensor, torch.Tensor] | None = None,
     ):
         query, key, value, enc_query, enc_key, enc_value = get_qkv_projections(attn, hidden_states, encoder_hidden_states)
         query = attn.norm_q(query.unflatten(-1, (-1, attn.head_dim)))
@@ -140,7 +139,7 @@ class StyleAttnProcessor(nn.Module):
         hidden = dispatch_attention_fn(query, key, value, attn_mask=attention_mask)
         hidden = hidden.flatten(2, 3).to(query.dtype)
 
-        style_out = self._style_attention(style_query, style_tokens, style_cache) if use_style else None
+        style_out = self._style_attention(style_query, style_tokens, style_kv) if use_style else None
 
         if encoder_hidden_states is not None:
             n_txt = encoder_hidden_states.shape[1]
@@ -167,8 +166,21 @@ class StyleAdapter(nn.Module):
             StyleAttnProcessor(cfg.cross_attention_dim, cfg.inner_dim, cfg.head_dim) for _ in range(cfg.num_processors)
         )
 
-    def forward(self, image_embeds: torch.Tensor) -> torch.Tensor:
-        return self.style_tokens(image_embeds)
+    def forward(self, image_embeds: torch.Tensor, kv_heads: int | None = None, kv_dtype=None):
+        """Style tokens [B, N, D]; with `kv_heads`, also every processor's style (key, value) in `kv_dtype`.
+
+        One module call, so `torch.func.functional_call` can evaluate both with another policy's weights."""
+        tokens = self.style_tokens(image_embeds)
+        if kv_heads is None:
+            return tokens
+        kv_dtype = kv_dtype or tokens.dtype
+        # rounded to the transformer's dtype first, exactly as its forward rounds the tokens it is given:
+        # the rollout's keys/values then equal the training forward's bit for bit (first ratio exactly 1)
+        return tokens, self.style_kv(tokens.to(kv_dtype), kv_heads, kv_dtype)
+
+    def style_kv(self, style_tokens: torch.Tensor, heads: int, dtype) -> tuple[tuple[torch.Tensor, torch.Tensor], ...]:
+        """Each processor's style keys/values for fixed tokens (what a no-gradient rollout reuses every step)."""
+        return tuple(proc._style_kv(style_tokens, heads, dtype) for proc in self.attn_adapter)
 
     def style_tokens(self, image_embeds: torch.Tensor) -> torch.Tensor:
         """[B, E] SigLIP pooled embedding -> [B, N, D] style tokens (mlp + qformer)."""
@@ -207,13 +219,14 @@ class StyleProcessorHandle:
     tied weights and leaves plain tensors behind. Through a handle the weights live in the adapter only.
     """
 
-    def __init__(self, module: StyleAttnProcessor):
-        self.module = module
+    def __init__(self, module: StyleAttnProcessor, index: int):
+        self.module, self.index = module, index
 
     def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, image_rotary_emb=None,
-                 style_tokens=None, style_scale=1.0, style_cache=None):
+                 style_tokens=None, style_scale=1.0, style_kv=None):
         return self.module(attn, hidden_states, encoder_hidden_states, attention_mask, image_rotary_emb,
-                           style_tokens=style_tokens, style_scale=style_scale, style_cache=style_cache)
+                           style_tokens=style_tokens, style_scale=style_scale,
+                           style_kv=None if style_kv is None else style_kv[self.index])
 
 
 def install_style_adapter(transformer, adapter: StyleAdapter) -> None:
@@ -221,4 +234,4 @@ def install_style_adapter(transformer, adapter: StyleAdapter) -> None:
     names = list(transformer.attn_processors.keys())
     if len(names) != len(adapter.attn_adapter):
         raise ValueError(f"adapter has {len(adapter.attn_adapter)} processors, transformer has {len(names)}")
-    transformer.set_attn_processor({name: StyleProcessorHandle(adapter.attn_adapter[i]) for i, name in enumerate(names)})
+    transformer.set_attn_processor({name: StyleProcessorHandle(adapter.attn_adapter[i], i) for i, name in enumerate(names)})

@@ -78,7 +78,7 @@ def build_stack(cfg: TrainConfig, device):
         stack.pipe.transformer.enable_gradient_checkpointing()
     if cfg.rollout_fp8:
         stack.enable_fp8_rollouts()  # a one-line error without a CUDA card of capability >= 8.9 or torchao
-    if cfg.compile:
+    if cfg.compile or (cfg.compile is None and stack.device.type == "cuda"):
         if stack.device.type != "cuda":
             logger.warning("--compile: compiling on %s (slow to start; meant for CUDA)", stack.device.type)
         stack.enable_compile()

@@ -1,0 +1,92 @@
+"""torch.compile of the transformer with the style adapter inside: what makes it pay is that a run compiles a
+handful of graphs and then never again. These tests trace with dynamo's "eager" backend (the same graphs and
+guards as inductor, without generating kernels) and count them."""
+
+from __future__ import annotations
+
+import contextlib
+
+import pytest
+import torch
+
+from calligrapher_rl.models.acceleration import compile_transformer
+from calligrapher_rl.models.stack import CalligrapherStack
+from calligrapher_rl.sampling import rollout
+from calligrapher_rl.training.batches import Batch
+from calligrapher_rl.training.policies import Policies
+from calligrapher_rl.training.updates import grpo_backward, nft_backward
+
+
+@pytest.fixture()
+def compiled_stack(tiny_paths):
+    torch._dynamo.reset()
+    stack = CalligrapherStack.from_pretrained(*tiny_paths, num_style_tokens=8)
+    compile_transformer(stack.pipe.transformer, backend="eager")
+    yield stack
+    torch._dynamo.reset()
+
+
+def _inputs(stack, b, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    src = torch.rand(b, 3, 64, 64, generator=g) * 2 - 1
+    mask = torch.zeros(b, 1, 64, 64)
+    mask[:, :, 16:40, 8:56] = 1
+    fill = stack.prepare_fill(src, mask)
+    text = stack.encode_prompts([f"The text is '{i}'." for i in range(b)])
+    embeds = torch.randn(b, stack.siglip.config.hidden_size, generator=g)
+    return fill, text, embeds
+
+
+def _graphs() -> int:
+    from torch._dynamo.utils import counters
+
+    return counters["stats"]["unique_graphs"]
+
+
+def test_compiled_rollouts_and_updates_trace_once_per_shape_and_grad_mode(compiled_stack):
+    from torch._dynamo.utils import counters
+
+    stack = compiled_stack
+    fill, text, embeds = _inputs(stack, 4)
+    pol = Policies(stack.adapter, "attn", use_ema=False, ema_decay=0.9, ema_update_interval=1)
+    pol.begin_rl(with_old=True)
+    batch = Batch(list(range(4)), [{} for _ in range(4)], fill, text, embeds)
+    common = dict(policies=pol, guidance=30.0, scale=1.0, kl_beta=0.01, adv_clip_max=5.0,
+                  autocast=contextlib.nullcontext)
+
+    def iteration(seed):
+        with torch.no_grad():
+            ro = rollout(stack, fill, text, embeds, num_steps=4, guidance=30.0, noise_level=0.7,
+                         generator=torch.Generator().manual_seed(seed))
+        adv = torch.randn(4, generator=torch.Generator().manual_seed(seed))
+        grpo_backward(stack, batch, ro, adv, ro.sde_steps, noise_level=0.7, sde_type="sde", clip_range=0.2,
+                      loss_scale=1.0, **common)
+        nft_backward(stack, batch, ro, adv, 2, beta=0.1, adv_mode="normal",
+                     generator=torch.Generator().manual_seed(seed), loss_scale=1.0, **common)
+        with torch.no_grad():  # the old policy after an update is a different set of weights: no new graph
+            for p in stack.adapter.parameters():
+                p.add_(0.01 * torch.randn_like(p))
+        stack.adapter.zero_grad(set_to_none=True)
+
+    iteration(0)
+    # rollout (no grad, precomputed style K/V), training forward (grad), old/reference forwards (no grad)
+    first = _graphs()
+    assert 1 <= first <= 3, dict(counters["stats"])
+    for seed in (1, 2):  # more rollouts, steps, updates and changed weights: nothing new to trace
+        iteration(seed)
+    assert _graphs() == first, dict(counters["stats"])
+    assert not counters["graph_break"], dict(counters["graph_break"])
+
+
+def test_compiled_velocity_equals_eager(compiled_stack, tiny_paths):
+    eager = CalligrapherStack.from_pretrained(*tiny_paths, num_style_tokens=8)
+    eager.adapter.load_state_dict(compiled_stack.adapter.state_dict())
+    fill, text, embeds = _inputs(compiled_stack, 2, seed=3)
+    x = torch.randn(2, fill.seq_len, 64, generator=torch.Generator().manual_seed(4))
+    with torch.no_grad():
+        tokens, style_kv = compiled_stack.style_condition(embeds)
+        a = compiled_stack.velocity(x, fill, text, 0.7, embeds, 30.0, style_tokens=tokens, style_kv=style_kv)
+        b = eager.velocity(x, fill, text, 0.7, embeds, 30.0)
+    torch.testing.assert_close(a, b)
+    assert compiled_stack.pipe.transformer._compiled_call_impl is not None
+    assert eager.pipe.transformer._compiled_call_impl is None
