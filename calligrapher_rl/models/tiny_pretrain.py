@@ -204,8 +204,11 @@ def write_layout(out: str, pipe, siglip, processor, adapter, save_dtype: str = "
 
     dtype = SAVE_DTYPES[save_dtype]
     flux_dir, siglip_dir = os.path.join(out, "flux-fill"), os.path.join(out, "siglip")
-    (pipe if dtype == torch.float32 else copy.deepcopy(pipe).to(dtype=dtype)).save_pretrained(
-        flux_dir, safe_serialization=True)
+    if dtype != torch.float32:
+        pipe = copy.deepcopy(pipe)
+        for name in COMPONENTS:  # nn.Module's cast: diffusers' own warns about fp32 modules these models lack
+            torch.nn.Module.to(getattr(pipe, name), dtype=dtype)
+    pipe.save_pretrained(flux_dir, safe_serialization=True)
     siglip.save_pretrained(siglip_dir, safe_serialization=True)
     processor.save_pretrained(siglip_dir)
     adapter_file = os.path.join(out, "ip-adapter.safetensors")
