@@ -162,6 +162,7 @@ def test_fp16_saves_load_as_float32_and_match_fp32_saves(narrow_run, tmp_path):
 
 
 def test_pre_encoded_batch_equals_the_stacks_encoding():
+    from calligrapher_rl.models.style_adapter import install_style_adapter
     from calligrapher_rl.models.tiny_pretrain import (
         _to_unit,
         build_untrained,
@@ -169,7 +170,6 @@ def test_pre_encoded_batch_equals_the_stacks_encoding():
         render_data,
         sample_batch,
     )
-    from calligrapher_rl.models.style_adapter import install_style_adapter
 
     torch.set_num_threads(1)
     pipe, siglip, processor, adapter = build_untrained(0)
