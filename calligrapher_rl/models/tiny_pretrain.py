@@ -93,30 +93,22 @@ class PretrainConfig:
 
 
 # ------------------------------------------------------------------ data
-def _render(args) -> tuple[np.ndarray, np.ndarray, np.ndarray, str]:
+def render_data(n: int, seed: int, workers: int = 0):
+    """The glyph pictures as uint8 tensors, references as PIL, texts; identical whatever `workers` is.
+    The workers run `render_sample` itself, so they import the light synth module only (spawn)."""
     from ..data.synth import render_sample
 
-    index, seed = args
-    s = render_sample(index, seed, RESOLUTION, "glyphs")
-    return np.asarray(s.source), np.asarray(s.mask), np.asarray(s.reference), s.text
-
-
-def render_data(n: int, seed: int, workers: int = 0):
-    """The glyph pictures as uint8 tensors, references as PIL, texts; identical whatever `workers` is."""
-    from PIL import Image
-
-    jobs = [(i, DATA_SEED + seed) for i in range(n)]
+    jobs = [(i, DATA_SEED + seed, RESOLUTION, "glyphs") for i in range(n)]
     if workers == 1 or n < 256:
-        out = [_render(j) for j in jobs]
+        out = [render_sample(*j) for j in jobs]
     else:
         import multiprocessing as mp
 
         with mp.get_context("spawn").Pool(workers or os.cpu_count()) as pool:
-            out = pool.map(_render, jobs, chunksize=256)
-    sources = torch.from_numpy(np.stack([o[0] for o in out])).permute(0, 3, 1, 2).contiguous()
-    masks = torch.from_numpy(np.stack([o[1] for o in out]) > 127)[:, None].contiguous()
-    refs = [Image.fromarray(o[2]) for o in out]
-    return sources, masks, refs, [o[3] for o in out]
+            out = pool.starmap(render_sample, jobs, chunksize=256)
+    sources = torch.from_numpy(np.stack([np.asarray(o.source) for o in out])).permute(0, 3, 1, 2).contiguous()
+    masks = torch.from_numpy(np.stack([np.asarray(o.mask) for o in out]) > 127)[:, None].contiguous()
+    return sources, masks, [o.reference for o in out], [o.text for o in out]
 
 
 def _tokens(pipe, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
