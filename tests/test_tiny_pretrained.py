@@ -163,13 +163,8 @@ def test_fp16_saves_load_as_float32_and_match_fp32_saves(narrow_run, tmp_path):
 
 def test_pre_encoded_batch_equals_the_stacks_encoding():
     from calligrapher_rl.models.style_adapter import install_style_adapter
-    from calligrapher_rl.models.tiny_pretrain import (
-        _to_unit,
-        build_untrained,
-        pre_encode,
-        render_data,
-        sample_batch,
-    )
+    from calligrapher_rl.models.tiny_latents import _to_unit, pre_encode, sample_batch
+    from calligrapher_rl.models.tiny_pretrain import build_untrained, render_data
 
     torch.set_num_threads(1)
     pipe, siglip, processor, adapter = build_untrained(0)
