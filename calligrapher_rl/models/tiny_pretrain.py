@@ -310,7 +310,8 @@ def _train_dit(pipe, siglip, processor, adapter, data, cfg, device, log: _Log, g
     params = [p for m in trained for p in m.to(device).train().requires_grad_(True).parameters()]
     opt = torch.optim.AdamW(params, lr=cfg.dit_lr, weight_decay=0.0)
     ema = EMAModel(params, decay=cfg.ema_decay, foreach=True) if cfg.ema_decay > 0 else None
-    log.data["weights_written"] = f"EMA (decay {cfg.ema_decay})" if ema else "the last step's"
+    log.data["weights_written"] = (f"EMA (diffusers EMAModel: decay min({cfg.ema_decay}, (1 + n) / (10 + n)) at "
+                                   "step n)" if ema else "the last step's")
     probe = min(cfg.probe_steps, cfg.warmup, cfg.dit_steps) if cfg.max_minutes else 0  # LR in warmup: plan-free
     skip = probe // 5  # the first steps pay for allocations and kernel choices
     planned = log.data["planned_dit_steps"] = cfg.dit_steps
