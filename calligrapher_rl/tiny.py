@@ -33,7 +33,10 @@ def _random_tiny(argv) -> int:
 
 
 def _pretrain(argv) -> int:
-    from .models.tiny_pretrain import PretrainConfig
+    import time
+
+    started = time.time()  # --max_minutes counts the imports too
+    from .models.tiny_pretrain import SAVE_DTYPES, PretrainConfig
 
     d = PretrainConfig()
     p = argparse.ArgumentParser(prog="python -m calligrapher_rl.tiny pretrain",
@@ -49,15 +52,36 @@ def _pretrain(argv) -> int:
     p.add_argument("--snapshot_steps", default="", help="phase-2 steps to write weights-step{N}.safetensors at, "
                    "e.g. 1000,2000")
     p.add_argument("--workers", type=int, default=d.workers, help="processes rendering the data (0 = all cores)")
+    p.add_argument("--warmup", type=int, default=d.warmup, help="linear LR warmup steps of each phase")
     p.add_argument("--max_minutes", type=float, default=0.0,
-                   help="end phase 2 early (with a snapshot) once the run has taken this long; 0 = never")
+                   help="time limit of the whole run: after --probe_steps phase-2 steps, plan the phase-2 steps that "
+                        "end --reserve_s before it (planned_dit_steps in pretrain.json; the cosine LR reaches ~0 "
+                        "there); stop phase 2 (with a snapshot) if it is reached anyway; 0 = no limit")
+    p.add_argument("--probe_steps", type=int, default=d.probe_steps,
+                   help="phase-2 steps timed for the plan (at most --warmup, so the LR does not depend on the plan)")
+    p.add_argument("--reserve_s", type=float, default=d.reserve_s,
+                   help="seconds of --max_minutes left for writing the outputs")
+    p.add_argument("--heads", type=int, default=d.heads, help="transformer attention heads (head dim 32)")
+    p.add_argument("--double_blocks", type=int, default=d.double_blocks, help="transformer double-stream blocks")
+    p.add_argument("--single_blocks", type=int, default=d.single_blocks, help="transformer single-stream blocks")
+    p.add_argument("--ema_decay", type=float, default=d.ema_decay,
+                   help="EMA of the phase-2 weights, which snapshots and the layout hold; 0 = the last weights")
+    p.add_argument("--save_dtype", default=d.save_dtype, choices=sorted(SAVE_DTYPES),
+                   help="dtype of snapshots and the written FLUX-Fill/adapter (SigLIP stays fp32)")
     p.add_argument("--snapshot_dir", default="",
-                   help="where snapshots and a copy of pretrain.json go (default: --out)")
+                   help="where snapshots (one at the end, the ones of --snapshot_steps) and a copy of pretrain.json "
+                        "go (default: --out)")
     p.add_argument("--device", default=None, help="cuda or cpu (default: cuda if present)")
     args = p.parse_args(argv)
-    for name in ("n_data", "vae_steps", "dit_steps", "batch_size"):
+    for name in ("n_data", "vae_steps", "dit_steps", "batch_size", "heads", "double_blocks", "single_blocks",
+                 "probe_steps"):
         if getattr(args, name) < 1:
             raise UserError(f"expected a positive integer, got {getattr(args, name)}", field=f"--{name}")
+    for name in ("warmup", "max_minutes", "reserve_s"):
+        if getattr(args, name) < 0:
+            raise UserError(f"expected a number >= 0, got {getattr(args, name)}", field=f"--{name}")
+    if not 0 <= args.ema_decay < 1:
+        raise UserError(f"expected 0 (off) or a decay in (0, 1), got {args.ema_decay}", field="--ema_decay")
     try:
         snaps = [int(s) for s in args.snapshot_steps.split(",") if s.strip()]
     except ValueError:
@@ -65,12 +89,15 @@ def _pretrain(argv) -> int:
                         field="--snapshot_steps") from None
     cfg = PretrainConfig(seed=args.seed, n_data=args.n_data, vae_steps=args.vae_steps, dit_steps=args.dit_steps,
                          batch_size=args.batch_size, vae_lr=args.vae_lr, dit_lr=args.dit_lr, snapshot_steps=snaps,
-                         workers=args.workers, max_minutes=args.max_minutes,
-                         snapshot_dir=args.snapshot_dir)
+                         workers=args.workers, max_minutes=args.max_minutes, snapshot_dir=args.snapshot_dir,
+                         warmup=args.warmup, probe_steps=args.probe_steps, reserve_s=args.reserve_s,
+                         heads=args.heads, double_blocks=args.double_blocks, single_blocks=args.single_blocks,
+                         ema_decay=args.ema_decay, save_dtype=args.save_dtype)
     from .models.tiny_pretrain import pretrain
 
-    log = pretrain(args.out, cfg, args.device)
-    print(json.dumps({"out": args.out, "times": log["times"], "device": log["device"]}))
+    log = pretrain(args.out, cfg, args.device, started=started)
+    print(json.dumps({"out": args.out, "times": log["times"], "device": log["device"],
+                      "planned_dit_steps": log["planned_dit_steps"], "dit_steps_done": log["dit_steps_done"]}))
     return 0
 
 
@@ -80,12 +107,14 @@ def _export(argv) -> int:
     p.add_argument("--snapshot", required=True, help="a weights-step{N}.safetensors of `pretrain`")
     p.add_argument("--out", required=True, help="writes flux-fill/, siglip/, ip-adapter.safetensors")
     p.add_argument("--seed", type=int, default=0, help="the seed the snapshot was trained with")
+    p.add_argument("--save_dtype", default="fp16", choices=("fp16", "fp32"),
+                   help="dtype of the written FLUX-Fill/adapter (SigLIP stays fp32)")
     args = p.parse_args(argv)
     if not os.path.isfile(args.snapshot):
         raise UserError("no such file", where=args.snapshot, field="--snapshot")
     from .models.tiny_pretrain import load_snapshot, write_layout
 
-    print("\n".join(write_layout(args.out, *load_snapshot(args.snapshot, args.seed))))
+    print("\n".join(write_layout(args.out, *load_snapshot(args.snapshot, args.seed), save_dtype=args.save_dtype)))
     return 0
 
 

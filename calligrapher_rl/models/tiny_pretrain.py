@@ -14,12 +14,20 @@ trained, in two phases, on pictures of `python -m calligrapher_rl.data synth --t
 The result is written in the layout of `tiny` (a FluxFillPipeline folder, a SigLIP folder) plus
 `ip-adapter.safetensors`, so loading it goes through the real paths. Everything draws from generators
 seeded by `seed`, on the data of synth seed `DATA_SEED + seed` (the bundled glyph set, synth seed 0,
-stays unseen). Flat snapshots (`weights-step{N}.safetensors`) can be written along the way; `export`
-turns one into the layout.
+stays unseen). Flat snapshots (`weights-step{N}.safetensors`, float16 by default, the architecture in their
+metadata) can be written along the way and one is written at the end; `export` turns one into the layout.
+
+Phase 2 encodes the data with the frozen VAE once (`pre_encode`) and draws every step's latents from the stored
+posteriors (`sample_batch`), as `CalligrapherStack.encode_images`/`prepare_fill` would draw them. It keeps an EMA
+of the trained weights, which the snapshots and the layout hold. With `max_minutes`, a short probe measures the
+step time and fixes `planned_dit_steps`, so the cosine reaches ~0 inside the time limit; the schedule depends on
+that step count only, so `dit_steps=planned_dit_steps` without a time limit retrains the same weights.
 """
 
 from __future__ import annotations
 
+import contextlib
+import copy
 import json
 import os
 import time
@@ -32,19 +40,29 @@ import torch.nn.functional as F
 from .stack import CalligrapherStack, TextCondition
 from .style_adapter import StyleAdapter, install_style_adapter
 from .tiny import build_tiny_pipeline, build_tiny_siglip
+from .tiny_latents import _to_unit, pre_encode, sample_batch
 
 RESOLUTION = 64  # 8x8 latents, 16 image tokens: the CPU presets' size; the glyph task is readable at it
 GUIDANCE = 30.0
 NUM_STYLE_TOKENS = 8
 MAX_TEXT_TOKENS = 32  # the stack's T5 length for narrow text encoders
 DATA_SEED = 10_000
-ARCH = {
-    "text_dim": 64, "pooled_dim": 64,
-    "transformer": {"num_layers": 2, "num_single_layers": 3, "attention_head_dim": 32, "num_attention_heads": 4,
-                    "axes_dims_rope": (8, 12, 12)},
-    "vae": {"block_out_channels": [16, 32, 64, 64]},
-}
+DEFAULT_ARCH = {"heads": 4, "double_blocks": 2, "single_blocks": 3}  # head dim stays 32 (RoPE axes 8+12+12)
+SAVE_DTYPES = {"fp16": torch.float16, "fp32": torch.float32}
 COMPONENTS = ("vae", "transformer", "text_encoder", "text_encoder_2")
+
+
+def arch_sizes(heads: int = 4, double_blocks: int = 2, single_blocks: int = 3) -> dict:
+    """The keyword sizes `build_tiny_pipeline` takes for a transformer of this many heads and blocks."""
+    return {
+        "text_dim": 64, "pooled_dim": 64,
+        "transformer": {"num_layers": double_blocks, "num_single_layers": single_blocks, "attention_head_dim": 32,
+                        "num_attention_heads": heads, "axes_dims_rope": (8, 12, 12)},
+        "vae": {"block_out_channels": [16, 32, 64, 64]},
+    }
+
+
+ARCH = arch_sizes(**DEFAULT_ARCH)
 
 
 @dataclass
@@ -60,35 +78,38 @@ class PretrainConfig:
     mask_weight: float = 4.0  # extra loss weight of tokens under the mask: that is where the text is
     snapshot_steps: list[int] = field(default_factory=list)  # phase-2 steps with a flat snapshot
     workers: int = 0  # processes rendering the data (0 = all cores)
-    max_minutes: float = 0.0  # stop phase 2 early (recorded) if the whole run reaches this; 0 = never
+    max_minutes: float = 0.0  # plan phase 2 to end inside this (and stop it, recorded, if reached); 0 = never
     snapshot_dir: str = ""  # where snapshots and a copy of pretrain.json go (default: the output folder)
+    heads: int = DEFAULT_ARCH["heads"]
+    double_blocks: int = DEFAULT_ARCH["double_blocks"]
+    single_blocks: int = DEFAULT_ARCH["single_blocks"]
+    ema_decay: float = 0.999  # EMA of the phase-2 weights (what gets written); 0 = write the last weights
+    save_dtype: str = "fp16"  # snapshots and the layout (SigLIP, frozen and small, stays fp32)
+    probe_steps: int = 50  # phase-2 steps timed to plan the rest under max_minutes (at most `warmup`)
+    reserve_s: float = 20.0  # seconds of max_minutes kept for writing the outputs
+
+    @property
+    def arch(self) -> dict:
+        return {"heads": self.heads, "double_blocks": self.double_blocks, "single_blocks": self.single_blocks}
 
 
 # ------------------------------------------------------------------ data
-def _render(args) -> tuple[np.ndarray, np.ndarray, np.ndarray, str]:
+def render_data(n: int, seed: int, workers: int = 0):
+    """The glyph pictures as uint8 tensors, references as PIL, texts; identical whatever `workers` is.
+    The workers run `render_sample` itself, so they import the light synth module only (spawn)."""
     from ..data.synth import render_sample
 
-    index, seed = args
-    s = render_sample(index, seed, RESOLUTION, "glyphs")
-    return np.asarray(s.source), np.asarray(s.mask), np.asarray(s.reference), s.text
-
-
-def render_data(n: int, seed: int, workers: int = 0):
-    """The glyph pictures as uint8 tensors, references as PIL, texts; identical whatever `workers` is."""
-    from PIL import Image
-
-    jobs = [(i, DATA_SEED + seed) for i in range(n)]
+    jobs = [(i, DATA_SEED + seed, RESOLUTION, "glyphs") for i in range(n)]
     if workers == 1 or n < 256:
-        out = [_render(j) for j in jobs]
+        out = [render_sample(*j) for j in jobs]
     else:
         import multiprocessing as mp
 
         with mp.get_context("spawn").Pool(workers or os.cpu_count()) as pool:
-            out = pool.map(_render, jobs, chunksize=256)
-    sources = torch.from_numpy(np.stack([o[0] for o in out])).permute(0, 3, 1, 2).contiguous()
-    masks = torch.from_numpy(np.stack([o[1] for o in out]) > 127)[:, None].contiguous()
-    refs = [Image.fromarray(o[2]) for o in out]
-    return sources, masks, refs, [o[3] for o in out]
+            out = pool.starmap(render_sample, jobs, chunksize=256)
+    sources = torch.from_numpy(np.stack([np.asarray(o.source) for o in out])).permute(0, 3, 1, 2).contiguous()
+    masks = torch.from_numpy(np.stack([np.asarray(o.mask) for o in out]) > 127)[:, None].contiguous()
+    return sources, masks, [o.reference for o in out], [o.text for o in out]
 
 
 def _tokens(pipe, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -108,13 +129,9 @@ def encode_text(pipe, clip_ids: torch.Tensor, t5_ids: torch.Tensor) -> TextCondi
     return TextCondition(embeds, pooled, ids)
 
 
-def _to_unit(x: torch.Tensor) -> torch.Tensor:
-    return x.float() / 127.5 - 1.0
-
-
 # ------------------------------------------------------------------ model
-def build_untrained(seed: int):
-    pipe = build_tiny_pipeline(seed, **ARCH)
+def build_untrained(seed: int, arch: dict | None = None):
+    pipe = build_tiny_pipeline(seed, **arch_sizes(**(arch or DEFAULT_ARCH)))
     siglip, processor = build_tiny_siglip(seed)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed + 2)
@@ -123,36 +140,41 @@ def build_untrained(seed: int):
     return pipe, siglip, processor, adapter
 
 
-def flat_state(pipe, siglip, adapter) -> dict[str, torch.Tensor]:
+def flat_state(pipe, siglip, adapter, dtype=torch.float32) -> dict[str, torch.Tensor]:
     """Every weight under `component.` keys, cloned (tied weights must not share storage in safetensors)."""
     state = {}
     for name in COMPONENTS:
         for k, v in getattr(pipe, name).state_dict().items():
-            state[f"{name}.{k}"] = v.detach().float().cpu().contiguous().clone()
+            state[f"{name}.{k}"] = v.detach().to("cpu", dtype).contiguous().clone()
     for prefix, module in (("siglip", siglip), ("adapter", adapter)):
         for k, v in module.state_dict().items():
-            state[f"{prefix}.{k}"] = v.detach().float().cpu().contiguous().clone()
+            state[f"{prefix}.{k}"] = v.detach().to("cpu", dtype).contiguous().clone()
     return state
 
 
-def save_snapshot(path: str, pipe, siglip, adapter, meta: dict) -> None:
+def save_snapshot(path: str, pipe, siglip, adapter, meta: dict, arch: dict | None = None,
+                  save_dtype: str = "fp16") -> None:
+    """Flat weights with what rebuilds them in the metadata: the VAE's shift/scale and the architecture."""
     from safetensors.torch import save_file
 
     tmp = f"{path}.tmp"
     vae = pipe.vae.config
-    info = {"shift_factor": str(vae.shift_factor), "scaling_factor": str(vae.scaling_factor)}
-    save_file(flat_state(pipe, siglip, adapter), tmp, metadata=info | {k: str(v) for k, v in meta.items()})
+    info = {"shift_factor": str(vae.shift_factor), "scaling_factor": str(vae.scaling_factor),
+            "arch": json.dumps(arch or DEFAULT_ARCH), "dtype": save_dtype}
+    state = flat_state(pipe, siglip, adapter, SAVE_DTYPES[save_dtype])
+    save_file(state, tmp, metadata=info | {k: str(v) for k, v in meta.items()})
     os.replace(tmp, path)
 
 
 def load_snapshot(path: str, seed: int = 0):
+    """The stack of a snapshot, in float32, with the architecture its metadata records (older ones: the default)."""
     from safetensors import safe_open
     from safetensors.torch import load_file
 
-    pipe, siglip, processor, adapter = build_untrained(seed)
-    state = load_file(path)
     with safe_open(path, "pt") as f:
         meta = f.metadata()
+    pipe, siglip, processor, adapter = build_untrained(seed, json.loads(meta.get("arch", json.dumps(DEFAULT_ARCH))))
+    state = {k: v.float() for k, v in load_file(path).items()}
     for name in COMPONENTS:
         getattr(pipe, name).load_state_dict({k[len(name) + 1:]: v for k, v in state.items()
                                              if k.startswith(name + ".")})
@@ -162,16 +184,24 @@ def load_snapshot(path: str, seed: int = 0):
     return pipe, siglip, processor, adapter
 
 
-def write_layout(out: str, pipe, siglip, processor, adapter) -> tuple[str, str, str]:
-    """`out/flux-fill`, `out/siglip`, `out/ip-adapter.safetensors` (the release's names, flattened)."""
+def write_layout(out: str, pipe, siglip, processor, adapter, save_dtype: str = "fp16") -> tuple[str, str, str]:
+    """`out/flux-fill`, `out/siglip`, `out/ip-adapter.safetensors` (the release's names, flattened).
+
+    FLUX-Fill and the adapter in `save_dtype` (the loaders cast to the stack's dtype); SigLIP in float32, as the
+    style reward loads it without a dtype."""
     from safetensors.torch import save_file
 
+    dtype = SAVE_DTYPES[save_dtype]
     flux_dir, siglip_dir = os.path.join(out, "flux-fill"), os.path.join(out, "siglip")
+    if dtype != torch.float32:
+        pipe = copy.deepcopy(pipe)
+        for name in COMPONENTS:  # nn.Module's cast: diffusers' own warns about fp32 modules these models lack
+            torch.nn.Module.to(getattr(pipe, name), dtype=dtype)
     pipe.save_pretrained(flux_dir, safe_serialization=True)
     siglip.save_pretrained(siglip_dir, safe_serialization=True)
     processor.save_pretrained(siglip_dir)
     adapter_file = os.path.join(out, "ip-adapter.safetensors")
-    state = {k: v.detach().float().cpu().contiguous() for k, v in adapter.state_dict().items()}
+    state = {k: v.detach().to("cpu", dtype).contiguous() for k, v in adapter.state_dict().items()}
     save_file(state, adapter_file, metadata={"format": "pt", "layout": "calligrapher-rl/flat"})
     return flux_dir, siglip_dir, adapter_file
 
@@ -184,9 +214,9 @@ def _lr(step: int, base: float, warmup: int, total: int) -> float:
 
 
 class _Log:
-    def __init__(self, out: str, cfg: PretrainConfig, device):
+    def __init__(self, out: str, cfg: PretrainConfig, device, started: float | None = None):
         self.paths = [os.path.join(d, "pretrain.json") for d in dict.fromkeys([out, cfg.snapshot_dir or out])]
-        self.t0 = time.time()
+        self.t0 = started or time.time()  # the time limit and every logged `t` count from here
         name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
         self.data = {"config": asdict(cfg), "device": name, "torch": torch.__version__, "vae": [], "dit": [],
                      "times": {}}
@@ -235,28 +265,70 @@ def _train_vae(pipe, sources, masks, cfg: PretrainConfig, device, log: _Log, gen
     log.data["vae_latent"] = {"shift_factor": shift, "std": std}
 
 
+# ------------------------------------------------------------------ phase 2
+@contextlib.contextmanager
+def _ema_weights(ema, params):
+    """The EMA weights in the modules for the duration (none kept: the weights as they are)."""
+    if ema is None:
+        yield
+        return
+    ema.store(params)
+    ema.copy_to(params)
+    try:
+        yield
+    finally:
+        ema.restore(params)
+
+
+def _plan(cfg: PretrainConfig, done: int, s_per_step: float, elapsed: float) -> int:
+    """Phase-2 steps that end `reserve_s` before `max_minutes` at the probe's speed (3 % slack), at most dit_steps."""
+    left = 60 * cfg.max_minutes - cfg.reserve_s - elapsed
+    return min(cfg.dit_steps, done + max(0, int(left / (1.03 * s_per_step))))
+
+
+def _sync(device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
 def _train_dit(pipe, siglip, processor, adapter, data, cfg, device, log: _Log, gen, out: str):
-    sources, masks, refs, texts = data
+    from diffusers.training_utils import EMAModel
+
     from ..data.entries import DEFAULT_PROMPT
 
+    sources, masks, refs, texts = data
     stack = CalligrapherStack(pipe, siglip, processor, adapter, device, torch.float32, MAX_TEXT_TOKENS)
     siglip.to(device).eval().requires_grad_(False)
+    t_enc = time.time()
     with torch.no_grad():
         embeds = torch.cat([stack.encode_style(refs[i:i + 512]) for i in range(0, len(refs), 512)])
+    latents = pre_encode(stack, sources, masks)
     clip_ids, t5_ids = _tokens(pipe, [DEFAULT_PROMPT.format(text=t) for t in texts])
     clip_ids, t5_ids = clip_ids.to(device), t5_ids.to(device)
+    log.data["times"]["pre_encode_s"] = round(time.time() - t_enc, 1)
     trained = [pipe.transformer, pipe.text_encoder, pipe.text_encoder_2, adapter]
     params = [p for m in trained for p in m.to(device).train().requires_grad_(True).parameters()]
     opt = torch.optim.AdamW(params, lr=cfg.dit_lr, weight_decay=0.0)
-    n, t_start = sources.shape[0], time.time()
-    for step in range(cfg.dit_steps):
+    ema = EMAModel(params, decay=cfg.ema_decay, foreach=True) if cfg.ema_decay > 0 else None
+    log.data["weights_written"] = (f"EMA (diffusers EMAModel: decay min({cfg.ema_decay}, (1 + n) / (10 + n)) at "
+                                   "step n)" if ema else "the last step's")
+    probe = min(cfg.probe_steps, cfg.warmup, cfg.dit_steps) if cfg.max_minutes else 0  # LR in warmup: plan-free
+    skip = probe // 5  # the first steps pay for allocations and kernel choices
+    planned = log.data["planned_dit_steps"] = cfg.dit_steps
+    n, t_start, t_skip, step, loss = sources.shape[0], time.time(), time.time(), 0, None
+    snapshot_dir = cfg.snapshot_dir or out
+
+    def snapshot(done: int) -> None:
+        with _ema_weights(ema, params):
+            save_snapshot(os.path.join(snapshot_dir, f"weights-step{done}.safetensors"), pipe, siglip, adapter,
+                          {"step": done, "seed": cfg.seed, "ema_decay": cfg.ema_decay if ema else 0.0},
+                          cfg.arch, cfg.save_dtype)
+
+    while step < planned:
         for g in opt.param_groups:
-            g["lr"] = _lr(step, cfg.dit_lr, cfg.warmup, cfg.dit_steps)
+            g["lr"] = _lr(step, cfg.dit_lr, cfg.warmup, planned)
         idx = torch.randint(n, (cfg.batch_size,), generator=gen, device=device)
-        x, m = _to_unit(sources[idx]), masks[idx].float()
-        with torch.no_grad():
-            x0 = stack.encode_images(x, generator=gen).float()
-            fill = stack.prepare_fill(x, m, generator=gen)
+        x0, fill = sample_batch(stack, latents, idx, gen)
         text = encode_text(pipe, clip_ids[idx], t5_ids[idx])
         b = x0.shape[0]
         t = torch.sigmoid(torch.randn(b, generator=gen, device=device))  # logit-normal, as SD3/FLUX
@@ -270,23 +342,36 @@ def _train_dit(pipe, siglip, processor, adapter, data, cfg, device, log: _Log, g
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()
-        done = step + 1
-        if step % 100 == 0 or done == cfg.dit_steps:
-            log.add("dit", step, loss=round(float(loss.detach()), 5),
+        if ema is not None:
+            ema.step(params)
+        step = done = step + 1
+        if done == skip:
+            _sync(device)
+            t_skip = time.time()
+        if done == probe:
+            _sync(device)
+            s_step = (time.time() - t_skip) / max(1, done - skip)
+            planned = log.data["planned_dit_steps"] = _plan(cfg, done, s_step, time.time() - log.t0)
+            log.data["probe"] = {"steps": done, "s_per_step": round(s_step, 5), "at_s": round(time.time() - log.t0, 1)}
+        if step % 100 == 1 or done == planned:
+            log.add("dit", step - 1, loss=round(float(loss.detach()), 5), lr=float(opt.param_groups[0]["lr"]),
                     s_per_step=round((time.time() - t_start) / done, 4))
         over = cfg.max_minutes and time.time() - log.t0 > 60 * cfg.max_minutes
-        if done in cfg.snapshot_steps or over:
-            save_snapshot(os.path.join(cfg.snapshot_dir or out, f"weights-step{done}.safetensors"), pipe, siglip,
-                          adapter, {"step": done, "seed": cfg.seed})
+        if done in cfg.snapshot_steps or over or done == planned:
+            snapshot(done)
         if over:
             log.data["stopped_early_at"] = done
             break
+    log.data["dit_steps_done"] = step
+    if ema is not None:
+        ema.copy_to(params)  # the layout holds what the snapshots hold
     for m in trained:
         m.eval().requires_grad_(False)
 
 
-def pretrain(out: str, cfg: PretrainConfig, device: str | None = None) -> dict:
-    """Train the tiny stack and write it under `out` in the layout of `tiny`; returns the log dict."""
+def pretrain(out: str, cfg: PretrainConfig, device: str | None = None, started: float | None = None) -> dict:
+    """Train the tiny stack and write it under `out` in the layout of `tiny`; returns the log dict.
+    `started` (a time.time()) is when the time limit began (default: now), e.g. before the imports."""
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     if device.type == "cuda":
         torch.backends.cuda.enable_cudnn_sdp(False)  # its backward fails on FLUX shapes on torch 2.11/cu130
@@ -294,10 +379,11 @@ def pretrain(out: str, cfg: PretrainConfig, device: str | None = None) -> dict:
         torch.backends.cudnn.allow_tf32 = True
     for folder in (out, cfg.snapshot_dir or out):
         os.makedirs(folder, exist_ok=True)
-    log = _Log(out, cfg, device)
+    log = _Log(out, cfg, device, started)
     data = render_data(cfg.n_data, cfg.seed, cfg.workers)
     log.data["times"]["data_s"] = round(time.time() - log.t0, 1)
-    pipe, siglip, processor, adapter = build_untrained(cfg.seed)
+    pipe, siglip, processor, adapter = build_untrained(cfg.seed, cfg.arch)
+    log.data["parameters"] = parameter_counts(pipe, siglip, adapter)
     install_style_adapter(pipe.transformer, adapter)
     pipe.to(device), siglip.to(device), adapter.to(device)
     for module in (pipe.transformer, pipe.text_encoder, pipe.text_encoder_2, siglip, adapter):
@@ -307,9 +393,17 @@ def pretrain(out: str, cfg: PretrainConfig, device: str | None = None) -> dict:
     _train_vae(pipe, sources, masks, cfg, device, log, gen)
     log.data["times"]["vae_s"] = round(time.time() - log.t0, 1)
     _train_dit(pipe, siglip, processor, adapter, (sources, masks, data[2], data[3]), cfg, device, log, gen, out)
-    log.data["times"]["total_s"] = round(time.time() - log.t0, 1)
+    log.data["times"]["dit_s"] = round(time.time() - log.t0, 1)
+    if device.type == "cuda":
+        log.data["cuda_max_memory_gib"] = round(torch.cuda.max_memory_allocated(device) / 2**30, 2)
     pipe.to("cpu"), siglip.to("cpu"), adapter.to("cpu")
-    write_layout(out, pipe, siglip, processor, adapter)
+    write_layout(out, pipe, siglip, processor, adapter, cfg.save_dtype)
+    log.data["times"]["total_s"] = round(time.time() - log.t0, 1)
     log.flush()
     return log.data
 
+
+def parameter_counts(pipe, siglip, adapter) -> dict[str, int]:
+    counts = {name: sum(p.numel() for p in getattr(pipe, name).parameters()) for name in COMPONENTS}
+    return counts | {"siglip": sum(p.numel() for p in siglip.parameters()),
+                     "adapter": sum(p.numel() for p in adapter.parameters())}
