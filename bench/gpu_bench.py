@@ -217,7 +217,7 @@ def overhead_fraction(stack, res, b, steps, autocast, checkpointing) -> float:
 
 
 # ---------------------------------------------------------------------------------------------- main
-SECTIONS = ("eager", "compiled", "fp8", "update", "ratio", "overhead", "peak")
+SECTIONS = ("eager", "compile", "compiled", "fp8", "update", "update_ckpt", "ratio", "overhead", "peak")
 
 
 def main():
@@ -271,12 +271,15 @@ def main():
         if section == "eager":
             bench_rollouts(stack, res, batches, args.steps, autocast, out, "rollout_eager_ms_per_image_step",
                            "baseline_ms_per_image_step")
+        elif section == "compile":  # only that: the sections after it (e.g. peak) run compiled
+            ensure_compiled()
         elif section == "compiled":
             ensure_compiled()
             bench_rollouts(stack, res, batches, args.steps, autocast, out, "rollout_ms_per_image_step",
                            "compiled_baseline_ms_per_image_step", budget_s=args.budget_s)
         elif section == "fp8" and cuda:
             stack.enable_fp8_rollouts()
+            print(f"fp8 copy made ({elapsed():.0f} s)", flush=True)
             compile_transformer(stack.quantized_model.transformer)
             bench_rollouts(stack, res, batches, args.steps, autocast, out, "rollout_fp8_ms_per_image_step", None,
                            quantized=True, budget_s=args.budget_s)
@@ -289,6 +292,11 @@ def main():
             out.put("update_ms_per_image_step", bench_update(stack, res, 4, args.steps, autocast))
             out.put("update_settings", "batch 4, trainable attn, compiled, no activation checkpointing, bf16 "
                                        "autocast, KL on (GRPO reference forward; NFT old + reference forwards)")
+        elif section == "update_ckpt":  # as the flux presets train: activations recomputed in backward
+            ensure_compiled()
+            stack.pipe.transformer.enable_gradient_checkpointing()
+            out.put("update_checkpointed_ms_per_image_step", bench_update(stack, res, 4, args.steps, autocast))
+            stack.pipe.transformer.disable_gradient_checkpointing()
         elif section == "ratio":  # batch 4 without checkpointing: the update's compiled graphs
             ensure_compiled()
             r = first_ratio(stack, res, 4, args.steps, autocast, checkpointing=False)
@@ -300,16 +308,20 @@ def main():
                                                            checkpointing=not compiled))
             out.put("overhead_settings", f"GRPO iteration at batch 4, {args.steps} steps, "
                                          + ("compiled" if compiled else "eager, gradient checkpointing"))
-        elif section == "peak":  # eager: what a run needs before compile
+        elif section == "peak":  # eager unless a compile section came first
             by = {}
-            for method in ("grpo", "nft"):
-                for trainable in ("attn", "all"):
+            for trainable in ("all", "attn"):  # the presets' set first
+                for method in ("grpo", "nft"):
+                    if elapsed() > args.budget_s:
+                        print(f"skip peak {method}/{trainable}: time budget", flush=True)
+                        continue
                     by.setdefault(f"flux-{method}", {})[trainable] = peak_iteration(stack, res, method, trainable,
                                                                                   autocast)
                     out.put("peak_gib_by_trainable", by)
             out.put("peak_gib", {k: v.get("all", v.get("attn")) for k, v in by.items()})
             out.put("peak_settings", "group 8, 512^2, 4-step rollout, KL on, gradient checkpointing, 8-bit AdamW "
-                                     "(torchao), bf16 reference/old snapshots, fp32 EMA in host memory, eager")
+                                     "(torchao), bf16 reference/old snapshots, fp32 EMA in host memory, "
+                                     + ("compiled" if compiled else "eager"))
         out.setdefault("section_s", {})[section] = round(time.time() - t, 1)
         out.flush()
         print(f"section {section}: {time.time() - t:.0f} s (elapsed {elapsed():.0f} s)", flush=True)
