@@ -15,7 +15,7 @@ from .entries import DEFAULT_PROMPT, Entry, parse_entries, read_entry_images
 from .synth import SYNTH_VERSION, render_sample, synthesize
 
 BUNDLED = "bundled"
-BUNDLED_GLYPHS = "bundled-glyphs"  # 4 short examples of the pretrained tiny's task (synth --task glyphs), 64 px
+BUNDLED_GLYPHS = "bundled-glyphs"  # 4 four-character examples of the pretrained tiny's task (synth --task glyphs), 64 px
 
 __all__ = [
     "BUNDLED", "BUNDLED_GLYPHS", "DEFAULT_PROMPT", "Entry", "TextImageDataset", "collate_fn", "default_dataset_dir",
@@ -58,9 +58,9 @@ def resolve_dataset_path(value) -> str:
     if isinstance(value, str) and value.strip().lower() == BUNDLED:
         return ensure_default_dataset()
     if isinstance(value, str) and value.strip().lower() == BUNDLED_GLYPHS:
-        from .synth import synthesize_short_glyphs
+        from .synth import synthesize_glyph_set
 
-        final = build_once(cache_dir() / "datasets" / f"glyphs-short-v{SYNTH_VERSION}-n4-s1", "data.jsonl",
-                           lambda tmp: synthesize_short_glyphs(tmp, n=4, seed=1))
+        final = build_once(cache_dir() / "datasets" / f"glyphs-4char-v{SYNTH_VERSION}-n4-s1", "data.jsonl",
+                           lambda tmp: synthesize_glyph_set(tmp, n=4, seed=1, length=4))
         return str(final / "data.jsonl")
     return os.fspath(value)

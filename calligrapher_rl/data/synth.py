@@ -303,14 +303,15 @@ def synthesize(out_dir: str | os.PathLike, n: int, resolution: int = 512, seed: 
     return target
 
 
-def synthesize_short_glyphs(out_dir: str | os.PathLike, n: int = 4, seed: int = 1, max_len: int = 2) -> Path:
-    """The first `n` examples of at most `max_len` characters among `glyphs` samples of `seed` (the tiny
-    presets' set: short texts are the ones the pretrained tiny already writes sometimes, so RL has a signal)."""
+def synthesize_glyph_set(out_dir: str | os.PathLike, n: int = 4, seed: int = 1, length: int = 4) -> Path:
+    """The first `n` examples of exactly `length` characters among `glyphs` samples of `seed` (the tiny presets'
+    set: the pretrained tiny writes 4 characters right about a third of the time, so RL has both a signal and
+    room to improve; docs/tiny.md)."""
     out = Path(out_dir)
-    pool = synthesize(out, n=12 * n, resolution=64, seed=seed, task="glyphs")
-    lines = [line for line in pool.read_text(encoding="utf-8").splitlines() if len(json.loads(line)["text"]) <= max_len]
+    pool = synthesize(out, n=16 * n, resolution=64, seed=seed, task="glyphs")
+    lines = [line for line in pool.read_text(encoding="utf-8").splitlines() if len(json.loads(line)["text"]) == length]
     if len(lines) < n:
-        raise UserError(f"only {len(lines)} examples of <= {max_len} characters among {12 * n}", field="n")
+        raise UserError(f"only {len(lines)} examples of {length} characters among {16 * n}", field="n")
     tmp = out / ".data.jsonl.tmp"
     tmp.write_text("\n".join(lines[:n]) + "\n", encoding="utf-8")
     os.replace(tmp, pool)
