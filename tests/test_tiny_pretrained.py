@@ -55,12 +55,13 @@ def test_ocr_reads_the_glyph_task_ground_truth():
 
 
 def test_pretrained_writes_where_the_random_tiny_does_not(tmp_path):
-    """The shipped model's samples of unseen glyph examples partly read right; the random tiny's never do."""
+    """The shipped model writes most unseen glyph examples right (0.58 / 0.44 exact measured on these 16;
+    0.64 on 64, docs/tiny.md), yet not all (room for RL); the random tiny's never read."""
     from calligrapher_rl.tiny import evaluate_ocr
 
     torch.set_num_threads(1)
     pretrained = evaluate_ocr(PRETRAINED_NAME, n=16)
-    assert pretrained["ocr"] >= 0.05 and pretrained["exact"] > 0, pretrained
+    assert 0.4 <= pretrained["ocr"] <= 0.8 and pretrained["exact"] >= 0.25, pretrained
 
 
 def test_pretrain_command_is_deterministic_and_writes_the_tiny_layout(tmp_path):
