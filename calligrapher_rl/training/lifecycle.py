@@ -1,0 +1,131 @@
+"""What keeps a run's work safe: checkpoints (save, exact resume) and stopping (control files from the studio,
+SIGTERM/SIGINT in two stages). A mixin of `Trainer`: it reads the trainer's state (step, policies, optimizer,
+run_dir, accelerator) and is not used on its own."""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+
+import torch
+
+from ..errors import UserError
+from .checkpointing import check_against, identity, list_checkpoints, load_checkpoint, save_checkpoint
+from .optim import consolidated_state_dict
+from .run_dir import Interrupted
+
+logger = logging.getLogger("calligrapher_rl.training")
+
+
+class RunLifecycle:
+    """Checkpoints and stopping of `Trainer`."""
+
+    def save(self) -> None:
+        if self._saved_step == self.step:  # e.g. the last step was a checkpoint step
+            return
+        optimizer_state = consolidated_state_dict(self.optimizer)  # a collective when the moments are sharded
+        if not self.is_main:
+            self._saved_step = self.step
+            return
+        self._saved_step = self.step
+        self._phase("saving")
+        p = self.policies
+        state = {"rl_epoch": self.rl_epoch, "ema_updates": p.ema.num_updates if p.ema else 0,
+                 "tracker": self.tracker.state_dict() if self.tracker else None, "rl_steps": self.rl_steps,
+                 "skipped_nonfinite": self.skipped_nonfinite,
+                 "grad_scaler": self.scaler.state_dict() if self.scaler is not None else None,
+                 "config": identity(self.cfg)}
+        path = save_checkpoint(self.cfg.output_dir, self.step, adapter=self.stack.adapter.state_dict(), ema=p.ema_state(),
+                               old=p.old_state(), ref=p.reference, optimizer=optimizer_state, scheduler=self.scheduler,
+                               state=state, total_limit=self.cfg.checkpoints_total_limit)
+        logger.info("saved %s", path)
+        self.callbacks.call("on_save", self, step=self.step, path=str(path))
+
+    def _maybe_resume(self) -> None:
+        path = self._resume_path
+        if path is None:
+            if self.cfg.resume_from_checkpoint == "latest":  # e.g. killed before its first checkpoint
+                dropped = self.run_dir.truncate_metrics(-1)
+                logger.warning("--resume_from_checkpoint latest: no checkpoint in %s yet, so the run starts at step 0%s",
+                               self.cfg.output_dir, f"; dropped the {dropped} metric rows of the earlier attempt"
+                               if dropped else "")
+            return
+        ck = load_checkpoint(path)
+        check_against(ck, self.stack.adapter.state_dict(), dict(self.policies.named), self.optimizer)
+        try:
+            self.stack.adapter.load_state_dict({k: v.to(self.acc.device) for k, v in ck["adapter"].items()})
+            self.optimizer.load_state_dict(ck["optimizer"])
+            self.scheduler.load_state_dict(ck["scheduler"])
+            self.policies.load_snapshots(ck["ref"], ck["old"], self.acc.device)
+            if ck["ema"] is not None:
+                self.policies.load_ema_state(ck["ema"], ck["state"].get("ema_updates", 0))
+            if self.tracker is not None and ck["state"].get("tracker"):
+                self.tracker.load_state_dict(ck["state"]["tracker"])
+        except (RuntimeError, ValueError, KeyError, TypeError, IndexError) as exc:
+            raise UserError(f"could not be restored ({type(exc).__name__}: {str(exc).splitlines()[0][:200]})",
+                            where=path, field="--resume_from_checkpoint") from None
+        self.step, self.rl_epoch = int(ck["state"]["step"]), int(ck["state"]["rl_epoch"])
+        # older checkpoints lack the RL step count: every step past the warmup was an RL step then
+        default_rl = max(0, self.step - self.cfg.rl_warmup_steps) if self.cfg.use_rl else 0
+        self.rl_steps = int(ck["state"].get("rl_steps", default_rl))
+        self.skipped_nonfinite = int(ck["state"].get("skipped_nonfinite", 0))
+        if self.scaler is not None and ck["state"].get("grad_scaler"):
+            self.scaler.load_state_dict(ck["state"]["grad_scaler"])
+        self._saved_step = self.step
+        dropped = self.run_dir.truncate_metrics(self.step)
+        logger.info("resumed from %s at step %d%s", path, self.step,
+                    f"; dropped {dropped} metric rows logged after it (they are redone)" if dropped else "")
+
+    def _control(self, resume: bool = False) -> tuple[bool, bool]:
+        """(stop, resume) requests. Only the main process reads (and consumes) control/stop and
+        control/resume; one collective gives every process the same answer, so all stay in step."""
+        stop = self._stop or (self.is_main and self.run_dir.stop_requested())
+        res = resume and self.is_main and not stop and self.run_dir.consume_resume()
+        if self.acc.num_processes > 1:  # a signal on any process stops all of them
+            flags = self.acc.reduce(torch.tensor([float(stop), float(res)], device=self.acc.device), reduction="sum")
+            stop, res = bool(flags[0].item() > 0), bool(flags[1].item() > 0)
+        return stop, res
+
+    def _stop_requested(self) -> bool:
+        self._stop = self._control()[0]  # every process must leave the loop at the same step
+        if self._stop:
+            self.run_dir.set_status("stopping", self.step, "saving a checkpoint")
+        return self._stop
+
+    def _install_signal_handlers(self) -> dict:
+        """SIGTERM/SIGINT: while loading, end at once (nothing is trained yet); while training, the first
+        finishes the current step (a hung reward call ends at its timeout), saves and stops; a second
+        exits at once without saving, status `stopped`. Returns the handlers it replaced."""
+        old = {}
+        try:
+            for signum in (signal.SIGTERM, signal.SIGINT):
+                old[signum] = signal.signal(signum, self._on_signal)
+        except ValueError:  # not the main thread (e.g. embedded in a test); stop files still work
+            pass
+        return old
+
+    def _on_signal(self, signum, frame) -> None:
+        self._signals += 1
+        if self._loading and self._signals == 1:
+            raise Interrupted(signum)
+        if self._signals == 1:
+            logger.warning("signal %d: stopping after the current step (a checkpoint is saved); "
+                           "a second signal exits at once without saving", signum)
+            self._stop = True
+            try:
+                self.run_dir.set_status("stopping", self.step, f"signal {signum}: stopping after the current step")
+            except OSError:
+                pass
+            return
+        found = list_checkpoints(self.cfg.output_dir) if self.run_dir is not None else []
+        message = (f"stopped at once by a second signal ({signum}) without saving; "
+                   + (f"a resume continues from checkpoint-{found[-1][0]}" if found else "no checkpoint yet"))
+        logger.error(message)
+        recorded = self.run_dir.final_status("stopped", self.step, message) if self.run_dir is not None else True
+        for handler in logging.getLogger("calligrapher_rl").handlers + logging.getLogger().handlers:
+            try:
+                handler.flush()
+            except Exception:  # noqa: BLE001 - exiting regardless
+                pass
+        os._exit(128 + signum if recorded else 1)  # not sys.exit: a hung reward thread would be waited for
