@@ -125,10 +125,11 @@ class InferViews:
             os.sep + "ip-adapter.safetensors", " · raw")
 
     # ------------------------------------------------------------------ inputs
-    def example(self, index) -> dict:
-        """The next example of the bundled dataset: source in the editor, its mask as the uploaded mask."""
+    def example(self, index, flux=None) -> dict:
+        """The next example (of the glyph task for the embedded tiny models, else of the bundled word dataset):
+        source in the editor, its mask as the uploaded mask."""
         index = int(index or 0)
-        ex = dataset_example(index)
+        ex = dataset_example(index, flux)
         src = ex["source"].convert("RGBA")
         return {"editor": {"background": src, "layers": [], "composite": src}, "mask_up": ex["mask"].convert("RGB"),
                 "reference": ex["reference"], "text": ex["text"], "ex_index": index + 1}

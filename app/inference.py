@@ -200,13 +200,16 @@ def editor_inputs(editor, mask_upload=None) -> tuple[Image.Image, Image.Image]:
     return source, mask
 
 
-def dataset_example(index: int = 0) -> dict:
-    """An example of the bundled synthetic dataset: source, mask, reference, text (for a quick try)."""
+def dataset_example(index: int = 0, flux: str | None = None) -> dict:
+    """An example for a quick try: source, mask, reference, text. For the embedded tiny models (and no model
+    named yet) one of `bundled-glyphs`, the task the pretrained tiny writes; for a real FLUX.1-Fill one of the
+    bundled word dataset."""
     import json
 
-    from calligrapher_rl.data import ensure_default_dataset
+    from calligrapher_rl.data import BUNDLED_GLYPHS, ensure_default_dataset, resolve_dataset_path
 
-    path = ensure_default_dataset()
+    tiny = (flux or "").strip() in ("", "tiny", "tiny-pretrained")
+    path = resolve_dataset_path(BUNDLED_GLYPHS) if tiny else ensure_default_dataset()
     with open(path, encoding="utf-8") as fh:
         entries = [json.loads(line) for line in fh if line.strip()]
     e = entries[index % len(entries)]

@@ -164,8 +164,8 @@ def build_demo(runs_dir: str, service: InferenceService | None = None, read_root
                         w.add("ckpt_path", gr.Textbox("", label="…or a checkpoint file inside runs_dir",
                                                       placeholder="my-run/checkpoint-10/ip-adapter-ema.safetensors"))
                         with gr.Row():
-                            w.add("flux", gr.Textbox("tiny", label="FLUX.1-Fill path"))
-                            w.add("siglip", gr.Textbox("tiny", label="SigLIP path"))
+                            w.add("flux", gr.Textbox("tiny-pretrained", label="FLUX.1-Fill path"))
+                            w.add("siglip", gr.Textbox("tiny-pretrained", label="SigLIP path"))
                         w.add("editor", gr.ImageEditor(type="numpy", label="Source: brush over the text to replace",
                                                        format="png", height=360,
                                                        brush=gr.Brush(colors=["#ff40a0"], color_mode="fixed")))
@@ -273,7 +273,7 @@ def build_demo(runs_dir: str, service: InferenceService | None = None, read_root
 
         inf_in = w("editor", "mask_up", "reference", "text", "steps", "guidance", "scale", "seed", "num_images",
                    "resolution", "use_context")
-        w.c["example_btn"].click(w.fn(inf.example), w("ex_index"), w("editor", "mask_up", "reference", "text", "ex_index"),
+        w.c["example_btn"].click(w.fn(inf.example), w("ex_index", "flux"), w("editor", "mask_up", "reference", "text", "ex_index"),
                                  api_name="load_example")
         w.c["inf_run"].change(w.fn(inf.run_changed), w("inf_run"), w("ckpt", "flux", "siglip"), api_name="checkpoints")
         w.c["gen_btn"].click(w.fn(inf.generate), [*w("ckpt", "ckpt_path", "flux", "siglip"), *inf_in],
