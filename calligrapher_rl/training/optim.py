@@ -44,6 +44,8 @@ def make_optimizer(params: list[torch.nn.Parameter], *, lr: float, betas: tuple[
         # torchao's 8-bit state has no CPU kernels worth using; plain AdamW keeps CPU runs (tests) exact
         logger.warning("--use_8bit_adam: CPU parameters, using fp32 AdamW")
         opt_cls = torch.optim.AdamW
+    if opt_cls is torch.optim.AdamW and params and params[0].device.type == "cuda":
+        kwargs["fused"] = True  # one kernel over all parameters instead of several per tensor (same math)
     if shard:
         from torch.distributed.optim import ZeroRedundancyOptimizer
 
