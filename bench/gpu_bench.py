@@ -102,7 +102,7 @@ def bench_rollouts(stack, res, batches, steps, autocast, out: Results, ours_key,
 
 
 def first_ratio(stack, res, b, steps, autocast, checkpointing: bool) -> dict:
-    """Roll out with SDE steps and stored log-probs (no grad, K/V cache), then evaluate the same
+    """Roll out with SDE steps and stored log-probs (no grad, precomputed style keys/values), then evaluate the same
     transitions through the training forward (grad on): before any update every ratio must be 1."""
     fill, text, embeds = synthetic_batch(stack, b, res)
     gen = torch.Generator().manual_seed(0)
