@@ -150,6 +150,7 @@ def main(argv=None) -> int:
                    "preset's max_train_steps)")
     p.add_argument("--jobs", type=int, default=2, help="runs at once (each one process, one thread)")
     p.add_argument("--no_control", action="store_true", help="skip the permuted-advantage runs")
+    p.add_argument("--only_control", action="store_true", help="only the permuted-advantage runs")
     p.add_argument("--images_per_prompt", type=int, default=16, help="eval samples per training prompt")
     p.add_argument("--eval_seed", type=int, default=0, help="the eval's initial noises (the same before and after)")
     p.add_argument("--work", default="/tmp/tiny_learning", help="run folders go here")
@@ -161,7 +162,7 @@ def main(argv=None) -> int:
     specs = [{"preset": args.preset, "flags": flags, "seed": int(s), "control": control, "minutes": args.minutes,
               "images_per_prompt": args.images_per_prompt, "eval_seed": args.eval_seed,
               "out": os.path.join(args.work, f"{name}-s{s}{'-control' if control else ''}")}
-             for s in args.seeds.split(",") for control in ((False,) if args.no_control else (False, True))]
+             for s in args.seeds.split(",") for control in ((False,) if args.no_control else (True,) if args.only_control else (False, True))]
     results: list[dict] = []
 
     def launch(spec):
