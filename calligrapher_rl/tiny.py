@@ -4,6 +4,8 @@
     python -m calligrapher_rl.tiny pretrain --out DIR [--seed N]   train the tiny that writes (GPU: minutes)
     python -m calligrapher_rl.tiny export --snapshot FILE --out DIR   a pretrain snapshot -> the layout
     python -m calligrapher_rl.tiny eval [--model DIR|tiny-pretrained] [--n 64]   its OCR reward (ODE, 4 steps)
+    python -m calligrapher_rl.tiny eval --data bundled-glyphs --images_per_prompt 16 [--ip_adapter FILE]
+                                            an adapter's OCR reward on a dataset's prompts, many noises each
 """
 
 from __future__ import annotations
@@ -121,27 +123,43 @@ def _export(argv) -> int:
 def _eval(argv) -> int:
     p = argparse.ArgumentParser(prog="python -m calligrapher_rl.tiny eval",
                                 description="mean OCR reward of a pretrained tiny on unseen glyph examples "
-                                            "(synth seed 0)")
+                                            "(synth seed 0), or on the examples of --data")
     p.add_argument("--model", default="tiny-pretrained",
                    help="a folder written by pretrain/export, or tiny-pretrained")
     p.add_argument("--ip_adapter", default=None, help="adapter file (default: the model folder's)")
-    p.add_argument("--n", type=int, default=64, help="examples (the first n of synth --task glyphs --seed 0)")
+    p.add_argument("--n", type=int, default=None,
+                   help="examples: the first n of synth --task glyphs --seed 0 (default 64), or of --data (default all)")
+    p.add_argument("--data", default=None,
+                   help="a dataset (bundled-glyphs, a data.jsonl, ...) whose examples are scored instead of synth seed 0")
+    p.add_argument("--images_per_prompt", type=int, default=1,
+                   help="samples of each example, each from its own initial noise (the same noises for every adapter "
+                        "at the same --seed): 16 turns a 4-example set into a 64-sample measurement")
+    p.add_argument("--seed", type=int, default=0, help="the initial noises")
     p.add_argument("--steps", type=int, default=4, help="ODE steps (the tiny presets' eval steps)")
-    p.add_argument("--grid", default=None, help="also write a PNG grid of the samples here")
+    p.add_argument("--grid", default=None, help="also write a PNG grid of the samples here (16 a row)")
     args = p.parse_args(argv)
-    result = evaluate_ocr(args.model, args.ip_adapter, n=args.n, steps=args.steps, grid=args.grid)
+    for name in ("n", "images_per_prompt", "steps"):
+        if getattr(args, name) is not None and getattr(args, name) < 1:
+            raise UserError(f"expected a positive integer, got {getattr(args, name)}", field=f"--{name}")
+    if args.ip_adapter and not os.path.isfile(args.ip_adapter) and args.ip_adapter != "tiny-pretrained":
+        raise UserError("no such file", where=args.ip_adapter, field="--ip_adapter")
+    result = evaluate_ocr(args.model, args.ip_adapter, n=args.n, steps=args.steps, seed=args.seed, grid=args.grid,
+                          data=args.data, images_per_prompt=args.images_per_prompt)
     print(json.dumps(result))
     return 0
 
 
-def evaluate_ocr(model: str = "tiny-pretrained", adapter: str | None = None, *, n: int = 64, steps: int = 4,
-                 seed: int = 0, scale: float = 1.0, grid: str | None = None) -> dict:
-    """Mean OCR reward of ODE samples (guidance 30, as the presets) on the first `n` glyph examples of synth seed 0
-    (pretraining never sees seed 0)."""
+def evaluate_ocr(model: str = "tiny-pretrained", adapter: str | None = None, *, n: int | None = None, steps: int = 4,
+                 seed: int = 0, scale: float = 1.0, grid: str | None = None, data: str | None = None,
+                 images_per_prompt: int = 1) -> dict:
+    """Mean OCR reward of ODE samples (guidance 30, as the presets) on the first `n` (default 64) glyph examples of
+    synth seed 0 (pretraining never sees seed 0), or on the first `n` (default all) examples of `data`; each example
+    `images_per_prompt` times, from as many initial noises (drawn from `seed`: the same for every adapter).
+    `by_text` is the mean per example text."""
     import numpy as np
     import torch
 
-    from .data import ensure_default_dataset, load_dataset
+    from .data import ensure_default_dataset, load_dataset, resolve_dataset_path
     from .models.stack import CalligrapherStack
     from .models.tiny import PRETRAINED_NAME
     from .rewards.base import RewardSample
@@ -155,8 +173,13 @@ def evaluate_ocr(model: str = "tiny-pretrained", adapter: str | None = None, *, 
         flux, siglip = os.path.join(model, "flux-fill"), os.path.join(model, "siglip")
         adapter = adapter or os.path.join(model, "ip-adapter.safetensors")
     stack = CalligrapherStack.from_pretrained(flux, siglip, adapter_path=adapter, num_style_tokens=8)
-    data = load_dataset(ensure_default_dataset(n=max(n, 16), task="glyphs"), resolution=64)  # seed 0: unseen
-    items = [data[i] for i in range(min(n, len(data)))]
+    if data is None:
+        n = 64 if n is None else n
+        dataset = load_dataset(ensure_default_dataset(n=max(n, 16), task="glyphs"), resolution=64)  # seed 0: unseen
+    else:
+        dataset = load_dataset(resolve_dataset_path(data), resolution=64)
+        n = len(dataset) if n is None else n
+    items = [dataset[i] for i in range(min(n, len(dataset))) for _ in range(images_per_prompt)]
     gen = torch.Generator().manual_seed(seed)
     fill = stack.prepare_fill(torch.stack([it["source"] for it in items]), torch.stack([it["mask"] for it in items]),
                               generator=gen)
@@ -177,7 +200,11 @@ def evaluate_ocr(model: str = "tiny-pretrained", adapter: str | None = None, *, 
             for c, im in enumerate(row):
                 sheet.paste(im, (64 * c, 64 * r))
         sheet.save(grid)
-    return {"ocr": float(np.mean(scores)), "exact": float(np.mean([s == 1.0 for s in scores])), "n": len(scores)}
+    by_text: dict[str, list[float]] = {}
+    for it, s in zip(items, scores):
+        by_text.setdefault(it["text"], []).append(s)
+    return {"ocr": float(np.mean(scores)), "exact": float(np.mean([s == 1.0 for s in scores])), "n": len(scores),
+            "by_text": {t: float(np.mean(v)) for t, v in by_text.items()}}
 
 
 def main(argv=None) -> int:

@@ -183,7 +183,7 @@ def test_tiny_presets_are_the_cpu_default():
 def test_preset_by_path_and_flag_precedence(tmp_path):
     c = parse_args(["--preset", "tiny-grpo", "--learning_rate", "5e-4", "--use_ema", "false"])
     assert c.learning_rate == 5e-4 and c.use_ema is False  # typed flags win
-    assert c.max_train_steps == 30  # untyped: the preset's value
+    assert c.max_train_steps == 35  # untyped: the preset's value
     assert c.adam_beta1 == 0.9  # in neither: the default
     # a flag typed before --preset still wins; 'none' clears an optional value
     p = tmp_path / "mine.toml"
