@@ -13,19 +13,12 @@ import gradio as gr
 from calligrapher_rl.errors import UserError
 
 from . import runs
+from .view_common import RunsFolderViews, err
 
 PAGE = 6  # examples per page (three pictures each)
 
 
-def err(exc: Exception) -> str:
-    return f"⚠ {exc}"
-
-
-class DataViews:
-    def __init__(self, runs_dir: str, read_roots: list[str] | None = None):
-        self.runs_dir = runs_dir
-        self.read_roots = read_roots if read_roots is not None else runs.default_read_roots(runs_dir)
-
+class DataViews(RunsFolderViews):
     def _path(self, path: str) -> str:
         from calligrapher_rl.data import BUNDLED, ensure_default_dataset
 

@@ -24,14 +24,11 @@ from .inference import (
     editor_inputs,
     size_note,
 )
+from .view_common import err
 
 NONE = "none"  # plain FLUX-Fill (the base weights): the same pipeline at style strength 0
 SLOTS = ["cmp_1", "cmp_2", "cmp_3", "cmp_4"]
 INITIAL = "initial"  # the run's --initial_ip_adapter_path
-
-
-def err(exc: Exception) -> str:
-    return f"⚠ {exc}"
 
 
 class InferViews:

@@ -207,8 +207,9 @@ def dataset_example(index: int = 0, flux: str | None = None) -> dict:
     import json
 
     from calligrapher_rl.data import BUNDLED_GLYPHS, ensure_default_dataset, resolve_dataset_path
+    from calligrapher_rl.models.hub import EMBEDDED_NAMES
 
-    tiny = (flux or "").strip() in ("", "tiny", "tiny-pretrained")
+    tiny = (flux or "").strip() in ("", *EMBEDDED_NAMES)
     path = resolve_dataset_path(BUNDLED_GLYPHS) if tiny else ensure_default_dataset()
     with open(path, encoding="utf-8") as fh:
         entries = [json.loads(line) for line in fh if line.strip()]

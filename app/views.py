@@ -18,16 +18,13 @@ import pandas as pd
 from calligrapher_rl.errors import UserError
 
 from . import charts, gpu_queue, manage, presets, procs, runs
+from .view_common import RunsFolderViews, err
 
 TABLE_COLUMNS = ["run", "state", "step", "reward", "eval reward", "method", "started"]
 FORM_KEYS = [f"form:{flag}" for flag in presets.FORM_FLAGS]
 MONITOR_KEYS = ["status", "stop_btn", "resume_btn", "mark_btn", "delete_btn", "clone_btn", "p_reward", "p_kl",
                 "p_loss", "p_clip", "p_sys", "latest", "grids", "log", "log_file", "selected"]
 LOG_LINES = 200
-
-
-def err(exc: Exception) -> str:
-    return f"⚠ {exc}"
 
 
 def toast_error(exc: Exception) -> str:
@@ -50,11 +47,7 @@ def _duration(seconds: float) -> str:
     return f"{seconds // 3600}:{seconds % 3600 // 60:02d}:{seconds % 60:02d}"
 
 
-class TrainViews:
-    def __init__(self, runs_dir: str, read_roots: list[str] | None = None):
-        self.runs_dir = runs_dir
-        self.read_roots = read_roots if read_roots is not None else runs.default_read_roots(runs_dir)
-
+class TrainViews(RunsFolderViews):
     def preset_changed(self, preset: str) -> dict:
         try:
             values = presets.form_values(self.runs_dir, preset)

@@ -376,6 +376,15 @@ def _parse_bool(text: str) -> bool:
     raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
 
 
+def _parse_optional_bool(text: str) -> bool | None:
+    if text.strip().lower() in ("none", "null"):
+        return None
+    try:
+        return _parse_bool(text)
+    except argparse.ArgumentTypeError:
+        raise argparse.ArgumentTypeError(f"expected true, false or none, got {text!r}") from None
+
+
 def _nullable(base: type):
     def conv(text: str):
         return None if text.strip().lower() in ("none", "null") else base(text)
@@ -412,7 +421,7 @@ def build_parser() -> argparse.ArgumentParser:
         help_text = help_text.replace("%", "%%")
         kwargs: dict[str, Any] = {"help": help_text}
         if base is bool:
-            kwargs.update(nargs="?", const=True, type=_nullable(_parse_bool) if optional else _parse_bool,
+            kwargs.update(nargs="?", const=True, type=_parse_optional_bool if optional else _parse_bool,
                           metavar="true|false|none" if optional else "true|false")
         else:
             kwargs["type"] = _nullable(base) if optional else base

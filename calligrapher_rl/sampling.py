@@ -92,10 +92,9 @@ def rollout(
     x = initial_noise if initial_noise is not None else stack.noise_like(fill, b, generator)
     x = x.to(stack.device, torch.float32)
     stochastic = set((window or SDEWindow(0, num_steps)).steps()) if noise_level > 0 else set()
-    if torch.is_grad_enabled():  # (no caller differentiates through a rollout; kept exact if one does)
-        tokens, style_kv = stack.style_tokens(image_embeds, params), None
-    else:  # fixed for the whole rollout: project once, and each block's style keys/values once
-        tokens, style_kv = stack.style_condition(image_embeds, params)
+    # fixed for the whole rollout: the style tokens, and each block's style keys/values, once (with gradients
+    # on, the processors recompute the keys/values from the live weights instead)
+    tokens, style_kv = stack.style_condition(image_embeds, params)
     trajectory, log_probs = [x], []
     for j in range(num_steps):
         s, s_next = float(sigmas[j]), float(sigmas[j + 1])

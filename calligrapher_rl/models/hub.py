@@ -49,6 +49,9 @@ def hub_offline() -> bool:
     return os.environ.get("HF_HUB_OFFLINE", "").upper() in _TRUE
 
 
+EMBEDDED_NAMES = ("tiny", "tiny-pretrained")  # resolved to the embedded tiny stacks (models/tiny.py)
+
+
 def is_hub_id(name: str) -> bool:
     return bool(_HUB_ID.match(name)) and not os.path.exists(name)
 
@@ -56,7 +59,7 @@ def is_hub_id(name: str) -> bool:
 def resolve_model(name: str, kind: str) -> ResolvedModel:
     """`name` (folder, `tiny`, `tiny-pretrained` or Hub id) -> a checked local folder of `kind` ("flux" or "siglip")."""
     marker, flag, what = KINDS[kind]
-    if name in ("tiny", "tiny-pretrained"):
+    if name in EMBEDDED_NAMES:
         from .tiny import resolve_tiny_names
 
         pair = resolve_tiny_names(name, name)

@@ -190,9 +190,13 @@ class CalligrapherStack:
         """Clean packed latents x0 of images [B,3,H,W] in [-1,1]: `(z - shift) * scale`, packed 2x2."""
         from diffusers.pipelines.flux.pipeline_flux_fill import retrieve_latents
 
-        vae = self.pipe.vae
-        z = retrieve_latents(vae.encode(images.to(self.device, self.dtype)), generator=generator)
-        z = (z - vae.config.shift_factor) * vae.config.scaling_factor
+        z = retrieve_latents(self.pipe.vae.encode(images.to(self.device, self.dtype)), generator=generator)
+        return self.pack_latents(z)
+
+    def pack_latents(self, z: torch.Tensor) -> torch.Tensor:
+        """A VAE sample [B,16,h,w] -> the transformer's packed latents: `(z - shift) * scale`, packed 2x2."""
+        cfg = self.pipe.vae.config
+        z = (z - cfg.shift_factor) * cfg.scaling_factor
         b, c, h, w = z.shape
         return self.pipe._pack_latents(z, b, c, h, w)
 

@@ -50,14 +50,6 @@ def pre_encode(stack: CalligrapherStack, sources: torch.Tensor, masks: torch.Ten
     return Latents(torch.cat(src), torch.cat(msk), torch.cat(packed), img_ids, h, w)
 
 
-def _pack(pipe, z: torch.Tensor) -> torch.Tensor:
-    """`(z - shift) * scale`, packed 2x2: what `encode_images` and `prepare_mask_latents` do to a VAE sample."""
-    cfg = pipe.vae.config
-    z = (z - cfg.shift_factor) * cfg.scaling_factor
-    b, c, h, w = z.shape
-    return pipe._pack_latents(z, b, c, h, w)
-
-
 def sample_batch(stack: CalligrapherStack, lat: Latents, idx: torch.Tensor,
                  generator: torch.Generator | None) -> tuple[torch.Tensor, FillCondition]:
     """x0 and the fill condition of examples `idx`: sampled from the stored posteriors with `generator` in the order
@@ -66,7 +58,7 @@ def sample_batch(stack: CalligrapherStack, lat: Latents, idx: torch.Tensor,
 
     def draw(params):
         post = DiagonalGaussianDistribution(params)
-        return _pack(stack.pipe, post.mode() if generator is None else post.sample(generator=generator))
+        return stack.pack_latents(post.mode() if generator is None else post.sample(generator=generator))
 
     x0, masked = draw(lat.sources[idx]), draw(lat.masked[idx])
     cond = torch.cat([masked, lat.masks[idx].to(masked.dtype)], dim=-1)
