@@ -134,6 +134,9 @@ class TrainConfig:
     compile: bool | None = _OPTIM(None, "torch.compile the frozen transformer, whole, static shapes (lazily: the first "
                                         "call of each shape compiles, about a minute on FLUX; kernels cached on disk); "
                                         "none = on with CUDA, off on CPU; false = eager")
+    compile_update: bool = _OPTIM(True, "with --compile, compile the update's gradient forward/backward too; false "
+                                        "compiles only the no-gradient sampling and keeps the update eager (less "
+                                        "memory on a nearly full card: docs/benchmarks.md)")
     rollout_fp8: bool = _OPTIM(False, "sample NFT rollouts and evaluations with a float8 copy of the transformer "
                                       "(torchao, compute capability >= 8.9; +6 GB); GRPO rollouts stay in the "
                                       "training precision so their log-probs match the update's")

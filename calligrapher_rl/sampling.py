@@ -55,6 +55,9 @@ class Rollout:
     log_probs: torch.Tensor  # [B, N] float32 (0 on ODE steps)
     sigmas: torch.Tensor  # [N+1]
     sde_steps: list[int]  # indices j whose transition j -> j+1 was stochastic
+    # the reference policy's SDE step mean at x_j, for the steps asked for (GRPO's KL term): computed here,
+    # without gradient, so the update needs neither the reference forward nor the reference weights
+    ref_means: dict[int, torch.Tensor] | None = None
 
     @property
     def final(self) -> torch.Tensor:
@@ -78,12 +81,17 @@ def rollout(
     params=None,
     initial_noise: torch.Tensor | None = None,
     quantized: bool = False,
+    reference=None,
+    reference_steps: int | None = None,
 ) -> Rollout:
     """Denoise `fill.cond.shape[0]` samples. `noise_level=0` is the deterministic ODE (evaluation).
 
     `params` runs another set of adapter weights (e.g. NFT's old policy) without touching the live ones.
     `quantized` samples with the stack's float8 transformer copy, if it has one (NFT rollouts, evaluation).
     `generator`: one for the batch, or one per sample (a sample's noise then ignores its batch-mates).
+    `reference`: adapter weights whose step means are recorded (`Rollout.ref_means`) on the first
+    `reference_steps` stochastic steps (all of them when None): TRL computes its reference log-probs at
+    generation time the same way.
     """
     b = fill.cond.shape[0]
     sigmas = flux_sigmas(num_steps, fill.seq_len, stack.pipe.scheduler)
@@ -95,14 +103,23 @@ def rollout(
     # fixed for the whole rollout: the style tokens, and each block's style keys/values, once (with gradients
     # on, the processors recompute the keys/values from the live weights instead)
     tokens, style_kv = stack.style_condition(image_embeds, params)
-    trajectory, log_probs = [x], []
+    ref_condition = stack.style_condition(image_embeds, reference) if reference is not None else None
+    ref_todo = set(sorted(j for j in stochastic if float(sigmas[j + 1]) > 0)[:reference_steps])
+    trajectory, log_probs, ref_means = [x], [], {}
     for j in range(num_steps):
         s, s_next = float(sigmas[j]), float(sigmas[j + 1])
         v = stack.velocity(x, fill, text, s, image_embeds, guidance, scale, params=params, style_tokens=tokens,
                            style_kv=style_kv, quantized=quantized)
         level = noise_level if j in stochastic and s_next > 0 else 0.0
+        x_prev = x
         x, log_prob, _, _ = sde_step_with_logprob(v, s, s_next, x, level, generator=generator, sde_type=sde_type)
+        if ref_condition is not None and j in ref_todo:
+            v_ref = stack.velocity(x_prev, fill, text, s, image_embeds, guidance, scale, params=reference,
+                                   style_tokens=ref_condition[0], style_kv=ref_condition[1])
+            ref_means[j] = sde_step_with_logprob(v_ref, s, s_next, x_prev, level, prev_sample=x,
+                                                 sde_type=sde_type)[2]
         trajectory.append(x)
         log_probs.append(log_prob if level > 0 else torch.zeros(b, device=x.device))
     sde_steps = sorted(j for j in stochastic if float(sigmas[j + 1]) > 0)
-    return Rollout(torch.stack(trajectory, 1), torch.stack(log_probs, 1), sigmas, sde_steps)
+    return Rollout(torch.stack(trajectory, 1), torch.stack(log_probs, 1), sigmas, sde_steps,
+                   ref_means if ref_condition is not None else None)

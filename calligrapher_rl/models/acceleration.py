@@ -32,9 +32,15 @@ def default_inductor_cache() -> str:
     return os.path.join(base, "calligrapher_rl", "inductor")
 
 
-def compile_transformer(transformer: nn.Module, cache_dir: str | None = None, backend: str = "inductor") -> None:
+def compile_transformer(transformer: nn.Module, cache_dir: str | None = None, backend: str = "inductor",
+                        with_grad: bool = True) -> None:
     """Compile the transformer in place (`nn.Module.compile`: the module object, its processors and
     `functional_call` all stay as they are); lazily: the first call of each shape pays.
+
+    `with_grad=False` compiles the no-gradient calls only; calls under autograd run the eager module. The
+    compiled backward of a gradient-checkpointed 12 B transformer plans its memory over the whole graph
+    and can hold more than eager checkpointing does (measured in docs/benchmarks.md), so on a card that is
+    nearly full the update is better eager while sampling keeps the compiled speed.
 
     `dynamic=False`: a run has one group size and one resolution, so static shapes give the fastest
     kernels; a second shape recompiles once rather than making every shape symbolic. `backend` other than
@@ -49,7 +55,16 @@ def compile_transformer(transformer: nn.Module, cache_dir: str | None = None, ba
     for name in ("recompile_limit", "cache_size_limit"):  # the name changed across torch versions
         if hasattr(dynamo_config, name):
             setattr(dynamo_config, name, max(getattr(dynamo_config, name), 64))
-    transformer.compile(dynamic=False, backend=backend)
+    if with_grad:
+        transformer.compile(dynamic=False, backend=backend)
+        return
+    compiled = torch.compile(transformer._call_impl, dynamic=False, backend=backend)
+    eager = transformer._call_impl
+
+    def call(*args, **kwargs):
+        return eager(*args, **kwargs) if torch.is_grad_enabled() else compiled(*args, **kwargs)
+
+    transformer._compiled_call_impl = call  # what nn.Module.__call__ runs when set (as nn.Module.compile does)
 
 
 def fp8_supported(device) -> tuple[bool, str]:

@@ -127,8 +127,10 @@ def _contiguous_cpu(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return {k: v.detach().to("cpu").contiguous() for k, v in state.items()}
 
 
-def save_adapter_files(folder: str, state: dict[str, torch.Tensor], ema_state: dict | None = None) -> None:
-    """`ip-adapter.safetensors` (+ `-ema`) and the release-compatible `ip-adapter.bin`, each atomic."""
+def save_adapter_files(folder: str, state: dict[str, torch.Tensor], ema_state: dict | None = None,
+                       release_bin: bool = True) -> None:
+    """`ip-adapter.safetensors` (+ `-ema`) and (unless `release_bin` is False) the release-compatible
+    `ip-adapter.bin`, each atomic."""
     os.makedirs(folder, exist_ok=True)
     state = _contiguous_cpu(state)
     with atomic_path(os.path.join(folder, "ip-adapter.safetensors")) as tmp:
@@ -136,5 +138,6 @@ def save_adapter_files(folder: str, state: dict[str, torch.Tensor], ema_state: d
     if ema_state is not None:
         with atomic_path(os.path.join(folder, "ip-adapter-ema.safetensors")) as tmp:
             save_file(_contiguous_cpu(ema_state), tmp, metadata={"format": "pt", "layout": "calligrapher-rl/flat"})
-    with atomic_path(os.path.join(folder, "ip-adapter.bin")) as tmp:
-        torch.save(release_layout(state), tmp)
+    if release_bin:
+        with atomic_path(os.path.join(folder, "ip-adapter.bin")) as tmp:
+            torch.save(release_layout(state), tmp)

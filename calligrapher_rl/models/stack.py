@@ -92,6 +92,8 @@ class CalligrapherStack:
         # An optional float8 copy of the transformer for no-gradient sampling (see acceleration.py).
         self.quantized_model: CalligrapherModel | None = None
         self._text_cache: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+        # images through the transformer so far, without and with gradient (the trainer's TFLOP/s figures)
+        self.forward_counts = {"no_grad": 0, "grad": 0}
 
     # ---------------------------------------------------------------- loading
     @classmethod
@@ -222,6 +224,7 @@ class CalligrapherStack:
         them once instead of at every step. `quantized` runs the float8 copy when there is one (no-gradient sampling
         only: its log-probabilities would not match the training forward)."""
         args = (latents, fill, text, sigma, image_embeds, guidance, scale, style_tokens, style_kv)
+        self.forward_counts["grad" if torch.is_grad_enabled() else "no_grad"] += latents.shape[0]
         model = self.quantized_model if quantized and self.quantized_model is not None else self.model
         if params is not None:
             named = {f"adapter.{k}": v for k, v in params.items()}
@@ -237,10 +240,12 @@ class CalligrapherStack:
 
         self.quantized_model = CalligrapherModel(fp8_copy(self.pipe.transformer), self.adapter)
 
-    def enable_compile(self, cache_dir: str | None = None) -> None:
+    def enable_compile(self, cache_dir: str | None = None, with_grad: bool = True) -> None:
+        """`with_grad=False` compiles only the no-gradient forward (rollouts, reference means, evaluation);
+        the gradient forward/backward stays eager (see acceleration.compile_transformer)."""
         from .acceleration import compile_transformer
 
-        compile_transformer(self.pipe.transformer, cache_dir)
+        compile_transformer(self.pipe.transformer, cache_dir, with_grad=with_grad)
         if self.quantized_model is not None:
             compile_transformer(self.quantized_model.transformer, cache_dir)
 

@@ -1,14 +1,21 @@
 """Checkpoints: the adapter files users load (README, "What a run writes") plus everything an exact resume needs.
 
     checkpoint-{step}/
-        ip-adapter.safetensors       the trained adapter (flat dotted release key names)
-        ip-adapter-ema.safetensors   its EMA (when --use_ema)
-        ip-adapter.bin               the release's nested layout, for the original inference code
+        ip-adapter.safetensors       the trained adapter (flat dotted release key names), fp32
+        ip-adapter-ema.safetensors   its EMA (when --use_ema), fp32; also what a resume restores the EMA from
+        ip-adapter.bin               the release's nested layout for the original inference code: in the run's
+                                     last checkpoint, or every checkpoint while the adapter is under
+                                     RELEASE_BIN_EVERY_BYTES (`python -m calligrapher_rl.export` makes it from any)
         trainer_state/
-            state.json               step, phase, RL epoch, advantage tracker, version
-            policies.safetensors     old.* (NFT old policy), ref.* (KL reference), ema.* (EMA shadow)
+            state.json               step, phase, RL epoch, advantage tracker, where the reference comes from
+            policies.safetensors     old.* (NFT's old policy: its fp32 average)
             optimizer.pt, scheduler.pt   torch state dicts (read back with weights_only=True)
+    reference.safetensors            (run folder) the KL reference, written once when RL begins after a
+                                     supervised warmup; when RL begins at step 0 the reference is the run's
+                                     initial adapter and nothing is written: a resume rebuilds it from there
 
+No tensor is written twice: at real size (3.0 B trainable parameters) a checkpoint is the adapter and its
+EMA (12 GB each), the 8-bit moments (6 GB) and, for NFT, the old policy (12 GB) - docs/benchmarks.md.
 Randomness is derived from (seed, step) everywhere in the loop, so the counters above are all the RNG
 state a resume needs. A checkpoint folder appears only once complete (written to a temp folder first).
 """
@@ -24,7 +31,7 @@ import shutil
 import torch
 from safetensors.torch import load_file, save_file
 
-from ..atomic import atomic_dir
+from ..atomic import atomic_dir, atomic_path
 from ..errors import UserError
 from ..models.checkpoints import save_adapter_files
 
@@ -140,16 +147,22 @@ def _prefixed(prefix: str, state: dict[str, torch.Tensor] | None) -> dict[str, t
     return {f"{prefix}.{k}": v.detach().to("cpu").contiguous() for k, v in (state or {}).items()}
 
 
-def save_checkpoint(run_dir: str, step: int, *, adapter: dict, ema: dict | None, old: dict | None, ref: dict | None,
-                    optimizer, scheduler, state: dict, total_limit: int | None = None) -> str:
-    final = os.path.join(run_dir, f"checkpoint-{step}")
-    with atomic_dir(final) as tmp:
-        save_adapter_files(tmp, adapter, ema_state=ema)
+# Below this size (the tiny adapter, LoRA merges) every checkpoint also carries the release .bin; above it
+# (the full adapter: 12 GB) only the run's last one does.
+RELEASE_BIN_EVERY_BYTES = 2**30
+REFERENCE_FILE = "reference.safetensors"
+
+
+def save_checkpoint(run_dir: str, step: int, *, adapter: dict, ema: dict | None, old: dict | None, optimizer,
+                    scheduler, state: dict, total_limit: int | None = None, final: bool = False) -> str:
+    final_dir = os.path.join(run_dir, f"checkpoint-{step}")
+    size = sum(v.numel() * v.element_size() for v in adapter.values())
+    with atomic_dir(final_dir) as tmp:
+        save_adapter_files(tmp, adapter, ema_state=ema, release_bin=final or size < RELEASE_BIN_EVERY_BYTES)
         ts = os.path.join(tmp, "trainer_state")
         os.makedirs(ts)
-        tensors = {**_prefixed("old", old), **_prefixed("ref", ref), **_prefixed("ema", ema)}
-        if tensors:
-            save_file(tensors, os.path.join(ts, "policies.safetensors"))
+        if old:
+            save_file(_prefixed("old", old), os.path.join(ts, "policies.safetensors"))
         # a state dict already consolidated across processes (sharded moments), or the optimizer itself
         torch.save(optimizer if isinstance(optimizer, dict) else optimizer.state_dict(), os.path.join(ts, "optimizer.pt"))
         torch.save(scheduler.state_dict(), os.path.join(ts, "scheduler.pt"))
@@ -158,7 +171,30 @@ def save_checkpoint(run_dir: str, step: int, *, adapter: dict, ema: dict | None,
     if total_limit:
         for _, path in list_checkpoints(run_dir)[:-total_limit]:
             shutil.rmtree(path, ignore_errors=True)
-    return final
+    return final_dir
+
+
+def folder_bytes(path: str) -> int:
+    return sum(os.path.getsize(os.path.join(d, f)) for d, _, files in os.walk(path) for f in files)
+
+
+def save_reference(run_dir: str, reference: dict) -> str:
+    """The KL reference of a run whose RL began after a warmup: once per run, in the run folder."""
+    path = os.path.join(run_dir, REFERENCE_FILE)
+    with atomic_path(path) as tmp:
+        save_file(_prefixed("ref", reference), tmp)
+    return path
+
+
+def load_reference(run_dir: str) -> dict:
+    path = os.path.join(run_dir, REFERENCE_FILE)
+    try:
+        got = load_file(path)
+    except Exception as exc:  # noqa: BLE001 - missing, truncated, not safetensors
+        raise UserError(f"the run's KL reference is unreadable ({type(exc).__name__}: "
+                        f"{str(exc).splitlines()[0][:160] if str(exc) else ''})", where=path,
+                        field="--resume_from_checkpoint") from None
+    return {k[len("ref."):]: v for k, v in got.items() if k.startswith("ref.")}
 
 
 def load_checkpoint(path: str) -> dict:
@@ -187,6 +223,7 @@ def load_checkpoint(path: str) -> dict:
 
     adapter = tensors("ip-adapter.safetensors", True)
     policies = tensors(os.path.join(ts, "policies.safetensors"), False)
+    ema_file = tensors("ip-adapter-ema.safetensors", False)
     optimizer = torch_state(os.path.join(ts, "optimizer.pt"))
     scheduler = torch_state(os.path.join(ts, "scheduler.pt"))
 
@@ -194,7 +231,8 @@ def load_checkpoint(path: str) -> dict:
         out = {k[len(prefix) + 1:]: v for k, v in policies.items() if k.startswith(prefix + ".")}
         return out or None
 
-    return {"adapter": adapter, "ema": group("ema"), "old": group("old"), "ref": group("ref"),
+    # checkpoints of earlier versions kept the EMA and the reference in policies.safetensors
+    return {"adapter": adapter, "ema": group("ema") or ema_file or None, "old": group("old"), "ref": group("ref"),
             "optimizer": optimizer, "scheduler": scheduler, "state": state, "path": path}
 
 

@@ -9,11 +9,13 @@ import torch
 from ..sampling import rollout
 from .batches import EVAL_STREAM, fail_nonfinite_images, reward_samples, stream_seed, to_pil
 from .run_dir import make_grid
+from .timing import timed_phase
 
 
 class Evaluation:
     """`Trainer.evaluate`."""
 
+    @timed_phase("eval")
     @torch.no_grad()
     def evaluate(self) -> None:
         """ODE samples of fixed examples with the EMA weights; grid rows: input, output, target, reference."""

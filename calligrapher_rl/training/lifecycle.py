@@ -11,9 +11,20 @@ import signal
 import torch
 
 from ..errors import UserError
-from .checkpointing import check_against, identity, list_checkpoints, load_checkpoint, save_checkpoint
+from .checkpointing import (
+    REFERENCE_FILE,
+    check_against,
+    folder_bytes,
+    identity,
+    list_checkpoints,
+    load_checkpoint,
+    load_reference,
+    save_checkpoint,
+    save_reference,
+)
 from .optim import consolidated_state_dict
 from .run_dir import Interrupted
+from .timing import timed_phase
 
 logger = logging.getLogger("calligrapher_rl.training")
 
@@ -21,27 +32,32 @@ logger = logging.getLogger("calligrapher_rl.training")
 class RunLifecycle:
     """Checkpoints and stopping of `Trainer`."""
 
-    def save(self) -> None:
-        if self._saved_step == self.step:  # e.g. the last step was a checkpoint step
+    @timed_phase("checkpoint_save")
+    def save(self, final: bool = False) -> None:
+        """A checkpoint of the current step; `final` (the run's end) adds the release .bin at any size."""
+        if self._saved_step == self.step and not (final and self._saved_step_bin != self.step):
             return
         optimizer_state = consolidated_state_dict(self.optimizer)  # a collective when the moments are sharded
         if not self.is_main:
             self._saved_step = self.step
             return
         self._saved_step = self.step
+        self._saved_step_bin = self.step if final else -1
         self._phase("saving")
         p = self.policies
         state = {"rl_epoch": self.rl_epoch, "ema_updates": p.ema.num_updates if p.ema else 0,
+                 "reference": self._reference_source,
                  "tracker": self.tracker.state_dict() if self.tracker else None, "rl_steps": self.rl_steps,
                  "skipped_nonfinite": self.skipped_nonfinite,
                  "grad_scaler": self.scaler.state_dict() if self.scaler is not None else None,
                  "config": identity(self.cfg)}
         path = save_checkpoint(self.cfg.output_dir, self.step, adapter=self.stack.adapter.state_dict(), ema=p.ema_state(),
-                               old=p.old_state(), ref=p.reference, optimizer=optimizer_state, scheduler=self.scheduler,
-                               state=state, total_limit=self.cfg.checkpoints_total_limit)
-        logger.info("saved %s", path)
+                               old=p.old_state(), optimizer=optimizer_state, scheduler=self.scheduler,
+                               state=state, total_limit=self.cfg.checkpoints_total_limit, final=final)
+        logger.info("saved %s (%.2f GB)", path, folder_bytes(path) / 1e9)
         self.callbacks.call("on_save", self, step=self.step, path=str(path))
 
+    @timed_phase("resume_load")
     def _maybe_resume(self) -> None:
         path = self._resume_path
         if path is None:
@@ -53,11 +69,16 @@ class RunLifecycle:
             return
         ck = load_checkpoint(path)
         check_against(ck, self.stack.adapter.state_dict(), dict(self.policies.named), self.optimizer)
+        reference = ck["ref"] if ck["ref"] is not None else self._recorded_reference(ck["state"], path)
+        if ck["ref"] is not None:  # a checkpoint of an earlier version kept the reference itself: once per run now
+            self._reference_source = REFERENCE_FILE
+            if self.is_main:
+                save_reference(self.cfg.output_dir, ck["ref"])
         try:
             self.stack.adapter.load_state_dict({k: v.to(self.acc.device) for k, v in ck["adapter"].items()})
             self.optimizer.load_state_dict(ck["optimizer"])
             self.scheduler.load_state_dict(ck["scheduler"])
-            self.policies.load_snapshots(ck["ref"], ck["old"], self.acc.device)
+            self.policies.load_snapshots(reference, ck["old"], self.acc.device)
             if ck["ema"] is not None:
                 self.policies.load_ema_state(ck["ema"], ck["state"].get("ema_updates", 0))
             if self.tracker is not None and ck["state"].get("tracker"):
@@ -76,6 +97,25 @@ class RunLifecycle:
         dropped = self.run_dir.truncate_metrics(self.step)
         logger.info("resumed from %s at step %d%s", path, self.step,
                     f"; dropped {dropped} metric rows logged after it (they are redone)" if dropped else "")
+
+    def _recorded_reference(self, state: dict, path: str) -> dict | None:
+        """The KL reference a checkpoint names: the run's initial adapter (the live one before the
+        checkpoint is loaded over it - rebuilt from the same file or seed) or the run folder's file."""
+        source = state.get("reference")
+        self._reference_source = source
+        if source is None:
+            return None
+        if source == REFERENCE_FILE:
+            return load_reference(self.cfg.output_dir)
+        if isinstance(source, dict) and source.get("initial") is True:
+            if source.get("initial_ip_adapter_path") != self.cfg.initial_ip_adapter_path:
+                raise UserError(f"its KL reference is the run's initial adapter "
+                                f"{source.get('initial_ip_adapter_path')!r}, this run starts from "
+                                f"{self.cfg.initial_ip_adapter_path!r}: resume with the same "
+                                f"--initial_ip_adapter_path", where=path, field="--resume_from_checkpoint")
+            return self.policies.snapshot()
+        raise UserError(f"unknown KL reference {source!r} in trainer_state/state.json", where=path,
+                        field="--resume_from_checkpoint")
 
     def _control(self, resume: bool = False) -> tuple[bool, bool]:
         """(stop, resume) requests. Only the main process reads (and consumes) control/stop and

@@ -58,11 +58,43 @@ class Policies:
         if with_old and not self.exact_snapshots:
             self.old_master = {n: p.detach().to("cpu", torch.float32, copy=True) for n, p in self.named}
 
+    def place(self, device, *, reference: bool = False, old: bool = False) -> None:
+        """Keep on `device` only the snapshots the next phase evaluates; the others wait in pinned host memory
+        (CUDA only: on the CPU there is nothing to save). At real size each snapshot of the full adapter is
+        6 GB in bf16: GRPO needs its reference only while rolling out (the reference means are computed
+        there), NFT its old and reference policies only before the gradient passes (sampling.rollout,
+        updates.nft_targets), so the update runs with neither on the card."""
+        device = torch.device(device)
+        if device.type != "cuda":
+            return
+        self.reference = self._move(self.reference, "ref", device if reference else None)
+        self.old = self._move(self.old, "old", device if old else None)
+
+    def _move(self, snap: dict | None, kind: str, device) -> dict | None:
+        if snap is None:
+            return None
+        if device is not None:
+            return {k: v.to(device, non_blocking=True) for k, v in snap.items()}
+        if not hasattr(self, "_pinned"):
+            self._pinned: dict[tuple[str, str], torch.Tensor] = {}
+        out = {}
+        for k, v in snap.items():
+            if v.device.type == "cpu":
+                out[k] = v
+                continue
+            buf = self._pinned.get((kind, k))
+            if buf is None:  # pinned once per run: page-locking 6 GB costs seconds, a copy into it does not
+                buf = self._pinned[(kind, k)] = torch.empty(v.shape, dtype=v.dtype, pin_memory=True)
+            out[k] = buf.copy_(v, non_blocking=True)
+        torch.cuda.synchronize()  # the host copies are complete before anyone reads them
+        return out
+
     def update_old(self, eta: float) -> None:
         if self.old is None:
             return
         if self.old_master is None:
-            update_old_params([self.old[n] for n in self.names], [p.detach() for p in self.params], eta)
+            update_old_params([self.old[n] for n in self.names],
+                              [p.detach().to(self.old[n].device) for n, p in self.named], eta)
             return
         update_old_params([self.old_master[n] for n in self.names],
                           [p.detach().to("cpu", torch.float32) for p in self.params], eta)
@@ -82,9 +114,11 @@ class Policies:
         """The full adapter with the EMA weights in place of the trainable ones."""
         if self.ema is None:
             return None
-        full = {k: v.detach().clone() for k, v in self.adapter.state_dict().items()}
+        # no clone: the frozen weights and the shadows are only read (by a save, which copies them to the
+        # host); a clone would allocate the whole adapter again on the card (12 GB at real size)
+        full = {k: v.detach() for k, v in self.adapter.state_dict().items()}
         for name, shadow in zip(self.names, self.ema.shadow):
-            full[name] = shadow.detach().clone()
+            full[name] = shadow.detach()
         return full
 
     def load_ema_state(self, full: dict[str, torch.Tensor], num_updates: int) -> None:

@@ -113,13 +113,19 @@ class ProgressCallback(TrainerCallback):
 
 
 def system_metrics(device) -> dict[str, float]:
-    """`sys/gpu_mem_gib` (peak allocated by this process) and `sys/gpu_util` (percent; only where NVML answers)
-    on CUDA; nothing on the CPU."""
+    """`sys/gpu_mem_gib` (peak allocated by this process, whole run), `sys/gpu_reserved_gib` (peak held by its
+    allocator), `sys/alloc_retries` and `sys/gpu_util` (percent; only where NVML answers) on CUDA; nothing on
+    the CPU."""
     import torch
 
     if getattr(device, "type", str(device)) != "cuda" or not torch.cuda.is_available():
         return {}
-    out = {"sys/gpu_mem_gib": torch.cuda.max_memory_allocated(device) / 2**30}
+    stats = torch.cuda.memory_stats(device)
+    out = {"sys/gpu_mem_gib": torch.cuda.max_memory_allocated(device) / 2**30,
+           "sys/gpu_reserved_gib": torch.cuda.max_memory_reserved(device) / 2**30,
+           # cudaMalloc failures the allocator answered by freeing its cache and retrying (each a device sync):
+           # a run that keeps retrying is at the edge of the card's memory and slow for it
+           "sys/alloc_retries": float(stats.get("num_alloc_retries", 0))}
     try:
         out["sys/gpu_util"] = float(torch.cuda.utilization(device))
     except Exception:  # noqa: BLE001 - no pynvml / no NVML: the field is left out, not faked

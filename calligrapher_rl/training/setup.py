@@ -38,12 +38,36 @@ def make_accelerator(cfg: TrainConfig):
     logging_dir = os.path.join(cfg.output_dir, cfg.logging_dir)
     log_with = [TensorBoardTracker("", logging_dir) if name == "tensorboard" else name
                 for name in tracker_names(cfg.report_to)]
+    configure_cuda_allocator()
     acc = Accelerator(mixed_precision=cfg.mixed_precision, cpu=not torch.cuda.is_available(), log_with=log_with or None,
                       project_config=ProjectConfiguration(project_dir=cfg.output_dir, logging_dir=logging_dir))
     if acc.device.type == "cuda":
         # cuDNN SDPA backward fails on FLUX's attention shapes on torch 2.11/cu130 (docs/gpu-notes.md).
         torch.backends.cuda.enable_cudnn_sdp(False)
+        limit_gpu_memory(acc.device)
     return acc
+
+
+def configure_cuda_allocator() -> None:
+    """Expandable segments unless the user configured the allocator: a run near the card's capacity
+    otherwise fragments the cache, and each failed cudaMalloc frees and retries (a device-wide sync) -
+    the retries show as `sys/alloc_retries`. Must run before the first CUDA allocation."""
+    os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")
+
+
+def limit_gpu_memory(device) -> None:
+    """CALLIGRAPHER_GPU_MEMORY_GIB caps this process's GPU memory (e.g. 78 on a 141 GB card, to check that a
+    preset fits an 80 GB one: docs/benchmarks.md). Allocations past the cap fail as out of memory."""
+    cap = os.environ.get("CALLIGRAPHER_GPU_MEMORY_GIB")
+    if not cap:
+        return
+    try:
+        gib = float(cap)
+    except ValueError:
+        raise UserError(f"expected a number of GiB, got {cap!r}", field="CALLIGRAPHER_GPU_MEMORY_GIB") from None
+    total = torch.cuda.get_device_properties(device).total_memory
+    torch.cuda.set_per_process_memory_fraction(min(1.0, gib * 2**30 / total), device)
+    logger.info("GPU memory capped at %.1f GiB of %.1f (CALLIGRAPHER_GPU_MEMORY_GIB)", gib, total / 2**30)
 
 
 def start_trackers(acc, cfg: TrainConfig) -> None:
@@ -81,7 +105,7 @@ def build_stack(cfg: TrainConfig, device):
     if cfg.compile or (cfg.compile is None and stack.device.type == "cuda"):
         if stack.device.type != "cuda":
             logger.warning("--compile: compiling on %s (slow to start; meant for CUDA)", stack.device.type)
-        stack.enable_compile()
+        stack.enable_compile(with_grad=cfg.compile_update)
     return stack
 
 

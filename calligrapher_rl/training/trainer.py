@@ -35,9 +35,11 @@ from .batches import (
 )
 from .callbacks import CallbackHandler, StatusCallback
 from .checkpointing import (
+    REFERENCE_FILE,
     check_resume,
     remove_orphans,
     resolve_resume,
+    save_reference,
 )
 from .distributed import (
     average_gradients,
@@ -49,11 +51,13 @@ from .distributed import (
 )
 from .evaluation import Evaluation
 from .lifecycle import RunLifecycle
+from .memory import out_of_memory
 from .optim import reset_state
 from .policies import Policies, WeightHealth
 from .progress import ProgressCallback, system_metrics
 from .run_dir import RunDir, StatusNotRecorded, claim_run_dir, ending
-from .updates import StatsMeter, grpo_backward, nft_backward, warmup_backward
+from .timing import PhaseClock, Throughput, since_process_start, transformer_flops_per_image
+from .updates import StatsMeter, grpo_backward, nft_backward_on, nft_targets, warmup_backward
 
 logger = logging.getLogger("calligrapher_rl.training")
 
@@ -93,6 +97,7 @@ class Trainer(RunLifecycle, Evaluation):
         self._old_handlers = self._install_signal_handlers()  # a signal while loading ends the run at once
         try:
             self.acc = setup.make_accelerator(cfg)
+            self.clock = PhaseClock(self.acc.device)
             self.is_main = self.acc.is_main_process
             if self.is_main:  # refused (another trainer, an earlier run's files) before anything is written
                 self._lock = claim_run_dir(cfg.output_dir, resume=bool(cfg.resume_from_checkpoint),
@@ -115,12 +120,18 @@ class Trainer(RunLifecycle, Evaluation):
             self._resume_path = resolve_resume(cfg.output_dir, cfg.resume_from_checkpoint)
             if self._resume_path is not None:
                 check_resume(cfg, self._resume_path)  # method and model, before minutes of loading
+            t_load = time.perf_counter()
             self._build(cfg)
+            self.clock.add("load", time.perf_counter() - t_load)
         except BaseException as exc:  # a watcher must not see "starting" forever
+            oom = (out_of_memory(cfg, "loading", getattr(getattr(self, "acc", None), "device", "cpu"))
+                   if isinstance(exc, torch.OutOfMemoryError) else None)
             if self.run_dir is not None:
-                self.run_dir.final_status(*ending(exc, 0))
+                self.run_dir.final_status(*ending(oom or exc, 0))
                 self.run_dir.close()
             self._release()
+            if oom is not None:
+                raise oom from None
             raise
         self._loading = False
 
@@ -148,8 +159,11 @@ class Trainer(RunLifecycle, Evaluation):
         self.rl_steps = 0  # RL optimizer steps taken (warmup and skipped steps not counted): NFT's decay clock
         self.skipped_nonfinite, self._nonfinite_streak, self._nonfinite_failure = 0, 0, None
         self.health = WeightHealth()
+        self.throughput = self._throughput()
+        self._first_step_logged = False
         self._status_note = ""
-        self._saved_step = self._evaluated_step = -1
+        self._saved_step = self._evaluated_step = self._saved_step_bin = -1
+        self._reference_source = None  # where the KL reference comes from (checkpoint state.json)
         if self.is_main:
             from ..atomic import write_text
 
@@ -188,12 +202,19 @@ class Trainer(RunLifecycle, Evaluation):
             except NonFiniteTraining as exc:  # the skipped steps left the weights finite: keep them, say why
                 logger.error("%s", exc)
                 final, message = "failed", str(exc)
-            self.save()
+            self.save(final=True)
+            if self.clock.totals:  # the last evaluation and checkpoint, after the last epoch's row
+                self._log(self._last_row["phase"] or "rl", self.clock.take())
             if not self.run_dir.final_status(final, self.step, message):
                 raise StatusNotRecorded(f"the run ended {final}, but status.json could not say so")
             outcome = final
             return final
         except BaseException as exc:
+            if isinstance(exc, torch.OutOfMemoryError):  # the user's to fix with a flag: one line, no traceback
+                error = out_of_memory(self.cfg, self.phase, self.acc.device)
+                logger.error("%s", error)
+                self.run_dir.final_status(*ending(error, self.step))
+                raise error from None
             if not isinstance(exc, StatusNotRecorded):
                 self.run_dir.final_status(*ending(exc, self.step))
             raise
@@ -244,69 +265,118 @@ class Trainer(RunLifecycle, Evaluation):
                                       autocast=self.autocast, backward=self._backward)
             loss_ok &= math.isfinite(got["loss"])
             meter.add(got)
-        stats = {**meter.means(), **self.optimizer_step(loss_ok)}
+        with self.clock("optimizer"):
+            stats = {**meter.means(), **self.optimizer_step(loss_ok)}
+        stats.update(self.clock.take())
         stats["time/step_s"] = time.time() - t0
         self._log("warmup", mean_across(self.acc, stats))
 
     def rl_epoch_step(self) -> None:
         """One RL epoch: roll out num_batches batches, score them (overlapping the next rollout),
         turn rewards into advantages across all processes, then num_inner_epochs of updates."""
-        cfg = self.cfg
-        if self.policies.reference is None:
+        cfg, clock, pol = self.cfg, self.clock, self.policies
+        if pol.reference is None:
             self._begin_rl()
-        t0 = time.time()
+        t0, counts0 = time.perf_counter(), dict(self.stack.forward_counts)
         self._phase("rollout")
         batches, rollouts, futures, finite = [], [], [], []
-        for b in range(cfg.rl_num_batches_per_epoch):
-            batch = self.conditions.batch(self.sampler.batch(RL_STREAM, self.rl_epoch * cfg.rl_num_batches_per_epoch + b))
-            ro = self._rollout(batch, b)
-            decoded = self.stack.decode(ro.final, batch.fill.height, batch.fill.width)
-            finite.append(torch.isfinite(decoded.float()).flatten(1).all(1).cpu().numpy())
-            futures.append(self.rewards.score_async(reward_samples(batch, to_pil(decoded))))
-            batches.append(batch), rollouts.append(ro)
-        t_rollout = time.time() - t0
+        with clock("rollout"):
+            # only what this phase evaluates is on the card (policies.place): GRPO's reference (its step means
+            # are taken here), NFT's old policy (it samples)
+            pol.place(self.acc.device, reference=cfg.rl_method == "grpo" and cfg.rl_kl_beta > 0,
+                      old=cfg.rl_method == "nft")
+            for b in range(cfg.rl_num_batches_per_epoch):
+                batch = self.conditions.batch(self.sampler.batch(RL_STREAM, self.rl_epoch * cfg.rl_num_batches_per_epoch + b))
+                ro = self._rollout(batch, b)
+                decoded = self.stack.decode(ro.final, batch.fill.height, batch.fill.width)
+                finite.append(torch.isfinite(decoded.float()).flatten(1).all(1).cpu().numpy())
+                futures.append(self.rewards.score_async(reward_samples(batch, to_pil(decoded))))
+                batches.append(batch), rollouts.append(ro)
+        counts1 = dict(self.stack.forward_counts)
         self._phase("scoring")
-        scores = [fail_nonfinite_images(f.result(), ok) for f, ok in zip(futures, finite)]
-        t_reward = time.time() - t0 - t_rollout
-        stats = self._reward_stats(scores)
-        advantages = self._advantages(batches, scores)
+        with clock("reward"):
+            scores = [fail_nonfinite_images(f.result(), ok) for f, ok in zip(futures, finite)]
+            stats = self._reward_stats(scores)
+            advantages = self._advantages(batches, scores)
 
-        t1 = time.time()
         self._phase("update")
         meter, steps_done = StatsMeter(), 0
         n_batches, ga = len(batches), cfg.gradient_accumulation_steps
         if stats["reward/failed"] >= 1.0:  # no finite reward (e.g. resumed after a pause): nothing to learn from
             self._count_nonfinite("no finite reward in the epoch")
-        for inner in range(cfg.rl_num_inner_epochs if stats["reward/failed"] < 1.0 else 0):
-            loss_ok = True
-            for b, (batch, ro, adv) in enumerate(zip(batches, rollouts, advantages)):
-                group = min(ga, n_batches - b // ga * ga)  # the real size of b's accumulation group (the last may be short)
-                last = (b + 1) % ga == 0 or b == n_batches - 1  # gradients cross processes on its backward only
-                with gradient_sync(self.stack, sync=last):
-                    got = self._update(batch, ro, adv, inner, b, group)
-                loss_ok &= math.isfinite(got.get("loss", 0.0))
-                meter.add(got)
-                if last:
-                    done = self.optimizer_step(loss_ok)
-                    meter.add(done)
-                    steps_done += int(done["train/skipped"] == 0)
-                    loss_ok = True
-                    if self.step >= cfg.max_train_steps:  # the budget ends mid-epoch: stop exactly there
-                        break
-            if self.step >= cfg.max_train_steps:
-                break
+        t_update, counts2 = time.perf_counter(), dict(self.stack.forward_counts)
+        with clock("update"):
+            for inner in range(cfg.rl_num_inner_epochs if stats["reward/failed"] < 1.0 else 0):
+                targets = self._nft_targets(batches, rollouts, inner) if cfg.rl_method == "nft" else None
+                loss_ok = True
+                for b, (batch, ro, adv) in enumerate(zip(batches, rollouts, advantages)):
+                    group = min(ga, n_batches - b // ga * ga)  # the real size of b's accumulation group (the last may be short)
+                    last = (b + 1) % ga == 0 or b == n_batches - 1  # gradients cross processes on its backward only
+                    with gradient_sync(self.stack, sync=last):
+                        got = self._update(batch, ro, adv, inner, b, group, targets[b] if targets else None)
+                    loss_ok &= math.isfinite(got.get("loss", 0.0))
+                    meter.add(got)
+                    if last:
+                        with clock("optimizer"):
+                            done = self.optimizer_step(loss_ok)
+                        meter.add(done)
+                        steps_done += int(done["train/skipped"] == 0)
+                        loss_ok = True
+                        if self.step >= cfg.max_train_steps:  # the budget ends mid-epoch: stop exactly there
+                            break
+                if self.step >= cfg.max_train_steps:
+                    break
+        t_end, counts3 = time.perf_counter(), dict(self.stack.forward_counts)
         if cfg.rl_method == "nft":  # eta from the RL optimizer steps taken so far (DiffusionNFT's global_step)
             stats["nft/old_decay"] = old_decay(self.rl_steps, cfg.nft_decay_type)
-            self.policies.update_old(stats["nft/old_decay"])
+            with clock("old_policy"):
+                pol.update_old(stats["nft/old_decay"])
         self.rl_epoch += 1
         if self.tracker is not None:
             self.tracker.clear()
         stats.update(meter.means())
         stats.pop("train/skipped", None)
         stats["train/skipped_nonfinite"] = float(self.skipped_nonfinite)  # the total, not the epoch's mean
-        stats.update({"time/rollout_s": t_rollout, "time/reward_s": t_reward, "time/update_s": time.time() - t1,
-                      "rl/epoch": self.rl_epoch, "rl/optimizer_steps": steps_done})
+        images = len(batches) * len(batches[0].indices) * self.acc.num_processes if batches else 0
+        stats.update({**clock.take(), "time/epoch_s": time.perf_counter() - t0, "rl/epoch": self.rl_epoch,
+                      "rl/optimizer_steps": steps_done, "perf/images_per_s": images / (time.perf_counter() - t0)})
+        stats.update(self._tflops(counts0, counts1, counts2, counts3, t_update, t_end, stats))
         self._log("rl", mean_across(self.acc, stats))
+
+    def _tflops(self, c0, c1, c2, c3, t_update, t_end, stats) -> dict[str, float]:
+        """Achieved transformer TFLOP/s of the rollout (no-grad forwards) and of the update (gradient
+        forwards + backwards, and NFT's no-grad targets)."""
+        if self.throughput is None:
+            return {}
+        return {"perf/rollout_tflops": self.throughput.tflops(c1["no_grad"] - c0["no_grad"], 0,
+                                                              stats.get("time/rollout_s", 0.0)),
+                "perf/update_tflops": self.throughput.tflops(c3["no_grad"] - c2["no_grad"], c3["grad"] - c2["grad"],
+                                                             t_end - t_update)}
+
+    def _throughput(self) -> Throughput | None:
+        """The transformer's FLOPs per image at this run's shapes (counted on the meta device)."""
+        tokens = (self.cfg.resolution // (self.stack.pipe.vae_scale_factor * 2)) ** 2
+        try:
+            return Throughput(transformer_flops_per_image(self.stack.pipe.transformer, tokens,
+                                                          self.stack.max_sequence_length))
+        except Exception as exc:  # noqa: BLE001 - a metric, never a reason to stop a run
+            logger.warning("no perf/*_tflops metrics: counting the transformer's FLOPs failed (%s)", exc)
+            return None
+
+    def _nft_targets(self, batches, rollouts, inner: int) -> list:
+        """Every batch's old/reference predictions for this inner epoch, before any gradient exists; then
+        both snapshots leave the card for the gradient passes (policies.place)."""
+        cfg = self.cfg
+        self.policies.place(self.acc.device, reference=cfg.rl_kl_beta > 0, old=True)
+        out = []
+        for b, (batch, ro) in enumerate(zip(batches, rollouts)):
+            gen = torch.Generator().manual_seed(stream_seed(cfg.seed, RL_STREAM, self.rl_epoch, b, inner, 7,
+                                                            self.acc.process_index))
+            out.append(nft_targets(self.stack, batch, ro, cfg.num_trained_timesteps(), policies=self.policies,
+                                   guidance=cfg.rl_guidance_scale, scale=cfg.ip_adapter_scale, kl_beta=cfg.rl_kl_beta,
+                                   generator=gen, autocast=self.autocast))
+        self.policies.place(self.acc.device)
+        return out
 
     def _phase(self, phase: str) -> None:
         self.phase = phase
@@ -314,6 +384,9 @@ class Trainer(RunLifecycle, Evaluation):
 
     def _log(self, phase: str, stats: dict[str, float]) -> dict:
         """One metrics.jsonl row (+ trackers), with this process's GPU memory/utilisation on CUDA."""
+        if not self._first_step_logged and self.step > 0:  # command start to the end of the first optimizer step
+            self._first_step_logged = True
+            stats = {**stats, "time/first_step_s": since_process_start()}
         row = self.run_dir.log_metrics(self.step, phase, {**stats, **system_metrics(self.acc.device)})
         if not any(k.startswith("eval/") for k in row):
             self._last_row = row
@@ -341,6 +414,14 @@ class Trainer(RunLifecycle, Evaluation):
         afresh: supervised gradients are far larger than policy gradients (~30x on the tiny model), and
         their second moment (beta2 0.999) would otherwise shrink every RL step for thousands of steps."""
         self.policies.begin_rl(with_old=self.cfg.rl_method == "nft")
+        # the reference is stored once per run: nothing when it is the initial adapter (a resume rebuilds it
+        # from the same file or seed), else the run folder's reference.safetensors
+        if self.step == 0:
+            self._reference_source = {"initial": True, "initial_ip_adapter_path": self.cfg.initial_ip_adapter_path}
+        else:
+            self._reference_source = REFERENCE_FILE
+            if self.is_main:
+                save_reference(self.cfg.output_dir, self.policies.reference)
         if self.step > 0:
             reset_state(self.optimizer)
             logger.info("RL begins at step %d: optimizer moments reset", self.step)
@@ -357,11 +438,14 @@ class Trainer(RunLifecycle, Evaluation):
             window = SDEWindow.pick(cfg.rl_num_inference_steps, cfg.rl_sde_window_size, lo, hi,
                                     np.random.default_rng(stream_seed(cfg.seed, RL_STREAM, self.rl_epoch, b)))
         params = self.policies.old if cfg.rl_method == "nft" else None
+        # GRPO's KL needs the reference's step means on the trained steps: taken here, without gradient
+        reference = self.policies.reference if cfg.rl_method == "grpo" and cfg.rl_kl_beta > 0 else None
         with self.autocast():
             return rollout(self.stack, batch.fill, batch.text, batch.image_embeds, num_steps=cfg.rl_num_inference_steps,
                            guidance=cfg.rl_guidance_scale, noise_level=cfg.rl_noise_level, sde_type=cfg.rl_sde_type,
                            window=window, generator=gen, scale=cfg.ip_adapter_scale, params=params,
-                           quantized=cfg.rl_method == "nft")  # GRPO's log-probs need the training precision
+                           quantized=cfg.rl_method == "nft",  # GRPO's log-probs need the training precision
+                           reference=reference, reference_steps=None if window else cfg.num_trained_timesteps())
 
     def _reward_stats(self, scores: list[dict]) -> dict[str, float]:
         out = {}
@@ -405,7 +489,7 @@ class Trainer(RunLifecycle, Evaluation):
         return [torch.as_tensor(adv[b * per:(b + 1) * per], dtype=torch.float32, device=self.acc.device)
                 for b in range(len(batches))]
 
-    def _update(self, batch, ro, adv, inner: int, b: int, group: int) -> dict[str, float]:
+    def _update(self, batch, ro, adv, inner: int, b: int, group: int, targets=None) -> dict[str, float]:
         """Forward + backward of batch b, its loss divided by the steps it trains and by `group`, the
         number of batches accumulated into its optimizer step."""
         cfg = self.cfg
@@ -417,11 +501,9 @@ class Trainer(RunLifecycle, Evaluation):
             scale = 1.0 / (len(steps) * group)
             return grpo_backward(self.stack, batch, ro, adv, steps, noise_level=cfg.rl_noise_level,
                                  sde_type=cfg.rl_sde_type, clip_range=cfg.rl_grpo_clip_range, loss_scale=scale, **common)
-        gen = torch.Generator().manual_seed(stream_seed(cfg.seed, RL_STREAM, self.rl_epoch, b, inner, 7,
-                                                        self.acc.process_index))
-        n = cfg.num_trained_timesteps()
-        return nft_backward(self.stack, batch, ro, adv, n, beta=cfg.nft_beta, adv_mode=cfg.nft_adv_mode, generator=gen,
-                            loss_scale=1.0 / (n * group), **common)
+        common.pop("policies")
+        return nft_backward_on(self.stack, batch, ro, adv, targets, beta=cfg.nft_beta, adv_mode=cfg.nft_adv_mode,
+                               loss_scale=1.0 / (len(targets) * group), **common)
 
     def _backward(self, loss: torch.Tensor) -> None:
         if not loss.requires_grad:  # nothing trainable reached the loss (e.g. --ip_adapter_scale 0): zero gradient
@@ -452,7 +534,8 @@ class Trainer(RunLifecycle, Evaluation):
         self.step += 1
         if ok:
             self.rl_steps += int(in_rl)
-            self.policies.ema_step(self.step)  # the post-increment step, as Flow-GRPO
+            with self.clock("ema"):
+                self.policies.ema_step(self.step)  # the post-increment step, as Flow-GRPO
             self._nonfinite_streak = 0
         elif not loss_ok or self.scaler is None:  # an fp16 overflow alone is the scaler's business
             self._count_nonfinite(f"non-finite {'loss' if not loss_ok else 'gradient norm'}")

@@ -8,6 +8,7 @@ pure functions of `rl/`; this module only feeds them the right tensors.
 from __future__ import annotations
 
 from collections import defaultdict
+from dataclasses import dataclass
 
 import torch
 
@@ -76,12 +77,15 @@ def grpo_backward(stack, batch: Batch, ro: Rollout, advantages: torch.Tensor, st
         _, log_prob, mean, std = sde_step_with_logprob(v, s, s_next, x_j, noise_level, prev_sample=x_next,
                                                        sde_type=sde_type)
         loss, stats = grpo_loss(log_prob, ro.log_probs[:, j], advantages, clip_range, adv_clip_max, valid=valid)
-        if kl_beta > 0 and policies.reference is not None:
-            with torch.no_grad(), autocast():
-                v_ref = stack.velocity(x_j, batch.fill, batch.text, s, batch.image_embeds, guidance, scale,
-                                       params=policies.reference)
-            _, _, ref_mean, _ = sde_step_with_logprob(v_ref, s, s_next, x_j, noise_level, prev_sample=x_next,
-                                                      sde_type=sde_type)
+        if kl_beta > 0 and (ro.ref_means is not None and j in ro.ref_means or policies.reference is not None):
+            if ro.ref_means is not None and j in ro.ref_means:  # computed at rollout time (the trainer's way)
+                ref_mean = ro.ref_means[j]
+            else:
+                with torch.no_grad(), autocast():
+                    v_ref = stack.velocity(x_j, batch.fill, batch.text, s, batch.image_embeds, guidance, scale,
+                                           params=policies.reference)
+                ref_mean = sde_step_with_logprob(v_ref, s, s_next, x_j, noise_level, prev_sample=x_next,
+                                                 sde_type=sde_type)[2]
             kl = kl_to_reference(mean, ref_mean, std, s_next - s, sde_type)
             kl = kl[valid].mean() if valid.any() else kl.sum() * 0
             loss = loss + kl_beta * kl
@@ -92,34 +96,67 @@ def grpo_backward(stack, batch: Batch, ro: Rollout, advantages: torch.Tensor, st
     return meter.means()
 
 
-def nft_backward(stack, batch: Batch, ro: Rollout, advantages: torch.Tensor, num_timesteps: int, *, policies,
-                 guidance: float, scale: float, beta: float, kl_beta: float, adv_mode: str, adv_clip_max: float,
-                 generator: torch.Generator, loss_scale: float, autocast, backward=_plain_backward) -> dict[str, float]:
-    """Negative-aware fine-tuning on the clean rollouts x0: at fresh noise and schedule timesteps, the
-    implicit positive/negative policies are regressed onto x0, weighted by r. Each sample trains the
-    first `num_timesteps` of its own random permutation of the schedule's timesteps (DiffusionNFT):
-    distinct timesteps, never one twice."""
-    meter = StatsMeter()
+@dataclass
+class NFTTarget:
+    """One trained timestep of a batch: where the policy is evaluated and what the old and reference
+    policies predict there (both fixed during the update)."""
+
+    t: torch.Tensor  # [B]
+    x_t: torch.Tensor  # [B, L, C] float32
+    v_old: torch.Tensor  # [B, L, C], the model dtype (the forward's own output precision)
+    v_ref: torch.Tensor | None
+
+
+@torch.no_grad()
+def nft_targets(stack, batch: Batch, ro: Rollout, num_timesteps: int, *, policies, guidance: float, scale: float,
+                kl_beta: float, generator: torch.Generator, autocast) -> list[NFTTarget]:
+    """The old/reference predictions of an NFT update, computed before any gradient exists: the update
+    then holds neither snapshot on the device (at real size each is 6 GB). Each sample trains the first
+    `num_timesteps` of its own random permutation of the schedule's timesteps (DiffusionNFT): distinct
+    timesteps, never one twice; the noise is fresh for each."""
     x0 = ro.final.float()
     b = x0.shape[0]
     sigmas = ro.sigmas[:-1]  # the schedule's noisy levels (all > 0)
     order = torch.argsort(torch.rand(b, len(sigmas), generator=generator), dim=1)  # a permutation per sample
+    out = []
     for i in range(num_timesteps):
         t = sigmas[order[:, i]].to(x0.device)
         eps = torch.randn(x0.shape, generator=generator).to(x0.device)
         tt = t.view(b, 1, 1)
         x_t = (1 - tt) * x0 + tt * eps
         with autocast():
-            v_theta = stack.velocity(x_t, batch.fill, batch.text, t, batch.image_embeds, guidance, scale)
-        with torch.no_grad(), autocast():
             v_old = stack.velocity(x_t, batch.fill, batch.text, t, batch.image_embeds, guidance, scale,
                                    params=policies.old)
-            v_ref = None
-            if kl_beta > 0:
-                v_ref = stack.velocity(x_t, batch.fill, batch.text, t, batch.image_embeds, guidance, scale,
-                                       params=policies.reference)
-        loss, stats = nft_loss(v_theta, v_old, v_ref, x_t, x0, t, advantages, beta, kl_beta, adv_mode=adv_mode,
-                               adv_clip_max=adv_clip_max)
+            v_ref = (stack.velocity(x_t, batch.fill, batch.text, t, batch.image_embeds, guidance, scale,
+                                    params=policies.reference) if kl_beta > 0 else None)
+        keep = stack.dtype  # a bf16 forward's output is exact in bf16: half the memory, nothing lost
+        out.append(NFTTarget(t, x_t, v_old.to(keep), v_ref.to(keep) if v_ref is not None else None))
+    return out
+
+
+def nft_backward_on(stack, batch: Batch, ro: Rollout, advantages: torch.Tensor, targets: list[NFTTarget], *,
+                    guidance: float, scale: float, beta: float, kl_beta: float, adv_mode: str, adv_clip_max: float,
+                    loss_scale: float, autocast, backward=_plain_backward) -> dict[str, float]:
+    """Negative-aware fine-tuning on the clean rollouts x0: at the targets' noisy points, the implicit
+    positive/negative policies are regressed onto x0, weighted by r (see nft_targets)."""
+    meter = StatsMeter()
+    x0 = ro.final.float()
+    for tg in targets:
+        with autocast():
+            v_theta = stack.velocity(tg.x_t, batch.fill, batch.text, tg.t, batch.image_embeds, guidance, scale)
+        loss, stats = nft_loss(v_theta, tg.v_old.float(), tg.v_ref.float() if tg.v_ref is not None else None, tg.x_t,
+                               x0, tg.t, advantages, beta, kl_beta, adv_mode=adv_mode, adv_clip_max=adv_clip_max)
         backward(loss * loss_scale)
         meter.add(stats)
     return meter.means()
+
+
+def nft_backward(stack, batch: Batch, ro: Rollout, advantages: torch.Tensor, num_timesteps: int, *, policies,
+                 guidance: float, scale: float, beta: float, kl_beta: float, adv_mode: str, adv_clip_max: float,
+                 generator: torch.Generator, loss_scale: float, autocast, backward=_plain_backward) -> dict[str, float]:
+    """nft_targets then nft_backward_on, for one batch (the trainer computes every batch's targets first)."""
+    targets = nft_targets(stack, batch, ro, num_timesteps, policies=policies, guidance=guidance, scale=scale,
+                          kl_beta=kl_beta, generator=generator, autocast=autocast)
+    return nft_backward_on(stack, batch, ro, advantages, targets, guidance=guidance, scale=scale, beta=beta,
+                           kl_beta=kl_beta, adv_mode=adv_mode, adv_clip_max=adv_clip_max, loss_scale=loss_scale,
+                           autocast=autocast, backward=backward)
