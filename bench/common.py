@@ -40,45 +40,17 @@ class Results(dict):
 
 def real_components(tiny: bool):
     """FLUX.1-Fill-dev / SigLIP so400m configs (or the tiny ones), built directly on the device."""
-    from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxFillPipeline, FluxTransformer2DModel
-    from transformers import (
-        CLIPTextConfig,
-        CLIPTextModel,
-        SiglipVisionConfig,
-        SiglipVisionModel,
-        T5Config,
-        T5EncoderModel,
-    )
-
     from calligrapher_rl.models import tiny as t
 
     if tiny:
         pipe = t.build_tiny_pipeline(0)
         siglip, proc = t.build_tiny_siglip(0)
         return pipe, siglip, proc, 32
-    transformer = FluxTransformer2DModel(in_channels=384, out_channels=64, num_layers=19, num_single_layers=38,
-                                         attention_head_dim=128, num_attention_heads=24, joint_attention_dim=4096,
-                                         pooled_projection_dim=768, guidance_embeds=True, axes_dims_rope=(16, 56, 56))
-    vae = AutoencoderKL(in_channels=3, out_channels=3, down_block_types=["DownEncoderBlock2D"] * 4,
-                        up_block_types=["UpDecoderBlock2D"] * 4, block_out_channels=[128, 256, 512, 512],
-                        layers_per_block=2, latent_channels=16, norm_num_groups=32, scaling_factor=0.3611,
-                        shift_factor=0.1159, use_quant_conv=False, use_post_quant_conv=False)
-    clip = CLIPTextModel(CLIPTextConfig(vocab_size=49408, hidden_size=768, intermediate_size=3072, num_hidden_layers=12,
-                                        num_attention_heads=12, max_position_embeddings=77, projection_dim=768,
-                                        hidden_act="quick_gelu"))
-    t5 = T5EncoderModel(T5Config(vocab_size=32128, d_model=4096, d_kv=64, d_ff=10240, num_layers=24, num_heads=64,
-                                 feed_forward_proj="gated-gelu", is_encoder_decoder=False))
-    scheduler = FlowMatchEulerDiscreteScheduler(shift=3.0, use_dynamic_shifting=True, base_shift=0.5, max_shift=1.15,
-                                                base_image_seq_len=256, max_image_seq_len=4096)
-    pipe = FluxFillPipeline(scheduler=scheduler, vae=vae, text_encoder=clip, tokenizer=t._clip_tokenizer(),
-                            text_encoder_2=t5, tokenizer_2=t._t5_tokenizer(), transformer=transformer)
-    siglip = SiglipVisionModel(SiglipVisionConfig(hidden_size=1152, intermediate_size=4304, num_hidden_layers=27,
-                                                  num_attention_heads=16, image_size=384, patch_size=14))
-    try:
-        from transformers import SiglipImageProcessorPil as Processor
-    except ImportError:
-        from transformers import SiglipImageProcessor as Processor
-    return pipe, siglip, Processor(size={"height": 384, "width": 384}), 512
+    from calligrapher_rl.models.realsize import flux_fill_pipeline, siglip_so400m
+
+    pipe = flux_fill_pipeline()
+    siglip, proc = siglip_so400m()
+    return pipe, siglip, proc, 512
 
 
 def build_stack(tiny: bool, device, dtype):

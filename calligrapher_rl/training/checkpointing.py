@@ -3,12 +3,13 @@
     checkpoint-{step}/
         ip-adapter.safetensors       the trained adapter (flat dotted release key names), fp32
         ip-adapter-ema.safetensors   its EMA (when --use_ema), fp32; also what a resume restores the EMA from
-        ip-adapter.bin               the release's nested layout for the original inference code: in the run's
-                                     last checkpoint, or every checkpoint while the adapter is under
-                                     RELEASE_BIN_EVERY_BYTES (`python -m calligrapher_rl.export` makes it from any)
+        ip-adapter.bin               the release's nested layout for the original inference code, while the
+                                     adapter is under RELEASE_BIN_BYTES (the tiny, a LoRA merge); at real size
+                                     `python -m calligrapher_rl.export` writes it from any checkpoint
         trainer_state/
             state.json               step, phase, RL epoch, advantage tracker, where the reference comes from
-            policies.safetensors     old.* (NFT's old policy: its fp32 average)
+            policies.safetensors     old.* (NFT's old policy: its fp32 average), unless it equals the adapter
+                                     (DiffusionNFT's first steps set old = current): state.json then says so
             optimizer.pt, scheduler.pt   torch state dicts (read back with weights_only=True)
     reference.safetensors            (run folder) the KL reference, written once when RL begins after a
                                      supervised warmup; when RL begins at step 0 the reference is the run's
@@ -147,22 +148,26 @@ def _prefixed(prefix: str, state: dict[str, torch.Tensor] | None) -> dict[str, t
     return {f"{prefix}.{k}": v.detach().to("cpu").contiguous() for k, v in (state or {}).items()}
 
 
-# Below this size (the tiny adapter, LoRA merges) every checkpoint also carries the release .bin; above it
-# (the full adapter: 12 GB) only the run's last one does.
-RELEASE_BIN_EVERY_BYTES = 2**30
+# Below this size (the tiny adapter, LoRA merges) every checkpoint also carries the release .bin; above it (the
+# full adapter: 12 GB, a third of a checkpoint) it is made on demand by `python -m calligrapher_rl.export`.
+RELEASE_BIN_BYTES = 2**30
 REFERENCE_FILE = "reference.safetensors"
 
 
 def save_checkpoint(run_dir: str, step: int, *, adapter: dict, ema: dict | None, old: dict | None, optimizer,
-                    scheduler, state: dict, total_limit: int | None = None, final: bool = False) -> str:
+                    scheduler, state: dict, total_limit: int | None = None) -> str:
     final_dir = os.path.join(run_dir, f"checkpoint-{step}")
     size = sum(v.numel() * v.element_size() for v in adapter.values())
+    adapter = {k: v.detach().to("cpu").contiguous() for k, v in adapter.items()}  # once, for both uses below
+    old_is_adapter = bool(old) and all(torch.equal(v.to("cpu"), adapter[k].to(v.dtype)) for k, v in old.items())
     with atomic_dir(final_dir) as tmp:
-        save_adapter_files(tmp, adapter, ema_state=ema, release_bin=final or size < RELEASE_BIN_EVERY_BYTES)
+        save_adapter_files(tmp, adapter, ema_state=ema, release_bin=size < RELEASE_BIN_BYTES)
         ts = os.path.join(tmp, "trainer_state")
         os.makedirs(ts)
-        if old:
+        if old and not old_is_adapter:
             save_file(_prefixed("old", old), os.path.join(ts, "policies.safetensors"))
+        # where the old policy is: the adapter's own weights (by name) or policies.safetensors
+        state = {**state, "old_policy": {"equals_adapter": sorted(old)} if old_is_adapter else None}
         # a state dict already consolidated across processes (sharded moments), or the optimizer itself
         torch.save(optimizer if isinstance(optimizer, dict) else optimizer.state_dict(), os.path.join(ts, "optimizer.pt"))
         torch.save(scheduler.state_dict(), os.path.join(ts, "scheduler.pt"))
@@ -231,8 +236,15 @@ def load_checkpoint(path: str) -> dict:
         out = {k[len(prefix) + 1:]: v for k, v in policies.items() if k.startswith(prefix + ".")}
         return out or None
 
+    old = group("old")
+    same = (state.get("old_policy") or {}).get("equals_adapter") if isinstance(state.get("old_policy"), dict) else None
+    if same:  # equal to these weights of the adapter when saved
+        missing = [k for k in same if k not in adapter]
+        if missing:
+            _fail(path, "ip-adapter.safetensors", f"lacks '{missing[0]}', the NFT old policy's weight")
+        old = {k: adapter[k].to(torch.float32) for k in same}
     # checkpoints of earlier versions kept the EMA and the reference in policies.safetensors
-    return {"adapter": adapter, "ema": group("ema") or ema_file or None, "old": group("old"), "ref": group("ref"),
+    return {"adapter": adapter, "ema": group("ema") or ema_file or None, "old": old, "ref": group("ref"),
             "optimizer": optimizer, "scheduler": scheduler, "state": state, "path": path}
 
 

@@ -33,16 +33,14 @@ class RunLifecycle:
     """Checkpoints and stopping of `Trainer`."""
 
     @timed_phase("checkpoint_save")
-    def save(self, final: bool = False) -> None:
-        """A checkpoint of the current step; `final` (the run's end) adds the release .bin at any size."""
-        if self._saved_step == self.step and not (final and self._saved_step_bin != self.step):
+    def save(self) -> None:
+        if self._saved_step == self.step:  # e.g. the last step was a checkpoint step
             return
         optimizer_state = consolidated_state_dict(self.optimizer)  # a collective when the moments are sharded
         if not self.is_main:
             self._saved_step = self.step
             return
         self._saved_step = self.step
-        self._saved_step_bin = self.step if final else -1
         self._phase("saving")
         p = self.policies
         state = {"rl_epoch": self.rl_epoch, "ema_updates": p.ema.num_updates if p.ema else 0,
@@ -53,7 +51,7 @@ class RunLifecycle:
                  "config": identity(self.cfg)}
         path = save_checkpoint(self.cfg.output_dir, self.step, adapter=self.stack.adapter.state_dict(), ema=p.ema_state(),
                                old=p.old_state(), optimizer=optimizer_state, scheduler=self.scheduler,
-                               state=state, total_limit=self.cfg.checkpoints_total_limit, final=final)
+                               state=state, total_limit=self.cfg.checkpoints_total_limit)
         logger.info("saved %s (%.2f GB)", path, folder_bytes(path) / 1e9)
         self.callbacks.call("on_save", self, step=self.step, path=str(path))
 

@@ -162,7 +162,7 @@ class Trainer(RunLifecycle, Evaluation):
         self.throughput = self._throughput()
         self._first_step_logged = False
         self._status_note = ""
-        self._saved_step = self._evaluated_step = self._saved_step_bin = -1
+        self._saved_step = self._evaluated_step = -1
         self._reference_source = None  # where the KL reference comes from (checkpoint state.json)
         if self.is_main:
             from ..atomic import write_text
@@ -202,7 +202,7 @@ class Trainer(RunLifecycle, Evaluation):
             except NonFiniteTraining as exc:  # the skipped steps left the weights finite: keep them, say why
                 logger.error("%s", exc)
                 final, message = "failed", str(exc)
-            self.save(final=True)
+            self.save()
             if self.clock.totals:  # the last evaluation and checkpoint, after the last epoch's row
                 self._log(self._last_row["phase"] or "rl", self.clock.take())
             if not self.run_dir.final_status(final, self.step, message):

@@ -1,0 +1,117 @@
+"""What a real-size run depends on, checked on the tiny model and the meta device: per-phase metrics, lean
+checkpoints (no tensor twice, the reference once per run), out of memory as one line, the real-size builder."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from safetensors import safe_open
+
+from calligrapher_rl.config import parse_args
+from calligrapher_rl.errors import UserError
+from calligrapher_rl.training.run_dir import read_metrics, read_status
+from calligrapher_rl.training.trainer import Trainer
+
+FAST = ["--pretrained_model_name_or_path", "tiny", "--siglip_path", "tiny", "--train_data_json", "bundled",
+        "--rewards", "fidelity:1.0", "--rl_num_images_per_prompt", "4", "--train_batch_size", "4",
+        "--resolution", "32", "--rl_num_inference_steps", "4", "--rl_eval_num_inference_steps", "2",
+        "--num_eval_samples", "2", "--num_style_tokens", "8", "--rl_num_batches_per_epoch", "2",
+        "--gradient_accumulation_steps", "2", "--trainable", "all", "--rl_warmup_steps", "0"]
+
+
+def _run(out, *extra, preset="tiny-grpo"):
+    return Trainer(parse_args(["--preset", preset, "--output_dir", str(out), *FAST, *extra])).run()
+
+
+def _keys(path):
+    with safe_open(str(path), "pt") as fh:
+        return set(fh.keys())
+
+
+@pytest.mark.parametrize("preset", ["tiny-grpo", "tiny-nft"])
+def test_every_epoch_says_where_its_seconds_went_and_checkpoints_hold_each_tensor_once(tmp_path, preset):
+    out = tmp_path / "run"
+    extra = ["--nft_decay_type", "2"] if preset == "tiny-nft" else []  # flux-nft's: eta 0 for 75 RL steps
+    assert _run(out, "--max_train_steps", "2", "--checkpointing_steps", "1", "--eval_steps", "2", *extra,
+                preset=preset) == "finished"
+    rows = read_metrics(str(out))
+    rl = [r for r in rows if "reward/mean" in r]
+    assert len(rl) == 2
+    for r in rl:
+        for phase in ("rollout", "reward", "update", "optimizer", "ema", "epoch"):
+            assert r[f"time/{phase}_s"] > 0, (phase, r)
+        assert r["time/epoch_s"] >= r["time/rollout_s"] + r["time/update_s"]  # nested phases are not counted twice
+        assert r["perf/update_tflops"] > 0 and r["perf/rollout_tflops"] > 0 and r["perf/images_per_s"] > 0
+    assert rl[0]["time/load_s"] > 0 and rl[0]["time/first_step_s"] >= rl[0]["time/load_s"]
+    assert "time/first_step_s" not in rl[1]
+    # the last evaluation and checkpoint, which come after the last epoch's row, have a row of their own
+    assert rows[-1]["time/checkpoint_save_s"] > 0 and rows[-1]["time/eval_s"] > 0
+    assert any(r.get("time/checkpoint_save_s", 0) > 0 for r in rl)  # checkpoint-1, charged to the next epoch
+
+    adapter = _keys(out / "checkpoint-2" / "ip-adapter.safetensors")
+    for step in (1, 2):
+        ck = out / f"checkpoint-{step}"
+        assert _keys(ck / "ip-adapter-ema.safetensors") == adapter  # the EMA lives in its own file only...
+        # ...and the reference is the run's initial adapter, rebuilt on resume: neither is in trainer_state, nor
+        # (DiffusionNFT's old policy equals the adapter in its first steps) the old policy
+        assert not (ck / "trainer_state" / "policies.safetensors").exists()
+        state = json.loads((ck / "trainer_state" / "state.json").read_text())
+        assert state["reference"] == {"initial": True, "initial_ip_adapter_path": None}
+    assert not (out / "reference.safetensors").exists()
+
+
+def test_a_reference_taken_after_warmup_is_written_once_and_resumes_exactly(tmp_path):
+    args = ["--max_train_steps", "3", "--checkpointing_steps", "2", "--eval_steps", "0", "--rl_warmup_steps", "1",
+            "--rl_kl_beta", "0.5"]
+    a, b = tmp_path / "a", tmp_path / "b"
+    assert _run(a, *args) == "finished"
+    assert _keys(a / "reference.safetensors") and not (a / "checkpoint-2" / "trainer_state" / "policies.safetensors").exists()
+    assert _run(b, "--max_train_steps", "2", *args[2:]) == "finished"  # ends at step 2, then resumes to 3
+    assert _run(b, *args, "--resume_from_checkpoint", "latest") == "finished"
+    pick = lambda rows: [(r["step"], r["kl"], r["loss"]) for r in rows if "kl" in r]  # noqa: E731
+    assert pick(read_metrics(str(b))) == pick(read_metrics(str(a))) and pick(read_metrics(str(a)))
+
+
+class _OutOfMemoryIn:
+    """Raises what torch raises when a CUDA allocation fails, in the given phase (no card needed)."""
+
+    def __init__(self, phase):
+        self.phase = phase
+
+    def on_phase(self, trainer, phase):
+        if phase == self.phase:
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 4.50 GiB")
+
+
+def test_out_of_memory_ends_failed_with_one_line_naming_the_phase_and_the_flags(tmp_path):
+    out = tmp_path / "run"
+    cfg = parse_args(["--preset", "tiny-grpo", "--output_dir", str(out), *FAST, "--max_train_steps", "2",
+                      "--rl_num_images_per_prompt", "8"])
+    with pytest.raises(UserError) as err:
+        Trainer(cfg, callbacks=[_OutOfMemoryIn("update")]).run()
+    msg = str(err.value)
+    assert "\n" not in msg and "out of GPU memory in the update phase" in msg
+    assert "--trainable lora" in msg and "--rl_num_images_per_prompt 4" in msg
+    status = read_status(str(out))
+    assert status["state"] == "failed" and "out of GPU memory in the update phase" in status["message"]
+
+
+def test_the_real_size_builder_has_the_published_parameter_counts():
+    from calligrapher_rl.models.realsize import parameter_counts
+
+    n = parameter_counts()  # meta device: no memory
+    assert round(n["transformer"] / 1e9, 1) == 11.9  # FLUX.1-Fill-dev
+    assert round(n["t5_encoder"] / 1e9, 2) == 4.76 and round(n["clip_text"] / 1e6) == 123
+    assert round(n["siglip_vision"] / 1e6) == 428  # so400m's vision tower
+    assert round(n["adapter"] / 1e9, 1) == 3.0 and round(n["adapter_attn"] / 1e9, 2) == 1.43  # the release's adapter
+
+
+def test_flops_are_counted_at_the_run_shapes(tiny_stack):
+    from calligrapher_rl.training.timing import transformer_flops_per_image
+
+    t = tiny_stack.pipe.transformer
+    small, large = transformer_flops_per_image(t, 16, 8), transformer_flops_per_image(t, 64, 8)
+    assert 0 < small < large < 4 * small * 1.5  # matmuls grow linearly with tokens, attention faster
+
