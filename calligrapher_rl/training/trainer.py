@@ -153,6 +153,9 @@ class Trainer(RunLifecycle, Evaluation):
         self.optimizer, self.scheduler = setup.build_optimizer(cfg, self.policies.params, self.acc.num_processes)
         self.scaler = setup.make_grad_scaler(self.acc, cfg)  # fp16 only: dynamic loss scaling
         self.conditions = ConditionCache(self.stack, self.dataset, cfg.seed)
+        entries = getattr(self.dataset, "entries", None)  # a Python dataset's prompts come with its items
+        if entries is not None:
+            self.stack.precompute_prompts([e.prompt for e in entries])
         self.sampler = GroupSampler(len(self.dataset), cfg.train_batch_size, cfg.rl_num_images_per_prompt if cfg.use_rl else 1,
                                     num_processes=self.acc.num_processes, rank=self.acc.process_index, seed=cfg.seed)
         self.tracker = PerPromptStatTracker(cfg.rl_global_std) if cfg.rl_per_prompt_stat_tracking else None
@@ -292,6 +295,7 @@ class Trainer(RunLifecycle, Evaluation):
                 finite.append(torch.isfinite(decoded.float()).flatten(1).all(1).cpu().numpy())
                 futures.append(self.rewards.score_async(reward_samples(batch, to_pil(decoded))))
                 batches.append(batch), rollouts.append(ro)
+            pol.place(self.acc.device, old=cfg.rl_method == "nft")  # NFT's targets still need the old policy
         counts1 = dict(self.stack.forward_counts)
         self._phase("scoring")
         with clock("reward"):
