@@ -144,6 +144,30 @@ def system_figure(rows: list[dict], revision: str = "") -> go.Figure:
     return fig
 
 
+PHASES = ("rollout", "reward", "update", "optimizer", "ema", "old_policy", "eval", "checkpoint_save", "resume_load",
+          "load")
+
+
+def has_phases(rows: list[dict]) -> bool:
+    return any(f"time/{p}_s" in r for r in rows for p in ("rollout", "update"))
+
+
+def phase_figure(rows: list[dict], revision: str = "") -> go.Figure:
+    """Where each epoch's seconds went: one stacked bar per logged step, a segment per phase (the trainer's
+    time/<phase>_s; evaluation and checkpoint time shows on the epoch after them)."""
+    fig = _base("Time per phase (s)", rows, revision, ytitle="seconds")
+    timed = [r for r in rows if any(f"time/{p}_s" in r for p in PHASES)]
+    for i, phase in enumerate(PHASES):
+        xs = [r["step"] for r in timed]
+        ys = [r.get(f"time/{phase}_s", 0.0) or 0.0 for r in timed]
+        if any(ys):
+            fig.add_trace(go.Bar(x=xs, y=ys, name=phase.replace("_", " "), marker={"color": COLORS[i % len(COLORS)]}))
+    fig.update_layout(barmode="stack")
+    if not timed:
+        _empty(fig, "no per-phase times yet")
+    return fig
+
+
 def smooth(values: list[float], weight: float) -> list[float]:
     """TensorBoard's smoothing: an exponential moving average, debiased so the first points are not pulled
     towards 0. weight 0 = raw."""

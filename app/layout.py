@@ -136,6 +136,7 @@ def build_demo(runs_dir: str, service: InferenceService | None = None, read_root
                     w.add("p_clip", gr.Plot(label="clipfrac", show_label=False))
                 with gr.Row():
                     w.add("p_sys", gr.Plot(label="GPU", show_label=False, visible=False, elem_id="plot-sys"))
+                    w.add("p_time", gr.Plot(label="Time per phase", show_label=False, visible=False, elem_id="plot-time"))
                 with gr.Accordion("Several runs on one chart, CSV export", open=False):
                     with gr.Row():
                         w.add("overlay_runs", gr.Dropdown([], multiselect=True, label="Runs", scale=3))

@@ -23,7 +23,7 @@ from .view_common import RunsFolderViews, err
 TABLE_COLUMNS = ["run", "state", "step", "reward", "eval reward", "method", "started"]
 FORM_KEYS = [f"form:{flag}" for flag in presets.FORM_FLAGS]
 MONITOR_KEYS = ["status", "stop_btn", "resume_btn", "mark_btn", "delete_btn", "clone_btn", "p_reward", "p_kl",
-                "p_loss", "p_clip", "p_sys", "latest", "grids", "log", "log_file", "selected"]
+                "p_loss", "p_clip", "p_sys", "p_time", "latest", "grids", "log", "log_file", "selected"]
 LOG_LINES = 200
 
 
@@ -233,7 +233,8 @@ class MonitorViews:
         figs = charts.figures(rows, revision=info["name"], method=info["method"])
         return {"p_reward": figs["reward"], "p_kl": figs["kl"], "p_loss": figs["loss"], "p_clip": figs["clipfrac"],
                 # GPU memory and utilisation beside the curves, when the trainer logged them (not on CPU)
-                "p_sys": gr.Plot(charts.system_figure(rows, revision=info["name"]), visible=charts.has_system(rows))}
+                "p_sys": gr.Plot(charts.system_figure(rows, revision=info["name"]), visible=charts.has_system(rows)),
+                "p_time": gr.Plot(charts.phase_figure(rows, revision=info["name"]), visible=charts.has_phases(rows))}
 
     def _grids(self, run_dir: str) -> dict:
         grids = runs.samples(run_dir)
@@ -256,7 +257,7 @@ class MonitorViews:
     def _empty(self, text: str, name) -> dict:
         empty = charts.figures([])
         return {"status": text, **self.buttons(None), "p_reward": empty["reward"], "p_kl": empty["kl"],
-                "p_loss": empty["loss"], "p_clip": empty["clipfrac"], "p_sys": gr.Plot(None, visible=False),
+                "p_loss": empty["loss"], "p_clip": empty["clipfrac"], "p_sys": gr.Plot(None, visible=False), "p_time": gr.Plot(None, visible=False),
                 "latest": None, "grids": [], "log": "", "log_file": None, "selected": name}
 
     def select(self, name: str | None) -> dict:

@@ -168,10 +168,14 @@ def test_phase_eta_and_gpu_figures_when_the_trainer_gives_them(tmp_path):
         json.dump({**status, "phase": "rollout", "eta_s": 65.4}, fh)
     with open(os.path.join(run_dir, "metrics.jsonl"), "w") as fh:
         fh.writelines(json.dumps({"step": step, "phase": "rl", "time": time.time(), "loss": 0.1,
-                                 "sys/gpu_mem_gib": 20.0 + step, "sys/gpu_util": 90.0}) + "\n" for step in (1, 2))
+                                 "sys/gpu_mem_gib": 20.0 + step, "sys/gpu_util": 90.0, "time/rollout_s": 12.5,
+                                 "time/update_s": 20.0 + step, "time/eval_s": 0.0}) + "\n" for step in (1, 2))
     out = mon.views("busy")
     assert "phase: rollout" in out["status"] and "~0:01:05 left" in out["status"]
     assert out["p_sys"].visible and charts.has_system(runs.metrics(run_dir))
+    assert not plain["p_time"].visible and out["p_time"].visible  # the per-phase time bars, once there are times
+    bars = {t.name: list(t.y) for t in charts.phase_figure(runs.metrics(run_dir)).data}
+    assert bars == {"rollout": [12.5, 12.5], "update": [21.0, 22.0]}  # phases that took no time have no segment
     with open(os.path.join(run_dir, "console.log"), "w") as fh:
         fh.write("".join(f"step {i} phase rl reward 0.5 loss 0.1\n" for i in range(500)))
     out = mon.views("busy")
