@@ -205,7 +205,8 @@ class TrainConfig:
     # --- EMA ---
     use_ema: bool = _EMA(False, "keep an EMA of the trainable weights (used for evaluation, saved beside the raw ones)")
     ema_decay: float = _EMA(0.9999, "EMA decay in [0, 1) (guide: 0.9999 for GRPO, 0.999 for NFT)")
-    ema_update_interval: int = _EMA(1, "update the EMA every N optimizer steps")
+    ema_update_interval: int = _EMA(1, "fold the weights into the EMA every N optimizer steps (the horizon in steps "
+                                       "does not change: a fold weighs N steps)")
 
     # --- evaluation ---
     eval_steps: int = _EVAL(100, "write a sample grid every N steps (0 = never)")
