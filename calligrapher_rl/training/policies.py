@@ -11,8 +11,6 @@ Snapshots are plain dicts name -> tensor (trainable weights only) evaluated thro
 
 from __future__ import annotations
 
-import logging
-
 import torch
 
 from ..models.style_adapter import StyleAdapter
@@ -107,30 +105,3 @@ class Policies:
         if old and not self.exact_snapshots:
             self.old_master = {k: v.to("cpu", torch.float32, copy=True) for k, v in old.items()}
 
-
-class WeightHealth:
-    """Warnings (the studio shows the log) when nothing trains or the weights blow up: a gradient norm
-    of exactly 0 for `zero_steps` optimizer steps in a row, or a trainable-weight norm `growth` times its
-    value at the first step."""
-
-    def __init__(self, zero_steps: int = 3, growth: float = 100.0):
-        self.zero_steps, self.growth = zero_steps, growth
-        self.norm0: float | None = None
-        self.zero_streak, self.grew_warned = 0, False
-
-    @torch.no_grad()
-    def check(self, params, applied: bool, grad_norm: float) -> float:
-        """Call after each optimizer step (`applied` False when it was skipped); returns the weight norm."""
-        log = logging.getLogger("calligrapher_rl.training")
-        norm = float(torch.sqrt(sum((p.detach().float() ** 2).sum() for p in params)))
-        if self.norm0 is None:
-            self.norm0 = norm
-        self.zero_streak = self.zero_streak + 1 if applied and grad_norm == 0 else 0
-        if self.zero_streak == self.zero_steps:
-            log.warning("gradient norm exactly 0 for %d optimizer steps in a row: nothing trains (is "
-                        "--ip_adapter_scale 0, or is every reward of each group equal?)", self.zero_steps)
-        if not self.grew_warned and self.norm0 > 0 and norm > self.growth * self.norm0:
-            self.grew_warned = True
-            log.warning("trainable weight norm grew from %.3g to %.3g (over %gx): the update is diverging; "
-                        "lower --learning_rate", self.norm0, norm, self.growth)
-        return norm

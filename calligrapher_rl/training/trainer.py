@@ -47,10 +47,11 @@ from .distributed import (
     own_slice,
     prepare_data_parallel,
 )
+from .divergence import Diverged, WeightHealth, check_rollout_health, finite_samples, score_finite, zero_nonfinite
 from .evaluation import Evaluation
 from .lifecycle import RunLifecycle
 from .optim import reset_state
-from .policies import Policies, WeightHealth
+from .policies import Policies
 from .progress import ProgressCallback, system_metrics
 from .run_dir import RunDir, StatusNotRecorded, claim_run_dir, ending
 from .updates import StatsMeter, grpo_backward, nft_backward, warmup_backward
@@ -147,7 +148,8 @@ class Trainer(RunLifecycle, Evaluation):
         self.tracker = PerPromptStatTracker(cfg.rl_global_std) if cfg.rl_per_prompt_stat_tracking else None
         self.rl_steps = 0  # RL optimizer steps taken (warmup and skipped steps not counted): NFT's decay clock
         self.skipped_nonfinite, self._nonfinite_streak, self._nonfinite_failure = 0, 0, None
-        self.health = WeightHealth()
+        self.health = WeightHealth(growth=cfg.max_weight_norm_growth)
+        self._rollout_streak, self._diverged = 0, False  # epochs in a row with non-finite samples; a Diverged ending
         self._status_note = ""
         self._saved_step = self._evaluated_step = -1
         if self.is_main:
@@ -187,6 +189,10 @@ class Trainer(RunLifecycle, Evaluation):
                 final, message = "stopped", str(exc)
             except NonFiniteTraining as exc:  # the skipped steps left the weights finite: keep them, say why
                 logger.error("%s", exc)
+                final, message = "failed", str(exc)
+            except Diverged as exc:  # save() refuses these weights: the newest earlier checkpoint stays the last
+                logger.error("%s", exc)
+                self._diverged = True
                 final, message = "failed", str(exc)
             self.save()
             if not self.run_dir.final_status(final, self.step, message):
@@ -256,19 +262,21 @@ class Trainer(RunLifecycle, Evaluation):
             self._begin_rl()
         t0 = time.time()
         self._phase("rollout")
-        batches, rollouts, futures, finite = [], [], [], []
+        batches, rollouts, futures, finite, sample_ok = [], [], [], [], []
         for b in range(cfg.rl_num_batches_per_epoch):
             batch = self.conditions.batch(self.sampler.batch(RL_STREAM, self.rl_epoch * cfg.rl_num_batches_per_epoch + b))
             ro = self._rollout(batch, b)
+            ok = finite_samples(ro)  # the latents, not clamped pixels: a diverged policy, never scored
+            zero_nonfinite(ro, ok)
             decoded = self.stack.decode(ro.final, batch.fill.height, batch.fill.width)
             finite.append(torch.isfinite(decoded.float()).flatten(1).all(1).cpu().numpy())
-            futures.append(self.rewards.score_async(reward_samples(batch, to_pil(decoded))))
-            batches.append(batch), rollouts.append(ro)
+            futures.append(score_finite(self.rewards, reward_samples(batch, to_pil(decoded)), ok))
+            batches.append(batch), rollouts.append(ro), sample_ok.append(ok)
         t_rollout = time.time() - t0
         self._phase("scoring")
         scores = [fail_nonfinite_images(f.result(), ok) for f, ok in zip(futures, finite)]
         t_reward = time.time() - t0 - t_rollout
-        stats = self._reward_stats(scores)
+        stats = self._reward_stats(scores, np.concatenate(sample_ok))
         advantages = self._advantages(batches, scores)
 
         t1 = time.time()
@@ -363,11 +371,18 @@ class Trainer(RunLifecycle, Evaluation):
                            window=window, generator=gen, scale=cfg.ip_adapter_scale, params=params,
                            quantized=cfg.rl_method == "nft")  # GRPO's log-probs need the training precision
 
-    def _reward_stats(self, scores: list[dict]) -> dict[str, float]:
-        out = {}
+    def _reward_stats(self, scores: list[dict], sample_ok: np.ndarray) -> dict[str, float]:
+        """Reward stats of the epoch over all processes. Non-finite samples (never scored) are counted as
+        `rollout/nonfinite` and end the run when they persist; `reward/failed` is among the finite ones."""
+        _, ok = gather_rewards(self.acc, [0] * len(sample_ok), sample_ok.astype(np.float64))
+        ok = ok > 0
+        self._rollout_streak = check_rollout_health(int((~ok).sum()), len(ok), self._rollout_streak,
+                                                    self.cfg.max_nonfinite_steps, self.step, self.health)
+        out = {"rollout/nonfinite": float((~ok).sum())}
         for name in scores[0]:
             local = np.concatenate([s[name] for s in scores])
             _, vals = gather_rewards(self.acc, [0] * len(local), local)
+            vals = vals[ok]
             key = "reward/mean" if name == "total" else f"reward/{name}"
             out[key] = float(np.nanmean(vals)) if np.isfinite(vals).any() else float("nan")
             if name == "total":
@@ -432,6 +447,7 @@ class Trainer(RunLifecycle, Evaluation):
         """Average, unscale (fp16), clip and apply the gradients. A non-finite loss or gradient norm on
         any process skips the step on every process (no update, no EMA step), counted and logged."""
         params = self.policies.params
+        self.health.baseline(params, self.step)  # the weight norm before the first update of this process
         average_gradients(params, self.acc, self.stack)  # a no-op when DDP already averaged them
         if self.scaler is not None:
             for p in params:  # the scaler records its inf check per gradient: give it one even if nothing flowed
@@ -460,7 +476,9 @@ class Trainer(RunLifecycle, Evaluation):
             self.skipped_nonfinite += 1
         stats = {"grad_norm": float(grad_norm), "lr": float(self.scheduler.get_last_lr()[0]), "train/skipped": float(not ok),
                  "train/skipped_nonfinite": float(self.skipped_nonfinite),  # in all, this run
-                 "train/weight_norm": self.health.check(self.policies.params, ok, float(grad_norm))}
+                 "train/weight_norm": self.health.check(self.policies.params, ok, float(grad_norm), self.step)}
+        if self.health.failure:
+            raise Diverged(self.health.failure)
         if self.scaler is not None:
             stats["train/loss_scale"] = float(self.scaler.get_scale())
         return stats
@@ -474,7 +492,7 @@ class Trainer(RunLifecycle, Evaluation):
                        self.cfg.max_nonfinite_steps)
         if self._nonfinite_streak >= self.cfg.max_nonfinite_steps and self._nonfinite_failure is None:
             self._nonfinite_failure = (f"{cause} in {self._nonfinite_streak} updates in a row (--max_nonfinite_steps "
-                                       f"{self.cfg.max_nonfinite_steps}); the last finite weights are saved")
+                                       f"{self.cfg.max_nonfinite_steps}); skipped steps left the weights as they were")
 
     def _all_agree(self, ok: bool) -> bool:
         """True on every process only if it is true on every process."""
