@@ -317,6 +317,43 @@ def test_constant_lr_with_warmup_warms_up(tmp_path):
     assert lrs == pytest.approx([0, 2.5e-4, 5e-4, 7.5e-4, 1e-3, 1e-3])
 
 
+def test_rl_learning_rate_warms_up_again_after_the_moments_reset(tmp_path):
+    """--rl_lr_warmup_steps: RL after a supervised warmup resets AdamW's moments, and its learning rate ramps
+    up again from lr/n; the ramp is in the scheduler's state, so a resumed run continues it."""
+    from calligrapher_rl.training.optim import restart_warmup
+    from calligrapher_rl.training.setup import build_optimizer
+
+    with _trainer(tmp_path / "run", "--rl_warmup_steps", "1", "--max_train_steps", "10", "--rl_lr_warmup_steps", "4",
+                  "--learning_rate", "1e-3") as tr:
+        tr.warmup_step()
+        assert tr._last_row["lr"] == pytest.approx(1e-3)
+        tr.rl_epoch_step()
+        k = tr._last_row["rl/optimizer_steps"]  # RL steps at lr/4, 2lr/4, ...; "lr" is the next step's
+        assert tr.optimizer.state and k >= 1 and tr._last_row["lr"] == pytest.approx(1e-3 * min(1, (k + 1) / 4))
+
+    cfg = parse_args(_args(tmp_path / "x", "--rl_lr_warmup_steps", "4", "--learning_rate", "1e-3"))
+    opt, sched = build_optimizer(cfg, [torch.nn.Parameter(torch.zeros(2))])
+    opt.step(), sched.step()
+    restart_warmup(sched)
+    lrs = []
+    for _ in range(2):
+        lrs.append(sched.get_last_lr()[0])
+        opt.step(), sched.step()
+    opt2, resumed = build_optimizer(cfg, [torch.nn.Parameter(torch.zeros(2))])
+    resumed.load_state_dict(torch.load(_saved(sched.state_dict(), tmp_path), weights_only=True))
+    opt2.load_state_dict(opt.state_dict())
+    for _ in range(3):
+        lrs.append(resumed.get_last_lr()[0])
+        opt2.step(), resumed.step()
+    assert lrs == pytest.approx([2.5e-4, 5e-4, 7.5e-4, 1e-3, 1e-3])
+
+
+def _saved(state, folder):
+    path = folder / "scheduler.pt"
+    torch.save(state, path)
+    return path
+
+
 def test_reward_timeout_reaches_the_reward_client(tmp_path):
     from fastapi import FastAPI
     from test_rewards_server import Served

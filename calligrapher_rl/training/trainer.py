@@ -50,7 +50,7 @@ from .distributed import (
 from .divergence import Diverged, WeightHealth, check_rollout_health, finite_samples, score_finite, zero_nonfinite
 from .evaluation import Evaluation
 from .lifecycle import RunLifecycle
-from .optim import reset_state
+from .optim import reset_state, restart_warmup
 from .policies import Policies
 from .progress import ProgressCallback, system_metrics
 from .run_dir import RunDir, StatusNotRecorded, claim_run_dir, ending
@@ -347,11 +347,14 @@ class Trainer(RunLifecycle, Evaluation):
     def _begin_rl(self) -> None:
         """Snapshot the reference (and NFT's old) policy. After a supervised warmup, AdamW's moments start
         afresh: supervised gradients are far larger than policy gradients (~30x on the tiny model), and
-        their second moment (beta2 0.999) would otherwise shrink every RL step for thousands of steps."""
+        their second moment (beta2 0.999) would otherwise shrink every RL step for thousands of steps. The
+        learning rate then warms up again (--rl_lr_warmup_steps)."""
         self.policies.begin_rl(with_old=self.cfg.rl_method == "nft")
         if self.step > 0:
             reset_state(self.optimizer)
-            logger.info("RL begins at step %d: optimizer moments reset", self.step)
+            restart_warmup(self.scheduler)  # --rl_lr_warmup_steps: fresh moments take sign-like steps
+            logger.info("RL begins at step %d: optimizer moments reset, learning rate warmed up again over %d steps",
+                        self.step, self.cfg.rl_lr_warmup_steps)
     def _rollout(self, batch, b: int):
         cfg = self.cfg
         # one generator per sample, keyed by its place in the global batch: a sample's noise does not depend
