@@ -357,11 +357,7 @@ class Trainer(RunLifecycle, Evaluation):
                         self.step, self.cfg.rl_lr_warmup_steps)
     def _rollout(self, batch, b: int):
         cfg = self.cfg
-        # one generator per sample, keyed by its place in the global batch: a sample's noise does not depend
-        # on how the batch is split over processes (one process = several, to float tolerance)
-        first = self.acc.process_index * self.sampler.images_per_process
-        gen = [torch.Generator().manual_seed(stream_seed(cfg.seed, RL_STREAM, self.rl_epoch, b, first + i))
-               for i in range(len(batch.indices))]
+        gen = self._sample_generators(len(batch.indices), self.rl_epoch, b)
         window = None
         if cfg.rl_sde_window_size:
             lo, hi = cfg.sde_window()
@@ -373,6 +369,12 @@ class Trainer(RunLifecycle, Evaluation):
                            guidance=cfg.rl_guidance_scale, noise_level=cfg.rl_noise_level, sde_type=cfg.rl_sde_type,
                            window=window, generator=gen, scale=cfg.ip_adapter_scale, params=params,
                            quantized=cfg.rl_method == "nft")  # GRPO's log-probs need the training precision
+
+    def _sample_generators(self, n: int, *key: int) -> list[torch.Generator]:
+        """One generator per sample of this process's batch, keyed by (key, its place in the global batch): a
+        sample's noise does not depend on how the batch is split over processes (one process = several)."""
+        first = self.acc.process_index * self.sampler.images_per_process
+        return [torch.Generator().manual_seed(stream_seed(self.cfg.seed, RL_STREAM, *key, first + i)) for i in range(n)]
 
     def _reward_stats(self, scores: list[dict], sample_ok: np.ndarray) -> dict[str, float]:
         """Reward stats of the epoch over all processes. Non-finite samples (never scored) are counted as
@@ -435,8 +437,7 @@ class Trainer(RunLifecycle, Evaluation):
             scale = 1.0 / (len(steps) * group)
             return grpo_backward(self.stack, batch, ro, adv, steps, noise_level=cfg.rl_noise_level,
                                  sde_type=cfg.rl_sde_type, clip_range=cfg.rl_grpo_clip_range, loss_scale=scale, **common)
-        gen = torch.Generator().manual_seed(stream_seed(cfg.seed, RL_STREAM, self.rl_epoch, b, inner, 7,
-                                                        self.acc.process_index))
+        gen = self._sample_generators(len(batch.indices), self.rl_epoch, b, inner, 7)  # NFT's timesteps and noise
         n = cfg.num_trained_timesteps()
         return nft_backward(self.stack, batch, ro, adv, n, beta=cfg.nft_beta, adv_mode=cfg.nft_adv_mode, generator=gen,
                             loss_scale=1.0 / (n * group), **common)
