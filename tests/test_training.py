@@ -177,7 +177,8 @@ def test_group_sampler_spans_processes_and_matches_one_process():
 @pytest.mark.parametrize("method", ["grpo", "nft"])
 def test_two_process_run_gathers_rewards(tmp_path, method):
     """accelerate launch with 2 CPU processes (gloo; `--multi_gpu` is accelerate's torchrun launcher): rewards of both processes are gathered before the
-    advantages, only rank 0 writes, and the first update is the one-process run's (rollout noise and NFT's
+    advantages, only rank 0 writes, one gradient all-reduce per optimizer step (a DDP comm hook counts them;
+    tests/two_process_run.py), and the first update is the one-process run's (rollout noise and NFT's
     timesteps are keyed by a sample's place in the global batch, not by the process)."""
     out2, out1 = tmp_path / "two", tmp_path / "one"
     common = ["--max_train_steps", "2", "--checkpointing_steps", "2", "--eval_steps", "0", "--train_batch_size", "1",
@@ -185,11 +186,15 @@ def test_two_process_run_gathers_rewards(tmp_path, method):
     if method == "nft":
         common = [*common, "--rl_method", "nft", "--rl_noise_level", "0"]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    env["PYTHONPATH"] = str(ROOT) + os.pathsep + env.get("PYTHONPATH", "")
     r = subprocess.run([sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-                        "--num_machines", "1", "--main_process_port", str(_free_port()), "--mixed_precision", "no", "--dynamo_backend", "no", "-m",
-                        "calligrapher_rl.train", *_args(out2, *common)], capture_output=True, text=True, timeout=600,
-                       cwd=ROOT, env=env)
+                        "--num_machines", "1", "--main_process_port", str(_free_port()), "--mixed_precision", "no", "--dynamo_backend", "no",
+                        str(ROOT / "tests" / "two_process_run.py"), *_args(out2, *common)], capture_output=True, text=True,
+                       timeout=600, cwd=ROOT, env=env)
     assert r.returncode == 0, r.stderr[-3000:]
+    for rank in (0, 1):  # DDP all-reduces the gradients once per optimizer step, not once per trained timestep
+        count = json.loads((out2 / f"allreduce-rank{rank}.json").read_text())
+        assert count["steps"] == 2 and count["calls"] == count["steps"] * count["buckets"], count
     r1 = _cli(*_args(out1, *common, "--train_batch_size", "2"))
     assert r1.returncode == 0, r1.stderr[-2000:]
     two = [x for x in read_metrics(str(out2)) if "reward/mean" in x]

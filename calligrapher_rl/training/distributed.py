@@ -56,6 +56,32 @@ def gradient_sync(stack, sync: bool):
     return model.no_sync()
 
 
+@contextlib.contextmanager
+def sync_on_last_backward(stack, backward, calls: int, sync: bool):
+    """Context for one batch trained by `calls` forward+backward pairs (GRPO's steps, NFT's timesteps);
+    yields the backward to use. DDP all-reduces on the last pair only, and only when `sync` (the batch that
+    ends its accumulation group): one all-reduce per optimizer step, not one per trained timestep. DDP
+    decides at the forward whether the next backward reduces, so the flag turns on right after the
+    next-to-last backward. Without DDP it yields `backward` unchanged."""
+    model = stack.train_model
+    if not hasattr(model, "require_backward_grad_sync"):
+        yield backward
+        return
+    before, done = model.require_backward_grad_sync, 0
+
+    def counted(loss):
+        nonlocal done
+        backward(loss)
+        done += 1
+        model.require_backward_grad_sync = sync and done == calls - 1
+
+    model.require_backward_grad_sync = sync and calls == 1
+    try:
+        yield counted
+    finally:
+        model.require_backward_grad_sync = before
+
+
 def average_gradients(params: list[torch.nn.Parameter], accelerator, stack=None) -> None:
     """The fallback for a run whose trainable module is not DDP-wrapped (DDP already averaged otherwise)."""
     if accelerator is None or accelerator.num_processes == 1:

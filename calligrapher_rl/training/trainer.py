@@ -46,6 +46,7 @@ from .distributed import (
     mean_across,
     own_slice,
     prepare_data_parallel,
+    sync_on_last_backward,
 )
 from .divergence import Diverged, WeightHealth, check_rollout_health, finite_samples, score_finite, zero_nonfinite
 from .evaluation import Evaluation
@@ -290,8 +291,7 @@ class Trainer(RunLifecycle, Evaluation):
             for b, (batch, ro, adv) in enumerate(zip(batches, rollouts, advantages)):
                 group = min(ga, n_batches - b // ga * ga)  # the real size of b's accumulation group (the last may be short)
                 last = (b + 1) % ga == 0 or b == n_batches - 1  # gradients cross processes on its backward only
-                with gradient_sync(self.stack, sync=last):
-                    got = self._update(batch, ro, adv, inner, b, group)
+                got = self._update(batch, ro, adv, inner, b, group, sync=last)
                 loss_ok &= math.isfinite(got.get("loss", 0.0))
                 meter.add(got)
                 if last:
@@ -425,22 +425,24 @@ class Trainer(RunLifecycle, Evaluation):
         return [torch.as_tensor(adv[b * per:(b + 1) * per], dtype=torch.float32, device=self.acc.device)
                 for b in range(len(batches))]
 
-    def _update(self, batch, ro, adv, inner: int, b: int, group: int) -> dict[str, float]:
+    def _update(self, batch, ro, adv, inner: int, b: int, group: int, sync: bool) -> dict[str, float]:
         """Forward + backward of batch b, its loss divided by the steps it trains and by `group`, the
-        number of batches accumulated into its optimizer step."""
+        number of batches accumulated into its optimizer step; gradients cross processes once, on the
+        last backward of the batch that ends the group (`sync`)."""
         cfg = self.cfg
-        common = dict(policies=self.policies, guidance=cfg.rl_guidance_scale, scale=cfg.ip_adapter_scale,
-                      kl_beta=cfg.rl_kl_beta, adv_clip_max=cfg.rl_adv_clip_max, autocast=self.autocast,
-                      backward=self._backward)
-        if cfg.rl_method == "grpo":
-            steps = ro.sde_steps if cfg.rl_sde_window_size else ro.sde_steps[:cfg.num_trained_timesteps()]
-            scale = 1.0 / (len(steps) * group)
-            return grpo_backward(self.stack, batch, ro, adv, steps, noise_level=cfg.rl_noise_level,
-                                 sde_type=cfg.rl_sde_type, clip_range=cfg.rl_grpo_clip_range, loss_scale=scale, **common)
-        gen = self._sample_generators(len(batch.indices), self.rl_epoch, b, inner, 7)  # NFT's timesteps and noise
-        n = cfg.num_trained_timesteps()
-        return nft_backward(self.stack, batch, ro, adv, n, beta=cfg.nft_beta, adv_mode=cfg.nft_adv_mode, generator=gen,
-                            loss_scale=1.0 / (n * group), **common)
+        steps = ro.sde_steps if cfg.rl_sde_window_size else ro.sde_steps[:cfg.num_trained_timesteps()]
+        n = len(steps) if cfg.rl_method == "grpo" else cfg.num_trained_timesteps()  # backward calls of the batch
+        with sync_on_last_backward(self.stack, self._backward, n, sync) as backward:
+            common = dict(policies=self.policies, guidance=cfg.rl_guidance_scale, scale=cfg.ip_adapter_scale,
+                          kl_beta=cfg.rl_kl_beta, adv_clip_max=cfg.rl_adv_clip_max, autocast=self.autocast,
+                          backward=backward)
+            if cfg.rl_method == "grpo":
+                return grpo_backward(self.stack, batch, ro, adv, steps, noise_level=cfg.rl_noise_level,
+                                     sde_type=cfg.rl_sde_type, clip_range=cfg.rl_grpo_clip_range,
+                                     loss_scale=1.0 / (n * group), **common)
+            gen = self._sample_generators(len(batch.indices), self.rl_epoch, b, inner, 7)  # NFT's timesteps, noise
+            return nft_backward(self.stack, batch, ro, adv, n, beta=cfg.nft_beta, adv_mode=cfg.nft_adv_mode,
+                                generator=gen, loss_scale=1.0 / (n * group), **common)
 
     def _backward(self, loss: torch.Tensor) -> None:
         if not loss.requires_grad:  # nothing trainable reached the loss (e.g. --ip_adapter_scale 0): zero gradient
