@@ -329,6 +329,25 @@ def test_constant_lr_with_warmup_warms_up(tmp_path):
     assert lrs == pytest.approx([0, 2.5e-4, 5e-4, 7.5e-4, 1e-3, 1e-3])
 
 
+def test_evaluation_reads_the_ema_in_place_without_copying_the_adapter(tmp_path):
+    """The EMA weights reach the evaluation's forwards as a params= mapping: the live adapter is neither
+    cloned nor written (its tensors' version counters do not move), and the EMA, not the live weights, paints."""
+    with _trainer(tmp_path / "run", "--rl_warmup_steps", "10", "--max_train_steps", "10", "--ema_decay", "0.5") as tr:
+        tr.warmup_step()
+        tr.warmup_step()
+        pol = tr.policies
+        assert not torch.equal(_flat(pol.params), _flat(pol.ema.shadow))
+        versions = [p._version for p in pol.params]
+        tr.evaluate()
+        assert [p._version for p in pol.params] == versions
+        with_ema = read_metrics(str(tmp_path / "run"))[-1]
+        ema, pol.ema = pol.ema, None  # the same evaluation with the live weights paints otherwise
+        tr.evaluate()
+        pol.ema = ema
+        live = read_metrics(str(tmp_path / "run"))[-1]
+    assert "eval/reward/mean" in with_ema and with_ema["eval/reward/mean"] != live["eval/reward/mean"]
+
+
 def test_rl_learning_rate_warms_up_again_after_the_moments_reset(tmp_path):
     """--rl_lr_warmup_steps: RL after a supervised warmup resets AdamW's moments, and its learning rate ramps
     up again from lr/n; the ramp is in the scheduler's state, so a resumed run continues it."""

@@ -84,11 +84,12 @@ class ParamEMA:
     @contextlib.contextmanager
     def swapped_in(self, params: Iterable[torch.Tensor]) -> Iterator[None]:
         """Evaluate with the EMA weights; the raw weights are restored bit for bit afterwards,
-        even when the body raises."""
+        even when the body raises. The raw weights wait on the shadow's device (host memory for an EMA
+        kept there): no second copy of them on the GPU."""
         params = list(params)
         self._check(params)
         with torch.no_grad():
-            backup = [p.detach().clone() for p in params]
+            backup = [p.detach().to(e.device, copy=True) for p, e in zip(params, self.shadow)]
         self.copy_to(params)
         try:
             yield

@@ -92,11 +92,21 @@ class Policies:
             shadow.copy_(full[name].to(shadow.device, torch.float32))
         self.ema.num_updates = num_updates
 
+    def evaluation_params(self) -> dict[str, torch.Tensor] | None:
+        """The EMA weights as a `params=` mapping for the forwards, used in place without any copy, when they
+        live on the weights' device; None without EMA or with the EMA in host memory (`evaluation_weights`)."""
+        if self.ema is None or not self.names or self.ema.shadow[0].device != self.params[0].device:
+            return None
+        return dict(zip(self.names, self.ema.shadow))
+
     def evaluation_weights(self):
-        """Context in which the live adapter holds the EMA weights (a no-op without EMA)."""
+        """Context in which the live adapter holds the EMA weights when the EMA is in host memory (the live
+        weights wait there meanwhile: no second copy of the adapter on the GPU); a no-op otherwise."""
         import contextlib
 
-        return self.ema.swapped_in(self.params) if self.ema is not None else contextlib.nullcontext()
+        if self.ema is None or self.evaluation_params() is not None:
+            return contextlib.nullcontext()
+        return self.ema.swapped_in(self.params)
 
     def load_snapshots(self, reference: dict | None, old: dict | None, device) -> None:
         cast = (lambda d: {k: v.to(device, self.snapshot_dtype) for k, v in d.items()} if d else None)
