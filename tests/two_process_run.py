@@ -35,5 +35,15 @@ class CountAllReduces(TrainerCallback):
             json.dump({"calls": len(self.buckets), "buckets": len(set(self.buckets)), "steps": self.steps}, fh)
 
 
+def main() -> int:
+    from calligrapher_rl.training.distributed import end_process_group
+
+    trainer = Trainer(parse_args(sys.argv[1:]), callbacks=[CountAllReduces()])
+    acc, outcome = trainer.acc, trainer.run()
+    del trainer
+    end_process_group(acc)  # what train() does for the command line
+    return 0 if outcome == "finished" else 1
+
+
 if __name__ == "__main__":
-    sys.exit(0 if Trainer(parse_args(sys.argv[1:]), callbacks=[CountAllReduces()]).run() == "finished" else 1)
+    sys.exit(main())

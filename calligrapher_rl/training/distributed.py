@@ -109,3 +109,26 @@ def mean_across(accelerator, stats: dict[str, float]) -> dict[str, float]:
     t = torch.tensor([stats[k] for k in keys], dtype=torch.float64, device=accelerator.device)
     t = accelerator.reduce(t, reduction="mean")
     return dict(zip(keys, t.cpu().tolist()))
+
+
+def end_process_group(accelerator, synchronize: bool = True) -> None:
+    """Tear torch.distributed down while the interpreter is fully alive, every rank together: call it last,
+    after dropping the trainer. Left to the interpreter's exit, the gloo process group (kept alive by DDP's
+    reducer, which accelerate's list of prepared models and the ZeRO optimizer reference) is destroyed during
+    finalization: its worker threads still hold work objects with tensors whose release needs the GIL of an
+    interpreter being torn down, and the process aborts ("terminate called without an active exception",
+    SIGABRT) after a run that succeeded. `synchronize`: a barrier first, so that no rank closes its
+    connections while another still uses them (only where every rank gets here)."""
+    import gc
+
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()):
+        return
+    if synchronize:
+        dist.barrier()
+    if accelerator is not None:
+        accelerator.free_memory()  # its list of prepared models holds the DDP wrapper (and gc-collects)
+    gc.collect()  # the reducer and the ZeRO optimizer go before their process group
+    dist.destroy_process_group()
+    gc.collect()

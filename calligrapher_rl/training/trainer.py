@@ -41,6 +41,7 @@ from .checkpointing import (
 )
 from .distributed import (
     average_gradients,
+    end_process_group,
     gather_rewards,
     gradient_sync,
     mean_across,
@@ -509,4 +510,16 @@ class Trainer(RunLifecycle, Evaluation):
 
 
 def train(cfg: TrainConfig) -> str:
-    return Trainer(cfg).run()
+    """The command line's run: one Trainer, then the process group torn down before the interpreter exits
+    (see end_process_group; a no-op on one process)."""
+    trainer = Trainer(cfg)
+    acc = trainer.acc
+    try:
+        outcome = trainer.run()
+    except BaseException:
+        del trainer
+        end_process_group(acc, synchronize=False)  # the traceback keeps the trainer: best effort
+        raise
+    del trainer  # its DDP wrapper and ZeRO optimizer hold the process group
+    end_process_group(acc)
+    return outcome
