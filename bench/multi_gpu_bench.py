@@ -23,7 +23,7 @@ from common import build_stack, synthetic_batch  # noqa: I001 (bench/ is the scr
 
 from calligrapher_rl.sampling import SDEWindow, rollout
 from calligrapher_rl.training.batches import Batch
-from calligrapher_rl.training.distributed import gradient_sync, prepare_data_parallel
+from calligrapher_rl.training.distributed import end_process_group, gradient_sync, prepare_data_parallel
 from calligrapher_rl.training.optim import make_optimizer
 from calligrapher_rl.training.policies import Policies
 from calligrapher_rl.training.updates import grpo_backward, nft_backward
@@ -138,7 +138,8 @@ def main():
             p.grad = None
         if cuda:
             torch.cuda.empty_cache()
-    acc.end_training()
+    del stack, pol
+    end_process_group(acc)  # before the interpreter's exit, which would abort tearing gloo down
 
 
 if __name__ == "__main__":

@@ -122,6 +122,9 @@ class TrainConfig:
                                            "steps > 0 = diffusers' constant_with_warmup)",
                                choices=("constant", "cosine", "linear"))
     lr_warmup_steps: int = _OPTIM(0, "linear learning-rate warmup steps (not the same as --rl_warmup_steps)")
+    rl_lr_warmup_steps: int = _OPTIM(20, "linear learning-rate warmup after RL resets AdamW's moments (RL after a "
+                                         "supervised warmup): without it the first RL steps are sign-like steps of "
+                                         "size lr on every weight; 0 = none")
     use_8bit_adam: bool = _OPTIM(False, "8-bit AdamW moments (torchao, else bitsandbytes): 6 GB instead of 24 GB for the "
                                         "full adapter; CPU parameters keep fp32 AdamW")
     shard_optimizer_state: bool = _OPTIM(True, "on several processes, shard the AdamW moments across them (ZeRO-1, "
@@ -148,7 +151,11 @@ class TrainConfig:
     mixed_precision: str = _OPTIM("no", "compute dtype of the frozen model (FLUX wants bf16); fp16 trains with "
                                         "dynamic loss scaling (a GradScaler)", choices=("no", "fp16", "bf16"))
     max_nonfinite_steps: int = _OPTIM(5, "optimizer steps in a row with a non-finite loss or gradient norm (each one "
-                                         "skipped: no update, no EMA step) after which the run stops as failed")
+                                         "skipped: no update, no EMA step), or RL epochs in a row with non-finite "
+                                         "rollout samples, after which the run stops as failed")
+    max_weight_norm_growth: float = _OPTIM(100.0, "the run fails as diverged once the trainable weight norm exceeds "
+                                                  "this many times its value before the first update (no checkpoint "
+                                                  "is written from such weights); 0 = no norm alarm")
     gradient_checkpointing: bool = _OPTIM(False, "recompute transformer activations in backward (less memory)")
     offload_text_encoder_two: bool = _OPTIM(False, "keep T5 off the GPU except while encoding prompts")
     trainable: str = _OPTIM("all", "what trains: all = whole style adapter, attn = only to_k_ip/to_v_ip, "
@@ -208,7 +215,8 @@ class TrainConfig:
     # --- EMA ---
     use_ema: bool = _EMA(False, "keep an EMA of the trainable weights (used for evaluation, saved beside the raw ones)")
     ema_decay: float = _EMA(0.9999, "EMA decay in [0, 1) (guide: 0.9999 for GRPO, 0.999 for NFT)")
-    ema_update_interval: int = _EMA(1, "update the EMA every N optimizer steps")
+    ema_update_interval: int = _EMA(1, "fold the weights into the EMA every N optimizer steps (the horizon in steps "
+                                       "does not change: a fold weighs N steps)")
 
     # --- evaluation ---
     eval_steps: int = _EVAL(100, "write a sample grid every N steps (0 = never)")

@@ -116,7 +116,7 @@ def validate(cfg) -> None:
                  "rl_num_batches_per_epoch", "rl_num_inference_steps", "rl_eval_num_inference_steps",
                  "rl_num_inner_epochs", "checkpointing_steps", "num_eval_samples", "ema_update_interval", "max_nonfinite_steps"):
         need(getattr(c, name) >= 1, name, "must be at least 1")
-    for name in ("rl_warmup_steps", "lr_warmup_steps", "eval_steps", "rl_sde_window_size"):
+    for name in ("rl_warmup_steps", "lr_warmup_steps", "rl_lr_warmup_steps", "eval_steps", "rl_sde_window_size"):
         need(getattr(c, name) >= 0, name, "must be >= 0")
     for name in ("checkpoints_total_limit", "num_style_tokens", "nft_num_timesteps"):
         need(getattr(c, name) is None or getattr(c, name) >= 1, name, "must be at least 1 or none")
@@ -128,6 +128,7 @@ def validate(cfg) -> None:
     for name in ("adam_beta1", "adam_beta2"):
         need(0 <= getattr(c, name) < 1, name, "must be in [0, 1)")
     need(c.adam_weight_decay >= 0, "adam_weight_decay", "must be >= 0")
+    need(c.max_weight_norm_growth == 0 or c.max_weight_norm_growth > 1, "max_weight_norm_growth", "must be > 1, or 0 (off)")
     need(c.ip_adapter_scale >= 0, "ip_adapter_scale", "must be >= 0")
 
     # RL

@@ -124,6 +124,12 @@ def main(argv=None) -> int:
         args.dtype or ("bf16" if device.startswith("cuda") else "fp32")]
     stack = CalligrapherStack.from_pretrained(args.pretrained_model_name_or_path, args.siglip_path,
                                               adapter_path=args.ip_adapter, device=device, dtype=dtype)
+    if args.ip_adapter:
+        from .models.checkpoints import weights_problem
+
+        problem = weights_problem(stack.adapter.named_parameters())
+        if problem:  # it would paint black (or noise) and exit 0
+            raise UserError(problem, where=args.ip_adapter, field="--ip_adapter")
     images = inpaint(stack, source, mask, args.text, reference, steps=args.steps, guidance=args.guidance,
                      scale=args.scale, seed=args.seed, num_images=args.num_images, use_context=args.use_context,
                      resolution=args.resolution)

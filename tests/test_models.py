@@ -212,8 +212,16 @@ def test_tiny_cli_is_deterministic_per_seed(tmp_path):
     assert size < 10 * 2**20
 
 
-def test_infer_cli_and_its_one_line_errors(tiny_paths, tmp_path):
+def test_infer_cli_and_its_one_line_errors(tiny_paths, tiny_stack, tmp_path):
     sp, mp, _, _ = _images(tmp_path)
+    from safetensors.torch import save_file
+
+    state = {k: v.detach().clone().contiguous() for k, v in tiny_stack.adapter.state_dict().items()}
+    first = next(k for k, v in state.items() if v.is_floating_point())
+    for name, value in (("nan", float("nan")), ("huge", 1e30)):  # a diverged run's adapter paints black, exit 0
+        broken = dict(state)
+        broken[first] = torch.full_like(state[first], value)
+        save_file(broken, str(tmp_path / f"{name}.safetensors"))
     flux, siglip = tiny_paths
     base = ["calligrapher_rl.infer", "--pretrained_model_name_or_path", flux, "--siglip_path", siglip, "--text", "Hello",
             "--steps", "2"]
@@ -231,6 +239,8 @@ def test_infer_cli_and_its_one_line_errors(tiny_paths, tmp_path):
         "mask is 32x32": ["--mask", small_mask],
         "not a readable image": ["--source", str(tmp_path / "broken.png")],
         "not a readable torch checkpoint": ["--ip_adapter", str(tmp_path / "bad.bin")],
+        "non-finite values in 1 tensor(s)": ["--ip_adapter", str(tmp_path / "nan.safetensors")],
+        "weights of magnitude 1e+30": ["--ip_adapter", str(tmp_path / "huge.safetensors")],
     }
     for expect, override in cases.items():
         args = dict(zip(base[1::2], base[2::2]))

@@ -96,11 +96,33 @@ def test_ema_decay_schedule_and_interval():
         p.fill_(float(step + 1))
         updated = ema.step([p], step)
         assert updated == ((step + 1) % 3 == 0)
-        if updated:
-            d = min((1 + step) / (10 + step), 0.99)
+        if updated:  # one fold stands for the 3 steps it ends
+            d = math.prod(min((1 + s) / (10 + s), 0.99) for s in range(step - 2, step + 1))
             ref += (1 - d) * (float(step + 1) - ref)
     assert ema.shadow[0].dtype == torch.float32 and ema.num_updates == 4
     assert ema.shadow[0][0].item() == pytest.approx(ref, rel=1e-6)
+
+
+def test_ema_horizon_does_not_depend_on_the_fold_interval():
+    """On a smooth weight path, folding every step and folding every k-th step give the same EMA (within the
+    k/2-step sampling lag): the horizon is 1 / (1 - decay) steps either way, not k times longer."""
+    n, decay = 300, 0.95  # a 20-step horizon
+
+    def weights(step):
+        return torch.tensor([step / n + 0.1 * math.sin(step / 60), 1 - step / n])
+
+    def final(k):
+        p = weights(0)
+        ema = ParamEMA([p], decay=decay, update_interval=k)
+        for step in range(n):
+            p.copy_(weights(step + 1))
+            ema.step([p], step)
+        return ema.shadow[0]
+
+    every = final(1)
+    assert (every - weights(n)).abs().max() > 0.04  # the EMA does lag the weights (the test could tell a difference)
+    for k in (5, 10):  # the k-step fold folds the latest weights: it leads by about k/2 steps of movement
+        assert (final(k) - every).abs().max() < k / 2 * 1.2 / n, k
 
 
 def test_ema_swap_restores_exactly_and_state_round_trip():

@@ -134,8 +134,8 @@ def test_sampled_step_has_stated_mean_and_std():
 
 
 def test_kl_to_reference_is_flow_grpo_convention():
-    """sde: mean((m - m_ref)^2) / (2 std_dev_t^2), NOT divided by the transition variance std^2 |dt|
-    (so a beta means what it means in Flow-GRPO); cps: mean((m - m_ref)^2); [B]; 0 where std is 0."""
+    """Both types, as Flow-GRPO's train scripts: mean((m - m_ref)^2) / (2 std_dev_t^2), NOT divided by the
+    transition variance std^2 |dt| (so a beta means what it means in Flow-GRPO); [B]; 0 where std is 0."""
     m, m_ref = rand(B, L, C, seed=19), rand(B, L, C, seed=20)
     std_t = torch.tensor([0.5, 0.7, 0.0]).view(B, 1, 1)
     for dt in (-0.1, torch.tensor([-0.1, -0.2, -0.05])):
@@ -146,7 +146,7 @@ def test_kl_to_reference_is_flow_grpo_convention():
             sq = ((m[b].double() - m_ref[b].double()) ** 2).mean().item()
             std = std_t[b].item()
             assert kl[b].item() == pytest.approx(sq / (2 * std**2) if std > 0 else 0.0, rel=1e-5)
-            assert kl_cps[b].item() == pytest.approx(sq, rel=1e-5)
+            assert kl_cps[b].item() == pytest.approx(sq / (2 * std**2) if std > 0 else 0.0, rel=1e-5)
     assert kl_to_reference(m, m, std_t, -0.1).abs().max() == 0
     with pytest.raises(ValueError):
         kl_to_reference(m, m_ref, std_t, -0.1, "ode")

@@ -123,6 +123,33 @@ def release_layout(flat: dict[str, torch.Tensor]) -> dict[str, dict[str, torch.T
     return nested
 
 
+# A trained adapter's weights are O(1) (layer norms, projections); one above this has diverged, e.g. an update
+# at a learning rate of 1e30 leaves weights of about 1e30 that decode every picture to black.
+DIVERGED_MAGNITUDE = 1e4
+
+
+@torch.no_grad()
+def nonfinite_tensors(named) -> list[str]:
+    """Names of the floating-point tensors of `named` ((name, tensor) pairs) holding a NaN or an infinity."""
+    return [n for n, t in named if t.is_floating_point() and not bool(torch.isfinite(t).all())]
+
+
+@torch.no_grad()
+def weights_problem(named) -> str | None:
+    """Why these adapter weights cannot be used (None: they can): non-finite values, or a magnitude no
+    trained adapter has (a diverged run's)."""
+    named = list(named)
+    bad = nonfinite_tensors(named)
+    if bad:
+        return f"non-finite values in {len(bad)} tensor(s), e.g. {bad[0]}: the run that wrote it diverged"
+    big = max(((float(t.detach().abs().max()), n) for n, t in named if t.is_floating_point() and t.numel()),
+              default=(0.0, ""))
+    if big[0] > DIVERGED_MAGNITUDE:
+        return (f"weights of magnitude {big[0]:.3g} (in {big[1]}; a trained adapter's are below "
+                f"{DIVERGED_MAGNITUDE:g}): the run that wrote it diverged")
+    return None
+
+
 def _contiguous_cpu(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return {k: v.detach().to("cpu").contiguous() for k, v in state.items()}
 

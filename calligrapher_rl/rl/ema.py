@@ -2,7 +2,9 @@
 
 RL updates are noisy; the EMA of the adapter weights is what gets evaluated and released. The decay
 warms up as ``min((1 + step) / (10 + step), decay)`` so the average is not dominated by the initial
-weights early on. The shadow copy is float32 even when the parameters are bf16, so that updates of
+weights early on. Folding only every k-th step (``update_interval``) keeps the horizon in optimizer steps:
+one fold uses the product of the k per-step decays it stands for (``decay^k`` once the ramp is past),
+so the average spans ``1 / (1 - decay)`` steps whatever k is. The shadow copy is float32 even when the parameters are bf16, so that updates of
 size ``(1 - d)`` are not rounded away.
 """
 
@@ -13,7 +15,7 @@ from typing import Iterable, Iterator
 
 import torch
 
-__all__ = ["ParamEMA", "ema_decay_at"]
+__all__ = ["ParamEMA", "ema_decay_at", "fold_decay"]
 
 
 def ema_decay_at(step: int, decay: float) -> float:
@@ -21,11 +23,21 @@ def ema_decay_at(step: int, decay: float) -> float:
     return min((1.0 + step) / (10.0 + step), decay)
 
 
+def fold_decay(step: int, decay: float, interval: int) -> float:
+    """The decay of one fold at ``step`` that stands for the ``interval`` steps ending there: the product
+    of their per-step decays, so that folding every k steps has the horizon of folding every step."""
+    out = 1.0
+    for s in range(max(0, step - interval + 1), step + 1):
+        out *= ema_decay_at(s, decay)
+    return out
+
+
 class ParamEMA:
     """EMA of a fixed list of parameters (pass the trainable ones only).
 
     ``step(params, global_step)`` updates when ``(global_step + 1) % update_interval == 0``, i.e. on
-    the last step of every interval, with ``ema += (1 - d)(p - ema)``, ``d = ema_decay_at(global_step)``.
+    the last step of every interval, with ``ema += (1 - d)(p - ema)``,
+    ``d = fold_decay(global_step, decay, update_interval)`` (``ema_decay_at(global_step)`` for interval 1).
     """
 
     def __init__(self, params: Iterable[torch.Tensor], decay: float = 0.9999, update_interval: int = 1,
@@ -55,7 +67,7 @@ class ParamEMA:
         self._check(params)
         if (global_step + 1) % self.update_interval != 0:
             return False
-        one_minus_d = 1.0 - ema_decay_at(global_step, self.decay)
+        one_minus_d = 1.0 - fold_decay(global_step, self.decay, self.update_interval)
         for e, p in zip(self.shadow, params):
             e.add_(p.detach().to(device=e.device, dtype=torch.float32) - e, alpha=one_minus_d)
         self.num_updates += 1
@@ -72,11 +84,12 @@ class ParamEMA:
     @contextlib.contextmanager
     def swapped_in(self, params: Iterable[torch.Tensor]) -> Iterator[None]:
         """Evaluate with the EMA weights; the raw weights are restored bit for bit afterwards,
-        even when the body raises."""
+        even when the body raises. The raw weights wait on the shadow's device (host memory for an EMA
+        kept there): no second copy of them on the GPU."""
         params = list(params)
         self._check(params)
         with torch.no_grad():
-            backup = [p.detach().clone() for p in params]
+            backup = [p.detach().to(e.device, copy=True) for p, e in zip(params, self.shadow)]
         self.copy_to(params)
         try:
             yield

@@ -156,16 +156,15 @@ def step_variance(std_dev_t: torch.Tensor, dt, sde_type: str = "sde") -> torch.T
 
 def kl_to_reference(prev_sample_mean: torch.Tensor, ref_prev_sample_mean: torch.Tensor,
                     std_dev_t: torch.Tensor, dt, sde_type: str = "sde") -> torch.Tensor:
-    """GRPO's per-sample KL term to the reference policy, shape [B], in Flow-GRPO's convention:
+    """GRPO's per-sample KL term to the reference policy, shape [B], exactly as Flow-GRPO computes it for
+    both SDE types: ``mean_dims((mean - ref_mean)^2) / (2 std_dev_t^2)``, with the ``std_dev_t`` that
+    `sde_step_with_logprob` returns (``sde``: ``a sqrt(s / (1 - s))``; ``cps``: ``sigma_next sin(a pi / 2)``).
 
-    * ``sde``: ``mean_dims((mean - ref_mean)^2) / (2 std_dev_t^2)``;
-    * ``cps``: ``mean_dims((mean - ref_mean)^2)``.
-
-    Flow-GRPO divides by ``std_dev_t^2``, not by the transition variance ``std_dev_t^2 |dt|`` that the
-    log-prob uses, so this is ``|dt|`` times the exact Gaussian KL. Keeping its convention makes a
-    ``beta_kl`` mean here what it means in Flow-GRPO (published betas 0-0.04 carry over); the exact KL
-    would make the same beta ``1/|dt|`` (9-18x at 6-10 steps) stronger. ``dt`` is accepted for the
-    signature's sake and checked, but does not enter. Where a step is deterministic (std 0) the KL is 0.
+    For ``sde`` the divisor is ``std_dev_t^2``, not the transition variance ``std_dev_t^2 |dt|`` that the
+    log-prob uses, so this is ``|dt|`` times the exact Gaussian KL; for ``cps`` it is the exact KL (the
+    transition std is ``std_dev_t``). Keeping Flow-GRPO's convention makes a ``beta_kl`` mean here what it
+    means there (published betas 0-0.04 carry over). ``dt`` is accepted for the signature's sake and
+    checked, but does not enter. Where a step is deterministic (std 0) the KL is 0.
     GRPO's KL loss is ``kl_to_reference(...).mean()``.
     """
     if sde_type not in SDE_TYPES:
@@ -176,8 +175,6 @@ def kl_to_reference(prev_sample_mean: torch.Tensor, ref_prev_sample_mean: torch.
     batch = mean.shape[0]
     _per_sample(dt, batch, mean.ndim, mean.device)  # one dt, or one per sample
     sq = _mean_dims((mean - ref_prev_sample_mean.float()) ** 2)
-    if sde_type == "cps":
-        return sq
     std = torch.as_tensor(std_dev_t, dtype=torch.float32, device=mean.device)
     std = (std.expand(batch) if std.ndim == 0 else std.reshape(batch, -1)[:, 0]).float()
     safe = torch.where(std > 0, std, torch.ones_like(std))

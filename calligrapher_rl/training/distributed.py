@@ -56,6 +56,32 @@ def gradient_sync(stack, sync: bool):
     return model.no_sync()
 
 
+@contextlib.contextmanager
+def sync_on_last_backward(stack, backward, calls: int, sync: bool):
+    """Context for one batch trained by `calls` forward+backward pairs (GRPO's steps, NFT's timesteps);
+    yields the backward to use. DDP all-reduces on the last pair only, and only when `sync` (the batch that
+    ends its accumulation group): one all-reduce per optimizer step, not one per trained timestep. DDP
+    decides at the forward whether the next backward reduces, so the flag turns on right after the
+    next-to-last backward. Without DDP it yields `backward` unchanged."""
+    model = stack.train_model
+    if not hasattr(model, "require_backward_grad_sync"):
+        yield backward
+        return
+    before, done = model.require_backward_grad_sync, 0
+
+    def counted(loss):
+        nonlocal done
+        backward(loss)
+        done += 1
+        model.require_backward_grad_sync = sync and done == calls - 1
+
+    model.require_backward_grad_sync = sync and calls == 1
+    try:
+        yield counted
+    finally:
+        model.require_backward_grad_sync = before
+
+
 def average_gradients(params: list[torch.nn.Parameter], accelerator, stack=None) -> None:
     """The fallback for a run whose trainable module is not DDP-wrapped (DDP already averaged otherwise)."""
     if accelerator is None or accelerator.num_processes == 1:
@@ -83,3 +109,26 @@ def mean_across(accelerator, stats: dict[str, float]) -> dict[str, float]:
     t = torch.tensor([stats[k] for k in keys], dtype=torch.float64, device=accelerator.device)
     t = accelerator.reduce(t, reduction="mean")
     return dict(zip(keys, t.cpu().tolist()))
+
+
+def end_process_group(accelerator, synchronize: bool = True) -> None:
+    """Tear torch.distributed down while the interpreter is fully alive, every rank together: call it last,
+    after dropping the trainer. Left to the interpreter's exit, the gloo process group (kept alive by DDP's
+    reducer, which accelerate's list of prepared models and the ZeRO optimizer reference) is destroyed during
+    finalization: its worker threads still hold work objects with tensors whose release needs the GIL of an
+    interpreter being torn down, and the process aborts ("terminate called without an active exception",
+    SIGABRT) after a run that succeeded. `synchronize`: a barrier first, so that no rank closes its
+    connections while another still uses them (only where every rank gets here)."""
+    import gc
+
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()):
+        return
+    if synchronize:
+        dist.barrier()
+    if accelerator is not None:
+        accelerator.free_memory()  # its list of prepared models holds the DDP wrapper (and gc-collects)
+    gc.collect()  # the reducer and the ZeRO optimizer go before their process group
+    dist.destroy_process_group()
+    gc.collect()

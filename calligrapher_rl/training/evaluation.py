@@ -1,5 +1,5 @@
 """Evaluation: ODE samples of fixed examples with the evaluation (EMA) weights, their rewards logged as
-`eval/reward/*` and a grid saved under samples/. A mixin of `Trainer`."""
+`eval/reward/*` and a grid saved under samples/, on the main process only. A mixin of `Trainer`."""
 
 from __future__ import annotations
 
@@ -21,13 +21,17 @@ class Evaluation:
         """ODE samples of fixed examples with the EMA weights; grid rows: input, output, target, reference."""
         cfg = self.cfg
         self._evaluated_step = self.step
+        if not self.is_main:  # the grid and its rewards are the main process's: the others go on meanwhile
+            return
         self._phase("evaluating")
         n = min(cfg.num_eval_samples, len(self.dataset))
         batch = self.conditions.batch(list(range(n)))
         gen = torch.Generator().manual_seed(stream_seed(cfg.seed, EVAL_STREAM))
+        # the EMA weights through the forwards' params= mapping, or swapped in from host memory: no GPU copy
         with self.policies.evaluation_weights(), self.autocast():
             ro = rollout(self.stack, batch.fill, batch.text, batch.image_embeds, num_steps=cfg.rl_eval_num_inference_steps,
-                         guidance=cfg.rl_guidance_scale, generator=gen, scale=cfg.ip_adapter_scale, quantized=True)
+                         guidance=cfg.rl_guidance_scale, generator=gen, scale=cfg.ip_adapter_scale, quantized=True,
+                         params=self.policies.evaluation_params())
         decoded = self.stack.decode(ro.final, batch.fill.height, batch.fill.width)
         images = to_pil(decoded)
         scores = fail_nonfinite_images(self.rewards.score(reward_samples(batch, images)),

@@ -22,6 +22,7 @@ from .checkpointing import (
     save_checkpoint,
     save_reference,
 )
+from .divergence import save_refusal
 from .optim import consolidated_state_dict
 from .run_dir import Interrupted
 from .timing import timed_phase
@@ -35,6 +36,12 @@ class RunLifecycle:
     @timed_phase("checkpoint_save")
     def save(self) -> None:
         if self._saved_step == self.step:  # e.g. the last step was a checkpoint step
+            return
+        refused = save_refusal(self.health, self._diverged, self.stack.adapter)  # the same on every process
+        if refused:
+            found = list_checkpoints(self.cfg.output_dir)
+            logger.error("not saving checkpoint-%d: %s; the run's last checkpoint stays %s", self.step, refused,
+                         f"checkpoint-{found[-1][0]}" if found else "none (none was saved before)")
             return
         optimizer_state = consolidated_state_dict(self.optimizer)  # a collective when the moments are sharded
         if not self.is_main:

@@ -76,3 +76,31 @@ def reset_state(optimizer) -> None:
     optimizer.state.clear()
     if is_sharded(optimizer):
         optimizer.optim.state.clear()
+
+
+def with_restart_warmup(scheduler, steps: int):
+    """Give a LambdaLR (diffusers' schedules are) a second, linear warmup over `steps` optimizer steps that
+    `restart_warmup` starts: when RL resets AdamW's moments, its first steps would otherwise be sign-like
+    steps of size lr on every weight of an already trained adapter. The step it started at is an attribute of
+    the scheduler, so it is in the scheduler's state_dict and a resumed run continues the same ramp."""
+    scheduler.rl_lr_start = None
+
+    def warmed(base):
+        def factor(count: int) -> float:
+            start = scheduler.rl_lr_start
+            ramp = 1.0 if start is None or steps <= 0 else min(1.0, max(0, count - start + 1) / steps)
+            return base(count) * ramp
+        return factor
+
+    scheduler.lr_lambdas = [warmed(f) for f in scheduler.lr_lambdas]
+    return scheduler
+
+
+def restart_warmup(scheduler) -> None:
+    """Start the scheduler's second warmup (see `with_restart_warmup`) at its current step: the next
+    optimizer step already uses the first rung of the ramp."""
+    scheduler.rl_lr_start = scheduler.last_epoch
+    lrs = [base * fn(scheduler.last_epoch) for base, fn in zip(scheduler.base_lrs, scheduler.lr_lambdas)]
+    for group, lr in zip(scheduler.optimizer.param_groups, lrs):
+        group["lr"] = lr
+    scheduler._last_lr = lrs

@@ -11,8 +11,6 @@ Snapshots are plain dicts name -> tensor (trainable weights only) evaluated thro
 
 from __future__ import annotations
 
-import logging
-
 import torch
 
 from ..models.style_adapter import StyleAdapter
@@ -128,11 +126,21 @@ class Policies:
             shadow.copy_(full[name].to(shadow.device, torch.float32))
         self.ema.num_updates = num_updates
 
+    def evaluation_params(self) -> dict[str, torch.Tensor] | None:
+        """The EMA weights as a `params=` mapping for the forwards, used in place without any copy, when they
+        live on the weights' device; None without EMA or with the EMA in host memory (`evaluation_weights`)."""
+        if self.ema is None or not self.names or self.ema.shadow[0].device != self.params[0].device:
+            return None
+        return dict(zip(self.names, self.ema.shadow))
+
     def evaluation_weights(self):
-        """Context in which the live adapter holds the EMA weights (a no-op without EMA)."""
+        """Context in which the live adapter holds the EMA weights when the EMA is in host memory (the live
+        weights wait there meanwhile: no second copy of the adapter on the GPU); a no-op otherwise."""
         import contextlib
 
-        return self.ema.swapped_in(self.params) if self.ema is not None else contextlib.nullcontext()
+        if self.ema is None or self.evaluation_params() is not None:
+            return contextlib.nullcontext()
+        return self.ema.swapped_in(self.params)
 
     def load_snapshots(self, reference: dict | None, old: dict | None, device) -> None:
         cast = (lambda d: {k: v.to(device, self.snapshot_dtype) for k, v in d.items()} if d else None)
@@ -141,30 +149,3 @@ class Policies:
         if old and not self.exact_snapshots:
             self.old_master = {k: v.to("cpu", torch.float32, copy=True) for k, v in old.items()}
 
-
-class WeightHealth:
-    """Warnings (the studio shows the log) when nothing trains or the weights blow up: a gradient norm
-    of exactly 0 for `zero_steps` optimizer steps in a row, or a trainable-weight norm `growth` times its
-    value at the first step."""
-
-    def __init__(self, zero_steps: int = 3, growth: float = 100.0):
-        self.zero_steps, self.growth = zero_steps, growth
-        self.norm0: float | None = None
-        self.zero_streak, self.grew_warned = 0, False
-
-    @torch.no_grad()
-    def check(self, params, applied: bool, grad_norm: float) -> float:
-        """Call after each optimizer step (`applied` False when it was skipped); returns the weight norm."""
-        log = logging.getLogger("calligrapher_rl.training")
-        norm = float(torch.sqrt(sum((p.detach().float() ** 2).sum() for p in params)))
-        if self.norm0 is None:
-            self.norm0 = norm
-        self.zero_streak = self.zero_streak + 1 if applied and grad_norm == 0 else 0
-        if self.zero_streak == self.zero_steps:
-            log.warning("gradient norm exactly 0 for %d optimizer steps in a row: nothing trains (is "
-                        "--ip_adapter_scale 0, or is every reward of each group equal?)", self.zero_steps)
-        if not self.grew_warned and self.norm0 > 0 and norm > self.growth * self.norm0:
-            self.grew_warned = True
-            log.warning("trainable weight norm grew from %.3g to %.3g (over %gx): the update is diverging; "
-                        "lower --learning_rate", self.norm0, norm, self.growth)
-        return norm

@@ -188,7 +188,9 @@ def build_optimizer(cfg: TrainConfig, params, num_processes: int = 1):
     name = "constant_with_warmup" if cfg.lr_scheduler == "constant" and cfg.lr_warmup_steps > 0 else cfg.lr_scheduler
     scheduler = get_scheduler(name, optimizer, num_warmup_steps=cfg.lr_warmup_steps,
                               num_training_steps=cfg.max_train_steps)
-    return optimizer, scheduler
+    from .optim import with_restart_warmup
+
+    return optimizer, with_restart_warmup(scheduler, cfg.rl_lr_warmup_steps)  # RL's moments reset: warm up again
 
 
 def make_grad_scaler(accelerator, cfg: TrainConfig):

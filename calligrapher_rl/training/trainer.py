@@ -43,17 +43,20 @@ from .checkpointing import (
 )
 from .distributed import (
     average_gradients,
+    end_process_group,
     gather_rewards,
     gradient_sync,
     mean_across,
     own_slice,
     prepare_data_parallel,
+    sync_on_last_backward,
 )
+from .divergence import Diverged, WeightHealth, check_rollout_health, finite_samples, score_finite, zero_nonfinite
 from .evaluation import Evaluation
 from .lifecycle import RunLifecycle
 from .memory import out_of_memory
-from .optim import reset_state
-from .policies import Policies, WeightHealth
+from .optim import reset_state, restart_warmup
+from .policies import Policies
 from .progress import ProgressCallback, system_metrics
 from .run_dir import RunDir, StatusNotRecorded, claim_run_dir, ending
 from .timing import PhaseClock, Throughput, since_process_start, transformer_flops_per_image
@@ -161,7 +164,8 @@ class Trainer(RunLifecycle, Evaluation):
         self.tracker = PerPromptStatTracker(cfg.rl_global_std) if cfg.rl_per_prompt_stat_tracking else None
         self.rl_steps = 0  # RL optimizer steps taken (warmup and skipped steps not counted): NFT's decay clock
         self.skipped_nonfinite, self._nonfinite_streak, self._nonfinite_failure = 0, 0, None
-        self.health = WeightHealth()
+        self.health = WeightHealth(growth=cfg.max_weight_norm_growth)
+        self._rollout_streak, self._diverged = 0, False  # epochs in a row with non-finite samples; a Diverged ending
         self.throughput = self._throughput()
         self._first_step_logged = False
         self._status_note = ""
@@ -204,6 +208,10 @@ class Trainer(RunLifecycle, Evaluation):
                 final, message = "stopped", str(exc)
             except NonFiniteTraining as exc:  # the skipped steps left the weights finite: keep them, say why
                 logger.error("%s", exc)
+                final, message = "failed", str(exc)
+            except Diverged as exc:  # save() refuses these weights: the newest earlier checkpoint stays the last
+                logger.error("%s", exc)
+                self._diverged = True
                 final, message = "failed", str(exc)
             self.save()
             if self.clock.totals:  # the last evaluation and checkpoint, after the last epoch's row
@@ -282,7 +290,7 @@ class Trainer(RunLifecycle, Evaluation):
             self._begin_rl()
         t0, counts0 = time.perf_counter(), dict(self.stack.forward_counts)
         self._phase("rollout")
-        batches, rollouts, futures, finite = [], [], [], []
+        batches, rollouts, futures, finite, sample_ok = [], [], [], [], []
         with clock("rollout"):
             # only what this phase evaluates is on the card (policies.place): GRPO's reference (its step means
             # are taken here), NFT's old policy (it samples)
@@ -291,16 +299,18 @@ class Trainer(RunLifecycle, Evaluation):
             for b in range(cfg.rl_num_batches_per_epoch):
                 batch = self.conditions.batch(self.sampler.batch(RL_STREAM, self.rl_epoch * cfg.rl_num_batches_per_epoch + b))
                 ro = self._rollout(batch, b)
+                ok = finite_samples(ro)  # the latents, not clamped pixels: a diverged policy, never scored
+                zero_nonfinite(ro, ok)
                 decoded = self.stack.decode(ro.final, batch.fill.height, batch.fill.width)
                 finite.append(torch.isfinite(decoded.float()).flatten(1).all(1).cpu().numpy())
-                futures.append(self.rewards.score_async(reward_samples(batch, to_pil(decoded))))
-                batches.append(batch), rollouts.append(ro)
+                futures.append(score_finite(self.rewards, reward_samples(batch, to_pil(decoded)), ok))
+                batches.append(batch), rollouts.append(ro), sample_ok.append(ok)
             pol.place(self.acc.device, old=cfg.rl_method == "nft")  # NFT's targets still need the old policy
         counts1 = dict(self.stack.forward_counts)
         self._phase("scoring")
         with clock("reward"):
             scores = [fail_nonfinite_images(f.result(), ok) for f, ok in zip(futures, finite)]
-            stats = self._reward_stats(scores)
+            stats = self._reward_stats(scores, np.concatenate(sample_ok))
             advantages = self._advantages(batches, scores)
 
         self._phase("update")
@@ -316,8 +326,7 @@ class Trainer(RunLifecycle, Evaluation):
                 for b, (batch, ro, adv) in enumerate(zip(batches, rollouts, advantages)):
                     group = min(ga, n_batches - b // ga * ga)  # the real size of b's accumulation group (the last may be short)
                     last = (b + 1) % ga == 0 or b == n_batches - 1  # gradients cross processes on its backward only
-                    with gradient_sync(self.stack, sync=last):
-                        got = self._update(batch, ro, adv, inner, b, group, targets[b] if targets else None)
+                    got = self._update(batch, ro, adv, inner, b, group, sync=last, targets=targets[b] if targets else None)
                     loss_ok &= math.isfinite(got.get("loss", 0.0))
                     meter.add(got)
                     if last:
@@ -374,8 +383,7 @@ class Trainer(RunLifecycle, Evaluation):
         self.policies.place(self.acc.device, reference=cfg.rl_kl_beta > 0, old=True)
         out = []
         for b, (batch, ro) in enumerate(zip(batches, rollouts)):
-            gen = torch.Generator().manual_seed(stream_seed(cfg.seed, RL_STREAM, self.rl_epoch, b, inner, 7,
-                                                            self.acc.process_index))
+            gen = self._sample_generators(len(batch.indices), self.rl_epoch, b, inner, 7)  # NFT's timesteps, noise
             out.append(nft_targets(self.stack, batch, ro, cfg.num_trained_timesteps(), policies=self.policies,
                                    guidance=cfg.rl_guidance_scale, scale=cfg.ip_adapter_scale, kl_beta=cfg.rl_kl_beta,
                                    generator=gen, autocast=self.autocast))
@@ -416,7 +424,8 @@ class Trainer(RunLifecycle, Evaluation):
     def _begin_rl(self) -> None:
         """Snapshot the reference (and NFT's old) policy. After a supervised warmup, AdamW's moments start
         afresh: supervised gradients are far larger than policy gradients (~30x on the tiny model), and
-        their second moment (beta2 0.999) would otherwise shrink every RL step for thousands of steps."""
+        their second moment (beta2 0.999) would otherwise shrink every RL step for thousands of steps. The
+        learning rate then warms up again (--rl_lr_warmup_steps)."""
         self.policies.begin_rl(with_old=self.cfg.rl_method == "nft")
         # the reference is stored once per run: nothing when it is the initial adapter (a resume rebuilds it
         # from the same file or seed), else the run folder's reference.safetensors
@@ -428,14 +437,12 @@ class Trainer(RunLifecycle, Evaluation):
                 save_reference(self.cfg.output_dir, self.policies.reference)
         if self.step > 0:
             reset_state(self.optimizer)
-            logger.info("RL begins at step %d: optimizer moments reset", self.step)
+            restart_warmup(self.scheduler)  # --rl_lr_warmup_steps: fresh moments take sign-like steps
+            logger.info("RL begins at step %d: optimizer moments reset, learning rate warmed up again over %d steps",
+                        self.step, self.cfg.rl_lr_warmup_steps)
     def _rollout(self, batch, b: int):
         cfg = self.cfg
-        # one generator per sample, keyed by its place in the global batch: a sample's noise does not depend
-        # on how the batch is split over processes (one process = several, to float tolerance)
-        first = self.acc.process_index * self.sampler.images_per_process
-        gen = [torch.Generator().manual_seed(stream_seed(cfg.seed, RL_STREAM, self.rl_epoch, b, first + i))
-               for i in range(len(batch.indices))]
+        gen = self._sample_generators(len(batch.indices), self.rl_epoch, b)
         window = None
         if cfg.rl_sde_window_size:
             lo, hi = cfg.sde_window()
@@ -451,11 +458,24 @@ class Trainer(RunLifecycle, Evaluation):
                            quantized=cfg.rl_method == "nft",  # GRPO's log-probs need the training precision
                            reference=reference, reference_steps=None if window else cfg.num_trained_timesteps())
 
-    def _reward_stats(self, scores: list[dict]) -> dict[str, float]:
-        out = {}
+    def _sample_generators(self, n: int, *key: int) -> list[torch.Generator]:
+        """One generator per sample of this process's batch, keyed by (key, its place in the global batch): a
+        sample's noise does not depend on how the batch is split over processes (one process = several)."""
+        first = self.acc.process_index * self.sampler.images_per_process
+        return [torch.Generator().manual_seed(stream_seed(self.cfg.seed, RL_STREAM, *key, first + i)) for i in range(n)]
+
+    def _reward_stats(self, scores: list[dict], sample_ok: np.ndarray) -> dict[str, float]:
+        """Reward stats of the epoch over all processes. Non-finite samples (never scored) are counted as
+        `rollout/nonfinite` and end the run when they persist; `reward/failed` is among the finite ones."""
+        _, ok = gather_rewards(self.acc, [0] * len(sample_ok), sample_ok.astype(np.float64))
+        ok = ok > 0
+        self._rollout_streak = check_rollout_health(int((~ok).sum()), len(ok), self._rollout_streak,
+                                                    self.cfg.max_nonfinite_steps, self.step, self.health)
+        out = {"rollout/nonfinite": float((~ok).sum())}
         for name in scores[0]:
             local = np.concatenate([s[name] for s in scores])
             _, vals = gather_rewards(self.acc, [0] * len(local), local)
+            vals = vals[ok]
             key = "reward/mean" if name == "total" else f"reward/{name}"
             out[key] = float(np.nanmean(vals)) if np.isfinite(vals).any() else float("nan")
             if name == "total":
@@ -493,21 +513,22 @@ class Trainer(RunLifecycle, Evaluation):
         return [torch.as_tensor(adv[b * per:(b + 1) * per], dtype=torch.float32, device=self.acc.device)
                 for b in range(len(batches))]
 
-    def _update(self, batch, ro, adv, inner: int, b: int, group: int, targets=None) -> dict[str, float]:
+    def _update(self, batch, ro, adv, inner: int, b: int, group: int, sync: bool, targets=None) -> dict[str, float]:
         """Forward + backward of batch b, its loss divided by the steps it trains and by `group`, the
-        number of batches accumulated into its optimizer step."""
+        number of batches accumulated into its optimizer step; gradients cross processes once, on the
+        last backward of the batch that ends the group (`sync`)."""
         cfg = self.cfg
-        common = dict(policies=self.policies, guidance=cfg.rl_guidance_scale, scale=cfg.ip_adapter_scale,
-                      kl_beta=cfg.rl_kl_beta, adv_clip_max=cfg.rl_adv_clip_max, autocast=self.autocast,
-                      backward=self._backward)
-        if cfg.rl_method == "grpo":
-            steps = ro.sde_steps if cfg.rl_sde_window_size else ro.sde_steps[:cfg.num_trained_timesteps()]
-            scale = 1.0 / (len(steps) * group)
-            return grpo_backward(self.stack, batch, ro, adv, steps, noise_level=cfg.rl_noise_level,
-                                 sde_type=cfg.rl_sde_type, clip_range=cfg.rl_grpo_clip_range, loss_scale=scale, **common)
-        common.pop("policies")
-        return nft_backward_on(self.stack, batch, ro, adv, targets, beta=cfg.nft_beta, adv_mode=cfg.nft_adv_mode,
-                               loss_scale=1.0 / (len(targets) * group), **common)
+        steps = ro.sde_steps if cfg.rl_sde_window_size else ro.sde_steps[:cfg.num_trained_timesteps()]
+        n = len(steps) if cfg.rl_method == "grpo" else len(targets)  # backward calls of the batch
+        with sync_on_last_backward(self.stack, self._backward, n, sync) as backward:
+            common = dict(guidance=cfg.rl_guidance_scale, scale=cfg.ip_adapter_scale, kl_beta=cfg.rl_kl_beta,
+                          adv_clip_max=cfg.rl_adv_clip_max, autocast=self.autocast, backward=backward)
+            if cfg.rl_method == "grpo":
+                return grpo_backward(self.stack, batch, ro, adv, steps, noise_level=cfg.rl_noise_level,
+                                     sde_type=cfg.rl_sde_type, clip_range=cfg.rl_grpo_clip_range,
+                                     loss_scale=1.0 / (n * group), policies=self.policies, **common)
+            return nft_backward_on(self.stack, batch, ro, adv, targets, beta=cfg.nft_beta, adv_mode=cfg.nft_adv_mode,
+                                   loss_scale=1.0 / (n * group), **common)
 
     def _backward(self, loss: torch.Tensor) -> None:
         if not loss.requires_grad:  # nothing trainable reached the loss (e.g. --ip_adapter_scale 0): zero gradient
@@ -518,6 +539,7 @@ class Trainer(RunLifecycle, Evaluation):
         """Average, unscale (fp16), clip and apply the gradients. A non-finite loss or gradient norm on
         any process skips the step on every process (no update, no EMA step), counted and logged."""
         params = self.policies.params
+        self.health.baseline(params, self.step)  # the weight norm before the first update of this process
         average_gradients(params, self.acc, self.stack)  # a no-op when DDP already averaged them
         if self.scaler is not None:
             for p in params:  # the scaler records its inf check per gradient: give it one even if nothing flowed
@@ -547,7 +569,9 @@ class Trainer(RunLifecycle, Evaluation):
             self.skipped_nonfinite += 1
         stats = {"grad_norm": float(grad_norm), "lr": float(self.scheduler.get_last_lr()[0]), "train/skipped": float(not ok),
                  "train/skipped_nonfinite": float(self.skipped_nonfinite),  # in all, this run
-                 "train/weight_norm": self.health.check(self.policies.params, ok, float(grad_norm))}
+                 "train/weight_norm": self.health.check(self.policies.params, ok, float(grad_norm), self.step)}
+        if self.health.failure:
+            raise Diverged(self.health.failure)
         if self.scaler is not None:
             stats["train/loss_scale"] = float(self.scaler.get_scale())
         return stats
@@ -561,7 +585,7 @@ class Trainer(RunLifecycle, Evaluation):
                        self.cfg.max_nonfinite_steps)
         if self._nonfinite_streak >= self.cfg.max_nonfinite_steps and self._nonfinite_failure is None:
             self._nonfinite_failure = (f"{cause} in {self._nonfinite_streak} updates in a row (--max_nonfinite_steps "
-                                       f"{self.cfg.max_nonfinite_steps}); the last finite weights are saved")
+                                       f"{self.cfg.max_nonfinite_steps}); skipped steps left the weights as they were")
 
     def _all_agree(self, ok: bool) -> bool:
         """True on every process only if it is true on every process."""
@@ -572,4 +596,16 @@ class Trainer(RunLifecycle, Evaluation):
 
 
 def train(cfg: TrainConfig) -> str:
-    return Trainer(cfg).run()
+    """The command line's run: one Trainer, then the process group torn down before the interpreter exits
+    (see end_process_group; a no-op on one process)."""
+    trainer = Trainer(cfg)
+    acc = trainer.acc
+    try:
+        outcome = trainer.run()
+    except BaseException:
+        del trainer
+        end_process_group(acc, synchronize=False)  # the traceback keeps the trainer: best effort
+        raise
+    del trainer  # its DDP wrapper and ZeRO optimizer hold the process group
+    end_process_group(acc)
+    return outcome

@@ -40,6 +40,14 @@ def _plain_backward(loss: torch.Tensor) -> None:
     loss.backward()
 
 
+def _draw(sample, shape, generator):
+    """`sample(shape)` (torch.rand/randn) from one generator, or row by row from one generator per sample:
+    then a sample's draws do not depend on how the batch is split over processes."""
+    if isinstance(generator, (list, tuple)):
+        return torch.cat([sample((1, *shape[1:]), generator=g) for g in generator])
+    return sample(shape, generator=generator)
+
+
 def warmup_backward(stack, batch: Batch, *, guidance: float, scale: float, generator: torch.Generator,
                     loss_scale: float, autocast, backward=_plain_backward) -> dict[str, float]:
     """Supervised flow matching on the ground truth: target = the source WITH its text, input = the
@@ -113,15 +121,16 @@ def nft_targets(stack, batch: Batch, ro: Rollout, num_timesteps: int, *, policie
     """The old/reference predictions of an NFT update, computed before any gradient exists: the update
     then holds neither snapshot on the device (at real size each is 6 GB). Each sample trains the first
     `num_timesteps` of its own random permutation of the schedule's timesteps (DiffusionNFT): distinct
-    timesteps, never one twice; the noise is fresh for each."""
+    timesteps, never one twice; the noise is fresh for each. `generator`: one, or one per sample (see
+    `_draw`)."""
     x0 = ro.final.float()
     b = x0.shape[0]
     sigmas = ro.sigmas[:-1]  # the schedule's noisy levels (all > 0)
-    order = torch.argsort(torch.rand(b, len(sigmas), generator=generator), dim=1)  # a permutation per sample
+    order = torch.argsort(_draw(torch.rand, (b, len(sigmas)), generator), dim=1)  # a permutation per sample
     out = []
     for i in range(num_timesteps):
         t = sigmas[order[:, i]].to(x0.device)
-        eps = torch.randn(x0.shape, generator=generator).to(x0.device)
+        eps = _draw(torch.randn, x0.shape, generator).to(x0.device)
         tt = t.view(b, 1, 1)
         x_t = (1 - tt) * x0 + tt * eps
         with autocast():
