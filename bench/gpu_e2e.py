@@ -176,10 +176,9 @@ def main() -> int:
         paths = {"flux": os.path.join(args.models, "flux-fill"), "siglip": os.path.join(args.models, "siglip"),
                  "adapter": os.path.join(args.models, "calligrapher-random.safetensors")}
         if not all(os.path.exists(p) for p in paths.values()):
-            from calligrapher_rl.models.realsize import write
-
-            t0 = time.time()
-            write(args.models, "cuda")
+            t0 = time.time()  # in its own process: the card must be empty when the trainer starts
+            subprocess.run([sys.executable, "-m", "calligrapher_rl.realsize", "--out", args.models, "--device", "cuda"],
+                           cwd=ROOT, check=True)
             res.data["build_models_s"] = round(time.time() - t0, 1)
             res.flush()
     stages = args.stages.split(",")
