@@ -84,7 +84,7 @@ def weight_norm(params) -> float:
 
 class WeightHealth:
     """The trainable weights after each optimizer step. Warns when nothing trains (a gradient norm of
-    exactly 0 for `zero_steps` steps in a row); fails (`problem()`) when they are non-finite or their norm
+    exactly 0 for `zero_steps` steps in a row); records a `failure` when they are non-finite or their norm
     is more than `growth` times the norm before the first update (`growth` 0: no norm alarm)."""
 
     def __init__(self, zero_steps: int = 3, growth: float = 100.0):
