@@ -122,9 +122,10 @@ class TrainConfig:
                                            "steps > 0 = diffusers' constant_with_warmup)",
                                choices=("constant", "cosine", "linear"))
     lr_warmup_steps: int = _OPTIM(0, "linear learning-rate warmup steps (not the same as --rl_warmup_steps)")
-    rl_lr_warmup_steps: int = _OPTIM(20, "linear learning-rate warmup after RL resets AdamW's moments (RL after a "
-                                         "supervised warmup): without it the first RL steps are sign-like steps of "
-                                         "size lr on every weight; 0 = none")
+    rl_lr_warmup_steps: int | None = _OPTIM(None, "linear learning-rate warmup after RL resets AdamW's moments (RL "
+                                                  "after a supervised warmup): without it the first RL steps are "
+                                                  "sign-like steps of size lr on every weight; 0 = none; none = 10% "
+                                                  "of the RL steps, between 1 and 20")
     use_8bit_adam: bool = _OPTIM(False, "8-bit AdamW moments (torchao, else bitsandbytes): 6 GB instead of 24 GB for the "
                                         "full adapter; CPU parameters keep fp32 AdamW")
     shard_optimizer_state: bool = _OPTIM(True, "on several processes, shard the AdamW moments across them (ZeRO-1, "
@@ -237,6 +238,8 @@ class TrainConfig:
             upd["rl_sde_window_range"] = f"0,{max(n // 2, self.rl_sde_window_size)}"  # validation checks the room
         if self.nft_num_timesteps is None and isinstance(n, int) and isinstance(self.rl_timestep_fraction, (int, float)):
             upd["nft_num_timesteps"] = max(1, int(n * self.rl_timestep_fraction))
+        if self.rl_lr_warmup_steps is None and isinstance(self.max_train_steps, int) and isinstance(self.rl_warmup_steps, int):
+            upd["rl_lr_warmup_steps"] = min(20, max(1, (self.max_train_steps - self.rl_warmup_steps) // 10))
         if self.num_style_tokens is None and not self.initial_ip_adapter_path:
             upd["num_style_tokens"] = DEFAULT_NUM_STYLE_TOKENS
         return dataclasses.replace(self, **upd) if upd else self

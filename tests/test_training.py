@@ -174,17 +174,14 @@ def test_group_sampler_spans_processes_and_matches_one_process():
 
 
 @pytest.mark.timeout(600)
-@pytest.mark.parametrize("method", ["grpo", "nft"])
-def test_two_process_run_gathers_rewards(tmp_path, method):
+def test_two_process_run_gathers_rewards(tmp_path):
     """accelerate launch with 2 CPU processes (gloo; `--multi_gpu` is accelerate's torchrun launcher): rewards of both processes are gathered before the
-    advantages, only rank 0 writes, one gradient all-reduce per optimizer step (a DDP comm hook counts them;
-    tests/two_process_run.py), and the first update is the one-process run's (rollout noise and NFT's
-    timesteps are keyed by a sample's place in the global batch, not by the process)."""
+    advantages, only rank 0 writes, one gradient all-reduce per optimizer step although each batch trains
+    several timesteps (a DDP comm hook counts them; tests/two_process_run.py), and the first update is the
+    one-process run's (for NFT too: test_learning.py::test_one_process_step_equals_two_process_step)."""
     out2, out1 = tmp_path / "two", tmp_path / "one"
     common = ["--max_train_steps", "2", "--checkpointing_steps", "2", "--eval_steps", "0", "--train_batch_size", "1",
               "--rl_warmup_steps", "0"]
-    if method == "nft":
-        common = [*common, "--rl_method", "nft", "--rl_noise_level", "0"]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     env["PYTHONPATH"] = str(ROOT) + os.pathsep + env.get("PYTHONPATH", "")
     r = subprocess.run([sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
@@ -203,7 +200,7 @@ def test_two_process_run_gathers_rewards(tmp_path, method):
     assert [x["reward/count"] for x in two + one] == [8.0] * 4, (two, one)  # 2 processes x 1 prompt x 4 images, gathered
     for a, b in zip(two, one):
         assert 0 < a["reward/mean"] < 1 and abs(a["reward/mean"] - b["reward/mean"]) < 0.1
-        assert method == "nft" or abs(a["ratio/mean"] - 1) < 1e-5
+        assert abs(a["ratio/mean"] - 1) < 1e-5
     for key in ("reward/mean", "loss", "grad_norm"):  # the first RL epoch: the same samples, the same update
         assert two[0][key] == pytest.approx(one[0][key], rel=1e-4), (key, two[0], one[0])
     assert (out2 / "checkpoint-2" / "ip-adapter.safetensors").exists()

@@ -84,7 +84,7 @@ def weight_norm(params) -> float:
 
 class WeightHealth:
     """The trainable weights after each optimizer step. Warns when nothing trains (a gradient norm of
-    exactly 0 for `zero_steps` steps in a row); fails (`problem()`) when they are non-finite or their norm
+    exactly 0 for `zero_steps` steps in a row); records a `failure` when they are non-finite or their norm
     is more than `growth` times the norm before the first update (`growth` 0: no norm alarm)."""
 
     def __init__(self, zero_steps: int = 3, growth: float = 100.0):
@@ -99,10 +99,10 @@ class WeightHealth:
         """Call before the first update of this process (a resumed run: after loading the checkpoint)."""
         if self.norm0 is None:
             self.norm0 = weight_norm(params)
-            self.last_healthy_step = step if not self.problem_of(self.norm0, params) else None
+            self.last_healthy_step = step if not self.problem_of(self.norm0) else None
 
-    def problem_of(self, norm: float, params) -> str | None:
-        if not np.isfinite(norm) or nonfinite_tensors((str(i), p) for i, p in enumerate(params)):
+    def problem_of(self, norm: float) -> str | None:
+        if not np.isfinite(norm):  # a float64 sum of float32 squares overflows only on a NaN or an infinity
             return "non-finite values in the trainable weights"
         if self.growth and self.norm0 and norm > self.growth * self.norm0:
             return (f"the trainable weight norm grew from {self.norm0:.3g} (before the first update) to {norm:.3g}, "
@@ -117,7 +117,7 @@ class WeightHealth:
         if self.zero_streak == self.zero_steps:
             logger.warning("gradient norm exactly 0 for %d optimizer steps in a row: nothing trains (is "
                            "--ip_adapter_scale 0, or is every reward of each group equal?)", self.zero_steps)
-        problem = self.problem_of(norm, params)
+        problem = self.problem_of(norm)
         if problem is None:
             self.last_healthy_step = step
         elif self.failure is None:

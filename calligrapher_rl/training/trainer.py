@@ -598,7 +598,11 @@ class Trainer(RunLifecycle, Evaluation):
 def train(cfg: TrainConfig) -> str:
     """The command line's run: one Trainer, then the process group torn down before the interpreter exits
     (see end_process_group; a no-op on one process)."""
-    trainer = Trainer(cfg)
+    try:
+        trainer = Trainer(cfg)
+    except BaseException:
+        end_process_group(None, synchronize=False)
+        raise
     acc = trainer.acc
     try:
         outcome = trainer.run()
