@@ -55,6 +55,7 @@ class Rollout:
     log_probs: torch.Tensor  # [B, N] float32 (0 on ODE steps)
     sigmas: torch.Tensor  # [N+1]
     sde_steps: list[int]  # indices j whose transition j -> j+1 was stochastic
+    means: torch.Tensor | None = None  # [B, N, L, C] float32: each step's mean (GRPO-Guard's old means)
 
     @property
     def final(self) -> torch.Tensor:
@@ -95,14 +96,15 @@ def rollout(
     # fixed for the whole rollout: the style tokens, and each block's style keys/values, once (with gradients
     # on, the processors recompute the keys/values from the live weights instead)
     tokens, style_kv = stack.style_condition(image_embeds, params)
-    trajectory, log_probs = [x], []
+    trajectory, log_probs, means = [x], [], []
     for j in range(num_steps):
         s, s_next = float(sigmas[j]), float(sigmas[j + 1])
         v = stack.velocity(x, fill, text, s, image_embeds, guidance, scale, params=params, style_tokens=tokens,
                            style_kv=style_kv, quantized=quantized)
         level = noise_level if j in stochastic and s_next > 0 else 0.0
-        x, log_prob, _, _ = sde_step_with_logprob(v, s, s_next, x, level, generator=generator, sde_type=sde_type)
+        x, log_prob, mean, _ = sde_step_with_logprob(v, s, s_next, x, level, generator=generator, sde_type=sde_type)
         trajectory.append(x)
+        means.append(mean)
         log_probs.append(log_prob if level > 0 else torch.zeros(b, device=x.device))
     sde_steps = sorted(j for j in stochastic if float(sigmas[j + 1]) > 0)
-    return Rollout(torch.stack(trajectory, 1), torch.stack(log_probs, 1), sigmas, sde_steps)
+    return Rollout(torch.stack(trajectory, 1), torch.stack(log_probs, 1), sigmas, sde_steps, torch.stack(means, 1))

@@ -23,6 +23,7 @@ from ..rl.advantages import PerPromptStatTracker, compute_advantages
 from ..rl.nft import old_decay
 from ..sampling import SDEWindow, rollout
 from . import setup
+from .awm_update import awm_end_of_epoch, awm_update
 from .batches import (
     RL_STREAM,
     WARMUP_STREAM,
@@ -298,6 +299,8 @@ class Trainer(RunLifecycle, Evaluation):
         if cfg.rl_method == "nft":  # eta from the RL optimizer steps taken so far (DiffusionNFT's global_step)
             stats["nft/old_decay"] = old_decay(self.rl_steps, cfg.nft_decay_type)
             self.policies.update_old(stats["nft/old_decay"])
+        if cfg.rl_method == "awm":
+            stats.update(awm_end_of_epoch(self))
         self.rl_epoch += 1
         if self.tracker is not None:
             self.tracker.clear()
@@ -340,7 +343,8 @@ class Trainer(RunLifecycle, Evaluation):
         """Snapshot the reference (and NFT's old) policy. After a supervised warmup, AdamW's moments start
         afresh: supervised gradients are far larger than policy gradients (~30x on the tiny model), and
         their second moment (beta2 0.999) would otherwise shrink every RL step for thousands of steps."""
-        self.policies.begin_rl(with_old=self.cfg.rl_method == "nft")
+        self.policies.begin_rl(with_old=self.cfg.rl_method == "nft" or (self.cfg.rl_method == "awm"
+                                                                         and self.cfg.awm_ema_kl_beta > 0))
         if self.step > 0:
             reset_state(self.optimizer)
             logger.info("RL begins at step %d: optimizer moments reset", self.step)
@@ -361,7 +365,7 @@ class Trainer(RunLifecycle, Evaluation):
             return rollout(self.stack, batch.fill, batch.text, batch.image_embeds, num_steps=cfg.rl_num_inference_steps,
                            guidance=cfg.rl_guidance_scale, noise_level=cfg.rl_noise_level, sde_type=cfg.rl_sde_type,
                            window=window, generator=gen, scale=cfg.ip_adapter_scale, params=params,
-                           quantized=cfg.rl_method == "nft")  # GRPO's log-probs need the training precision
+                           quantized=cfg.rl_method != "grpo")  # GRPO's log-probs need the training precision
 
     def _reward_stats(self, scores: list[dict]) -> dict[str, float]:
         out = {}
@@ -416,9 +420,12 @@ class Trainer(RunLifecycle, Evaluation):
             steps = ro.sde_steps if cfg.rl_sde_window_size else ro.sde_steps[:cfg.num_trained_timesteps()]
             scale = 1.0 / (len(steps) * group)
             return grpo_backward(self.stack, batch, ro, adv, steps, noise_level=cfg.rl_noise_level,
-                                 sde_type=cfg.rl_sde_type, clip_range=cfg.rl_grpo_clip_range, loss_scale=scale, **common)
+                                 sde_type=cfg.rl_sde_type, clip_range=cfg.rl_grpo_clip_range, loss_scale=scale,
+                                 ratio_norm=cfg.rl_grpo_ratio_norm, **common)
         gen = torch.Generator().manual_seed(stream_seed(cfg.seed, RL_STREAM, self.rl_epoch, b, inner, 7,
                                                         self.acc.process_index))
+        if cfg.rl_method == "awm":
+            return awm_update(self, batch, ro, adv, inner, b, group, gen, **common)
         n = cfg.num_trained_timesteps()
         return nft_backward(self.stack, batch, ro, adv, n, beta=cfg.nft_beta, adv_mode=cfg.nft_adv_mode, generator=gen,
                             loss_scale=1.0 / (n * group), **common)
