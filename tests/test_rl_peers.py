@@ -39,19 +39,7 @@ def rand(*shape, seed=0):
 def authors_awm_loss(v, v_ref, v_ema, x0, noise, t, adv, old_lp, cfg):
     """AWM's loss for one training batch, float64, from train_sd3_awm.py. v*: [T*B, ...] model outputs,
     t: [T*B] timesteps (repeat_interleave over the batch), adv: [B], old_lp: [T, B] or None (on-policy)."""
-    mo = v.double()
-    lp = (-(mo - (noise.double() - x0.double())) ** 2).mean(dim=tuple(range(1, mo.ndim)))
-    w = cfg["weighting"]
-    if w == "t":
-        lp = lp * t
-    elif w == "t**2":
-        lp = lp * t**2
-    elif w == "huber":
-        lp = -(torch.sqrt(-lp + 1e-10) - 1e-5) * t
-    elif w == "ghuber":
-        p = cfg["ghuber_power"]
-        lp = -(torch.pow(-lp + 1e-10, p) - torch.pow(torch.tensor(1e-10, dtype=lp.dtype), p)) * t / p
-    log_probs = lp.reshape(T, B)
+    log_probs = authors_log_probs(v, x0, noise, t, cfg)
     old = log_probs.detach() if old_lp is None else old_lp
     a = torch.clamp(adv.double(), -cfg["adv_clip_max"], cfg["adv_clip_max"])
     a = a / cfg["adv_clip_max"] * cfg["advantage_max"]
@@ -118,7 +106,8 @@ def test_awm_loss_and_gradient_match_the_authors(weighting, off_policy):
     if old_v is not None:
         with torch.no_grad():
             ref_cfg = dict(cfg, beta=0.0, ema_beta=0.0)  # only the log-probs of the old weights are needed
-            old_lp = _authors_log_probs(old_v.double().reshape(T * B, L, C), x0, noise, t_flat, ref_cfg)
+            old_lp = authors_log_probs(old_v.double().reshape(T * B, L, C), x0.repeat(T, 1, 1),
+                                       noise.reshape(T * B, L, C), t_flat, ref_cfg)
     peer = authors_awm_loss(v_peer, v_ref.reshape(T * B, L, C), v_ema.reshape(T * B, L, C),
                             x0.repeat(T, 1, 1), noise.reshape(T * B, L, C), t_flat, adv, old_lp, cfg)
     peer.backward()
@@ -127,10 +116,10 @@ def test_awm_loss_and_gradient_match_the_authors(weighting, off_policy):
     assert v_ours.grad.abs().sum() > 0
 
 
-def _authors_log_probs(v, x0, noise, t, cfg):
-    """compute_log_prob_awm's log_prob alone, [T, B]."""
+def authors_log_probs(v, x0, noise, t, cfg):
+    """compute_log_prob_awm's log_prob, [T, B] (v, noise: [T*B, ...]; x0 already repeated T times)."""
     mo = v.double()
-    lp = (-(mo - (noise.double().reshape(mo.shape) - x0.double().repeat(T, 1, 1))) ** 2).mean(dim=(1, 2))
+    lp = (-(mo - (noise.double() - x0.double())) ** 2).mean(dim=tuple(range(1, mo.ndim)))
     w = cfg["weighting"]
     if w == "t":
         lp = lp * t
