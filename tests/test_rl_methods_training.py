@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from test_learning import COMMON
+from test_learning import COMMON, one_thread  # noqa: F401  (autouse: one intra-op thread, as the learning tests)
 
 from app import charts
 from calligrapher_rl.config import parse_args
@@ -19,14 +19,6 @@ from calligrapher_rl.training.trainer import Trainer
 AWM = ["--preset", "tiny-awm", *COMMON, "--rewards", "brightness:1", "--seed", "1", "--train_batch_size", "4",
        "--rl_num_images_per_prompt", "4", "--rl_noise_level", "0", "--awm_num_timesteps", "2",
        "--rl_kl_beta", "0.003", "--learning_rate", "1e-2"]
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 class UpdateProbe(Trainer):
