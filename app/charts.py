@@ -88,11 +88,17 @@ def reward_figure(rows: list[dict], revision: str = "") -> go.Figure:
 
 
 def metric_figure(rows: list[dict], key: str, title: str | None = None, note: str | None = None,
-                  revision: str = "") -> go.Figure:
-    """One scalar over steps; split by phase when it was logged in both."""
+                  revision: str = "", also: tuple[str, ...] = ()) -> go.Figure:
+    """One scalar over steps; split by phase when it was logged in both. `also`: further RL-phase keys
+    drawn on the same axes (e.g. AWM's second KL term beside the first)."""
     fig = _base(title or key, rows, revision)
+    for i, extra in enumerate(also):
+        x, y = _series(rows, extra, "rl")
+        if x:
+            fig.add_trace(go.Scatter(x=x, y=y, mode="lines+markers", name=extra, marker={"size": 4},
+                                     line={"color": COLORS[(i + 1) % len(COLORS)], "dash": "dash"}))
     phases = [p for p in ("warmup", "rl") if _series(rows, key, p)[0]]
-    if not phases:
+    if not phases and not fig.data:
         return _empty(fig, note or f"no {key} yet")
     both = len(phases) == 2
     for phase in phases:
@@ -109,14 +115,20 @@ def metric_figure(rows: list[dict], key: str, title: str | None = None, note: st
 
 
 def figures(rows: list[dict], revision: str = "", method: str | None = None) -> dict[str, go.Figure]:
-    """The monitor's four charts: reward, kl, loss, clipfrac."""
+    """The monitor's four charts: reward, kl, loss and the method's own (GRPO: the ratio's clip fraction;
+    AWM: the flow-matching error of its rollouts, the quantity it reweights; NFT has neither)."""
+    if method == "awm":
+        own = metric_figure(rows, "awm/fm_loss", "Flow-matching error on the rollouts (AWM)", revision=revision)
+    else:
+        own = metric_figure(rows, "clipfrac", "Clip fraction (GRPO)",
+                            note="no clipfrac: DiffusionNFT has no ratio clip" if method == "nft" else None,
+                            revision=revision)
     return {
         "reward": reward_figure(rows, revision),
-        "kl": metric_figure(rows, "kl", "KL to the reference policy", revision=revision),
+        "kl": metric_figure(rows, "kl", "KL to the reference policy" + (" and to the EMA policy" if method == "awm" else ""),
+                            revision=revision, also=("awm/ema_kl",) if method == "awm" else ()),
         "loss": metric_figure(rows, "loss", "Loss", revision=revision),
-        "clipfrac": metric_figure(rows, "clipfrac", "Clip fraction (GRPO)",
-                                  note="no clipfrac: DiffusionNFT has no ratio clip" if method == "nft" else None,
-                                  revision=revision),
+        "clipfrac": own,
     }
 
 

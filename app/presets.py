@@ -30,7 +30,8 @@ DEFAULT_PRESET = "tiny-grpo"
 
 # (flag, label, help) of the form; everything else goes through "extra flags"
 FORM = [
-    ("rl_method", "Method", "grpo = Flow-GRPO on SDE rollouts, nft = DiffusionNFT"),
+    ("rl_method", "Method", "grpo = Flow-GRPO on SDE rollouts, nft = DiffusionNFT, awm = Advantage Weighted "
+                            "Matching (both on clean ODE rollouts)"),
     ("rewards", "Rewards", "weighted sum, e.g. ocr:0.7,style:0.3"),
     ("learning_rate", "Learning rate", None),
     ("max_train_steps", "Steps", "optimizer steps"),

@@ -166,7 +166,7 @@ class MonitorViews:
         if info.get("phase"):
             parts.append(f"phase: {info['phase']}")
         if info["method"]:
-            parts.append(str(info["method"]).upper() if info["method"] in ("grpo", "nft") else info["method"])
+            parts.append(str(info["method"]).upper() if info["method"] in ("grpo", "nft", "awm") else info["method"])
         if info["reward"] is not None:
             parts.append(f"reward {info['reward']:.4g}")
         if info["eval_reward"] is not None:

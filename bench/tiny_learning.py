@@ -144,7 +144,7 @@ def main(argv=None) -> int:
     if "--" in argv:
         argv, flags = argv[:argv.index("--")], argv[argv.index("--") + 1:]
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--preset", required=True, help="tiny-grpo, tiny-nft or a preset file")
+    p.add_argument("--preset", required=True, help="tiny-grpo, tiny-nft, tiny-awm, tiny-grpo-fast or a preset file")
     p.add_argument("--seeds", default="1,2,3")
     p.add_argument("--minutes", type=float, default=5.0, help="wall budget of each run (it also stops at the "
                    "preset's max_train_steps)")

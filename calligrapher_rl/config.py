@@ -35,7 +35,7 @@ PRESETS_DIR = Path(__file__).resolve().parent.parent / "presets"
 VERSION_KEY = "calligrapher_rl_version"  # the package version, stored beside the fields in run.json
 # Flags that were read by nothing and are gone; an earlier run's run.json may still hold them.
 RETIRED_FIELDS = ("dataloader_num_workers", "tiny_width", "use_context")
-DEFAULT_KL_BETA = {"grpo": 0.1, "nft": 0.01}  # the guide documents both defaults of --rl_kl_beta
+DEFAULT_KL_BETA = {"grpo": 0.1, "nft": 0.01, "awm": 0.003}  # the guide's two; AWM's is its authors' (OCR)
 DEFAULT_NUM_STYLE_TOKENS = 128  # the release's count
 
 # Every flag the seed guide names (tensorboard's --logdir/--port and --help are not ours).
@@ -70,6 +70,7 @@ _RL = _section("RL (both methods)")
 _SDE = _section("rollout sampler")
 _GRPO = _section("GRPO")
 _NFT = _section("DiffusionNFT")
+_AWM = _section("AWM (Advantage Weighted Matching)")
 _REWARD = _section("rewards")
 _EMA = _section("EMA")
 _EVAL = _section("evaluation")
@@ -165,7 +166,8 @@ class TrainConfig:
 
     # --- RL (both methods) ---
     use_rl: bool = _RL(False, "online RL after --rl_warmup_steps supervised steps (off = supervised only)")
-    rl_method: str = _RL("grpo", "RL algorithm", choices=("grpo", "nft"))
+    rl_method: str = _RL("grpo", "RL algorithm: grpo (Flow-GRPO), nft (DiffusionNFT), awm (Advantage Weighted "
+                                 "Matching)", choices=("grpo", "nft", "awm"))
     rl_warmup_steps: int = _RL(1000, "supervised steps before RL starts")
     rl_num_images_per_prompt: int = _RL(1, "group size: images rolled out per prompt (>= 2 with --use_rl)")
     rl_num_batches_per_epoch: int = _RL(1, "rollout batches per RL epoch (advantages are computed per epoch)")
@@ -178,7 +180,7 @@ class TrainConfig:
     rl_per_prompt_stat_tracking: bool = _RL(False, "normalise rewards per prompt (group) instead of per batch")
     rl_global_std: bool = _RL(False, "with per-prompt tracking: divide by the std of all rewards of the batch")
     rl_kl_beta: float | None = _RL(None, "KL weight towards the policy at the start of RL; none = 0.1 for grpo, "
-                                         "0.01 for nft (the guide's defaults)")
+                                         "0.01 for nft (the guide's defaults), 0.003 for awm (its authors' OCR value)")
 
     # --- rollout sampler ---
     rl_noise_level: float = _SDE(0.7, "SDE noise level a of rollouts (0 = deterministic ODE; GRPO needs > 0)")
@@ -191,6 +193,9 @@ class TrainConfig:
 
     # --- GRPO ---
     rl_grpo_clip_range: float = _GRPO(0.2, "PPO ratio clip epsilon")
+    rl_grpo_ratio_norm: bool = _GRPO(
+        False, "GRPO-Guard's RatioNorm (sde steps only): each step's log-ratio is de-biased and scaled by the step's "
+               "std, and its loss reweighted by 1/|dt|; the ratio's scale changes (its authors clip at 2e-6)")
 
     # --- DiffusionNFT ---
     nft_beta: float = _NFT(0.5, "mixing of current and old velocity (> 0)")
@@ -203,6 +208,23 @@ class TrainConfig:
         choices=(0, 1, 2))
     nft_num_timesteps: int | None = _NFT(
         None, "timesteps trained per sample; none = int(rl_num_inference_steps x rl_timestep_fraction)")
+
+    # --- AWM ---
+    awm_num_timesteps: int | None = _AWM(
+        None, "timesteps trained per rollout, one in each of as many strata of schedule indices [1, "
+              "int(rl_num_inference_steps x rl_timestep_fraction)); none = min(6, that count - 1)")
+    awm_weighting: str = _AWM("ghuber", "weight of the flow-matching error e in the log-likelihood surrogate: uniform "
+                                        "(-e), t, t2, huber, ghuber (-t ((e + 1e-10)^p - 1e-10^p) / p)",
+                              choices=("uniform", "t", "t2", "huber", "ghuber"))
+    awm_ghuber_power: float = _AWM(0.25, "power p of the ghuber weighting (> 0)")
+    awm_advantage_max: float = _AWM(1.0, "advantages are rescaled from [-rl_adv_clip_max, rl_adv_clip_max] to "
+                                         "[-max, max]")
+    awm_clip_range: float = _AWM(1.0, "PPO clip of the surrogate ratio (1 = the authors' loose clip)")
+    awm_ema_kl_beta: float = _AWM(1.0, "weight of the velocity MSE to the EMA policy (a slowly following copy of "
+                                       "the weights, updated after each epoch); 0 = off")
+    awm_ema_kl_decay: float = _AWM(0.3, "decay of the EMA policy, in [0, 1]")
+    awm_ema_kl_decay_type: str = _AWM("linear", "linear = min(decay, 0.001 x RL optimizer steps), constant = decay",
+                                      choices=("linear", "constant"))
 
     # --- rewards ---
     rewards: str = _REWARD("ocr:0.7,style:0.3", "weighted reward sum 'name:weight,...' (a bare name weighs 1)")
@@ -240,6 +262,8 @@ class TrainConfig:
             upd["nft_num_timesteps"] = max(1, int(n * self.rl_timestep_fraction))
         if self.rl_lr_warmup_steps is None and isinstance(self.max_train_steps, int) and isinstance(self.rl_warmup_steps, int):
             upd["rl_lr_warmup_steps"] = min(20, max(1, (self.max_train_steps - self.rl_warmup_steps) // 10))
+        if self.awm_num_timesteps is None and isinstance(n, int) and isinstance(self.rl_timestep_fraction, (int, float)):
+            upd["awm_num_timesteps"] = max(1, min(6, int(n * self.rl_timestep_fraction) - 1))
         if self.num_style_tokens is None and not self.initial_ip_adapter_path:
             upd["num_style_tokens"] = DEFAULT_NUM_STYLE_TOKENS
         return dataclasses.replace(self, **upd) if upd else self
@@ -261,10 +285,13 @@ class TrainConfig:
         return sde_window_bounds(self.resolved())
 
     def num_trained_timesteps(self) -> int:
-        """Trained timesteps per rollout sample: the window, or the fraction (GRPO); nft_num_timesteps (NFT)."""
+        """Trained timesteps per rollout sample: the window, or the fraction (GRPO); nft_num_timesteps (NFT);
+        awm_num_timesteps (AWM)."""
         r = self.resolved()
         if r.rl_method == "nft":
             return r.nft_num_timesteps
+        if r.rl_method == "awm":
+            return r.awm_num_timesteps
         return r.rl_sde_window_size or max(1, int(r.rl_num_inference_steps * r.rl_timestep_fraction))
 
     def to_dict(self) -> dict[str, Any]:
@@ -422,7 +449,7 @@ def build_parser() -> argparse.ArgumentParser:
         prog="python -m calligrapher_rl.train", allow_abbrev=False, argument_default=argparse.SUPPRESS,
         usage="%(prog)s [--preset NAME_OR_PATH] [--FLAG VALUE ...]",
         epilog=f"presets: {', '.join(list_presets()) or 'none'} (in {PRESETS_DIR}).",
-        description="Fine-tune the Calligrapher style adapter on FLUX.1-Fill with online RL (GRPO, DiffusionNFT). "
+        description="Fine-tune the Calligrapher style adapter on FLUX.1-Fill with online RL (GRPO, DiffusionNFT, AWM). "
                     "Precedence: defaults < --preset < flags on the command line. Optional values accept 'none'.")
     groups: dict[str, argparse._ArgumentGroup] = {}
     for name, f in FIELDS.items():

@@ -118,7 +118,7 @@ def validate(cfg) -> None:
         need(getattr(c, name) >= 1, name, "must be at least 1")
     for name in ("rl_warmup_steps", "lr_warmup_steps", "rl_lr_warmup_steps", "eval_steps", "rl_sde_window_size"):
         need(getattr(c, name) >= 0, name, "must be >= 0")
-    for name in ("checkpoints_total_limit", "num_style_tokens", "nft_num_timesteps"):
+    for name in ("checkpoints_total_limit", "num_style_tokens", "nft_num_timesteps", "awm_num_timesteps"):
         need(getattr(c, name) is None or getattr(c, name) >= 1, name, "must be at least 1 or none")
     need(0 <= c.seed < 2**32, "seed", "must be in [0, 2^32)")
 
@@ -161,6 +161,7 @@ def validate(cfg) -> None:
              f"has no room for the window: need 0 <= lo and lo + window ({c.rl_sde_window_size}) <= hi <= "
              f"steps - 1 ({n - 1}; the last step is never stochastic)")
     need(c.nft_num_timesteps <= n, "nft_num_timesteps", f"must be <= rl_num_inference_steps ({n})")
+    _validate_awm_and_guard(c, need)
 
     # rewards
     parse_reward_spec(c.rewards)
@@ -170,6 +171,20 @@ def validate(cfg) -> None:
              "expected 'http(s)://host:port[,...]'")
     need(c.resume_from_checkpoint is None or bool(c.resume_from_checkpoint.strip()), "resume_from_checkpoint",
          "expected 'latest' or a checkpoint folder")
+
+
+def _validate_awm_and_guard(c, need) -> None:
+    """AWM's flags and GRPO-Guard's constraint."""
+    room = int(c.rl_num_inference_steps * c.rl_timestep_fraction) - 1
+    need(c.rl_method != "awm" or c.awm_num_timesteps <= room, "awm_num_timesteps",
+         f"must be <= int(rl_num_inference_steps x rl_timestep_fraction) - 1 ({room}): one timestep per stratum of "
+         "schedule indices [1, that), the pure-noise index 0 excluded")
+    for name in ("awm_ghuber_power", "awm_advantage_max", "awm_clip_range"):
+        need(getattr(c, name) > 0, name, "must be > 0")
+    need(c.awm_ema_kl_beta >= 0, "awm_ema_kl_beta", "must be >= 0")
+    need(0 <= c.awm_ema_kl_decay <= 1, "awm_ema_kl_decay", "must be in [0, 1]")
+    need(not c.rl_grpo_ratio_norm or c.rl_sde_type == "sde", "rl_grpo_ratio_norm",
+         "needs --rl_sde_type sde (GRPO-Guard normalises the sde step's Gaussian log-ratio)")
 
 
 def warnings(cfg) -> list[str]:

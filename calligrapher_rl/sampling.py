@@ -58,6 +58,7 @@ class Rollout:
     # the reference policy's SDE step mean at x_j, for the steps asked for (GRPO's KL term): computed here,
     # without gradient, so the update needs neither the reference forward nor the reference weights
     ref_means: dict[int, torch.Tensor] | None = None
+    means: torch.Tensor | None = None  # [B, N, L, C] float32: each step's mean (GRPO-Guard's old means)
 
     @property
     def final(self) -> torch.Tensor:
@@ -105,21 +106,22 @@ def rollout(
     tokens, style_kv = stack.style_condition(image_embeds, params)
     ref_condition = stack.style_condition(image_embeds, reference) if reference is not None else None
     ref_todo = set(sorted(j for j in stochastic if float(sigmas[j + 1]) > 0)[:reference_steps])
-    trajectory, log_probs, ref_means = [x], [], {}
+    trajectory, log_probs, means, ref_means = [x], [], [], {}
     for j in range(num_steps):
         s, s_next = float(sigmas[j]), float(sigmas[j + 1])
         v = stack.velocity(x, fill, text, s, image_embeds, guidance, scale, params=params, style_tokens=tokens,
                            style_kv=style_kv, quantized=quantized)
         level = noise_level if j in stochastic and s_next > 0 else 0.0
         x_prev = x
-        x, log_prob, _, _ = sde_step_with_logprob(v, s, s_next, x, level, generator=generator, sde_type=sde_type)
+        x, log_prob, mean, _ = sde_step_with_logprob(v, s, s_next, x, level, generator=generator, sde_type=sde_type)
         if ref_condition is not None and j in ref_todo:
             v_ref = stack.velocity(x_prev, fill, text, s, image_embeds, guidance, scale, params=reference,
                                    style_tokens=ref_condition[0], style_kv=ref_condition[1])
             ref_means[j] = sde_step_with_logprob(v_ref, s, s_next, x_prev, level, prev_sample=x,
                                                  sde_type=sde_type)[2]
         trajectory.append(x)
+        means.append(mean)
         log_probs.append(log_prob if level > 0 else torch.zeros(b, device=x.device))
     sde_steps = sorted(j for j in stochastic if float(sigmas[j + 1]) > 0)
     return Rollout(torch.stack(trajectory, 1), torch.stack(log_probs, 1), sigmas, sde_steps,
-                   ref_means if ref_condition is not None else None)
+                   ref_means if ref_condition is not None else None, torch.stack(means, 1))

@@ -28,7 +28,7 @@ from calligrapher_rl.errors import UserError, cli_main
 GUIDE = Path(__file__).resolve().parents[1] / "docs" / "RL_TRAINING_GUIDE.zh.md"
 PATHS = ["--pretrained_model_name_or_path", "m", "--siglip_path", "s", "--train_data_json", "d.jsonl",
          "--output_dir", "out"]
-PRESETS = ("tiny-grpo", "tiny-nft", "flux-grpo", "flux-nft")
+PRESETS = ("tiny-grpo", "tiny-nft", "flux-grpo", "flux-nft", "tiny-awm", "flux-awm", "tiny-grpo-fast", "flux-grpo-fast")
 
 # a sample value for every flag of the guide, and what it must become in the config
 SAMPLES = {
@@ -172,7 +172,7 @@ def test_presets_load_and_validate(name):
 
 
 def test_tiny_presets_are_the_cpu_default():
-    for name in ("tiny-grpo", "tiny-nft"):
+    for name in ("tiny-grpo", "tiny-nft", "tiny-awm", "tiny-grpo-fast"):
         c = parse_args(["--preset", name])
         assert (c.pretrained_model_name_or_path, c.siglip_path, c.train_data_json) == (
             "tiny-pretrained", "tiny-pretrained", "bundled-glyphs")  # the shipped tiny that writes
@@ -278,6 +278,16 @@ BAD = [
     (dict(seed=-1), "seed"),
     (dict(eval_steps=-1), "eval_steps"),
     (dict(adam_beta2=1.0), "adam_beta2"),
+    (dict(rl_method="awm", rl_num_inference_steps=4, awm_num_timesteps=4), "awm_num_timesteps"),
+    (dict(rl_method="awm", awm_num_timesteps=0), "awm_num_timesteps"),
+    (dict(awm_weighting="elbo"), "awm_weighting"),
+    (dict(awm_ghuber_power=0.0), "awm_ghuber_power"),
+    (dict(awm_advantage_max=-1.0), "awm_advantage_max"),
+    (dict(awm_clip_range=0.0), "awm_clip_range"),
+    (dict(awm_ema_kl_beta=-0.5), "awm_ema_kl_beta"),
+    (dict(awm_ema_kl_decay=1.5), "awm_ema_kl_decay"),
+    (dict(awm_ema_kl_decay_type="cosine"), "awm_ema_kl_decay_type"),
+    (dict(rl_grpo_ratio_norm=True, rl_sde_type="cps"), "rl_grpo_ratio_norm"),
 ]
 
 
@@ -328,6 +338,7 @@ def test_kl_beta_resolution_per_method():
     assert cfg(rl_method="grpo").resolved().rl_kl_beta == 0.1
     assert cfg(rl_method="nft").resolved().rl_kl_beta == 0.01
     assert cfg(rl_method="nft", rl_kl_beta=0.0).resolved().rl_kl_beta == 0.0
+    assert cfg(rl_method="awm").resolved().rl_kl_beta == 0.003  # AWM's authors' OCR value
     assert parse_args(PATHS + ["--rl_method", "nft"]).rl_kl_beta == 0.01
     assert parse_args(PATHS + ["--rl_kl_beta", "0.2"]).rl_kl_beta == 0.2
     assert TrainConfig().rl_kl_beta is None  # unresolved until resolved()
@@ -339,6 +350,9 @@ def test_other_derived_values():
     assert r.sde_window() == (0, 5) and r.num_trained_timesteps() == 2
     assert cfg(rl_num_inference_steps=10, rl_timestep_fraction=0.5).num_trained_timesteps() == 5
     assert cfg(rl_method="nft", rl_num_inference_steps=10, rl_timestep_fraction=0.5).resolved().nft_num_timesteps == 5
+    # AWM: min(6, room) with room = int(N x fraction) - 1 (index 0, pure noise, is never trained)
+    assert cfg(rl_method="awm", rl_num_inference_steps=14, rl_timestep_fraction=0.9).num_trained_timesteps() == 6
+    assert cfg(rl_method="awm", rl_num_inference_steps=4).num_trained_timesteps() == 3
     assert cfg().resolved().num_style_tokens == 128
     assert cfg(initial_ip_adapter_path="x.bin").resolved().num_style_tokens is None  # read from the file
     assert cfg(rl_eval_num_inference_steps=30).resolved().rl_eval_num_inference_steps == 30
@@ -391,6 +405,7 @@ def test_every_config_field_is_read_by_the_run():
     root = Path(__file__).resolve().parents[1] / "calligrapher_rl"
     sources = "".join(p.read_text() for p in root.rglob("*.py") if not p.name.startswith("config"))
     via_helper = {"rl_timestep_fraction": "num_trained_timesteps()", "nft_num_timesteps": "num_trained_timesteps()",
+                  "awm_num_timesteps": "num_trained_timesteps()",
                   "rl_sde_window_range": "sde_window()", "rewards": "cfg.rewards", "preset": "parse_args("}
     for name in dataclasses.fields(TrainConfig):
         used = re.search(rf"cfg\.{name.name}\b", sources) or (name.name in via_helper and via_helper[name.name] in sources)

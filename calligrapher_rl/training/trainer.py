@@ -23,6 +23,7 @@ from ..rl.advantages import PerPromptStatTracker, compute_advantages
 from ..rl.nft import old_decay
 from ..sampling import SDEWindow, rollout
 from . import setup
+from .awm_update import awm_end_of_epoch, awm_update
 from .batches import (
     RL_STREAM,
     WARMUP_STREAM,
@@ -294,8 +295,8 @@ class Trainer(RunLifecycle, Evaluation):
         with clock("rollout"):
             # only what this phase evaluates is on the card (policies.place): GRPO's reference (its step means
             # are taken here), NFT's old policy (it samples)
-            pol.place(self.acc.device, reference=cfg.rl_method == "grpo" and cfg.rl_kl_beta > 0,
-                      old=cfg.rl_method == "nft")
+            pol.place(self.acc.device, reference=cfg.rl_method in ("grpo", "awm") and cfg.rl_kl_beta > 0,
+                      old=cfg.rl_method in ("nft", "awm"))
             for b in range(cfg.rl_num_batches_per_epoch):
                 batch = self.conditions.batch(self.sampler.batch(RL_STREAM, self.rl_epoch * cfg.rl_num_batches_per_epoch + b))
                 ro = self._rollout(batch, b)
@@ -305,7 +306,9 @@ class Trainer(RunLifecycle, Evaluation):
                 finite.append(torch.isfinite(decoded.float()).flatten(1).all(1).cpu().numpy())
                 futures.append(score_finite(self.rewards, reward_samples(batch, to_pil(decoded)), ok))
                 batches.append(batch), rollouts.append(ro), sample_ok.append(ok)
-            pol.place(self.acc.device, old=cfg.rl_method == "nft")  # NFT's targets still need the old policy
+            # NFT's targets still need the old policy; AWM's update evaluates its EMA policy and the reference
+            pol.place(self.acc.device, old=cfg.rl_method in ("nft", "awm"),
+                      reference=cfg.rl_method == "awm" and cfg.rl_kl_beta > 0)
         counts1 = dict(self.stack.forward_counts)
         self._phase("scoring")
         with clock("reward"):
@@ -344,6 +347,8 @@ class Trainer(RunLifecycle, Evaluation):
             stats["nft/old_decay"] = old_decay(self.rl_steps, cfg.nft_decay_type)
             with clock("old_policy"):
                 pol.update_old(stats["nft/old_decay"])
+        if cfg.rl_method == "awm":
+            stats.update(awm_end_of_epoch(self))
         self.rl_epoch += 1
         if self.tracker is not None:
             self.tracker.clear()
@@ -426,7 +431,8 @@ class Trainer(RunLifecycle, Evaluation):
         afresh: supervised gradients are far larger than policy gradients (~30x on the tiny model), and
         their second moment (beta2 0.999) would otherwise shrink every RL step for thousands of steps. The
         learning rate then warms up again (--rl_lr_warmup_steps)."""
-        self.policies.begin_rl(with_old=self.cfg.rl_method == "nft")
+        self.policies.begin_rl(with_old=self.cfg.rl_method == "nft" or (self.cfg.rl_method == "awm"
+                                                                         and self.cfg.awm_ema_kl_beta > 0))
         # the reference is stored once per run: nothing when it is the initial adapter (a resume rebuilds it
         # from the same file or seed), else the run folder's reference.safetensors
         if self.step == 0:
@@ -455,7 +461,7 @@ class Trainer(RunLifecycle, Evaluation):
             return rollout(self.stack, batch.fill, batch.text, batch.image_embeds, num_steps=cfg.rl_num_inference_steps,
                            guidance=cfg.rl_guidance_scale, noise_level=cfg.rl_noise_level, sde_type=cfg.rl_sde_type,
                            window=window, generator=gen, scale=cfg.ip_adapter_scale, params=params,
-                           quantized=cfg.rl_method == "nft",  # GRPO's log-probs need the training precision
+                           quantized=cfg.rl_method != "grpo",  # GRPO's log-probs need the training precision
                            reference=reference, reference_steps=None if window else cfg.num_trained_timesteps())
 
     def _sample_generators(self, n: int, *key: int) -> list[torch.Generator]:
@@ -519,14 +525,19 @@ class Trainer(RunLifecycle, Evaluation):
         last backward of the batch that ends the group (`sync`)."""
         cfg = self.cfg
         steps = ro.sde_steps if cfg.rl_sde_window_size else ro.sde_steps[:cfg.num_trained_timesteps()]
-        n = len(steps) if cfg.rl_method == "grpo" else len(targets)  # backward calls of the batch
-        with sync_on_last_backward(self.stack, self._backward, n, sync) as backward:
+        n = {"grpo": len(steps), "nft": len(targets or [])}.get(cfg.rl_method, cfg.num_trained_timesteps())
+        with sync_on_last_backward(self.stack, self._backward, n, sync) as backward:  # backward calls of the batch
             common = dict(guidance=cfg.rl_guidance_scale, scale=cfg.ip_adapter_scale, kl_beta=cfg.rl_kl_beta,
                           adv_clip_max=cfg.rl_adv_clip_max, autocast=self.autocast, backward=backward)
             if cfg.rl_method == "grpo":
                 return grpo_backward(self.stack, batch, ro, adv, steps, noise_level=cfg.rl_noise_level,
                                      sde_type=cfg.rl_sde_type, clip_range=cfg.rl_grpo_clip_range,
-                                     loss_scale=1.0 / (n * group), policies=self.policies, **common)
+                                     loss_scale=1.0 / (n * group), policies=self.policies,
+                                     ratio_norm=cfg.rl_grpo_ratio_norm, **common)
+            if cfg.rl_method == "awm":
+                gen = torch.Generator().manual_seed(stream_seed(cfg.seed, RL_STREAM, self.rl_epoch, b, inner, 7,
+                                                                self.acc.process_index))
+                return awm_update(self, batch, ro, adv, inner, b, group, gen, policies=self.policies, **common)
             return nft_backward_on(self.stack, batch, ro, adv, targets, beta=cfg.nft_beta, adv_mode=cfg.nft_adv_mode,
                                    loss_scale=1.0 / (n * group), **common)
 

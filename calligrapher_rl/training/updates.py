@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ..rl.grpo import grpo_loss
+from ..rl.grpo import grpo_loss, ratio_norm_log_ratio
 from ..rl.nft import nft_loss
 from ..rl.sde import kl_to_reference, sde_step_with_logprob
 from ..sampling import Rollout
@@ -72,9 +72,10 @@ def warmup_backward(stack, batch: Batch, *, guidance: float, scale: float, gener
 def grpo_backward(stack, batch: Batch, ro: Rollout, advantages: torch.Tensor, steps: list[int], *, policies,
                   guidance: float, scale: float, noise_level: float, sde_type: str, clip_range: float,
                   adv_clip_max: float, kl_beta: float, loss_scale: float, autocast,
-                  backward=_plain_backward) -> dict[str, float]:
+                  backward=_plain_backward, ratio_norm: bool = False) -> dict[str, float]:
     """PPO-clip over the trained transitions x_j -> x_{j+1}, each a micro-batch, plus the KL to the
-    reference policy computed from the two policies' step means."""
+    reference policy computed from the two policies' step means. `ratio_norm`: GRPO-Guard's RatioNorm
+    against the step means recorded at rollout."""
     meter = StatsMeter()
     valid = torch.isfinite(advantages)
     for j in steps:
@@ -84,7 +85,11 @@ def grpo_backward(stack, batch: Batch, ro: Rollout, advantages: torch.Tensor, st
             v = stack.velocity(x_j, batch.fill, batch.text, s, batch.image_embeds, guidance, scale)
         _, log_prob, mean, std = sde_step_with_logprob(v, s, s_next, x_j, noise_level, prev_sample=x_next,
                                                        sde_type=sde_type)
-        loss, stats = grpo_loss(log_prob, ro.log_probs[:, j], advantages, clip_range, adv_clip_max, valid=valid)
+        guard = {}
+        if ratio_norm:
+            log_ratio, weight = ratio_norm_log_ratio(log_prob, ro.log_probs[:, j], mean, ro.means[:, j], std, s_next - s)
+            guard = {"log_ratio": log_ratio, "weight": weight}
+        loss, stats = grpo_loss(log_prob, ro.log_probs[:, j], advantages, clip_range, adv_clip_max, valid=valid, **guard)
         if kl_beta > 0 and (ro.ref_means is not None and j in ro.ref_means or policies.reference is not None):
             if ro.ref_means is not None and j in ro.ref_means:  # computed at rollout time (the trainer's way)
                 ref_mean = ro.ref_means[j]
