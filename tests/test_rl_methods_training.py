@@ -24,8 +24,8 @@ AWM = ["--preset", "tiny-awm", *COMMON, "--rewards", "brightness:1", "--seed", "
 class UpdateProbe(Trainer):
     """Keeps every batch update's stats, and whether the AWM ratio used the epoch's rollout snapshot."""
 
-    def _update(self, batch, ro, adv, inner, b, group):
-        got = super()._update(batch, ro, adv, inner, b, group)
+    def _update(self, batch, ro, adv, inner, b, group, **kwargs):
+        got = super()._update(batch, ro, adv, inner, b, group, **kwargs)
         self.updates.append((self.rl_epoch, b, got, getattr(self, "awm_rollout_params", None) is not None))
         return got
 
