@@ -52,14 +52,12 @@ from .lifecycle import RunLifecycle
 from .optim import reset_state
 from .policies import Policies, WeightHealth
 from .progress import ProgressCallback, system_metrics
+from .resume_guard import check_resume_settings
 from .run_dir import RunDir, StatusNotRecorded, claim_run_dir, ending
 from .updates import StatsMeter, grpo_backward, nft_backward, warmup_backward
+from .waits import RewardFailure, await_scores, check_policy, pause_for_rewards
 
 logger = logging.getLogger("calligrapher_rl.training")
-
-
-class RewardFailure(RuntimeError):
-    pass
 
 
 class NonFiniteTraining(RuntimeError):
@@ -73,10 +71,13 @@ class Trainer(RunLifecycle, Evaluation):
     `rewards`: None = config.rewards, else a list of registered names, Reward objects and callables
     `(images, prompts, metadata) -> scores` (see rewards.registry.build_rewards). `dataset`: None =
     config.train_data_json, else any sequence of the dataset's items. `callbacks`: see callbacks.py;
-    StatusCallback and a ProgressCallback (unless you pass one) come first.
+    StatusCallback and a ProgressCallback (unless you pass one) come first. `on_reward_failure`: what a
+    reward-failure pause does (waits.py): "fail" ends the run at once, "wait" waits for control files
+    (the command line), or a function (trainer, message) -> bool (True continues).
     """
 
-    def __init__(self, config: TrainConfig, rewards=None, dataset=None, callbacks=None):
+    def __init__(self, config: TrainConfig, rewards=None, dataset=None, callbacks=None, on_reward_failure="fail"):
+        self.on_reward_failure = check_policy(on_reward_failure)
         callbacks = list(callbacks or [])
         defaults = [StatusCallback()] + ([] if any(isinstance(c, ProgressCallback) or c is ProgressCallback
                                                    for c in callbacks) else [ProgressCallback()])
@@ -98,6 +99,12 @@ class Trainer(RunLifecycle, Evaluation):
                 self._lock = claim_run_dir(cfg.output_dir, resume=bool(cfg.resume_from_checkpoint),
                                            overwrite=cfg.overwrite_output_dir, logging_dir=cfg.logging_dir)
             orphans = remove_orphans(cfg.output_dir) if self.is_main else []
+            # a refused resume (another method, a changed meaning, nothing left to train) writes nothing: the
+            # folder's status.json still tells its own run's ending
+            self._resume_path = resolve_resume(cfg.output_dir, cfg.resume_from_checkpoint)
+            if self._resume_path is not None:  # method and model, before minutes of loading
+                check_resume_settings(cfg, self._resume_path, check_resume(cfg, self._resume_path),
+                                      custom_rewards=rewards is not None)
             self.run_dir = RunDir(cfg.output_dir, is_main=self.is_main, logging_dir=cfg.logging_dir,
                                   accelerator=self.acc)
             if self._lock is not None and self._lock.removed:
@@ -112,16 +119,14 @@ class Trainer(RunLifecycle, Evaluation):
             # rewards, paths, GPUs, dataset: fail before loading anything, with status failed (objects passed
             # in Python are the caller's to check)
             require_ready(cfg, rewards=rewards is None, dataset=dataset is None)
-            self._resume_path = resolve_resume(cfg.output_dir, cfg.resume_from_checkpoint)
-            if self._resume_path is not None:
-                check_resume(cfg, self._resume_path)  # method and model, before minutes of loading
             self._build(cfg)
         except BaseException as exc:  # a watcher must not see "starting" forever
+            exc = self._loading_ended(exc)  # a stop signal while loading is the cause, whatever it broke
             if self.run_dir is not None:
                 self.run_dir.final_status(*ending(exc, 0))
                 self.run_dir.close()
             self._release()
-            raise
+            raise exc
         self._loading = False
 
     def _build(self, cfg: TrainConfig) -> None:
@@ -183,8 +188,8 @@ class Trainer(RunLifecycle, Evaluation):
                 if final == "finished" and cfg.eval_steps and self._evaluated_step != self.step:
                     self.evaluate()  # the last grid is of the final weights
                 message = "stop requested" if final == "stopped" else "done"
-            except RewardFailure as exc:  # paused for reward failures, then asked to stop: keep the work
-                final, message = "stopped", str(exc)
+            except RewardFailure as exc:  # reward failures (or a signal while scoring) end the run: keep the work
+                final, message = exc.state, str(exc)
             except NonFiniteTraining as exc:  # the skipped steps left the weights finite: keep them, say why
                 logger.error("%s", exc)
                 final, message = "failed", str(exc)
@@ -254,7 +259,7 @@ class Trainer(RunLifecycle, Evaluation):
         cfg = self.cfg
         if self.policies.reference is None:
             self._begin_rl()
-        t0 = time.time()
+        t0, first_step = time.time(), self.step
         self._phase("rollout")
         batches, rollouts, futures, finite = [], [], [], []
         for b in range(cfg.rl_num_batches_per_epoch):
@@ -266,7 +271,7 @@ class Trainer(RunLifecycle, Evaluation):
             batches.append(batch), rollouts.append(ro)
         t_rollout = time.time() - t0
         self._phase("scoring")
-        scores = [fail_nonfinite_images(f.result(), ok) for f, ok in zip(futures, finite)]
+        scores = [fail_nonfinite_images(r, ok) for r, ok in zip(await_scores(self, futures), finite)]
         t_reward = time.time() - t0 - t_rollout
         stats = self._reward_stats(scores)
         advantages = self._advantages(batches, scores)
@@ -306,6 +311,10 @@ class Trainer(RunLifecycle, Evaluation):
         stats["train/skipped_nonfinite"] = float(self.skipped_nonfinite)  # the total, not the epoch's mean
         stats.update({"time/rollout_s": t_rollout, "time/reward_s": t_reward, "time/update_s": time.time() - t1,
                       "rl/epoch": self.rl_epoch, "rl/optimizer_steps": steps_done})
+        if self.step == first_step:  # nothing trained (every reward failed): no row repeating the step
+            self._retried_epochs = getattr(self, "_retried_epochs", 0) + 1
+            return
+        stats["rl/retried_epochs"] = float(getattr(self, "_retried_epochs", 0))  # in all, this run
         self._log("rl", mean_across(self.acc, stats))
 
     def _phase(self, phase: str) -> None:
@@ -379,20 +388,7 @@ class Trainer(RunLifecycle, Evaluation):
         return out
 
     def _pause_for_rewards(self, failed: float) -> None:
-        msg = (f"{failed:.0%} of rewards failed this epoch (limit {self.cfg.rl_reward_failure_limit:.0%}); "
-               "check the reward servers, then resume (control/resume) or stop")
-        logger.error(msg)
-        self.run_dir.set_status("paused", self.step, msg)
-        while True:
-            stop, resume = self._control(resume=True)
-            if stop:
-                self._stop = True
-                raise RewardFailure(msg)
-            if resume:
-                break
-            time.sleep(1.0)
-        self._status_note = "resumed after reward failures"
-        self.run_dir.set_status("running", self.step, self._status_note)
+        pause_for_rewards(self, failed)
 
     def _advantages(self, batches, scores) -> list[torch.Tensor]:
         cfg = self.cfg
@@ -485,4 +481,5 @@ class Trainer(RunLifecycle, Evaluation):
 
 
 def train(cfg: TrainConfig) -> str:
-    return Trainer(cfg).run()
+    """The command line's run: a reward-failure pause waits for control/resume (at most --pause_timeout_s)."""
+    return Trainer(cfg, on_reward_failure="wait").run()
