@@ -22,9 +22,9 @@ _WRITE_FAILED = ("file write failed", "inline_container", "StorageFull", "No spa
 
 
 class DiskFull(OSError):
-    def __init__(self, message: str, path: str):
+    def __init__(self, message: str, path: str, needed: float = 0):
         super().__init__(errno.ENOSPC, message, path)
-        self.message = message
+        self.message, self.needed = message, needed
 
     def __str__(self) -> str:
         return self.message
@@ -54,7 +54,7 @@ def device_of(path: str) -> tuple[str, str]:
 
 
 def _gb(n: float) -> str:
-    return f"{max(n, 0) / 1e9:.2f}" if n >= 5e6 else "0.01"
+    return f"{max(n, 0) / 1e9:.2f}"
 
 
 def no_space(path: str, needed_bytes: float | None = None) -> DiskFull:
@@ -63,9 +63,9 @@ def no_space(path: str, needed_bytes: float | None = None) -> DiskFull:
         free = shutil.disk_usage(_existing(path)).free
     except OSError:
         free = 0
-    needed = needed_bytes if needed_bytes else 1 << 20
+    needed = max(needed_bytes or 0, 1e7)  # at least ~0.01 GB: a small file needs little, but never "0.00"
     return DiskFull(f"no space left on {device} {path}, needs ~{_gb(needed)} GB ({_gb(free)} GB free on {mount})",
-                    path)
+                    path, needed)
 
 
 def is_full(exc: BaseException, path: str | None = None, needed_bytes: float | None = None) -> bool:
@@ -89,16 +89,18 @@ def is_full(exc: BaseException, path: str | None = None, needed_bytes: float | N
 
 
 def as_disk_full(exc: BaseException, path: str, needed_bytes: float | None = None) -> BaseException:
-    """`exc` as a DiskFull naming `path` when it is a full disk; else `exc`."""
-    if isinstance(exc, DiskFull) or not is_full(exc, path, needed_bytes):
+    """`exc` as a DiskFull naming `path` (what the writer was writing, not its temporary) when it is a full
+    disk; else `exc`."""
+    if not is_full(exc, path, needed_bytes):
         return exc
-    where = getattr(exc, "filename", None) or path
-    return no_space(os.fspath(where), needed_bytes)
+    needed = max(needed_bytes or 0, getattr(exc, "needed", 0))  # a nested writer's part of a larger write
+    return no_space(os.fspath(path), needed)
 
 
 @contextlib.contextmanager
 def writing(path: str, needed_bytes: float | None = None) -> Iterator[None]:
-    """Writes inside the block that fail for want of space raise DiskFull naming `path`."""
+    """Writes inside the block that fail for want of space raise DiskFull naming `path` (the outermost
+    block names the file or folder: a checkpoint, not its temporary's first file)."""
     try:
         yield
     except Exception as exc:  # noqa: BLE001 - translated only when it is a full disk, else re-raised as is

@@ -382,7 +382,10 @@ class RunDir:
             self.accelerator.trackers.clear()
         if self.is_main and self._log_handler is not None:
             logging.getLogger("calligrapher_rl").removeHandler(self._log_handler)
-            self._log_handler.close()
+            try:
+                self._log_handler.close()
+            except OSError:  # its last flush on a full disk: already said once (_LogFile), never the outcome
+                pass
             self._log_handler = None
 
 
