@@ -13,7 +13,6 @@ broken server) is a failed sample (NaN), so the trainer's failure count and paus
 from __future__ import annotations
 
 import base64
-import concurrent.futures as cf
 import io
 import math
 import time
@@ -21,6 +20,7 @@ import time
 import numpy as np
 
 from .base import RewardError, RewardSample, logger, sanitize_scores
+from .worker import map_daemon
 
 
 def encode_image(image, mode: str = "RGB") -> str | None:
@@ -118,10 +118,9 @@ class RemoteRewards:
         out = {name: [] for name in self.names}
         if not chunks:
             return {name: np.zeros(0) for name in self.names}
-        with cf.ThreadPoolExecutor(max_workers=min(self.concurrency, len(chunks))) as pool:
-            for res in pool.map(self._score_chunk, range(len(chunks)), chunks):  # keeps chunk order
-                for name in self.names:
-                    out[name].extend(res[name])
+        for res in map_daemon(self._score_chunk, chunks, self.concurrency):  # keeps chunk order
+            for name in self.names:
+                out[name].extend(res[name])
         return {name: np.asarray(v, dtype=np.float64) for name, v in out.items()}
 
     def close(self) -> None:

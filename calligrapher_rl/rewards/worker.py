@@ -92,3 +92,34 @@ class Deadline:
         if "error" in box:
             raise box["error"]
         return box["value"]
+
+
+def map_daemon(fn, items: list, concurrency: int) -> list:
+    """[fn(i, item) ...] in order, on at most `concurrency` daemon threads (a pool's threads would be joined
+    at exit, so a call hung on the network would hold the process); the first exception is re-raised."""
+    results: list = [None] * len(items)
+    errors: list[BaseException] = []
+    todo: queue.Queue = queue.Queue()
+    for k in range(len(items)):
+        todo.put(k)
+
+    def work():
+        while True:
+            try:
+                k = todo.get_nowait()
+            except queue.Empty:
+                return
+            try:
+                results[k] = fn(k, items[k])
+            except BaseException as exc:  # noqa: BLE001 - re-raised in the caller's thread
+                errors.append(exc)
+
+    threads = [threading.Thread(target=work, name="reward-chunk", daemon=True)
+               for _ in range(max(1, min(concurrency, len(items))))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    if errors:
+        raise errors[0]
+    return results
