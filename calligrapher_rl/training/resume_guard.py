@@ -1,5 +1,6 @@
 """What a resume must agree with, checked before anything loads or is written (a refused start leaves the
-run folder, its status.json included, as it was).
+run folder, its status.json included, as it was; a missing or unreadable checkpoint is not a refusal but
+a failure of this start, reported later with status `failed`).
 
 - The model, method and trainable set (checkpointing.check_resume), the resolution and the rewards: a
   different value changes what the run means, so it is refused unless --allow_changed_settings.
@@ -15,6 +16,7 @@ import os
 
 from ..config_validate import parse_reward_spec
 from ..errors import UserError
+from .checkpointing import check_resume, read_state, resolve_resume
 
 logger = logging.getLogger("calligrapher_rl.training")
 
@@ -51,6 +53,18 @@ def _same(key: str, theirs, mine) -> bool:
         except UserError:
             return theirs == mine
     return theirs == mine
+
+
+def refuse_mismatched_resume(cfg, *, custom_rewards: bool = False) -> None:
+    """UserError when the run's checkpoint was made with other settings (see the module's docstring)."""
+    try:
+        ckpt = resolve_resume(cfg.output_dir, cfg.resume_from_checkpoint)
+        if ckpt is None:
+            return
+        read_state(ckpt)
+    except UserError:  # missing or unreadable: the trainer says so once it owns the status (failed)
+        return
+    check_resume_settings(cfg, ckpt, check_resume(cfg, ckpt), custom_rewards=custom_rewards)
 
 
 def check_resume_settings(cfg, ckpt: str, state: dict, *, custom_rewards: bool = False) -> None:

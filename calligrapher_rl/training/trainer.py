@@ -52,7 +52,7 @@ from .lifecycle import RunLifecycle
 from .optim import reset_state
 from .policies import Policies, WeightHealth
 from .progress import ProgressCallback, system_metrics
-from .resume_guard import check_resume_settings
+from .resume_guard import refuse_mismatched_resume
 from .run_dir import RunDir, StatusNotRecorded, claim_run_dir, ending
 from .updates import StatsMeter, grpo_backward, nft_backward, warmup_backward
 from .waits import RewardFailure, await_scores, check_policy, pause_for_rewards
@@ -99,12 +99,7 @@ class Trainer(RunLifecycle, Evaluation):
                 self._lock = claim_run_dir(cfg.output_dir, resume=bool(cfg.resume_from_checkpoint),
                                            overwrite=cfg.overwrite_output_dir, logging_dir=cfg.logging_dir)
             orphans = remove_orphans(cfg.output_dir) if self.is_main else []
-            # a refused resume (another method, a changed meaning, nothing left to train) writes nothing: the
-            # folder's status.json still tells its own run's ending
-            self._resume_path = resolve_resume(cfg.output_dir, cfg.resume_from_checkpoint)
-            if self._resume_path is not None:  # method and model, before minutes of loading
-                check_resume_settings(cfg, self._resume_path, check_resume(cfg, self._resume_path),
-                                      custom_rewards=rewards is not None)
+            refuse_mismatched_resume(cfg, custom_rewards=rewards is not None)  # writes nothing when it refuses
             self.run_dir = RunDir(cfg.output_dir, is_main=self.is_main, logging_dir=cfg.logging_dir,
                                   accelerator=self.acc)
             if self._lock is not None and self._lock.removed:
@@ -119,6 +114,9 @@ class Trainer(RunLifecycle, Evaluation):
             # rewards, paths, GPUs, dataset: fail before loading anything, with status failed (objects passed
             # in Python are the caller's to check)
             require_ready(cfg, rewards=rewards is None, dataset=dataset is None)
+            self._resume_path = resolve_resume(cfg.output_dir, cfg.resume_from_checkpoint)
+            if self._resume_path is not None:
+                check_resume(cfg, self._resume_path)  # method and model, before minutes of loading
             self._build(cfg)
         except BaseException as exc:  # a watcher must not see "starting" forever
             exc = self._loading_ended(exc)  # a stop signal while loading is the cause, whatever it broke
