@@ -7,10 +7,10 @@ import os
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import psutil
-from test_reliability import _wait
 from test_reliability_signals import HungServer
 
 from app import runs
@@ -33,15 +33,24 @@ def test_studio_stop_of_a_shell_started_run_leaves_the_shell_and_its_other_proce
     `sleep`; the page then said 'only a dead run can be marked stopped'."""
     server, out = HungServer(hang="health"), tmp_path / "run"  # its health check keeps the run `starting`
     (tmp_path / "train.sh").write_text(SCRIPT)
-    shell = subprocess.Popen(["bash", str(tmp_path / "train.sh"), str(tmp_path), sys.executable, server.url],
-                             cwd=ROOT, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-                             text=True)
+    log = tmp_path / "shell.log"  # a file, not a pipe: nobody reads it while the trainer writes
+    with open(log, "wb") as fh:
+        shell = subprocess.Popen(["bash", str(tmp_path / "train.sh"), str(tmp_path), sys.executable, server.url],
+                                 cwd=ROOT, start_new_session=True, stdout=fh, stderr=subprocess.STDOUT)
+
+    def wait(cond, what, timeout=180):
+        deadline = time.time() + timeout
+        while not cond():
+            assert shell.poll() is None, f"the script ended while waiting for {what}: {log.read_text()[-2000:]}"
+            assert time.time() < deadline, f"timed out waiting for {what}: {log.read_text()[-2000:]}"
+            time.sleep(0.1)
+
     try:
-        _wait(lambda: server.entered.is_set() and (read_status(str(out)) or {}).get("state") == "starting",
-              "the run loading", shell)
+        wait(lambda: server.entered.is_set() and (read_status(str(out)) or {}).get("state") == "starting",
+             "the run loading")
         assert runs.run_info(str(out))["state"] == "starting"
         assert runs.stop_run(str(out)) == "stopped while loading"
-        _wait((tmp_path / "trainer.rc").exists, "the trainer's exit", shell)
+        wait((tmp_path / "trainer.rc").exists, "the trainer's exit")
         assert (tmp_path / "trainer.rc").read_text().strip() == str(128 + signal.SIGTERM)
         status = read_status(str(out))
         assert status["state"] == "stopped" and status["message"].startswith("stopped by signal 15 while loading")
