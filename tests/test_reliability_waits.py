@@ -16,9 +16,8 @@ import pytest
 from test_library import config
 from test_reliability import _wait
 
-from calligrapher_rl.errors import Interrupted
 from calligrapher_rl.training import Trainer
-from calligrapher_rl.training.run_dir import read_metrics, read_status
+from calligrapher_rl.training.run_dir import Interrupted, read_metrics, read_status
 
 ROOT = Path(__file__).resolve().parents[1]
 FAST = dict(rl_warmup_steps=0, eval_steps=0, eval_at_start=False, use_ema=False, checkpointing_steps=1000)
