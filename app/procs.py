@@ -69,10 +69,12 @@ def pid_alive(pid, started: float | None = None, created: float | None = None) -
     return same_process(pid, created, started) is not False
 
 
-def signal_group(pid, sig: int = signal.SIGTERM, *, created: float | None = None, started: float | None = None,
-                 what: str = "the run's process") -> None:
-    """Send `sig` to the process group led by the recorded process, after checking it is that process.
-    UserError when it is another process (pid reused) or when that cannot be told."""
+def signal_run(pid, sig: int = signal.SIGTERM, *, created: float | None = None, started: float | None = None,
+               what: str = "the run's process") -> None:
+    """Send `sig` to the recorded process (after checking it is that process) and to the processes it
+    started. Its process group only when it leads one (a run the studio launched: start_new_session):
+    a trainer started from a user's shell script shares that script's group, and the script and anything
+    else in it must live on. UserError when it is another process (pid reused) or that cannot be told."""
     same = same_process(pid, created, started)
     if same is None:
         raise UserError(f"not signalling pid {pid}: no start time was recorded for {what}, so the studio "
@@ -81,9 +83,19 @@ def signal_group(pid, sig: int = signal.SIGTERM, *, created: float | None = None
         raise UserError(f"not signalling pid {pid}: it is no longer {what} (gone, or the pid now belongs to "
                         "another process)")
     try:
-        os.killpg(os.getpgid(pid), sig)
-    except ProcessLookupError:
-        pass
+        if os.getpgid(pid) == pid:  # a group of its own: the run and every process it started
+            os.killpg(pid, sig)
+            return
+        proc = psutil.Process(pid)
+        started_by_it = proc.children(recursive=True)  # read before the signal: they are re-parented after
+        proc.send_signal(sig)
+    except (ProcessLookupError, psutil.NoSuchProcess):
+        return
+    for child in started_by_it:
+        try:
+            child.send_signal(sig)
+        except psutil.Error:  # gone meanwhile
+            pass
 
 
 def launch_record(run_dir: str) -> dict:

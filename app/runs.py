@@ -27,7 +27,7 @@ from .procs import (
     launch_alive,
     launch_record,
     pid_alive,
-    signal_group,
+    signal_run,
 )
 
 LIVE = ("launching", "starting", "running", "paused", "stopping")
@@ -381,7 +381,7 @@ def stop_run(run_dir: str, wait_s: float = 10.0) -> str:
                 check = {"started": launch_record(run_dir).get("launched")}
         else:
             pid, check = info["pid"], {"started": status.get("started")}
-        signal_group(pid, signal.SIGTERM, what=f"run {info['name']!r}", **check)
+        signal_run(pid, signal.SIGTERM, what=f"run {info['name']!r}", **check)
         deadline = time.time() + wait_s
         while time.time() < deadline and pid_alive(pid, **check):
             time.sleep(0.2)

@@ -14,6 +14,8 @@ import shutil
 import tempfile
 from typing import Iterator
 
+from .disk import writing
+
 
 def _read_umask() -> int:
     mask = os.umask(0o022)  # read once at import: os.umask() is process-wide and other threads write files
@@ -50,18 +52,27 @@ def atomic_path(path: str | os.PathLike) -> Iterator[str]:
     path = os.fspath(path)
     folder = os.path.dirname(os.path.abspath(path))
     os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", suffix=".tmp", dir=folder)
-    os.close(fd)
+    with writing(path, _size(path)):  # a full disk: one line naming the device, the file and the space needed
+        fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", suffix=".tmp", dir=folder)
+        os.close(fd)
+        try:
+            yield tmp
+            with open(tmp, "rb") as fh:
+                os.fsync(fh.fileno())
+            os.chmod(tmp, _umask_mode(0o666))
+            os.replace(tmp, path)
+            _fsync_dir(folder)
+        finally:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
+
+
+def _size(path: str) -> int:
+    """About what a rewrite of `path` needs: its present size (at least a block)."""
     try:
-        yield tmp
-        with open(tmp, "rb") as fh:
-            os.fsync(fh.fileno())
-        os.chmod(tmp, _umask_mode(0o666))
-        os.replace(tmp, path)
-        _fsync_dir(folder)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+        return max(os.path.getsize(path), 4096)
+    except OSError:
+        return 4096
 
 
 def write_text(path: str | os.PathLike, text: str) -> None:

@@ -108,6 +108,8 @@ class TrainConfig:
     checkpointing_steps: int = _OUT(500, "save checkpoint-{step}/ every N optimizer steps")
     checkpoints_total_limit: int | None = _OUT(None, "keep only the newest N checkpoints; none = keep all")
     resume_from_checkpoint: str | None = _OUT(None, "'latest' (newest checkpoint in --output_dir) or a checkpoint folder")
+    allow_changed_settings: bool = _OUT(False, "resume even though a setting that changes the run's meaning (resolution, "
+                                               "rewards, method, model, trainable set) differs from the checkpoint's")
     overwrite_output_dir: bool = _OUT(False, "start a new run in a non-empty --output_dir, deleting the earlier run's "
                                              "metrics, logs, samples and checkpoints (without it such a start is refused)")
     seed: int = _OUT(42, "random seed of data order, rollout noise and initialisation")
@@ -234,6 +236,8 @@ class TrainConfig:
     rl_reward_failure_limit: float = _REWARD(
         0.1, "fraction of failed reward calls in an epoch above which the run pauses (failed samples are "
              "left out of the update, never scored 0)")
+    pause_timeout_s: float = _REWARD(1800.0, "a run paused by reward failures ends failed (its checkpoint kept) after "
+                                             "this many seconds without control/resume; 0 = wait for the user")
 
     # --- EMA ---
     use_ema: bool = _EMA(False, "keep an EMA of the trainable weights (used for evaluation, saved beside the raw ones)")

@@ -145,6 +145,7 @@ def validate(cfg) -> None:
     need(c.rl_noise_level >= 0, "rl_noise_level", "must be >= 0")
     need(c.rl_sde_type != "cps" or c.rl_noise_level <= 1, "rl_noise_level", "must be <= 1 with --rl_sde_type cps")
     need(0 <= c.rl_reward_failure_limit <= 1, "rl_reward_failure_limit", "must be a fraction in [0, 1]")
+    need(c.pause_timeout_s >= 0, "pause_timeout_s", "must be >= 0 (0 = wait for the user)")
     if c.use_rl:
         need(c.rl_num_images_per_prompt >= 2, "rl_num_images_per_prompt",
              "must be at least 2 with --use_rl (advantages compare the images of one prompt; the guide "

@@ -19,6 +19,15 @@ class UserError(Exception):
         super().__init__(f"{prefix}: {message}" if prefix else message)
 
 
+class Interrupted(BaseException):
+    """A stop signal while the models load (nothing is trained yet, so the run ends at once), or before
+    the run began. The command prints its message and exits 128 + signum."""
+
+    def __init__(self, signum: int, when: str = "while loading: nothing trained yet"):
+        super().__init__(f"stopped by signal {signum} {when}")
+        self.signum = signum
+
+
 def cli_main(main: Callable[[list[str] | None], int | None], argv: list[str] | None = None) -> None:
     """Run a command's main; exit 2 with one line on a UserError."""
     try:

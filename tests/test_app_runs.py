@@ -326,9 +326,9 @@ def test_a_reused_launch_pid_is_never_signalled(tmp_path):
         with pytest.raises(UserError, match="nothing to stop"):
             runs.stop_run(run_dir)
         with pytest.raises(UserError, match="no longer run 'old'"):  # asked directly, it is refused too
-            procs.signal_group(other.pid, created=time.time() - 3600, what="run 'old'")
+            procs.signal_run(other.pid, created=time.time() - 3600, what="run 'old'")
         with pytest.raises(UserError, match="no start time"):
-            procs.signal_group(other.pid, what="run 'old'")
+            procs.signal_run(other.pid, what="run 'old'")
         assert other.poll() is None  # never signalled
     finally:
         other.kill()

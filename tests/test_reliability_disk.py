@@ -8,6 +8,7 @@ and the exit code is non-zero."""
 from __future__ import annotations
 
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -34,11 +35,11 @@ def small_disk(tmp_path):
     subprocess.run(["umount", "-l", str(mnt)], capture_output=True)
 
 
-def _run_until_first_step(out):
+def _run_until_first_step(out, *extra):
     proc = subprocess.Popen(
         [sys.executable, "-m", "calligrapher_rl.train", "--preset", "tiny-grpo", "--output_dir", str(out),
          "--resolution", "32", "--rl_num_inference_steps", "4", "--num_style_tokens", "8", "--eval_steps", "0",
-         "--rl_warmup_steps", "1", "--max_train_steps", "100000", "--checkpointing_steps", "100000"],
+         "--rl_warmup_steps", "1", "--max_train_steps", "100000", "--checkpointing_steps", "100000", *extra],
         cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     deadline = time.time() + 180
     while not read_metrics(str(out)):
@@ -66,9 +67,11 @@ def test_disk_full_mid_run_leaves_status_failed_and_one_line(small_disk):
         _, err = proc.communicate(timeout=120)
         assert proc.returncode == 1, err[-2000:]
         errors = [ln for ln in err.splitlines() if ln.startswith("error:")]
-        assert len(errors) == 1 and "No space left on device" in errors[0] and "Traceback" not in err, err[-3000:]
+        assert len(errors) == 1 and "Traceback" not in err, err[-3000:]
+        assert re.match(rf"error: no space left on tmpfs {out}/\S+, needs ~[\d.]+ GB \([\d.]+ GB free on {small_disk}\)$",
+                        errors[0]), errors[0]
         status = read_status(str(out))
-        assert status["state"] == "failed" and "No space left on device" in status["message"]
+        assert status["state"] == "failed" and status["message"] == errors[0][len("error: "):]
         assert status["pid"] == proc.pid
     finally:
         if proc.poll() is None:
@@ -98,3 +101,49 @@ def test_when_even_the_in_place_status_write_fails_stderr_says_so(small_disk):
         if proc.poll() is None:
             proc.kill()
             proc.wait()
+
+
+def _leave_free(folder: Path, free_bytes: int) -> None:
+    """Fill the disk, then give `free_bytes` back."""
+    _fill(folder)
+    filler = max(folder.glob("filler-*"), key=lambda p: p.stat().st_size)
+    os.truncate(filler, max(0, filler.stat().st_size - free_bytes))
+
+
+def test_disk_full_while_saving_a_checkpoint_names_the_disk_not_torch(small_disk):
+    """Room for metrics and status, none for the ~6 MB checkpoint: before, torch's `RuntimeError: [enforce
+    fail at inline_container.cc:672] ... file write failed` (or safetensors' IoError) with a traceback."""
+    out = small_disk / "run"
+    proc = _run_until_first_step(out, "--checkpointing_steps", "2")
+    try:
+        proc.send_signal(signal.SIGSTOP)  # the disk is filled between two steps
+        try:
+            _leave_free(small_disk, 1 << 20)
+        finally:
+            proc.send_signal(signal.SIGCONT)
+        _, err = proc.communicate(timeout=120)
+        assert proc.returncode == 1 and "Traceback" not in err and "enforce fail" not in err, err[-3000:]
+        errors = [ln for ln in err.splitlines() if ln.startswith("error:")]
+        assert len(errors) == 1 and errors[0].startswith(f"error: no space left on tmpfs {out}/checkpoint-2, needs ~")
+        status = read_status(str(out))
+        assert status["state"] == "failed" and status["message"].startswith("no space left on tmpfs")
+        assert not (out / "checkpoint-2").exists() and not list(out.glob(".checkpoint-2*"))  # no half checkpoint
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+
+
+def test_torch_and_safetensors_write_failures_are_translated(small_disk):
+    import torch
+    from safetensors.torch import save_file
+
+    from calligrapher_rl.disk import DiskFull, writing
+
+    big = torch.zeros(5 << 20)  # 20 MB on a 16 MB disk
+    for name, save in (("t.pt", lambda p: torch.save(big, p)), ("t.safetensors", lambda p: save_file({"w": big}, p))):
+        path = small_disk / name
+        with pytest.raises(DiskFull, match=rf"^no space left on tmpfs {path}, needs ~0.02 GB \(0.\d\d GB free on "):
+            with writing(str(path), big.numel() * 4):
+                save(str(path))
+        path.unlink(missing_ok=True)

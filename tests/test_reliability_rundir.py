@@ -250,3 +250,28 @@ with atomic_dir({str(run / "checkpoint-9")!r}) as tmp:  # what save_checkpoint d
     removed = remove_orphans(str(run))
     assert len(removed) == 1 and removed[0].startswith(".checkpoint-9.") and not list(run.glob(".checkpoint-*"))
     assert resolve_resume(str(run), "latest") == str(run / "checkpoint-2")
+
+
+def test_a_refused_resume_writes_nothing_and_a_changed_meaning_needs_allow_changed_settings(finished, tmp_path):
+    """Before: a refused resume rewrote the finished run's status.json to `failed`, step 0; a resume took a
+    changed resolution or reward set silently, and one at its last step ended `done` having trained nothing."""
+    out = _copy(finished, tmp_path / "run")
+    kept = {name: (out / name).read_bytes() for name in ("status.json", "metrics.jsonl", "run.json")}
+
+    def refused(match, *extra, preset="tiny-grpo"):
+        with pytest.raises(UserError, match=match) as exc:
+            train(parse_args(_args(out, "--resume_from_checkpoint", "latest", *extra, preset=preset)))
+        assert "\n" not in str(exc.value)
+        assert {name: (out / name).read_bytes() for name in kept} == kept  # the finished run's files as they were
+
+    refused(r"trained with --rl_method grpo, this run has nft: .*pass --allow_changed_settings", preset="tiny-nft")
+    refused(r"^--max_train_steps: 2 is at or below the checkpoint's step 2 \(.*checkpoint-2\): nothing would be "
+            r"trained", "--max_train_steps", "2")
+    refused(r"trained with --resolution 32, this run has 48, .*--allow_changed_settings", "--max_train_steps", "3",
+            "--resolution", "48")
+    refused(r"trained with --rewards ocr:1.0, this run has fidelity, .*--allow_changed_settings", "--max_train_steps",
+            "3", "--rewards", "fidelity")
+    assert train(parse_args(_args(out, "--resume_from_checkpoint", "latest", "--max_train_steps", "3", "--rewards",
+                                  "fidelity", "--allow_changed_settings", preset="tiny-nft"))) == "finished"
+    assert [r["step"] for r in read_metrics(str(out))] == [1, 2, 3]
+    assert json.loads((out / "run.json").read_text())["rewards"] == "fidelity"

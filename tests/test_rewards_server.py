@@ -85,7 +85,8 @@ def good(local):
 
 def test_healthy_server_scores_equal_local_scores(good, local):
     batch = samples(5)
-    assert httpx.get(f"{good.url}/health").json() == {"status": "ok", "rewards": NAMES}
+    health = httpx.get(f"{good.url}/health").json()
+    assert health["status"] == "ok" and health["rewards"] == NAMES and health["queue"]["pending"] == 0
     remote = RemoteRewards([good.url], NAMES, chunk_size=2)
     remote.check_health()
     got = remote.score(batch)
@@ -469,3 +470,79 @@ def test_non_finite_and_out_of_range_scores_count_as_failed(caplog):
     with build_rewards("fidelity") as rs:  # a local per-sample reward is held to the same range
         rs.rewards["fidelity"].score_one = lambda s: 1e308
         assert np.isnan(rs.score(samples(2))["total"]).all()
+
+
+class Gate(Reward):
+    """Scores 1.0 once the gate opens; counts the calls that entered."""
+
+    def __init__(self):
+        self.open, self.entered = threading.Event(), 0
+
+    def score(self, samples):
+        self.entered += 1
+        self.open.wait(60)
+        return [1.0] * len(samples)
+
+
+def test_a_token_is_required_and_compared_and_the_client_sends_the_environment_s(local, monkeypatch):
+    """Before: no authentication, any local user could use (and keep busy) the OCR server."""
+    monkeypatch.delenv("CALLIGRAPHER_REWARD_TOKEN", raising=False)
+    served = Served(create_app({"fidelity": local["fidelity"]}, token="s3cret-token"))
+    try:
+        assert httpx.get(f"{served.url}/health").status_code == 401
+        assert httpx.get(f"{served.url}/health", headers={"Authorization": "Bearer s3cret-tokeN"}).status_code == 401
+        body = {"samples": [encode_sample(s) for s in samples(1)]}
+        denied = httpx.post(f"{served.url}/score", json=body)
+        assert denied.status_code == 401 and "token" in denied.json()["detail"]
+        anonymous = RemoteRewards(served.url, ["fidelity"], retries=2)
+        with pytest.raises(RewardError, match="refused the token: set CALLIGRAPHER_REWARD_TOKEN"):
+            anonymous.check_health()
+        assert np.isnan(anonymous.score(samples(2))["fidelity"]).all()  # 401: not retried, NaN
+        monkeypatch.setenv("CALLIGRAPHER_REWARD_TOKEN", "s3cret-token")
+        client = RemoteRewards(served.url, ["fidelity"])
+        client.check_health()
+        assert np.isfinite(client.score(samples(2))["fidelity"]).all()
+        assert client.client.get(f"{served.url}/health").json()["queue"]["pending"] == 0
+    finally:
+        served.stop()
+
+
+def test_one_client_cannot_fill_the_queue_and_health_shows_its_depth():
+    """Before: one client's burst took every --max_pending slot and the others got 503s."""
+    gate = Gate()
+    served = Served(create_app({"fidelity": gate}, max_busy=1, max_pending=8, max_per_client=2))
+    body = {"samples": [encode_sample(s) for s in samples(1)]}
+    answers = []
+
+    def post(local_address="127.0.0.1"):
+        with httpx.Client(transport=httpx.HTTPTransport(local_address=local_address), timeout=60) as c:
+            answers.append((local_address, c.post(f"{served.url}/score", json=body).status_code))
+
+    def queue():
+        return httpx.get(f"{served.url}/health").json()["queue"]
+
+    threads = [threading.Thread(target=post) for _ in range(2)]
+    try:
+        for t in threads:
+            t.start()
+        deadline = time.time() + 30
+        while queue()["pending"] < 2 or gate.entered < 1:  # both waiting, one of them inside the scorer
+            assert time.time() < deadline, queue()
+            time.sleep(0.02)
+        assert queue() == {"pending": 2, "busy": 1, "max_pending": 8, "max_busy": 1, "max_per_client": 2}
+        third = httpx.post(f"{served.url}/score", json=body)  # the same client, over its share: at once
+        assert third.status_code == 429 and "limit 2, --max_per_client" in third.json()["detail"]
+        other = threading.Thread(target=post, args=("127.0.0.2",))  # another client still gets in
+        other.start()
+        threads.append(other)
+        while queue()["pending"] < 3:
+            assert time.time() < deadline, queue()
+            time.sleep(0.02)
+        gate.open.set()
+        for t in threads:
+            t.join(60)
+        assert sorted(answers) == [("127.0.0.1", 200), ("127.0.0.1", 200), ("127.0.0.2", 200)]
+        assert queue()["pending"] == 0 and queue()["busy"] == 0
+    finally:
+        gate.open.set()
+        served.stop()

@@ -541,8 +541,10 @@ def test_two_processes_pause_resume_and_finish(tmp_path):
     assert read_status(str(out))["state"] == "finished"
     assert not (out / "control" / "resume").exists()  # consumed once, by the main process
     rows = [r for r in read_metrics(str(out)) if "reward/failed" in r]
-    assert [r["reward/failed"] for r in rows] == [1.0, 0.0, 0.0] and [r["rl/optimizer_steps"] for r in rows] == [0, 1, 1]
-    assert [r["reward/count"] for r in rows] == [8.0] * 3  # both processes' samples every epoch
+    # the failed epoch trained nothing: no row of its own (no repeated step), counted in rl/retried_epochs
+    assert [r["reward/failed"] for r in rows] == [0.0, 0.0] and [r["rl/optimizer_steps"] for r in rows] == [1, 1]
+    assert [r["rl/retried_epochs"] for r in rows] == [1.0, 1.0] and [r["step"] for r in rows] == [1, 2]
+    assert [r["reward/count"] for r in rows] == [8.0] * 2  # both processes' samples every epoch
 
 
 def test_rl_starts_with_fresh_optimizer_moments_after_warmup(tmp_path):

@@ -5,22 +5,23 @@ than the trainer. A batch is cut into chunks dealt round-robin over the URLs and
 chunk that fails (connection error, timeout, 5xx, or a garbage answer: not JSON, missing names, wrong
 length, non-numbers) is retried with exponential backoff, each retry on the next URL, so one dead
 server costs only latency. After the last retry its samples are NaN, never 0, with a logged warning.
-A 4xx answer is our request's fault (too large, invalid) and is not retried: the same request would
-get the same answer. A score that is non-finite or out of range (base.sanitize_scores: 1e308 from a
+A 4xx answer is our request's fault (too large, invalid, a wrong token) and is not retried: the same
+request would get the same answer; but 429 (this client's share of the server's queue is full) is. A score that is non-finite or out of range (base.sanitize_scores: 1e308 from a
 broken server) is a failed sample (NaN), so the trainer's failure count and pause see it.
 """
 
 from __future__ import annotations
 
 import base64
-import concurrent.futures as cf
 import io
 import math
+import os
 import time
 
 import numpy as np
 
 from .base import RewardError, RewardSample, logger, sanitize_scores
+from .worker import map_daemon
 
 
 def encode_image(image, mode: str = "RGB") -> str | None:
@@ -46,7 +47,11 @@ class _NotRetryable(Exception):
 
 
 class RemoteRewards:
-    def __init__(self, urls, names, timeout_s=30.0, retries=3, backoff_s=0.5, concurrency=4, chunk_size=8):
+    """`token`: the servers' shared secret, sent as `Authorization: Bearer TOKEN`; None = the environment's
+    CALLIGRAPHER_REWARD_TOKEN (never a flag of the trainer: run.json and the process list would show it)."""
+
+    def __init__(self, urls, names, timeout_s=30.0, retries=3, backoff_s=0.5, concurrency=4, chunk_size=8,
+                 token: str | None = None):
         import httpx
 
         self.urls = [u.rstrip("/") for u in ([urls] if isinstance(urls, str) else urls)]
@@ -56,16 +61,23 @@ class RemoteRewards:
         self.timeout_s, self.retries, self.backoff_s = float(timeout_s), int(retries), float(backoff_s)
         self.concurrency, self.chunk_size = max(1, int(concurrency)), max(1, int(chunk_size))
         self._httpx = httpx
+        token = token or os.environ.get("CALLIGRAPHER_REWARD_TOKEN") or None
         self.client = httpx.Client(timeout=httpx.Timeout(self.timeout_s),
-                                   limits=httpx.Limits(max_connections=self.concurrency * 2))
+                                   limits=httpx.Limits(max_connections=self.concurrency * 2),
+                                   headers={"Authorization": f"Bearer {token}"} if token else None)
 
     def check_health(self) -> None:
         """Every URL must answer /health and serve every requested reward, else one-line RewardError."""
         for url in self.urls:
             try:
                 resp = self.client.get(f"{url}/health", timeout=min(self.timeout_s, 10.0))
+                if resp.status_code == 401:
+                    raise RewardError(f"reward server {url} refused the token: set CALLIGRAPHER_REWARD_TOKEN to the "
+                                      "server's --token")
                 resp.raise_for_status()
                 served = resp.json().get("rewards", [])
+            except RewardError:
+                raise
             except Exception as exc:  # noqa: BLE001 - any failure means "not usable"
                 raise RewardError(f"reward server {url} is not reachable or not healthy "
                                   f"({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''})") from None
@@ -76,7 +88,7 @@ class RemoteRewards:
 
     def _post(self, url: str, body: dict, n: int) -> dict[str, list[float]]:
         resp = self.client.post(f"{url}/score", json=body)
-        if 400 <= resp.status_code < 500:
+        if 400 <= resp.status_code < 500 and resp.status_code != 429:  # 429: over this client's share, retried
             raise _NotRetryable(f"HTTP {resp.status_code}: {resp.text[:200]}")
         resp.raise_for_status()
         try:
@@ -118,10 +130,9 @@ class RemoteRewards:
         out = {name: [] for name in self.names}
         if not chunks:
             return {name: np.zeros(0) for name in self.names}
-        with cf.ThreadPoolExecutor(max_workers=min(self.concurrency, len(chunks))) as pool:
-            for res in pool.map(self._score_chunk, range(len(chunks)), chunks):  # keeps chunk order
-                for name in self.names:
-                    out[name].extend(res[name])
+        for res in map_daemon(self._score_chunk, chunks, self.concurrency):  # keeps chunk order
+            for name in self.names:
+                out[name].extend(res[name])
         return {name: np.asarray(v, dtype=np.float64) for name, v in out.items()}
 
     def close(self) -> None:

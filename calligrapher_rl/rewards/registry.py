@@ -18,6 +18,7 @@ import numpy as np
 from ..config_validate import parse_reward_spec
 from ..errors import UserError
 from .base import Reward, RewardError, RewardSample
+from .worker import DaemonWorker, Deadline
 
 _REGISTRY: dict[str, Callable[..., Reward]] = {}
 
@@ -61,16 +62,19 @@ class RewardSet:
     """Weighted rewards: ``score`` -> {name: array, ..., "total": weighted sum}.
 
     ``total`` is NaN for a sample where any component is NaN: a partial sum would be a biased reward.
-    ``score_async`` runs ``score`` on a single worker thread so the trainer can start the next rollout
-    while this batch is scored; one worker keeps batches in order and engines single-threaded.
+    ``score_async`` runs ``score`` on a single (daemon) worker thread so the trainer can start the next
+    rollout while this batch is scored; one worker keeps batches in order and engines single-threaded.
+    ``deadlines``: {name: seconds} for local rewards whose call is cut at that time (worker.Deadline).
     """
 
-    def __init__(self, rewards: dict[str, Reward], weights: dict[str, float], remote=None):
+    def __init__(self, rewards: dict[str, Reward], weights: dict[str, float], remote=None,
+                 deadlines: dict[str, float] | None = None):
         self.rewards = rewards  # local ones
         self.weights = dict(weights)
         self.remote = remote  # a client.RemoteRewards computing the names not in `rewards`
         self.names = list(weights)
-        self._pool: cf.ThreadPoolExecutor | None = None
+        self._deadlines = {n: Deadline(n, t) for n, t in (deadlines or {}).items() if t and n in rewards}
+        self._pool: DaemonWorker | None = None
 
     def score(self, samples: list[RewardSample]) -> dict[str, np.ndarray]:
         n = len(samples)
@@ -81,7 +85,7 @@ class RewardSet:
             out.update(self.remote.score(samples))
         for name, reward in self.rewards.items():
             try:
-                vals = reward.score(samples)
+                vals = self._deadlines[name](reward.score, samples) if name in self._deadlines else reward.score(samples)
             except RewardError:
                 raise
             except Exception as exc:  # noqa: BLE001 - a crashed reward fails the batch, loudly
@@ -97,7 +101,7 @@ class RewardSet:
 
     def score_async(self, samples: list[RewardSample]) -> cf.Future:
         if self._pool is None:
-            self._pool = cf.ThreadPoolExecutor(max_workers=1, thread_name_prefix="rewards")
+            self._pool = DaemonWorker()
         return self._pool.submit(self.score, list(samples))
 
     def check_health(self) -> None:
@@ -106,8 +110,8 @@ class RewardSet:
             self.remote.check_health()
 
     def close(self) -> None:
-        if self._pool is not None:
-            self._pool.shutdown(wait=True)
+        if self._pool is not None:  # a call still running (hung past every deadline) is left behind
+            self._pool.shutdown(wait_s=1.0)
             self._pool = None
         for r in self.rewards.values():
             r.close()
@@ -179,7 +183,8 @@ def build_rewards(spec, *, siglip_path=None, server_urls=None, device="cpu", tim
     ``"ocr:0.7"``), :class:`Reward` objects and callables ``(images, prompts, metadata) -> scores``, each
     optionally as ``(item, weight)`` or ``(name, item, weight)``. Registered names are computed locally, or
     by the reward servers when ``server_urls`` is given; objects always run in this process. ``timeout_s``
-    bounds each server request (and each call of a local reward that makes one, e.g. the VLM judge)."""
+    bounds each server request, each call of a local reward that makes one (e.g. the VLM judge) and each
+    call of the objects passed here (a call past it is left running and its samples count as failed)."""
     entries = _entries(spec)
     weights = {name: w for name, _, w in entries}
     local: dict[str, Reward] = {}
@@ -189,6 +194,9 @@ def build_rewards(spec, *, siglip_path=None, server_urls=None, device="cpu", tim
             local[name] = item
         elif not isinstance(item, str):
             local[name] = CallableReward(item, name)
+    # the caller's own objects get the deadline (a function that never returns must not hold the run); the
+    # registered rewards bound their own network calls and may legitimately take long to load on first use
+    deadlines = {name: timeout_s for name in local} if timeout_s else {}
     registered = [name for name, item, _ in entries if isinstance(item, str)]
     remote = None
     if server_urls:
@@ -203,4 +211,4 @@ def build_rewards(spec, *, siglip_path=None, server_urls=None, device="cpu", tim
     else:
         options = {"timeout_s": timeout_s} if timeout_s else {}
         local.update({name: make_reward(name, siglip_path=siglip_path, device=device, **options) for name in registered})
-    return RewardSet(local, weights, remote=remote)
+    return RewardSet(local, weights, remote=remote, deadlines=deadlines)

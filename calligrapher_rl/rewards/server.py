@@ -1,17 +1,20 @@
 """HTTP reward server: ``python -m calligrapher_rl.rewards.server --port P --rewards ocr,style``.
 
 Runs reward models next to their accelerator and lets several trainers (or trainer processes) share
-them. It binds 127.0.0.1 by default: the API has no authentication, so exposing it is a deliberate
-``--host 0.0.0.0`` choice.
+them. It binds 127.0.0.1 by default. With a shared secret (``--token`` or the environment's
+``CALLIGRAPHER_REWARD_TOKEN``) every request must carry ``Authorization: Bearer TOKEN`` (the client sends
+the same variable), compared in constant time; without one, anyone who can reach the port can use it.
+One client (address) has at most --max_per_client requests waiting; beyond, 429 (the client retries).
 
-API: ``GET /health`` -> {"status": "ok", "rewards": [...]};
+API: ``GET /health`` -> {"status": "ok", "rewards": [...], "queue": {"pending", "busy", limits}};
 ``POST /score`` {"rewards": [names]?, "samples": [{"image", "mask", "text", "reference"?, "source"?}]}
 (images as base64 PNG, JPEG or WebP) -> {"scores": {name: [float | null]}} with null for a failed sample
 (NaN, infinite, or beyond +-REWARD_ABS_LIMIT).
 Errors, each a JSON {"detail": one line}: body over the byte cap, an image over the pixel cap or a
 request over the total pixel cap (checked from the image headers, before anything is decoded) -> 413;
 a body not received within --body_timeout_s -> 408; malformed payload (not JSON, nested too deeply, bad
-fields, not an image) -> 422; unknown reward -> 400; more than --max_pending requests waiting -> 503.
+fields, not an image) -> 422; unknown reward -> 400; more than --max_pending requests waiting -> 503;
+a missing or wrong token -> 401; a client over its share -> 429.
 
 Staying responsive: parsing, decoding and scoring run in worker threads (at most --max_busy requests at
 a time), so the event loop only moves bytes and ``/health`` answers at once under load. Slow clients:
@@ -27,9 +30,12 @@ import argparse
 import asyncio
 import base64
 import binascii
+import contextlib
+import hmac
 import io
 import json
 import logging
+import os
 import time
 
 from PIL import Image, UnidentifiedImageError
@@ -38,12 +44,14 @@ from ..errors import UserError, cli_main
 from .base import Reward, RewardSample, nan_to_none, sanitize_scores
 
 IMAGE_FORMATS = ("PNG", "JPEG", "WEBP")
+TOKEN_ENV = "CALLIGRAPHER_REWARD_TOKEN"  # the shared secret, for the server and every client
 LIMITS = {  # defaults of create_app and of the command's flags
     "max_request_bytes": 64 << 20,
     "max_image_pixels": 4096 * 4096,
     "max_request_pixels": 64 << 20,  # ~200 MB of decoded RGB per request
     "max_busy": 2,
     "max_pending": 16,  # bodies held while waiting: at most this many x max_request_bytes
+    "max_per_client": 8,  # one client's share of max_pending: a burst from one cannot starve the others
     "body_timeout_s": 60.0,
 }
 
@@ -132,21 +140,35 @@ def parse_body(raw: bytes, **caps):
 def create_app(rewards: dict[str, Reward], max_request_bytes: int = LIMITS["max_request_bytes"], *,
                max_image_pixels: int = LIMITS["max_image_pixels"], max_request_pixels: int = LIMITS["max_request_pixels"],
                max_busy: int = LIMITS["max_busy"], max_pending: int = LIMITS["max_pending"],
-               body_timeout_s: float = LIMITS["body_timeout_s"]):
+               body_timeout_s: float = LIMITS["body_timeout_s"], token: str | None = None,
+               max_per_client: int = LIMITS["max_per_client"]):
     from fastapi import FastAPI, Request
     from fastapi.concurrency import run_in_threadpool
     from fastapi.responses import JSONResponse
 
     app = FastAPI(title="calligrapher-rl rewards")
     busy = asyncio.Semaphore(max_busy)  # created unbound; binds to the server's loop on first use
-    pending = [0]
+    pending, scoring, per_client = [0], [0], {}
+    expected = f"Bearer {token}".encode() if token else None
 
     def error(status: int, msg: str):
         return JSONResponse({"detail": msg}, status_code=status)
 
+    def refused(request):
+        if expected is None:
+            return None
+        got = request.headers.get("authorization", "").encode()
+        if hmac.compare_digest(got, expected):  # constant time: the answer's timing tells nothing of the token
+            return None
+        return error(401, "missing or wrong token: send 'Authorization: Bearer TOKEN' (the trainer sends "
+                          "CALLIGRAPHER_REWARD_TOKEN)")
+
     @app.get("/health")
-    async def health():  # async: answered on the loop itself, never queued behind worker threads
-        return {"status": "ok", "rewards": list(rewards)}
+    async def health(request: Request):  # async: answered on the loop itself, never queued behind worker threads
+        return refused(request) or {
+            "status": "ok", "rewards": list(rewards),
+            "queue": {"pending": pending[0], "busy": scoring[0], "max_pending": max_pending, "max_busy": max_busy,
+                      "max_per_client": max_per_client}}
 
     async def read_body(request) -> bytes | None:
         chunks, size = [], 0
@@ -159,12 +181,20 @@ def create_app(rewards: dict[str, Reward], max_request_bytes: int = LIMITS["max_
 
     @app.post("/score")
     async def score(request: Request):
+        denied = refused(request)
+        if denied is not None:
+            return denied
         declared = request.headers.get("content-length")
         if declared and declared.isdigit() and int(declared) > max_request_bytes:
             return error(413, f"request of {declared} bytes exceeds the {max_request_bytes}-byte cap")
         if pending[0] >= max_pending:
             return error(503, f"busy: {pending[0]} requests are waiting; retry later")
+        client = request.client.host if request.client else "?"
+        if per_client.get(client, 0) >= max_per_client:
+            return error(429, f"client {client} has {per_client[client]} requests waiting (limit {max_per_client}, "
+                              "--max_per_client); retry later")
         pending[0] += 1
+        per_client[client] = per_client.get(client, 0) + 1
         try:
             try:
                 raw = await asyncio.wait_for(read_body(request), body_timeout_s)
@@ -172,7 +202,7 @@ def create_app(rewards: dict[str, Reward], max_request_bytes: int = LIMITS["max_
                 return error(408, f"the body was not received within {body_timeout_s:g} s")
             if raw is None:
                 return error(413, f"request exceeds the {max_request_bytes}-byte cap")
-            async with busy:
+            async with busy, _counted(scoring):
                 try:
                     names, samples = await run_in_threadpool(parse_body, raw, max_image_pixels=max_image_pixels,
                                                              max_request_pixels=max_request_pixels)
@@ -197,8 +227,21 @@ def create_app(rewards: dict[str, Reward], max_request_bytes: int = LIMITS["max_
             return {"scores": scores}
         finally:
             pending[0] -= 1
+            per_client[client] -= 1
+            if not per_client[client]:
+                del per_client[client]
 
     return app
+
+
+@contextlib.asynccontextmanager
+async def _counted(box: list):
+    """box[0] counts the requests inside the block (the queue depth /health reports)."""
+    box[0] += 1
+    try:
+        yield
+    finally:
+        box[0] -= 1
 
 
 def guarded_protocol(header_timeout_s: float, max_connections: int):
@@ -275,6 +318,12 @@ def main(argv=None) -> int:
     p.add_argument("--max_busy", type=int, default=LIMITS["max_busy"], help="requests decoded/scored at once")
     p.add_argument("--max_pending", type=int, default=LIMITS["max_pending"],
                    help="requests received or waiting at once; 503 beyond (the client retries)")
+    p.add_argument("--max_per_client", type=int, default=LIMITS["max_per_client"],
+                   help="requests one client address may have waiting; 429 beyond (the client retries)")
+    p.add_argument("--token", default=None,
+                   help="shared secret every request must send as 'Authorization: Bearer TOKEN' (default: the "
+                        "environment's CALLIGRAPHER_REWARD_TOKEN; the trainer sends that variable); a flag is "
+                        "visible in the process list, the variable is not")
     p.add_argument("--body_timeout_s", type=float, default=LIMITS["body_timeout_s"],
                    help="408 for a body not received in time")
     p.add_argument("--header_timeout_s", type=float, default=10.0,
@@ -289,10 +338,15 @@ def main(argv=None) -> int:
     spec = parse_spec(args.rewards)
     if ":" in args.rewards:
         raise UserError("a server takes reward names only (weights belong to the trainer)", field="--rewards")
-    for flag in ("max_request_mb", "max_image_pixels", "max_request_pixels", "max_busy", "max_pending",
+    for flag in ("max_request_mb", "max_image_pixels", "max_request_pixels", "max_busy", "max_pending", "max_per_client",
                  "body_timeout_s", "header_timeout_s", "max_connections", "keep_alive_s"):
         if not getattr(args, flag) > 0:
             raise UserError(f"expected a positive number, got {getattr(args, flag)}", field=f"--{flag}")
+    token = args.token or os.environ.get(TOKEN_ENV) or None
+    if token is None and args.host not in ("127.0.0.1", "localhost", "::1"):
+        logging.getLogger("calligrapher_rl.rewards").warning(
+            "--host %s without a token (--token or %s): anyone who reaches the port can use the server",
+            args.host, TOKEN_ENV)
     rewards = {n: make_reward(n, siglip_path=args.siglip_path, device=args.device) for n in spec}
     import uvicorn
 
@@ -300,7 +354,8 @@ def main(argv=None) -> int:
     max_connections = min(args.max_connections, max(16, fds - 64))  # room for the models' own files
     app = create_app(rewards, int(args.max_request_mb * (1 << 20)), max_image_pixels=args.max_image_pixels,
                      max_request_pixels=args.max_request_pixels, max_busy=args.max_busy,
-                     max_pending=args.max_pending, body_timeout_s=args.body_timeout_s)
+                     max_pending=args.max_pending, body_timeout_s=args.body_timeout_s, token=token,
+                     max_per_client=args.max_per_client)
     uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level, timeout_keep_alive=args.keep_alive_s,
                 http=guarded_protocol(args.header_timeout_s, max_connections))
     return 0

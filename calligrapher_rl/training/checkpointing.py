@@ -74,6 +74,7 @@ def resolve_resume(run_dir: str, value: str | None) -> str | None:
 IDENTITY_KEYS = ("model_type", "pretrained_model_name_or_path", "siglip_path", "tiny_width", "num_style_tokens",
                  "use_qformer", "trainable", "use_rl", "rl_method")
 _PATH_KEYS = ("pretrained_model_name_or_path", "siglip_path")
+ARCHITECTURE_KEYS = ("model_type", "tiny_width", "num_style_tokens", "use_qformer")  # never changed on resume
 
 
 def identity(cfg) -> dict:
@@ -137,8 +138,14 @@ def check_resume(cfg, ckpt: str) -> dict:
                 continue  # a supervised checkpoint may start either method
             if key == "use_rl" or _same(key, theirs, mine[key]):
                 continue
+            changeable = key not in ARCHITECTURE_KEYS  # the others cannot load into this adapter at all
+            if changeable and getattr(cfg, "allow_changed_settings", False):
+                logger.warning("--allow_changed_settings: resuming with --%s %s (the checkpoint has %s)", key,
+                               mine[key], theirs)
+                continue
             raise UserError(f"the checkpoint was trained with --{key} {theirs}, this run has {mine[key]}: resume with "
-                            f"the checkpoint's settings, or start a new run from its adapter with "
+                            f"the checkpoint's settings{', pass --allow_changed_settings to change it' if changeable else ''}"
+                            f", or start a new run from its adapter with "
                             f"--initial_ip_adapter_path {os.path.join(ckpt, 'ip-adapter.safetensors')}",
                             where=ckpt, field="--resume_from_checkpoint")
     return state

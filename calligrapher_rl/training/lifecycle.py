@@ -10,6 +10,7 @@ import signal
 
 import torch
 
+from ..disk import writing
 from ..errors import UserError
 from .checkpointing import (
     REFERENCE_FILE,
@@ -24,6 +25,7 @@ from .checkpointing import (
 )
 from .divergence import save_refusal
 from .optim import consolidated_state_dict
+from .resume_guard import settings
 from .run_dir import Interrupted
 from .timing import timed_phase
 
@@ -32,6 +34,8 @@ logger = logging.getLogger("calligrapher_rl.training")
 
 class RunLifecycle:
     """Checkpoints and stopping of `Trainer`."""
+
+    stop_signal: int | None = None  # the signal that stopped the run (the command exits 128 + it)
 
     @timed_phase("checkpoint_save")
     def save(self) -> None:
@@ -55,10 +59,13 @@ class RunLifecycle:
                  "tracker": self.tracker.state_dict() if self.tracker else None, "rl_steps": self.rl_steps,
                  "skipped_nonfinite": self.skipped_nonfinite,
                  "grad_scaler": self.scaler.state_dict() if self.scaler is not None else None,
-                 "config": identity(self.cfg)}
-        path = save_checkpoint(self.cfg.output_dir, self.step, adapter=self.stack.adapter.state_dict(), ema=p.ema_state(),
-                               old=p.old_state(), optimizer=optimizer_state, scheduler=self.scheduler,
-                               state=state, total_limit=self.cfg.checkpoints_total_limit)
+                 "config": identity(self.cfg), "settings": settings(self.cfg)}
+        adapter, ema, old = self.stack.adapter.state_dict(), p.ema_state(), p.old_state()
+        needed = 2 * tensor_bytes(adapter) + 2 * tensor_bytes(ema) + tensor_bytes([old, optimizer_state])
+        with writing(os.path.join(self.cfg.output_dir, f"checkpoint-{self.step}"), needed):  # torch's words -> "disk"
+            path = save_checkpoint(self.cfg.output_dir, self.step, adapter=adapter, ema=ema, old=old,
+                                   optimizer=optimizer_state, scheduler=self.scheduler, state=state,
+                                   total_limit=self.cfg.checkpoints_total_limit)
         logger.info("saved %s (%.2f GB)", path, folder_bytes(path) / 1e9)
         self.callbacks.call("on_save", self, step=self.step, path=str(path))
 
@@ -84,6 +91,8 @@ class RunLifecycle:
             self.optimizer.load_state_dict(ck["optimizer"])
             self.scheduler.load_state_dict(ck["scheduler"])
             self.policies.load_snapshots(reference, ck["old"], self.acc.device)
+            if self.cfg.use_rl and self.cfg.rl_method == "nft" and reference is not None and ck["old"] is None:
+                self.policies.old = self.policies.snapshot()  # a GRPO checkpoint, --allow_changed_settings
             if ck["ema"] is not None:
                 self.policies.load_ema_state(ck["ema"], ck["state"].get("ema_updates", 0))
             if self.tracker is not None and ck["state"].get("tracker"):
@@ -150,8 +159,16 @@ class RunLifecycle:
             pass
         return old
 
+    def _loading_ended(self, exc: BaseException) -> BaseException:
+        """What ended the loading: a stop signal, whatever error it caused on its way out of a half-built
+        library object (an AttributeError of a tracker, a loader's own error), else `exc` itself."""
+        if self.stop_signal is not None and not isinstance(exc, Interrupted):
+            return Interrupted(self.stop_signal)
+        return exc
+
     def _on_signal(self, signum, frame) -> None:
         self._signals += 1
+        self.stop_signal = self.stop_signal or signum
         if self._loading and self._signals == 1:
             raise Interrupted(signum)
         if self._signals == 1:
@@ -174,3 +191,14 @@ class RunLifecycle:
             except Exception:  # noqa: BLE001 - exiting regardless
                 pass
         os._exit(128 + signum if recorded else 1)  # not sys.exit: a hung reward thread would be waited for
+
+
+def tensor_bytes(obj) -> int:
+    """Bytes of the tensors in nested dicts/lists (what a checkpoint of them needs on disk, about)."""
+    if isinstance(obj, torch.Tensor):
+        return obj.numel() * obj.element_size()
+    if isinstance(obj, dict):
+        return sum(tensor_bytes(v) for v in obj.values())
+    if isinstance(obj, (list, tuple)):
+        return sum(tensor_bytes(v) for v in obj)
+    return 0

@@ -30,7 +30,8 @@ import numpy as np
 from PIL import Image
 
 from ..atomic import atomic_path, overwrite_in_place, write_json
-from ..errors import UserError
+from ..disk import DiskFull, as_disk_full, writing
+from ..errors import Interrupted, UserError
 
 logger = logging.getLogger("calligrapher_rl.training")
 
@@ -87,14 +88,6 @@ def read_metrics(run_dir: str) -> list[dict]:
 
 
 # ---------------------------------------------------------------------------------------------- endings
-class Interrupted(BaseException):
-    """A stop signal while the models load: nothing is trained yet, so the run ends at once."""
-
-    def __init__(self, signum: int):
-        super().__init__(f"stopped by signal {signum} while loading: nothing trained yet")
-        self.signum = signum
-
-
 class StatusNotRecorded(RuntimeError):
     """The run ended but its final status could not be written (stderr already says so)."""
 
@@ -105,6 +98,9 @@ def ending(exc: BaseException, step: int) -> tuple[str, int, str]:
         return "stopped", step, str(exc)
     if isinstance(exc, UserError):
         return "failed", step, str(exc)[:500]
+    exc = as_disk_full(exc, getattr(exc, "filename", None) or os.getcwd())
+    if isinstance(exc, DiskFull):
+        return "failed", step, str(exc)
     return "failed", step, f"{type(exc).__name__}: {str(exc)[:300]}"
 
 
@@ -336,7 +332,8 @@ class RunDir:
         for k, v in metrics.items():
             row[k] = float(v)  # non-finite values as they are (Python's json writes NaN/Infinity): never dropped
         if self.is_main:
-            with open(os.path.join(self.path, "metrics.jsonl"), "a", encoding="utf-8") as fh:
+            path = os.path.join(self.path, "metrics.jsonl")
+            with writing(path), open(path, "a", encoding="utf-8") as fh:
                 fh.write(json.dumps(row) + "\n")
                 fh.flush()
             if self._trackers():
@@ -379,13 +376,16 @@ class RunDir:
         for tracker in self._trackers():
             try:
                 tracker.finish()  # not accelerator.end_training(): that also tears down the process group
-            except OSError as exc:  # a full disk must not hide the run's real outcome
-                logger.warning("could not close the %s tracker: %s", tracker.name, exc)
+            except Exception as exc:  # noqa: BLE001 - a full disk, or a tracker half-built when a signal came,
+                logger.warning("could not close the %s tracker: %s", tracker.name, exc)  # must not hide the outcome
         if self.accelerator is not None:
             self.accelerator.trackers.clear()
         if self.is_main and self._log_handler is not None:
             logging.getLogger("calligrapher_rl").removeHandler(self._log_handler)
-            self._log_handler.close()
+            try:
+                self._log_handler.close()
+            except OSError:  # its last flush on a full disk: already said once (_LogFile), never the outcome
+                pass
             self._log_handler = None
 
 

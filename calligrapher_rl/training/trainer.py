@@ -59,15 +59,13 @@ from .memory import out_of_memory
 from .optim import reset_state, restart_warmup
 from .policies import Policies
 from .progress import ProgressCallback, system_metrics
+from .resume_guard import refuse_mismatched_resume
 from .run_dir import RunDir, StatusNotRecorded, claim_run_dir, ending
 from .timing import PhaseClock, Throughput, since_process_start, transformer_flops_per_image
 from .updates import StatsMeter, grpo_backward, nft_backward_on, nft_targets, warmup_backward
+from .waits import RewardFailure, await_scores, check_policy, pause_for_rewards
 
 logger = logging.getLogger("calligrapher_rl.training")
-
-
-class RewardFailure(RuntimeError):
-    pass
 
 
 class NonFiniteTraining(RuntimeError):
@@ -81,10 +79,13 @@ class Trainer(RunLifecycle, Evaluation):
     `rewards`: None = config.rewards, else a list of registered names, Reward objects and callables
     `(images, prompts, metadata) -> scores` (see rewards.registry.build_rewards). `dataset`: None =
     config.train_data_json, else any sequence of the dataset's items. `callbacks`: see callbacks.py;
-    StatusCallback and a ProgressCallback (unless you pass one) come first.
+    StatusCallback and a ProgressCallback (unless you pass one) come first. `on_reward_failure`: what a
+    reward-failure pause does (waits.py): "fail" ends the run at once, "wait" waits for control files
+    (the command line), or a function (trainer, message) -> bool (True continues).
     """
 
-    def __init__(self, config: TrainConfig, rewards=None, dataset=None, callbacks=None):
+    def __init__(self, config: TrainConfig, rewards=None, dataset=None, callbacks=None, on_reward_failure="fail"):
+        self.on_reward_failure = check_policy(on_reward_failure)
         callbacks = list(callbacks or [])
         defaults = [StatusCallback()] + ([] if any(isinstance(c, ProgressCallback) or c is ProgressCallback
                                                    for c in callbacks) else [ProgressCallback()])
@@ -107,6 +108,7 @@ class Trainer(RunLifecycle, Evaluation):
                 self._lock = claim_run_dir(cfg.output_dir, resume=bool(cfg.resume_from_checkpoint),
                                            overwrite=cfg.overwrite_output_dir, logging_dir=cfg.logging_dir)
             orphans = remove_orphans(cfg.output_dir) if self.is_main else []
+            refuse_mismatched_resume(cfg, custom_rewards=rewards is not None)  # writes nothing when it refuses
             self.run_dir = RunDir(cfg.output_dir, is_main=self.is_main, logging_dir=cfg.logging_dir,
                                   accelerator=self.acc)
             if self._lock is not None and self._lock.removed:
@@ -128,15 +130,14 @@ class Trainer(RunLifecycle, Evaluation):
             self._build(cfg)
             self.clock.add("load", time.perf_counter() - t_load)
         except BaseException as exc:  # a watcher must not see "starting" forever
-            oom = (out_of_memory(cfg, "loading", getattr(getattr(self, "acc", None), "device", "cpu"))
-                   if isinstance(exc, torch.OutOfMemoryError) else None)
+            exc = self._loading_ended(exc)  # a stop signal while loading is the cause, whatever it broke
+            if isinstance(exc, torch.OutOfMemoryError):  # the user's to fix with a flag: one line, no traceback
+                exc = out_of_memory(cfg, "loading", getattr(getattr(self, "acc", None), "device", "cpu"))
             if self.run_dir is not None:
-                self.run_dir.final_status(*ending(oom or exc, 0))
+                self.run_dir.final_status(*ending(exc, 0))
                 self.run_dir.close()
             self._release()
-            if oom is not None:
-                raise oom from None
-            raise
+            raise exc
         self._loading = False
 
     def _build(self, cfg: TrainConfig) -> None:
@@ -205,8 +206,8 @@ class Trainer(RunLifecycle, Evaluation):
                 if final == "finished" and cfg.eval_steps and self._evaluated_step != self.step:
                     self.evaluate()  # the last grid is of the final weights
                 message = "stop requested" if final == "stopped" else "done"
-            except RewardFailure as exc:  # paused for reward failures, then asked to stop: keep the work
-                final, message = "stopped", str(exc)
+            except RewardFailure as exc:  # reward failures (or a signal while scoring) end the run: keep the work
+                final, message = exc.state, str(exc)
             except NonFiniteTraining as exc:  # the skipped steps left the weights finite: keep them, say why
                 logger.error("%s", exc)
                 final, message = "failed", str(exc)
@@ -289,7 +290,7 @@ class Trainer(RunLifecycle, Evaluation):
         cfg, clock, pol = self.cfg, self.clock, self.policies
         if pol.reference is None:
             self._begin_rl()
-        t0, counts0 = time.perf_counter(), dict(self.stack.forward_counts)
+        t0, counts0, first_step = time.perf_counter(), dict(self.stack.forward_counts), self.step
         self._phase("rollout")
         batches, rollouts, futures, finite, sample_ok = [], [], [], [], []
         with clock("rollout"):
@@ -312,7 +313,7 @@ class Trainer(RunLifecycle, Evaluation):
         counts1 = dict(self.stack.forward_counts)
         self._phase("scoring")
         with clock("reward"):
-            scores = [fail_nonfinite_images(f.result(), ok) for f, ok in zip(futures, finite)]
+            scores = [fail_nonfinite_images(r, ok) for r, ok in zip(await_scores(self, futures), finite)]
             stats = self._reward_stats(scores, np.concatenate(sample_ok))
             advantages = self._advantages(batches, scores)
 
@@ -355,6 +356,10 @@ class Trainer(RunLifecycle, Evaluation):
         stats.update(meter.means())
         stats.pop("train/skipped", None)
         stats["train/skipped_nonfinite"] = float(self.skipped_nonfinite)  # the total, not the epoch's mean
+        if self.step == first_step:  # nothing trained (every reward failed): no row repeating the step
+            self._retried_epochs = getattr(self, "_retried_epochs", 0) + 1  # its times go into the next row
+            return
+        stats["rl/retried_epochs"] = float(getattr(self, "_retried_epochs", 0))  # in all, this run
         images = len(batches) * len(batches[0].indices) * self.acc.num_processes if batches else 0
         stats.update({**clock.take(), "time/epoch_s": time.perf_counter() - t0, "rl/epoch": self.rl_epoch,
                       "rl/optimizer_steps": steps_done, "perf/images_per_s": images / (time.perf_counter() - t0)})
@@ -493,20 +498,7 @@ class Trainer(RunLifecycle, Evaluation):
         return out
 
     def _pause_for_rewards(self, failed: float) -> None:
-        msg = (f"{failed:.0%} of rewards failed this epoch (limit {self.cfg.rl_reward_failure_limit:.0%}); "
-               "check the reward servers, then resume (control/resume) or stop")
-        logger.error(msg)
-        self.run_dir.set_status("paused", self.step, msg)
-        while True:
-            stop, resume = self._control(resume=True)
-            if stop:
-                self._stop = True
-                raise RewardFailure(msg)
-            if resume:
-                break
-            time.sleep(1.0)
-        self._status_note = "resumed after reward failures"
-        self.run_dir.set_status("running", self.step, self._status_note)
+        pause_for_rewards(self, failed)
 
     def _advantages(self, batches, scores) -> list[torch.Tensor]:
         cfg = self.cfg
@@ -607,10 +599,11 @@ class Trainer(RunLifecycle, Evaluation):
 
 
 def train(cfg: TrainConfig) -> str:
-    """The command line's run: one Trainer, then the process group torn down before the interpreter exits
-    (see end_process_group; a no-op on one process)."""
+    """The command line's run: one Trainer (a reward-failure pause waits for control/resume, at most
+    --pause_timeout_s), then the process group torn down before the interpreter exits (see end_process_group;
+    a no-op on one process)."""
     try:
-        trainer = Trainer(cfg)
+        trainer = Trainer(cfg, on_reward_failure="wait")
     except BaseException:
         end_process_group(None, synchronize=False)
         raise
