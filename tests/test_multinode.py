@@ -16,6 +16,7 @@ import socket
 import subprocess
 import sys
 import threading
+import time
 
 import pytest
 import torch
@@ -46,9 +47,10 @@ def _wait_all(procs: dict[str, subprocess.Popen], timeout: float) -> dict[str, i
     for name, proc in procs.items():
         threading.Thread(target=lambda n=name, p=proc: ended.put((n, p.wait())), daemon=True).start()
     codes: dict[str, int] = {}
+    deadline = time.monotonic() + timeout
     try:
         while len(codes) < len(procs):
-            name, code = ended.get(timeout=timeout)
+            name, code = ended.get(timeout=max(0.0, deadline - time.monotonic()))
             codes[name] = code
             if code != 0:
                 break
