@@ -7,8 +7,9 @@ Each process rolls out its own group of 8 at 512^2 (real-size stack, random weig
 by seed), updates the whole adapter (`trainable all`, 3.0 B) through the DDP-wrapped module with 8-bit AdamW
 whose state is sharded over the processes (ZeroRedundancyOptimizer), and steps. Rank 0 writes
 `DIR/scaling-w{world}.json` (images/s per GPU, per-GPU peak memory) and `DIR/grad-w{world}.pt`: the first
-update's gradient on a fixed global batch, so that the W-process gradient can be compared with the
-one-process gradient of the same samples (accumulated over W micro-batches).
+update's gradient on a fixed global batch of `--global_batches` micro-batches (each process takes every W-th),
+so that the W-process gradient can be compared with the one-process gradient of the same samples (accumulated
+over all of them). `--iters 0` writes the gradients only (the equivalence tests).
 """
 
 from __future__ import annotations
@@ -64,12 +65,16 @@ def main():
     ap.add_argument("--iters", type=int, default=3)
     ap.add_argument("--trainable", default="all")
     ap.add_argument("--tiny", action="store_true")
+    ap.add_argument("--global_batches", type=int, default=2,
+                    help="micro-batches of the compared first update; a multiple of the number of processes")
     args = ap.parse_args()
     acc = Accelerator(mixed_precision="no" if args.tiny else "bf16", cpu=args.tiny)
     cuda = acc.device.type == "cuda"
     if cuda:
         torch.backends.cuda.enable_cudnn_sdp(False)
     world, rank = acc.num_processes, acc.process_index
+    if args.global_batches % world:
+        raise SystemExit(f"--global_batches {args.global_batches}: must be a multiple of the {world} processes")
     torch.manual_seed(0)  # identical random weights on every rank
     stack = build_stack(args.tiny, acc.device, torch.bfloat16 if cuda else torch.float32)
     stack.pipe.text_encoder_2.to("cpu")
@@ -86,18 +91,18 @@ def main():
     methods = args.methods.split(",")
     for method in methods:  # before any optimizer step, so every world size starts from the same weights
         pol.begin_rl(with_old=method == "nft")
-        # equivalence: global micro-batches 0..1 on 1 process (accumulated) == one each on 2 processes
-        mine = [rank] if world > 1 else [0, 1]
+        # equivalence: global micro-batches 0..G-1 on 1 process (accumulated) == G/W each on W processes
+        mine = list(range(rank, args.global_batches, world))
         for k, index in enumerate(mine):
             with gradient_sync(stack, sync=k == len(mine) - 1):
-                # one process accumulates what W processes average: each micro-batch weighs 1/W
-                one_update(stack, pol, method, res, index, autocast, loss_scale=0.5 / len(mine))
+                # DDP averages over W processes: each of the G micro-batches weighs 1/G on any world size
+                one_update(stack, pol, method, res, index, autocast, loss_scale=0.5 * world / args.global_batches)
         if rank == 0:
             grads = {n: p.grad.detach().float().flatten()[:200_000].cpu() for n, p in pol.named[:4] + pol.named[-4:]}
             torch.save(grads, os.path.join(args.out, f"grad-{method}-w{world}.pt"))
         for p in stack.adapter.parameters():
             p.grad = None
-    for method in methods:
+    for method in methods if args.iters > 0 else []:
         pol.begin_rl(with_old=method == "nft")
         try:
             opt = make_optimizer(pol.params, lr=1e-5, betas=(0.9, 0.999), weight_decay=1e-4, eps=1e-8,
