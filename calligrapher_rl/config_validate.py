@@ -130,6 +130,8 @@ def validate(cfg) -> None:
     need(c.adam_weight_decay >= 0, "adam_weight_decay", "must be >= 0")
     need(c.ip_adapter_scale >= 0, "ip_adapter_scale", "must be >= 0")
 
+    _check_lora(c, need)
+
     # RL
     n = c.rl_num_inference_steps
     need(0 < c.rl_timestep_fraction <= 1, "rl_timestep_fraction", "must be in (0, 1]")
@@ -169,6 +171,21 @@ def validate(cfg) -> None:
              "expected 'http(s)://host:port[,...]'")
     need(c.resume_from_checkpoint is None or bool(c.resume_from_checkpoint.strip()), "resume_from_checkpoint",
          "expected 'latest' or a checkpoint folder")
+
+
+def _check_lora(c, need) -> None:
+    """--lora_* flags: sane values, given only with --trainable lora, and what LoRA cannot combine with."""
+    lora = c.trainable == "lora"
+    need(c.lora_rank >= 1, "lora_rank", "must be at least 1")
+    need(c.lora_alpha > 0, "lora_alpha", "must be > 0")
+    need(0 <= c.lora_dropout < 1, "lora_dropout", "must be in [0, 1)")
+    if c.lora_modules is not None:
+        need(lora, "lora_modules", "is read only with --trainable lora")
+        need(bool([m for m in c.lora_modules.split(",") if m.strip()]), "lora_modules",
+             "expected comma-separated module names (e.g. attn.to_q,attn.to_v)")
+    if lora and c.lora_target != "adapter":
+        # the float8 copy is built from the plain transformer's state dict: it would sample without the LoRA
+        need(not c.rollout_fp8, "rollout_fp8", "cannot sample a transformer LoRA (--lora_target adapter, or false)")
 
 
 def warnings(cfg) -> list[str]:

@@ -64,7 +64,7 @@ def resolve_resume(run_dir: str, value: str | None) -> str | None:
 # What a checkpoint must agree with to be resumed: the model it adapts, the adapter's architecture, what
 # trains (the optimizer's parameter groups) and the RL method (its policies and state).
 IDENTITY_KEYS = ("model_type", "pretrained_model_name_or_path", "siglip_path", "tiny_width", "num_style_tokens",
-                 "use_qformer", "trainable", "use_rl", "rl_method")
+                 "use_qformer", "trainable", "use_rl", "rl_method", "lora_target", "lora_rank", "lora_modules")
 _PATH_KEYS = ("pretrained_model_name_or_path", "siglip_path")
 
 
@@ -140,11 +140,16 @@ def _prefixed(prefix: str, state: dict[str, torch.Tensor] | None) -> dict[str, t
     return {f"{prefix}.{k}": v.detach().to("cpu").contiguous() for k, v in (state or {}).items()}
 
 
-def save_checkpoint(run_dir: str, step: int, *, adapter: dict, ema: dict | None, old: dict | None, ref: dict | None,
-                    optimizer, scheduler, state: dict, total_limit: int | None = None) -> str:
+def save_checkpoint(run_dir: str, step: int, *, adapter: dict | None, ema: dict | None, old: dict | None,
+                    ref: dict | None, optimizer, scheduler, state: dict, total_limit: int | None = None,
+                    weights=None) -> str:
+    """`weights(folder)`, when given, writes the weight files instead of the adapter's (a LoRA run)."""
     final = os.path.join(run_dir, f"checkpoint-{step}")
     with atomic_dir(final) as tmp:
-        save_adapter_files(tmp, adapter, ema_state=ema)
+        if weights is not None:
+            weights(tmp)
+        else:
+            save_adapter_files(tmp, adapter, ema_state=ema)
         ts = os.path.join(tmp, "trainer_state")
         os.makedirs(ts)
         tensors = {**_prefixed("old", old), **_prefixed("ref", ref), **_prefixed("ema", ema)}
@@ -185,7 +190,8 @@ def load_checkpoint(path: str) -> dict:
             _fail(path, name, f"expected a state dict, found {type(out).__name__}")
         return out
 
-    adapter = tensors("ip-adapter.safetensors", True)
+    lora = os.path.isfile(os.path.join(path, "lora.json"))  # a LoRA run's checkpoint (models/lora.py)
+    adapter = tensors("ip-adapter.safetensors", not lora)
     policies = tensors(os.path.join(ts, "policies.safetensors"), False)
     optimizer = torch_state(os.path.join(ts, "optimizer.pt"))
     scheduler = torch_state(os.path.join(ts, "scheduler.pt"))
@@ -195,7 +201,7 @@ def load_checkpoint(path: str) -> dict:
         return out or None
 
     return {"adapter": adapter, "ema": group("ema"), "old": group("old"), "ref": group("ref"),
-            "optimizer": optimizer, "scheduler": scheduler, "state": state, "path": path}
+            "optimizer": optimizer, "scheduler": scheduler, "state": state, "path": path, "lora": lora}
 
 
 def check_against(ck: dict, model_state: dict, trainable: dict, optimizer) -> None:
@@ -215,7 +221,8 @@ def check_against(ck: dict, model_state: dict, trainable: dict, optimizer) -> No
             _fail(path, file, f"does not fit this run's adapter ({len(wrong)} wrong shapes, {len(missing)} missing, "
                               f"{len(extra)} unknown; e.g. {what})")
 
-    shapes("ip-adapter.safetensors", ck["adapter"], model_state, exact=True)
+    if not ck.get("lora"):
+        shapes("ip-adapter.safetensors", ck["adapter"], model_state, exact=True)
     pol = os.path.join("trainer_state", "policies.safetensors")
     for prefix in ("ref", "old"):
         if ck[prefix] is not None:

@@ -36,9 +36,13 @@ class RunLifecycle:
                  "skipped_nonfinite": self.skipped_nonfinite,
                  "grad_scaler": self.scaler.state_dict() if self.scaler is not None else None,
                  "config": identity(self.cfg)}
-        path = save_checkpoint(self.cfg.output_dir, self.step, adapter=self.stack.adapter.state_dict(), ema=p.ema_state(),
-                               old=p.old_state(), ref=p.reference, optimizer=optimizer_state, scheduler=self.scheduler,
-                               state=state, total_limit=self.cfg.checkpoints_total_limit)
+        lora_files = getattr(p, "write_files", None)  # a LoRA run writes its own weight files (lora_policies.py)
+        if lora_files is not None:
+            state.update(p.checkpoint_state())
+        path = save_checkpoint(self.cfg.output_dir, self.step, adapter=None if lora_files else self.stack.adapter.state_dict(),
+                               ema=p.ema_state(), old=p.old_state(), ref=getattr(p, "reference_state", lambda: p.reference)(),
+                               optimizer=optimizer_state, scheduler=self.scheduler, state=state,
+                               total_limit=self.cfg.checkpoints_total_limit, weights=lora_files)
         logger.info("saved %s", path)
         self.callbacks.call("on_save", self, step=self.step, path=str(path))
 
@@ -54,7 +58,10 @@ class RunLifecycle:
         ck = load_checkpoint(path)
         check_against(ck, self.stack.adapter.state_dict(), dict(self.policies.named), self.optimizer)
         try:
-            self.stack.adapter.load_state_dict({k: v.to(self.acc.device) for k, v in ck["adapter"].items()})
+            if ck["lora"]:
+                self.policies.load_files(path, ck["state"])
+            else:
+                self.stack.adapter.load_state_dict({k: v.to(self.acc.device) for k, v in ck["adapter"].items()})
             self.optimizer.load_state_dict(ck["optimizer"])
             self.scheduler.load_state_dict(ck["scheduler"])
             self.policies.load_snapshots(ck["ref"], ck["old"], self.acc.device)

@@ -22,9 +22,10 @@ from ..rl.nft import update_old_params
 
 class Policies:
     def __init__(self, adapter: StyleAdapter, trainable: str, *, use_ema: bool, ema_decay: float,
-                 ema_update_interval: int, snapshot_dtype=torch.float32, ema_device=None):
+                 ema_update_interval: int, snapshot_dtype=torch.float32, ema_device=None, named=None):
         self.adapter = adapter
-        self.named = adapter.parameter_groups(trainable)
+        # `named`: another trainable set, e.g. LoRA weights (lora_policies.py)
+        self.named = adapter.parameter_groups(trainable) if named is None else named
         self.names = [n for n, _ in self.named]
         trainable_ids = {id(p) for _, p in self.named}
         for p in adapter.parameters():

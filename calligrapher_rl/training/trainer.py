@@ -49,8 +49,9 @@ from .distributed import (
 )
 from .evaluation import Evaluation
 from .lifecycle import RunLifecycle
+from .lora_policies import build_policies, describe
 from .optim import reset_state
-from .policies import Policies, WeightHealth
+from .policies import WeightHealth
 from .progress import ProgressCallback, system_metrics
 from .run_dir import RunDir, StatusNotRecorded, claim_run_dir, ending
 from .updates import StatsMeter, grpo_backward, nft_backward, warmup_backward
@@ -134,10 +135,11 @@ class Trainer(RunLifecycle, Evaluation):
                                                self._custom["rewards"])
         if self._custom["rewards"] is not None:  # run.json records the rewards that were used
             self.cfg = cfg = dataclasses.replace(cfg, rewards=",".join(f"{n}:{w:g}" for n, w in self.rewards.weights.items()))
-        self.policies = Policies(self.stack.adapter, cfg.trainable, use_ema=cfg.use_ema, ema_decay=cfg.ema_decay,
-                                 ema_update_interval=cfg.ema_update_interval,
-                                 snapshot_dtype=torch.bfloat16 if cfg.snapshot_dtype == "bf16" else torch.float32,
-                                 ema_device="cpu" if cfg.ema_on_cpu else None)
+        self.policies = build_policies(self.stack, cfg, use_ema=cfg.use_ema, ema_decay=cfg.ema_decay,
+                                       ema_update_interval=cfg.ema_update_interval,
+                                       snapshot_dtype=torch.bfloat16 if cfg.snapshot_dtype == "bf16" else torch.float32,
+                                       ema_device="cpu" if cfg.ema_on_cpu else None)
+        self.run_dir.status_fields["trained"] = describe(self.policies, cfg)  # the run page says what trains
         prepare_data_parallel(self.acc, self.stack)  # DDP over the trainable set chosen just above
         self.optimizer, self.scheduler = setup.build_optimizer(cfg, self.policies.params, self.acc.num_processes)
         self.scaler = setup.make_grad_scaler(self.acc, cfg)  # fp16 only: dynamic loss scaling
