@@ -48,9 +48,12 @@ def merged_adapter_state(root: str, folder: str, info: dict, base_adapter: str |
     from .models.tiny import resolve_adapter_name
 
     base = base_adapter or info.get("base_adapter")
-    if not base:
-        raise UserError("the run started from a fresh, random adapter: name the adapter file it would merge into",
-                        where=root, field="--base_adapter")
+    if not base:  # a fresh adapter (lora.json's seed): the stack rebuilds it, with the LoRA merged in
+        from .models.stack import CalligrapherStack
+
+        stack = CalligrapherStack.from_pretrained(info["pretrained_model_name_or_path"], info["siglip_path"],
+                                                  adapter_path=folder)
+        return {k: v.detach() for k, v in stack.adapter.state_dict().items()}
     _, flat = read_adapter_file(resolve_adapter_name(base))
     adapter = _adapter_from_flat(flat)
     modules = info.get("modules", {}).get("adapter")

@@ -104,7 +104,8 @@ class CalligrapherStack:
 
         if adapter_path is None and flux_path == "tiny-pretrained":  # the name stands for its whole stack
             adapter_path = "tiny-pretrained"
-        lora_path, adapter_path, seed = _lora_checkpoint(adapter_path, seed)  # a LoRA: its base adapter first
+        lora_path, adapter_path, seed, num_style_tokens, use_qformer = _lora_checkpoint(
+            adapter_path, seed, num_style_tokens, use_qformer)  # a LoRA checkpoint: its base adapter first
         flux_path, siglip_path = resolve_model_paths(flux_path, siglip_path)
         try:
             pipe = FluxFillPipeline.from_pretrained(flux_path, dtype=dtype, local_files_only=True)
@@ -269,17 +270,19 @@ def _adapter_only(params: dict) -> dict:
     return {k: v for k, v in params.items() if not k.startswith("transformer.")}
 
 
-def _lora_checkpoint(adapter_path: str | None, seed: int) -> tuple[str | None, str | None, int]:
-    """(LoRA checkpoint or None, the adapter file to load first, seed of a fresh base adapter)."""
+def _lora_checkpoint(adapter_path: str | None, seed: int, tokens: int, use_qformer: bool):
+    """(LoRA checkpoint or None, the adapter file to load first, and the seed, token count and projection of
+    a fresh base adapter: a LoRA checkpoint's lora.json names them)."""
     import os
 
     from .lora import find_lora
 
     found = find_lora(adapter_path) if adapter_path and os.path.exists(adapter_path) else None
     if found is None:
-        return None, adapter_path, seed
+        return None, adapter_path, seed, tokens, use_qformer
     info = found[2]
-    return adapter_path, info.get("base_adapter"), int(info.get("seed", seed))
+    return (adapter_path, info.get("base_adapter"), int(info.get("seed", seed)),
+            info.get("num_style_tokens") or tokens, info.get("use_qformer", use_qformer))
 
 
 def _load_siglip_processor(path: str):
