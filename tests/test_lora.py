@@ -180,3 +180,53 @@ def test_export_then_load_gives_the_lora_runs_images(nft_lora_run, tmp_path, tin
     for other in (merged, sample(exported)):
         torch.testing.assert_close(other, live, rtol=0, atol=2e-4)
     assert (live - sample(CalligrapherStack.from_pretrained(*tiny_paths))).abs().max() > 1e-3  # the LoRA matters
+
+
+def test_compiled_lora_policies_trace_once(tiny_paths, tmp_path):
+    """The live, reference (shared zeros), old and EMA-swapped LoRA weights run the compiled transformer's graphs:
+    after the first iteration, changed weights and switching policies trace nothing new."""
+    import contextlib
+
+    from torch._dynamo.utils import counters
+
+    from calligrapher_rl.models.acceleration import compile_transformer
+    from calligrapher_rl.training.batches import Batch
+    from calligrapher_rl.training.updates import grpo_backward, nft_backward
+
+    torch._dynamo.reset()
+    stack = _lora_stack(tiny_paths)
+    compile_transformer(stack.pipe.transformer, backend="eager")
+    pol = LoraPolicies(stack, _cfg(tmp_path), use_ema=True, ema_decay=0.9, ema_update_interval=1)
+    pol.begin_rl(with_old=True)
+    fill, text, embeds = _inputs(stack, 4)
+    batch = Batch(list(range(4)), [{} for _ in range(4)], fill, text, embeds)
+    common = dict(policies=pol, guidance=30.0, scale=1.0, kl_beta=0.01, adv_clip_max=5.0, autocast=contextlib.nullcontext)
+
+    def iteration(seed):
+        with torch.no_grad():
+            ro = rollout(stack, fill, text, embeds, num_steps=3, guidance=30.0, noise_level=0.7,
+                         generator=torch.Generator().manual_seed(seed))
+            rollout(stack, fill, text, embeds, num_steps=3, guidance=30.0, params=pol.old)
+        adv = torch.randn(4, generator=torch.Generator().manual_seed(seed))
+        grpo_backward(stack, batch, ro, adv, ro.sde_steps, noise_level=0.7, sde_type="sde", clip_range=0.2,
+                      loss_scale=1.0, **common)
+        nft_backward(stack, batch, ro, adv, 2, beta=0.1, adv_mode="normal",
+                     generator=torch.Generator().manual_seed(seed), loss_scale=1.0, **common)
+        with torch.no_grad():
+            for p in pol.params:
+                p.add_(0.01 * torch.randn_like(p))
+            pol.update_old(0.5)
+            pol.ema_step(seed)
+        with pol.evaluation_weights(), torch.no_grad():
+            rollout(stack, fill, text, embeds, num_steps=3, guidance=30.0)
+        stack.model.zero_grad(set_to_none=True)
+
+    try:
+        iteration(0)
+        first = counters["stats"]["unique_graphs"]
+        for seed in (1, 2):
+            iteration(seed)
+        assert counters["stats"]["unique_graphs"] == first, dict(counters["stats"])
+        assert not counters["graph_break"], dict(counters["graph_break"])
+    finally:
+        torch._dynamo.reset()
