@@ -40,7 +40,7 @@ class RunLifecycle:
         if lora_files is not None:
             state.update(p.checkpoint_state())
         path = save_checkpoint(self.cfg.output_dir, self.step, adapter=None if lora_files else self.stack.adapter.state_dict(),
-                               ema=p.ema_state(), old=p.old_state(), ref=getattr(p, "reference_state", lambda: p.reference)(),
+                               ema=p.ema_state(), old=p.old_state(), ref=p.reference_state(),
                                optimizer=optimizer_state, scheduler=self.scheduler, state=state,
                                total_limit=self.cfg.checkpoints_total_limit, weights=lora_files)
         logger.info("saved %s", path)

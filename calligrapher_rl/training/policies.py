@@ -70,6 +70,10 @@ class Policies:
         for n in self.names:
             self.old[n].copy_(self.old_master[n])
 
+    def reference_state(self) -> dict[str, torch.Tensor] | None:
+        """What a checkpoint keeps of the reference (LoRA policies keep nothing when it is the base model)."""
+        return self.reference
+
     def old_state(self) -> dict[str, torch.Tensor] | None:
         """What a checkpoint keeps of the old policy: the fp32 master when there is one."""
         return self.old_master if self.old_master is not None else self.old
