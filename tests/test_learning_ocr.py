@@ -68,7 +68,8 @@ def _eval(cfg, adapter) -> dict:
                         scale=cfg.ip_adapter_scale, data=cfg.train_data_json, images_per_prompt=EVAL_NOISES)
 
 
-@pytest.mark.parametrize("method", ["grpo", "nft", "grpo-lora", "nft-lora"])
+@pytest.mark.parametrize("method", ["grpo", "nft", "nft-lora", pytest.param("grpo-lora", marks=pytest.mark.skip(
+    reason="GRPO LoRA: seeds 1-3 and controls not measured yet (docs/learning.md, LoRA section)"))])
 def test_rl_raises_the_ocr_reward_of_the_pretrained_tiny_and_permuted_advantages_do_not(tmp_path, method):
     cfg = parse_args([*FLAGS[method], "--output_dir", str(tmp_path / "cfg")])
     before = _eval(cfg, cfg.initial_ip_adapter_path)

@@ -122,6 +122,11 @@ def test_lora_checkpoint_files_load_with_diffusers_and_peft(nft_lora_run, tiny_p
     state = json.loads((ck / "trainer_state" / "state.json").read_text())
     assert state["lora_reference"] == "base" and state["config"]["trainable"] == "lora"
 
+    from app.runs import checkpoint_files  # the studio's Inference/Compare choices: the folder and its ema/
+
+    assert checkpoint_files(str(nft_lora_run[0]))[:2] == [("checkpoint-4 · EMA LoRA", str(ck / "ema")),
+                                                          ("checkpoint-4 · raw LoRA", str(ck))]
+
 
 def test_lora_run_resumes_exactly(nft_lora_run, tmp_path):
     """4 steps straight vs 2 steps, then a resume for 2 more: the same LoRA, EMA, old policy and metrics."""
@@ -204,9 +209,9 @@ def test_compiled_lora_policies_trace_once(tiny_paths, tmp_path):
 
     def iteration(seed):
         with torch.no_grad():
-            ro = rollout(stack, fill, text, embeds, num_steps=3, guidance=30.0, noise_level=0.7,
+            ro = rollout(stack, fill, text, embeds, num_steps=2, guidance=30.0, noise_level=0.7,
                          generator=torch.Generator().manual_seed(seed))
-            rollout(stack, fill, text, embeds, num_steps=3, guidance=30.0, params=pol.old)
+            rollout(stack, fill, text, embeds, num_steps=2, guidance=30.0, params=pol.old)
         adv = torch.randn(4, generator=torch.Generator().manual_seed(seed))
         grpo_backward(stack, batch, ro, adv, ro.sde_steps, noise_level=0.7, sde_type="sde", clip_range=0.2,
                       loss_scale=1.0, **common)
@@ -218,14 +223,13 @@ def test_compiled_lora_policies_trace_once(tiny_paths, tmp_path):
             pol.update_old(0.5)
             pol.ema_step(seed)
         with pol.evaluation_weights(), torch.no_grad():
-            rollout(stack, fill, text, embeds, num_steps=3, guidance=30.0)
+            rollout(stack, fill, text, embeds, num_steps=2, guidance=30.0)
         stack.model.zero_grad(set_to_none=True)
 
     try:
         iteration(0)
         first = counters["stats"]["unique_graphs"]
-        for seed in (1, 2):
-            iteration(seed)
+        iteration(1)
         assert counters["stats"]["unique_graphs"] == first, dict(counters["stats"])
         assert not counters["graph_break"], dict(counters["graph_break"])
     finally:
