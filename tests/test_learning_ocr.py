@@ -36,8 +36,9 @@ FLAGS = {
                   "--rl_num_images_per_prompt", "16"],
     "nft-lora": ["--preset", "tiny-nft-lora", *SHORT, "--max_train_steps", "20", "--learning_rate", "5e-4"],
 }
-# about half the smallest gain over seeds 1-3 (docs/learning.md: the full-rank runs' last section, the LoRA section)
-MIN_GAIN = {"grpo": 0.05, "nft": 0.05, "grpo-lora": 0.05, "nft-lora": 0.05}
+# about half the smallest gain over seeds 1-3 (docs/learning.md, last section); LoRA: half of seed 1's gain (seed 2
+# rose by only +0.04 in 18 epochs, seed 3 is not measured yet: docs/learning.md, LoRA section)
+MIN_GAIN = {"grpo": 0.05, "nft": 0.05, "grpo-lora": 0.05, "nft-lora": 0.1}
 
 
 @pytest.fixture(autouse=True)
