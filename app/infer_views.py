@@ -104,7 +104,7 @@ class InferViews:
             raw = typed.strip()
             path = raw if os.path.isabs(os.path.expanduser(raw)) else os.path.join(self.runs_dir, raw)
             real = runs.confine(path, [self.runs_dir], "checkpoint file")
-            if not os.path.isfile(real):
+            if not (os.path.isfile(real) or _is_lora(real)):
                 raise UserError("no such checkpoint file", where=raw)
             return real, os.path.relpath(real, self.runs_dir)
         if not choice or choice == NONE:
@@ -116,6 +116,9 @@ class InferViews:
                 raise UserError("the run's initial adapter file is missing", where=str(init))
             return init, f"{name} · initial adapter"
         real = runs.confine(os.path.join(self.runs_dir, choice), [self.runs_dir], "checkpoint file")
+        if _is_lora(real):  # a LoRA checkpoint's folder (raw) or its ema/ folder
+            return real, (choice[:-len(os.sep + "ema")] + " · EMA LoRA" if choice.endswith(os.sep + "ema")
+                          else choice + " · raw LoRA")
         if not os.path.isfile(real):
             raise UserError("no such checkpoint file (deleted by checkpoints_total_limit?)", where=choice)
         return real, choice.replace(os.sep + "ip-adapter-ema.safetensors", " · EMA").replace(
@@ -192,3 +195,9 @@ class InferViews:
 
     def unload(self) -> dict:
         return {"inf_msg": self.service.unload()}
+
+
+def _is_lora(path: str) -> bool:
+    from calligrapher_rl.models.lora import find_lora
+
+    return os.path.isdir(path) and find_lora(path) is not None

@@ -65,28 +65,34 @@ class InferenceService:
             load_into_adapter,
             read_adapter_file,
         )
+        from calligrapher_rl.models.lora import find_lora
         from calligrapher_rl.models.stack import CalligrapherStack, resolve_model_paths
 
         flux, siglip = resolve_model_paths(flux.strip(), siglip.strip())
         device, dtype = _device_dtype()
         key = (flux, siglip, device, str(dtype))
         fkey = _file_key(adapter_file)
+        # a LoRA checkpoint (models/lora.py) is merged into the transformer too: its stack is never reused for
+        # another file, nor another file's stack for it
+        lora = adapter_file is not None and find_lora(adapter_file) is not None
         entry = self._stacks.get(key)
         if entry is not None:
             self._stacks.move_to_end(key)
-            if fkey is None or entry["adapter"] == fkey:
+            if entry["adapter"] == fkey or (fkey is None and not entry.get("lora")):
                 return entry["stack"]
+        if entry is not None and not lora and not entry.get("lora"):
             _, flat = read_adapter_file(adapter_file)
             stack = entry["stack"]
             if config_from_state_dict(flat, stack.adapter.config) == stack.adapter.config:
                 load_into_adapter(stack.adapter, flat, adapter_file)
                 entry["adapter"] = fkey
                 return stack
-            self._drop(key)  # another adapter shape: reload with it
+        if entry is not None:
+            self._drop(key)  # another adapter shape, or a LoRA: reload with it
         while len(self._stacks) >= self.max_stacks:
             self._drop(next(iter(self._stacks)))
         stack = CalligrapherStack.from_pretrained(flux, siglip, adapter_path=adapter_file, device=device, dtype=dtype)
-        self._stacks[key] = {"stack": stack, "adapter": fkey}
+        self._stacks[key] = {"stack": stack, "adapter": fkey, "lora": lora}
         return stack
 
     def _drop(self, key) -> None:

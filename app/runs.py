@@ -157,9 +157,14 @@ def samples(run_dir: str) -> list[tuple[int, str]]:
 
 
 def checkpoint_files(run_dir: str) -> list[tuple[str, str]]:
-    """(label, path) of every adapter file, newest checkpoint first, EMA before raw."""
+    """(label, path) of every adapter file, newest checkpoint first, EMA before raw. A LoRA checkpoint's entries
+    are its folder (raw) and its ema/ folder: the loaders take them as they take an adapter file."""
     out = []
     for step, path in reversed(list_checkpoints(run_dir)):
+        if os.path.isfile(os.path.join(path, "lora.json")):
+            out += [(f"checkpoint-{step} · {kind} LoRA", p) for kind, p in (("EMA", os.path.join(path, "ema")),
+                                                                            ("raw", path)) if os.path.isdir(p)]
+            continue
         for fname, kind in (("ip-adapter-ema.safetensors", "EMA"), ("ip-adapter.safetensors", "raw")):
             if os.path.isfile(os.path.join(path, fname)):
                 out.append((f"checkpoint-{step} · {kind}", os.path.join(path, fname)))
@@ -212,6 +217,7 @@ def run_info(run_dir: str) -> dict:
         "launch_pid": launch.get("pid"), "live": state in LIVE, "gpus": launch.get("gpus") or "",
         "phase": status.get("phase") if state in ("running", "stopping") else None,
         "eta_s": status.get("eta_s") if state in ("running", "stopping") else None,
+        "trained": status.get("trained"),  # what trains and how many parameters (lora_policies.describe)
     }
 
 

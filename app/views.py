@@ -184,6 +184,8 @@ class MonitorViews:
         if info["updated"] and info["live"]:
             parts.append(f"updated {_duration(time.time() - info['updated'])} ago")
         text = " · ".join(parts)
+        if info.get("trained"):
+            text += f"\n\ntrains {info['trained']}"
         if info["message"]:
             text += f"\n\n{info['message']}"
         if info["state"] == "dead":

@@ -82,11 +82,12 @@ def run_one(spec: dict) -> dict:
               data=cfg.train_data_json, images_per_prompt=spec["images_per_prompt"])
     t0 = time.time()
     before = evaluate_ocr(model, cfg.initial_ip_adapter_path, **ev, grid=os.path.join(out, "eval-step0.png"))
-    after_live = evaluate_ocr(model, os.path.join(last, "ip-adapter.safetensors"), **ev,
+    lora = os.path.isfile(os.path.join(last, "lora.json"))  # a LoRA checkpoint loads as its folder (raw) or ema/
+    after_live = evaluate_ocr(model, last if lora else os.path.join(last, "ip-adapter.safetensors"), **ev,
                               grid=os.path.join(out, "eval-final.png"))
     after_ema = None
     if cfg.use_ema:
-        after_ema = evaluate_ocr(model, os.path.join(last, "ip-adapter-ema.safetensors"), **ev,
+        after_ema = evaluate_ocr(model, os.path.join(last, "ema" if lora else "ip-adapter-ema.safetensors"), **ev,
                                  grid=os.path.join(out, "eval-final-ema.png"))
     after = after_ema or after_live
     c = np.array(curve)

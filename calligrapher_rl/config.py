@@ -163,7 +163,18 @@ class TrainConfig:
     gradient_checkpointing: bool = _OPTIM(False, "recompute transformer activations in backward (less memory)")
     offload_text_encoder_two: bool = _OPTIM(False, "keep T5 off the GPU except while encoding prompts")
     trainable: str = _OPTIM("all", "what trains: all = whole style adapter, attn = only to_k_ip/to_v_ip, "
-                                   "proj = only the style projections", choices=("all", "attn", "proj"))
+                                   "proj = only the style projections, lora = LoRA layers (peft) on --lora_target "
+                                   "(docs/lora.md)", choices=("all", "attn", "proj", "lora"))
+    lora_target: str = _OPTIM("both", "with --trainable lora: where the LoRA layers go (the transformer's LoRA is what "
+                                      "can change how FLUX spells)", choices=("adapter", "transformer", "both"))
+    lora_rank: int = _OPTIM(32, "with --trainable lora: LoRA rank r (Flow-GRPO, DiffusionNFT: 32)")
+    lora_alpha: float = _OPTIM(64.0, "with --trainable lora: LoRA alpha; the update is scaled by alpha / r "
+                                     "(Flow-GRPO, DiffusionNFT: 64)")
+    lora_dropout: float = _OPTIM(0.0, "with --trainable lora: dropout on the LoRA input, in [0, 1)")
+    lora_modules: str | None = _OPTIM(
+        None, "with --trainable lora: comma-separated module names (peft target_modules, suffix match); none = "
+              "Flow-GRPO's FLUX list (attention projections + feed-forwards) on the transformer, to_k_ip/to_v_ip + "
+              "the projection linears on the adapter")
     ip_adapter_scale: float = _OPTIM(1.0, "style strength: weight of the style attention (release: 1.0, range 0-2)")
 
     # --- RL (both methods) ---
@@ -445,7 +456,8 @@ def _show(value: Any) -> str:
 _METAVARS = {"preset": "NAME_OR_PATH", "pretrained_model_name_or_path": "PATH", "siglip_path": "PATH",
              "initial_ip_adapter_path": "PATH", "train_data_json": "PATH", "output_dir": "DIR",
              "logging_dir": "DIR", "resume_from_checkpoint": "latest|PATH", "rewards": "NAME:W,...",
-             "reward_server_url": "URL[,URL]", "rl_sde_window_range": "LO,HI"}
+             "reward_server_url": "URL[,URL]", "rl_sde_window_range": "LO,HI",
+             "lora_modules": "NAME,..."}
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -131,6 +131,8 @@ def validate(cfg) -> None:
     need(c.max_weight_norm_growth == 0 or c.max_weight_norm_growth > 1, "max_weight_norm_growth", "must be > 1, or 0 (off)")
     need(c.ip_adapter_scale >= 0, "ip_adapter_scale", "must be >= 0")
 
+    _check_lora(c, need)
+
     # RL
     n = c.rl_num_inference_steps
     need(0 < c.rl_timestep_fraction <= 1, "rl_timestep_fraction", "must be in (0, 1]")
@@ -186,6 +188,21 @@ def _validate_awm_and_guard(c, need) -> None:
     need(0 <= c.awm_ema_kl_decay <= 1, "awm_ema_kl_decay", "must be in [0, 1]")
     need(not c.rl_grpo_ratio_norm or c.rl_sde_type == "sde", "rl_grpo_ratio_norm",
          "needs --rl_sde_type sde (GRPO-Guard normalises the sde step's Gaussian log-ratio)")
+
+
+def _check_lora(c, need) -> None:
+    """--lora_* flags: sane values, given only with --trainable lora, and what LoRA cannot combine with."""
+    lora = c.trainable == "lora"
+    need(c.lora_rank >= 1, "lora_rank", "must be at least 1")
+    need(c.lora_alpha > 0, "lora_alpha", "must be > 0")
+    need(0 <= c.lora_dropout < 1, "lora_dropout", "must be in [0, 1)")
+    if c.lora_modules is not None:
+        need(lora, "lora_modules", "is read only with --trainable lora")
+        need(bool([m for m in c.lora_modules.split(",") if m.strip()]), "lora_modules",
+             "expected comma-separated module names (e.g. attn.to_q,attn.to_v)")
+    if lora and c.lora_target != "adapter":
+        # the float8 copy is built from the plain transformer's state dict: it would sample without the LoRA
+        need(not c.rollout_fp8, "rollout_fp8", "cannot sample a transformer LoRA (--lora_target adapter, or false)")
 
 
 def warnings(cfg) -> list[str]:

@@ -26,6 +26,7 @@ REQUIRED = {  # module -> (distribution name, version prefix required or None)
     "transformers": ("transformers", None),
     "accelerate": ("accelerate", None),
     "safetensors": ("safetensors", None),
+    "peft": ("peft", None),
     "gradio": ("gradio", None),
     "plotly": ("plotly", None),
     "tensorboard": ("tensorboard", None),
@@ -133,6 +134,37 @@ def check_disk(output_dir: str | None) -> list[tuple[str, str]]:
     return [(level, f"{free:.0f} GiB free at {probe}{'' if level == OK else ' (a FLUX checkpoint run wants > 20 GiB)'}")]
 
 
+def check_adapter(path: str | None) -> list[tuple[str, str]]:
+    """--ip_adapter: an adapter file of any layout, or a LoRA checkpoint folder (raw or ema/), readable and whole."""
+    if not path:
+        return []
+    from .models.lora import ADAPTER_DIR, ADAPTER_FILE, TRANSFORMER_FILE, find_lora
+
+    try:
+        found = find_lora(path) if os.path.exists(path) else None
+        if found is None:
+            from .models.checkpoints import read_adapter_file
+
+            layout, flat = read_adapter_file(path)
+            return [(OK, f"--ip_adapter {path}: {layout} adapter, {len(flat)} tensors")]
+        from safetensors import safe_open
+
+        root, folder, info = found
+        counts = []
+        for name in (TRANSFORMER_FILE, os.path.join(ADAPTER_DIR, ADAPTER_FILE)):
+            if os.path.isfile(os.path.join(folder, name)):
+                with safe_open(os.path.join(folder, name), "pt") as fh:
+                    counts.append(f"{len(list(fh.keys()))} tensors in {name}")
+        out = [(OK if counts else FAIL, f"--ip_adapter {path}: LoRA r={info.get('rank')} alpha={info.get('alpha')} on "
+                                        f"{info.get('target')}: {', '.join(counts) or 'no LoRA weight file'}")]
+        base = info.get("base_adapter")
+        if base and base != "tiny-pretrained" and not os.path.isfile(base):
+            out.append((FAIL, f"its base adapter {base} (lora.json) is missing: loading needs it"))
+        return out
+    except (UserError, OSError, ValueError) as exc:
+        return [(FAIL, f"--ip_adapter {path}: {exc}")]
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m calligrapher_rl.doctor", description="deployment check")
     p.add_argument("--pretrained_model_name_or_path", default=None)
@@ -142,6 +174,7 @@ def main(argv=None) -> int:
     p.add_argument("--reward_server_url", default=None)
     p.add_argument("--rewards", default="ocr")
     p.add_argument("--skip_ocr", action="store_true", help="do not load the OCR engine")
+    p.add_argument("--ip_adapter", default=None, help="an adapter file or a LoRA checkpoint (checkpoint-N, its ema/)")
     args = p.parse_args(argv)
     checks: list[Callable[[], list[tuple[str, str]]]] = [
         check_packages, check_gpu,
@@ -149,6 +182,7 @@ def main(argv=None) -> int:
         lambda: [] if args.skip_ocr else check_ocr(),
         lambda: check_servers(args.reward_server_url, args.rewards),
         lambda: check_disk(args.output_dir),
+        lambda: check_adapter(args.ip_adapter),
     ]
     failed = False
     for check in checks:

@@ -87,7 +87,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m calligrapher_rl.infer", description=__doc__.splitlines()[0])
     p.add_argument("--pretrained_model_name_or_path", required=True, help="FLUX.1-Fill-dev folder, or 'tiny'")
     p.add_argument("--siglip_path", required=True, help="SigLIP vision folder, or 'tiny'")
-    p.add_argument("--ip_adapter", default=None, help="adapter checkpoint (.bin/.safetensors, any layout); none = untrained")
+    p.add_argument("--ip_adapter", default=None, help="adapter checkpoint (.bin/.safetensors, any layout), or a LoRA "
+                   "checkpoint folder (checkpoint-N, or checkpoint-N/ema for its EMA); none = untrained")
     p.add_argument("--source", required=True, help="image with the text to replace")
     p.add_argument("--mask", required=True, help="white = region to repaint; same size as the source")
     p.add_argument("--reference", default=None, help="style reference (default: the source cropped to the mask)")

@@ -141,7 +141,7 @@ def _eval(argv) -> int:
     for name in ("n", "images_per_prompt", "steps"):
         if getattr(args, name) is not None and getattr(args, name) < 1:
             raise UserError(f"expected a positive integer, got {getattr(args, name)}", field=f"--{name}")
-    if args.ip_adapter and not os.path.isfile(args.ip_adapter) and args.ip_adapter != "tiny-pretrained":
+    if args.ip_adapter and not os.path.exists(args.ip_adapter) and args.ip_adapter != "tiny-pretrained":
         raise UserError("no such file", where=args.ip_adapter, field="--ip_adapter")
     result = evaluate_ocr(args.model, args.ip_adapter, n=args.n, steps=args.steps, seed=args.seed, grid=args.grid,
                           data=args.data, images_per_prompt=args.images_per_prompt)

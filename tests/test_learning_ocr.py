@@ -31,8 +31,14 @@ FLAGS = {
     "grpo": ["--preset", "tiny-grpo", *SHORT, "--max_train_steps", "10", "--learning_rate", "1e-3",
              "--rl_num_images_per_prompt", "16"],
     "nft": ["--preset", "tiny-nft", *SHORT, "--max_train_steps", "20", "--learning_rate", "5e-4"],
+    # LoRA (rank 8, transformer + adapter): the same learning values; GRPO's LoRA needs a few more epochs
+    "grpo-lora": ["--preset", "tiny-grpo-lora", *SHORT, "--max_train_steps", "14", "--learning_rate", "1e-3",
+                  "--rl_num_images_per_prompt", "16"],
+    "nft-lora": ["--preset", "tiny-nft-lora", *SHORT, "--max_train_steps", "20", "--learning_rate", "5e-4"],
 }
-MIN_GAIN = {"grpo": 0.05, "nft": 0.05}  # about half the smallest gain over seeds 1-3 (docs/learning.md, last section)
+# about half the smallest gain over seeds 1-3 (docs/learning.md, last section); LoRA: half of seed 1's gain (seed 2
+# rose by only +0.04 in 18 epochs, seed 3 is not measured yet: docs/learning.md, LoRA section)
+MIN_GAIN = {"grpo": 0.05, "nft": 0.05, "grpo-lora": 0.05, "nft-lora": 0.1}
 
 
 @pytest.fixture(autouse=True)
@@ -50,8 +56,11 @@ def _final_adapter_gain(tmp_path, method: str, trainer, name: str, before: dict)
     assert tr.run() == "finished"
     rows = [r for r in read_metrics(str(out)) if r.get("phase") == "rl" and "reward/mean" in r]
     assert len(rows) == tr.cfg.max_train_steps and all(r["reward/failed"] == 0 for r in rows)
-    adapter = "ip-adapter-ema.safetensors" if tr.cfg.use_ema else "ip-adapter.safetensors"
-    after = _eval(tr.cfg, str(out / f"checkpoint-{tr.cfg.max_train_steps}" / adapter))
+    ck = out / f"checkpoint-{tr.cfg.max_train_steps}"
+    if tr.cfg.trainable == "lora":  # a LoRA checkpoint loads as its folder, its EMA as ema/
+        after = _eval(tr.cfg, str(ck / "ema" if tr.cfg.use_ema else ck))
+    else:
+        after = _eval(tr.cfg, str(ck / ("ip-adapter-ema.safetensors" if tr.cfg.use_ema else "ip-adapter.safetensors")))
     return after["ocr"] - before["ocr"], after
 
 
@@ -60,7 +69,8 @@ def _eval(cfg, adapter) -> dict:
                         scale=cfg.ip_adapter_scale, data=cfg.train_data_json, images_per_prompt=EVAL_NOISES)
 
 
-@pytest.mark.parametrize("method", ["grpo", "nft"])
+@pytest.mark.parametrize("method", ["grpo", "nft", "nft-lora", pytest.param("grpo-lora", marks=pytest.mark.skip(
+    reason="GRPO LoRA: seeds 1-3 and controls not measured yet (docs/learning.md, LoRA section)"))])
 def test_rl_raises_the_ocr_reward_of_the_pretrained_tiny_and_permuted_advantages_do_not(tmp_path, method):
     cfg = parse_args([*FLAGS[method], "--output_dir", str(tmp_path / "cfg")])
     before = _eval(cfg, cfg.initial_ip_adapter_path)

@@ -106,6 +106,8 @@ class CalligrapherStack:
 
         if adapter_path is None and flux_path == "tiny-pretrained":  # the name stands for its whole stack
             adapter_path = "tiny-pretrained"
+        lora_path, adapter_path, seed, num_style_tokens, use_qformer = _lora_checkpoint(
+            adapter_path, seed, num_style_tokens, use_qformer)  # a LoRA checkpoint: its base adapter first
         flux_path, siglip_path = resolve_model_paths(flux_path, siglip_path)
         try:
             pipe = FluxFillPipeline.from_pretrained(flux_path, dtype=dtype, local_files_only=True)
@@ -138,6 +140,10 @@ class CalligrapherStack:
         pipe.to(device)
         adapter.to(device)  # set_attn_processor + pipe.to may not move the projections
         siglip.to(device)
+        if lora_path is not None:  # merged into the base weights: inference runs the plain architecture
+            from .lora import apply_lora_checkpoint
+
+            apply_lora_checkpoint(pipe.transformer, adapter, lora_path)
         if offload_text_encoder_two:
             pipe.text_encoder_2.to("cpu")
         seq = max_sequence_length or (512 if pipe.text_encoder_2.config.d_model >= 1024 else 32)
@@ -249,7 +255,8 @@ class CalligrapherStack:
         self.forward_counts["grad" if torch.is_grad_enabled() else "no_grad"] += latents.shape[0]
         model = self.quantized_model if quantized and self.quantized_model is not None else self.model
         if params is not None:
-            named = {f"adapter.{k}": v for k, v in params.items()}
+            # adapter names, plus `transformer.`-prefixed ones of a transformer LoRA (models/lora.py)
+            named = {k if k.startswith("transformer.") else f"adapter.{k}": v for k, v in params.items()}
             out = torch.func.functional_call(model, named, args, strict=False)
         elif torch.is_grad_enabled() and model is self.model:
             out = self.train_model(*args)
@@ -274,7 +281,7 @@ class CalligrapherStack:
     def style_tokens(self, image_embeds: torch.Tensor, params=None) -> torch.Tensor:
         if params is None:
             return self.adapter(image_embeds)
-        return torch.func.functional_call(self.adapter, params, (image_embeds,), strict=False)
+        return torch.func.functional_call(self.adapter, _adapter_only(params), (image_embeds,), strict=False)
 
     def style_condition(self, image_embeds: torch.Tensor, params=None):
         """(style tokens, every block's style keys/values) for a no-gradient rollout, in the transformer's
@@ -282,7 +289,27 @@ class CalligrapherStack:
         args = (image_embeds, self.pipe.transformer.config.num_attention_heads, self.dtype)
         if params is None:
             return self.adapter(*args)
-        return torch.func.functional_call(self.adapter, params, args, strict=False)
+        return torch.func.functional_call(self.adapter, _adapter_only(params), args, strict=False)
+
+
+def _adapter_only(params: dict) -> dict:
+    """A policy mapping without the transformer's LoRA weights (the adapter alone does not hold them)."""
+    return {k: v for k, v in params.items() if not k.startswith("transformer.")}
+
+
+def _lora_checkpoint(adapter_path: str | None, seed: int, tokens: int, use_qformer: bool):
+    """(LoRA checkpoint or None, the adapter file to load first, and the seed, token count and projection of
+    a fresh base adapter: a LoRA checkpoint's lora.json names them)."""
+    import os
+
+    from .lora import find_lora
+
+    found = find_lora(adapter_path) if adapter_path and os.path.exists(adapter_path) else None
+    if found is None:
+        return None, adapter_path, seed, tokens, use_qformer
+    info = found[2]
+    return (adapter_path, info.get("base_adapter"), int(info.get("seed", seed)),
+            info.get("num_style_tokens") or tokens, info.get("use_qformer", use_qformer))
 
 
 def _load_siglip_processor(path: str):

@@ -72,7 +72,7 @@ def resolve_resume(run_dir: str, value: str | None) -> str | None:
 # What a checkpoint must agree with to be resumed: the model it adapts, the adapter's architecture, what
 # trains (the optimizer's parameter groups) and the RL method (its policies and state).
 IDENTITY_KEYS = ("model_type", "pretrained_model_name_or_path", "siglip_path", "tiny_width", "num_style_tokens",
-                 "use_qformer", "trainable", "use_rl", "rl_method")
+                 "use_qformer", "trainable", "use_rl", "rl_method", "lora_target", "lora_rank", "lora_modules")
 _PATH_KEYS = ("pretrained_model_name_or_path", "siglip_path")
 ARCHITECTURE_KEYS = ("model_type", "tiny_width", "num_style_tokens", "use_qformer")  # never changed on resume
 
@@ -161,14 +161,20 @@ RELEASE_BIN_BYTES = 2**30
 REFERENCE_FILE = "reference.safetensors"
 
 
-def save_checkpoint(run_dir: str, step: int, *, adapter: dict, ema: dict | None, old: dict | None, optimizer,
-                    scheduler, state: dict, total_limit: int | None = None) -> str:
+def save_checkpoint(run_dir: str, step: int, *, adapter: dict | None, ema: dict | None, old: dict | None, optimizer,
+                    scheduler, state: dict, total_limit: int | None = None, weights=None) -> str:
+    """`weights(folder)`, when given, writes the weight files instead of the adapter's (a LoRA run)."""
     final_dir = os.path.join(run_dir, f"checkpoint-{step}")
-    size = sum(v.numel() * v.element_size() for v in adapter.values())
-    adapter = {k: v.detach().to("cpu").contiguous() for k, v in adapter.items()}  # once, for both uses below
-    old_is_adapter = bool(old) and all(torch.equal(v.to("cpu"), adapter[k].to(v.dtype)) for k, v in old.items())
+    if adapter is not None:
+        size = sum(v.numel() * v.element_size() for v in adapter.values())
+        adapter = {k: v.detach().to("cpu").contiguous() for k, v in adapter.items()}  # once, for both uses below
+    old_is_adapter = bool(old) and adapter is not None and all(
+        k in adapter and torch.equal(v.to("cpu"), adapter[k].to(v.dtype)) for k, v in old.items())
     with atomic_dir(final_dir) as tmp:
-        save_adapter_files(tmp, adapter, ema_state=ema, release_bin=size < RELEASE_BIN_BYTES)
+        if weights is not None:
+            weights(tmp)
+        else:
+            save_adapter_files(tmp, adapter, ema_state=ema, release_bin=size < RELEASE_BIN_BYTES)
         ts = os.path.join(tmp, "trainer_state")
         os.makedirs(ts)
         if old and not old_is_adapter:
@@ -194,7 +200,8 @@ def save_reference(run_dir: str, reference: dict) -> str:
     """The KL reference of a run whose RL began after a warmup: once per run, in the run folder."""
     path = os.path.join(run_dir, REFERENCE_FILE)
     with atomic_path(path) as tmp:
-        save_file(_prefixed("ref", reference), tmp)
+        # cloned: a LoRA reference may be views of one shared buffer, which safetensors refuses to write
+        save_file({k: v.clone() for k, v in _prefixed("ref", reference).items()}, tmp)
     return path
 
 
@@ -233,7 +240,8 @@ def load_checkpoint(path: str) -> dict:
             _fail(path, name, f"expected a state dict, found {type(out).__name__}")
         return out
 
-    adapter = tensors("ip-adapter.safetensors", True)
+    lora = os.path.isfile(os.path.join(path, "lora.json"))  # a LoRA run's checkpoint (models/lora.py)
+    adapter = tensors("ip-adapter.safetensors", not lora)
     policies = tensors(os.path.join(ts, "policies.safetensors"), False)
     ema_file = tensors("ip-adapter-ema.safetensors", False)
     optimizer = torch_state(os.path.join(ts, "optimizer.pt"))
@@ -252,7 +260,7 @@ def load_checkpoint(path: str) -> dict:
         old = {k: adapter[k].to(torch.float32) for k in same}
     # checkpoints of earlier versions kept the EMA and the reference in policies.safetensors
     return {"adapter": adapter, "ema": group("ema") or ema_file or None, "old": old, "ref": group("ref"),
-            "optimizer": optimizer, "scheduler": scheduler, "state": state, "path": path}
+            "optimizer": optimizer, "scheduler": scheduler, "state": state, "path": path, "lora": lora}
 
 
 def check_against(ck: dict, model_state: dict, trainable: dict, optimizer) -> None:
@@ -272,7 +280,8 @@ def check_against(ck: dict, model_state: dict, trainable: dict, optimizer) -> No
             _fail(path, file, f"does not fit this run's adapter ({len(wrong)} wrong shapes, {len(missing)} missing, "
                               f"{len(extra)} unknown; e.g. {what})")
 
-    shapes("ip-adapter.safetensors", ck["adapter"], model_state, exact=True)
+    if not ck.get("lora"):
+        shapes("ip-adapter.safetensors", ck["adapter"], model_state, exact=True)
     pol = os.path.join("trainer_state", "policies.safetensors")
     for prefix in ("ref", "old"):
         if ck[prefix] is not None:

@@ -60,12 +60,16 @@ class RunLifecycle:
                  "skipped_nonfinite": self.skipped_nonfinite,
                  "grad_scaler": self.scaler.state_dict() if self.scaler is not None else None,
                  "config": identity(self.cfg), "settings": settings(self.cfg)}
-        adapter, ema, old = self.stack.adapter.state_dict(), p.ema_state(), p.old_state()
-        needed = 2 * tensor_bytes(adapter) + 2 * tensor_bytes(ema) + tensor_bytes([old, optimizer_state])
+        lora_files = getattr(p, "write_files", None)  # a LoRA run writes its own weight files (lora_policies.py)
+        if lora_files is not None:
+            state.update(p.checkpoint_state())
+        adapter = None if lora_files else self.stack.adapter.state_dict()
+        ema, old = p.ema_state(), p.old_state()
+        needed = 2 * tensor_bytes(adapter or {}) + 2 * tensor_bytes(ema) + tensor_bytes([old, optimizer_state])
         with writing(os.path.join(self.cfg.output_dir, f"checkpoint-{self.step}"), needed):  # torch's words -> "disk"
             path = save_checkpoint(self.cfg.output_dir, self.step, adapter=adapter, ema=ema, old=old,
                                    optimizer=optimizer_state, scheduler=self.scheduler, state=state,
-                                   total_limit=self.cfg.checkpoints_total_limit)
+                                   total_limit=self.cfg.checkpoints_total_limit, weights=lora_files)
         logger.info("saved %s (%.2f GB)", path, folder_bytes(path) / 1e9)
         self.callbacks.call("on_save", self, step=self.step, path=str(path))
 
@@ -87,7 +91,10 @@ class RunLifecycle:
             if self.is_main:
                 save_reference(self.cfg.output_dir, ck["ref"])
         try:
-            self.stack.adapter.load_state_dict({k: v.to(self.acc.device) for k, v in ck["adapter"].items()})
+            if ck["lora"]:
+                self.policies.load_files(path, ck["state"])
+            else:
+                self.stack.adapter.load_state_dict({k: v.to(self.acc.device) for k, v in ck["adapter"].items()})
             self.optimizer.load_state_dict(ck["optimizer"])
             self.scheduler.load_state_dict(ck["scheduler"])
             self.policies.load_snapshots(reference, ck["old"], self.acc.device)
@@ -117,7 +124,7 @@ class RunLifecycle:
         checkpoint is loaded over it - rebuilt from the same file or seed) or the run folder's file."""
         source = state.get("reference")
         self._reference_source = source
-        if source is None:
+        if source is None or source == "base":  # none recorded, or the base model (LoRA: load_files restores it)
             return None
         if source == REFERENCE_FILE:
             return load_reference(self.cfg.output_dir)

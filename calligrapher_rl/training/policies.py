@@ -20,9 +20,10 @@ from ..rl.nft import update_old_params
 
 class Policies:
     def __init__(self, adapter: StyleAdapter, trainable: str, *, use_ema: bool, ema_decay: float,
-                 ema_update_interval: int, snapshot_dtype=torch.float32, ema_device=None):
+                 ema_update_interval: int, snapshot_dtype=torch.float32, ema_device=None, named=None):
         self.adapter = adapter
-        self.named = adapter.parameter_groups(trainable)
+        # `named`: another trainable set, e.g. LoRA weights (lora_policies.py)
+        self.named = adapter.parameter_groups(trainable) if named is None else named
         self.names = [n for n, _ in self.named]
         trainable_ids = {id(p) for _, p in self.named}
         for p in adapter.parameters():
@@ -98,6 +99,10 @@ class Policies:
                           [p.detach().to("cpu", torch.float32) for p in self.params], eta)
         for n in self.names:
             self.old[n].copy_(self.old_master[n])
+
+    def reference_state(self) -> dict[str, torch.Tensor] | None:
+        """What a checkpoint keeps of the reference (LoRA policies keep nothing when it is the base model)."""
+        return self.reference
 
     def old_state(self) -> dict[str, torch.Tensor] | None:
         """What a checkpoint keeps of the old policy: the fp32 master when there is one."""

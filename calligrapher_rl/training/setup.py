@@ -98,6 +98,10 @@ def build_stack(cfg: TrainConfig, device):
         device=device, dtype=DTYPES[cfg.mixed_precision], num_style_tokens=cfg.num_style_tokens or 128,
         use_qformer=cfg.use_qformer, offload_text_encoder_two=cfg.offload_text_encoder_two, seed=cfg.seed,
     )
+    if cfg.trainable == "lora":  # before compiling: the compiled graphs include the LoRA layers
+        from ..models.lora import LoraSpec, add_lora
+
+        add_lora(stack.pipe.transformer, stack.adapter, LoraSpec.from_config(cfg))
     if cfg.gradient_checkpointing:
         stack.pipe.transformer.enable_gradient_checkpointing()
     if cfg.rollout_fp8:

@@ -55,9 +55,9 @@ from .distributed import (
 from .divergence import Diverged, WeightHealth, check_rollout_health, finite_samples, score_finite, zero_nonfinite
 from .evaluation import Evaluation
 from .lifecycle import RunLifecycle
+from .lora_policies import build_policies, describe
 from .memory import out_of_memory
 from .optim import reset_state, restart_warmup
-from .policies import Policies
 from .progress import ProgressCallback, system_metrics
 from .resume_guard import refuse_mismatched_resume
 from .run_dir import RunDir, StatusNotRecorded, claim_run_dir, ending
@@ -150,10 +150,11 @@ class Trainer(RunLifecycle, Evaluation):
                                                self._custom["rewards"])
         if self._custom["rewards"] is not None:  # run.json records the rewards that were used
             self.cfg = cfg = dataclasses.replace(cfg, rewards=",".join(f"{n}:{w:g}" for n, w in self.rewards.weights.items()))
-        self.policies = Policies(self.stack.adapter, cfg.trainable, use_ema=cfg.use_ema, ema_decay=cfg.ema_decay,
-                                 ema_update_interval=cfg.ema_update_interval,
-                                 snapshot_dtype=torch.bfloat16 if cfg.snapshot_dtype == "bf16" else torch.float32,
-                                 ema_device="cpu" if cfg.ema_on_cpu else None)
+        self.policies = build_policies(self.stack, cfg, use_ema=cfg.use_ema, ema_decay=cfg.ema_decay,
+                                       ema_update_interval=cfg.ema_update_interval,
+                                       snapshot_dtype=torch.bfloat16 if cfg.snapshot_dtype == "bf16" else torch.float32,
+                                       ema_device="cpu" if cfg.ema_on_cpu else None)
+        self.run_dir.status_fields["trained"] = describe(self.policies, cfg)  # the run page says what trains
         prepare_data_parallel(self.acc, self.stack)  # DDP over the trainable set chosen just above
         self.optimizer, self.scheduler = setup.build_optimizer(cfg, self.policies.params, self.acc.num_processes)
         self.scaler = setup.make_grad_scaler(self.acc, cfg)  # fp16 only: dynamic loss scaling
@@ -440,7 +441,9 @@ class Trainer(RunLifecycle, Evaluation):
                                                                          and self.cfg.awm_ema_kl_beta > 0))
         # the reference is stored once per run: nothing when it is the initial adapter (a resume rebuilds it
         # from the same file or seed), else the run folder's reference.safetensors
-        if self.step == 0:
+        if getattr(self.policies, "reference_is_base", False):
+            self._reference_source = "base"  # a LoRA run's reference is the frozen model itself: nothing to store
+        elif self.step == 0:
             self._reference_source = {"initial": True, "initial_ip_adapter_path": self.cfg.initial_ip_adapter_path}
         else:
             self._reference_source = REFERENCE_FILE
