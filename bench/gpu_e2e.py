@@ -204,6 +204,7 @@ def main() -> int:
 
             ck = os.path.join(run_a, f"checkpoint-{ckpt}")
             summary = summarize(rows(run_a))
+            # a checkpoint's time is charged to the epoch after it (the run's last one is in the log only)
             saves = [r["time/checkpoint_save_s"] for r in rows(run_a) if "time/checkpoint_save_s" in r]
             res.put(preset, exit={"train": code}, train_s=round(secs, 1), peak_gib_nvidia_smi=smi, **summary,
                     checkpoint_gb=round(folder_bytes(ck) / 1e9, 2) if os.path.isdir(ck) else None,

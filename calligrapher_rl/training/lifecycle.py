@@ -7,6 +7,7 @@ from __future__ import annotations
 import logging
 import os
 import signal
+import time
 
 import torch
 
@@ -60,6 +61,7 @@ class RunLifecycle:
                  "skipped_nonfinite": self.skipped_nonfinite,
                  "grad_scaler": self.scaler.state_dict() if self.scaler is not None else None,
                  "config": identity(self.cfg), "settings": settings(self.cfg)}
+        t0 = time.perf_counter()
         lora_files = getattr(p, "write_files", None)  # a LoRA run writes its own weight files (lora_policies.py)
         if lora_files is not None:
             state.update(p.checkpoint_state())
@@ -70,7 +72,7 @@ class RunLifecycle:
             path = save_checkpoint(self.cfg.output_dir, self.step, adapter=adapter, ema=ema, old=old,
                                    optimizer=optimizer_state, scheduler=self.scheduler, state=state,
                                    total_limit=self.cfg.checkpoints_total_limit, weights=lora_files)
-        logger.info("saved %s (%.2f GB)", path, folder_bytes(path) / 1e9)
+        logger.info("saved %s (%.2f GB in %.1f s)", path, folder_bytes(path) / 1e9, time.perf_counter() - t0)
         self.callbacks.call("on_save", self, step=self.step, path=str(path))
 
     @timed_phase("resume_load")

@@ -217,8 +217,6 @@ class Trainer(RunLifecycle, Evaluation):
                 self._diverged = True
                 final, message = "failed", str(exc)
             self.save()
-            if self.clock.totals:  # the last evaluation and checkpoint, after the last epoch's row
-                self._log(self._last_row["phase"] or "rl", self.clock.take())
             if not self.run_dir.final_status(final, self.step, message):
                 raise StatusNotRecorded(f"the run ended {final}, but status.json could not say so")
             outcome = final
