@@ -187,7 +187,7 @@ def _corrupt_cases():
         ("adapter truncated", truncate(f"{ck}/ip-adapter.safetensors"), "ip-adapter.safetensors"),
         ("adapter garbage", write(f"{ck}/ip-adapter.safetensors", b"\xff" * 64), "ip-adapter.safetensors"),
         ("adapter wrong shape", adapter_shapes, "ip-adapter.safetensors"),
-        ("policies truncated", truncate(f"{ts}/policies.safetensors"), "policies.safetensors"),
+        ("EMA truncated", truncate(f"{ck}/ip-adapter-ema.safetensors"), "ip-adapter-ema.safetensors"),
         ("optimizer truncated", truncate(f"{ts}/optimizer.pt"), "optimizer.pt"),
         ("optimizer pickle with code", lambda run: torch.save(Evil(), run / ts / "optimizer.pt"), "optimizer.pt"),
         ("optimizer wrong shape", optimizer_shapes, "optimizer.pt"),
