@@ -53,6 +53,7 @@ from .optim import reset_state
 from .policies import Policies, WeightHealth
 from .progress import ProgressCallback, system_metrics
 from .run_dir import RunDir, StatusNotRecorded, claim_run_dir, ending
+from .starting_point import StartingPointCallback
 from .updates import StatsMeter, grpo_backward, nft_backward, warmup_backward
 
 logger = logging.getLogger("calligrapher_rl.training")
@@ -78,8 +79,9 @@ class Trainer(RunLifecycle, Evaluation):
 
     def __init__(self, config: TrainConfig, rewards=None, dataset=None, callbacks=None):
         callbacks = list(callbacks or [])
-        defaults = [StatusCallback()] + ([] if any(isinstance(c, ProgressCallback) or c is ProgressCallback
-                                                   for c in callbacks) else [ProgressCallback()])
+        defaults = [StatusCallback(), StartingPointCallback()]  # StartingPoint: checkpoint-0 (starting_point.py)
+        defaults += [] if any(isinstance(c, ProgressCallback) or c is ProgressCallback for c in callbacks) else [
+            ProgressCallback()]
         self.callbacks = CallbackHandler(defaults + callbacks)
         self._custom = {"rewards": rewards, "dataset": dataset}
         if dataset is not None:  # run.json names where the data came from (config.train_data_json is not used)
