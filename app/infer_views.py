@@ -116,6 +116,8 @@ class InferViews:
                 raise UserError("the run's initial adapter file is missing", where=str(init))
             return init, f"{name} · initial adapter"
         real = runs.confine(os.path.join(self.runs_dir, choice), [self.runs_dir], "checkpoint file")
+        if os.path.isdir(real) and os.path.basename(real) == "checkpoint-0":  # a run's starting point
+            return real, choice.rstrip(os.sep).replace(os.sep + "checkpoint-0", " · start (checkpoint-0)")
         if not os.path.isfile(real):
             raise UserError("no such checkpoint file (deleted by checkpoints_total_limit?)", where=choice)
         return real, choice.replace(os.sep + "ip-adapter-ema.safetensors", " · EMA").replace(

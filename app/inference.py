@@ -9,6 +9,7 @@ Calls are serialised by a lock: one generation at a time per studio.
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import os
 import threading
@@ -99,6 +100,19 @@ class InferenceService:
                 torch.cuda.empty_cache()
         except ImportError:
             pass
+
+    @contextlib.contextmanager
+    def borrowed_stack(self, flux: str, siglip: str, adapter_file: str | None):
+        """The cached stack for an evaluation that loads other weights into its adapter: held under the lock, and
+        afterwards marked as holding unknown weights (the next generation reloads its file)."""
+        with self._lock:
+            stack = self._stack(flux, siglip, adapter_file)
+            try:
+                yield stack
+            finally:
+                for entry in self._stacks.values():
+                    if entry["stack"] is stack:
+                        entry["adapter"] = ("weights of an evaluation",)
 
     def unload(self) -> str:
         with self._lock:

@@ -157,12 +157,16 @@ def samples(run_dir: str) -> list[tuple[int, str]]:
 
 
 def checkpoint_files(run_dir: str) -> list[tuple[str, str]]:
-    """(label, path) of every adapter file, newest checkpoint first, EMA before raw."""
+    """(label, path) of every adapter file, newest checkpoint first, EMA before raw; the starting point
+    (`checkpoint-0/`, a folder the loaders resolve) last."""
     out = []
     for step, path in reversed(list_checkpoints(run_dir)):
         for fname, kind in (("ip-adapter-ema.safetensors", "EMA"), ("ip-adapter.safetensors", "raw")):
             if os.path.isfile(os.path.join(path, fname)):
                 out.append((f"checkpoint-{step} · {kind}", os.path.join(path, fname)))
+    start = os.path.join(run_dir, "checkpoint-0")  # the starting point (training/starting_point.py)
+    if os.path.isdir(start) and not any(p == start for _, p in out):
+        out.append(("checkpoint-0 · start", start))
     return out
 
 

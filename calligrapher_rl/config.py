@@ -210,6 +210,8 @@ class TrainConfig:
     # --- evaluation ---
     eval_steps: int = _EVAL(100, "write a sample grid every N steps (0 = never)")
     num_eval_samples: int = _EVAL(4, "fixed evaluation examples in each grid")
+    num_eval_noises: int = _EVAL(1, "initial noises per evaluation example (the same at every evaluation): the eval "
+                                    "reward is a mean over num_eval_samples x this many samples (docs/evaluation.md)")
     eval_at_start: bool = _EVAL(True, "step-0 baseline grid before any update")
     rl_eval_num_inference_steps: int | None = _EVAL(None, "sampler steps of evaluation; none = --rl_num_inference_steps")
 

@@ -5,18 +5,23 @@ the same run with each epoch's advantages permuted across its samples does not.
 Each test runs its preset (shortened: FLAGS below) in-process with one torch thread, then its permuted
 control (same seed), and measures each run's gain as an evaluation, not the noisy training curve: the mean
 OCR reward of ODE samples of the 4 training prompts x EVAL_NOISES initial noises (the same noises before
-and after) with the final adapter, minus the same with the pretrained (step-0) adapter. The thresholds come
-from the same configuration on seeds 1-3 (docs/learning.md, last section).
+and after) with the final adapter, minus the same with the pretrained (step-0) adapter, as
+`python -m calligrapher_rl.evaluate` measures it between the run's checkpoint-0 and its last checkpoint.
+For GRPO the evaluation's verdict is checked too: the run beats its start with a 95% interval that excludes
+0, the control does not. The thresholds come from the same configuration on seeds 1-3 (docs/learning.md).
+The runs are trained once per module (the `trained` fixture).
 """
 
 from __future__ import annotations
+
+import json
+import os
 
 import pytest
 import torch
 from test_learning import PermutedAdvantages
 
 from calligrapher_rl.config import parse_args
-from calligrapher_rl.tiny import evaluate_ocr
 from calligrapher_rl.training.run_dir import read_metrics
 from calligrapher_rl.training.trainer import Trainer
 
@@ -44,29 +49,51 @@ def one_thread():
     torch.set_num_threads(before)
 
 
-def _final_adapter_gain(tmp_path, method: str, trainer, name: str, before: dict) -> tuple[float, dict]:
-    out = tmp_path / name
-    tr = trainer(parse_args([*FLAGS[method], "--output_dir", str(out)]))
-    assert tr.run() == "finished"
-    rows = [r for r in read_metrics(str(out)) if r.get("phase") == "rl" and "reward/mean" in r]
-    assert len(rows) == tr.cfg.max_train_steps and all(r["reward/failed"] == 0 for r in rows)
-    adapter = "ip-adapter-ema.safetensors" if tr.cfg.use_ema else "ip-adapter.safetensors"
-    after = _eval(tr.cfg, str(out / f"checkpoint-{tr.cfg.max_train_steps}" / adapter))
-    return after["ocr"] - before["ocr"], after
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """`get(method, control)` -> the run folder of the shortened preset (control: permuted advantages), trained
+    once per module: the OCR learning test and the evaluation test share the runs."""
+    done: dict[tuple[str, bool], str] = {}
+
+    def get(method: str, control: bool) -> str:
+        if (method, control) not in done:
+            torch.set_num_threads(1)
+            out = tmp_path_factory.mktemp(f"{method}-{'perm' if control else 'real'}")
+            tr = (PermutedAdvantages if control else Trainer)(parse_args([*FLAGS[method], "--output_dir", str(out)]))
+            assert tr.run() == "finished"
+            rows = [r for r in read_metrics(str(out)) if r.get("phase") == "rl" and "reward/mean" in r]
+            assert len(rows) == tr.cfg.max_train_steps and all(r["reward/failed"] == 0 for r in rows)
+            done[(method, control)] = str(out)
+        return done[(method, control)]
+
+    return get
 
 
-def _eval(cfg, adapter) -> dict:
-    return evaluate_ocr(cfg.pretrained_model_name_or_path, adapter, steps=cfg.rl_eval_num_inference_steps,
-                        scale=cfg.ip_adapter_scale, data=cfg.train_data_json, images_per_prompt=EVAL_NOISES)
+def _evaluate(run: str, steps: int) -> dict:
+    """`python -m calligrapher_rl.evaluate` of the run's start (checkpoint-0) and its final checkpoint (the EMA
+    adapter) on the training prompts x EVAL_NOISES noises; returns the paired OCR comparison."""
+    from calligrapher_rl import evaluate
+
+    out = os.path.join(run, "eval")
+    assert evaluate.main(["--checkpoints", os.path.join(run, "checkpoint-0"), os.path.join(run, f"checkpoint-{steps}"),
+                          "--noises", str(EVAL_NOISES), "--out", out]) == 0
+    with open(os.path.join(out, "eval.json")) as fh:
+        report = json.load(fh)
+    assert [c["n"] for c in report["checkpoints"]] == [4 * EVAL_NOISES] * 2
+    assert report["checkpoints"][1]["path"].endswith("ip-adapter-ema.safetensors")
+    return next(p for p in report["paired"] if p["reward"] == "ocr")
+
+
+STEPS = {m: int(f[f.index("--max_train_steps") + 1]) for m, f in FLAGS.items()}
 
 
 @pytest.mark.parametrize("method", ["grpo", "nft"])
-def test_rl_raises_the_ocr_reward_of_the_pretrained_tiny_and_permuted_advantages_do_not(tmp_path, method):
-    cfg = parse_args([*FLAGS[method], "--output_dir", str(tmp_path / "cfg")])
-    before = _eval(cfg, cfg.initial_ip_adapter_path)
-    assert before["n"] == 4 * EVAL_NOISES
-    gain, after = _final_adapter_gain(tmp_path, method, Trainer, "real", before)
-    g_perm, _ = _final_adapter_gain(tmp_path, method, PermutedAdvantages, "perm", before)
-    print(f"{method}: OCR reward {before['ocr']:.4f} -> {after['ocr']:.4f} (gain {gain:+.4f}), control {g_perm:+.4f}")
-    assert gain >= MIN_GAIN[method], f"OCR reward {before['ocr']:.3f} -> {after['ocr']:.3f} ({after['by_text']})"
-    assert g_perm < 0.5 * gain, f"permuted advantages gained {g_perm:+.3f} vs the real run's {gain:+.3f}"
+def test_rl_raises_the_ocr_reward_of_the_pretrained_tiny_and_permuted_advantages_do_not(trained, method):
+    real = _evaluate(trained(method, False), STEPS[method])
+    perm = _evaluate(trained(method, True), STEPS[method])
+    print(f"{method}: OCR gain {real['diff']:+.4f} {real['ci95']}, control {perm['diff']:+.4f} {perm['ci95']}")
+    assert real["diff"] >= MIN_GAIN[method], real
+    assert perm["diff"] < 0.5 * real["diff"], f"permuted advantages gained {perm} vs the real run's {real}"
+    if method == "grpo":  # evaluate's verdict: the run beats its start, the control does not
+        assert real["ci95"][0] > 0 and real["verdict"].startswith(f"{real['b']} is better"), real
+        assert perm["ci95"][0] <= 0 and not perm["verdict"].startswith(perm["b"]), perm

@@ -118,13 +118,13 @@ def _load_weights(stack, ref: CheckpointRef):
 
 
 def evaluate_checkpoints(refs: list[CheckpointRef], *, stack, dataset, settings: EvalSettings, out_dir: str | None,
-                         siglip_path: str | None, device: str = "cpu", progress=None) -> dict:
+                         siglip_path: str | None, device: str = "cpu", progress=None, measures=None) -> dict:
     """Sample and measure every checkpoint; returns the eval.json object (written with the report when
-    `out_dir` is given, with each sample's picture)."""
+    `out_dir` is given, with each sample's picture). `measures`: a Measures to reuse (its engines load once)."""
     from .eval_report import write_report
 
     refs = unique_names(list(refs))
-    measures = Measures(siglip_path, device=device)
+    measures = measures or Measures(siglip_path, device=device)
     evalset = EvalSet(stack, dataset, settings)
     items = evalset.sample_items()
     groups = evalset.groups

@@ -9,6 +9,7 @@ has, so a larger eval set extends a smaller one, and two checkpoints see exactly
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 
 import numpy as np
@@ -34,10 +35,10 @@ class EvalSet:
     """The examples x noises of one evaluation, with their conditions computed once (they do not depend on the
     adapter): sample j is (example j // noises, noise j % noises)."""
 
-    def __init__(self, stack, dataset, settings: EvalSettings):
+    def __init__(self, stack, dataset, settings: EvalSettings, conditions: ConditionCache | None = None):
         self.stack, self.settings = stack, settings
         n = len(dataset) if settings.max_examples is None else min(settings.max_examples, len(dataset))
-        self.conditions = ConditionCache(stack, dataset, settings.seed, capacity=max(512, n))
+        self.conditions = conditions or ConditionCache(stack, dataset, settings.seed, capacity=max(512, n))
         self.pairs = [(i, k) for i in range(n) for k in range(settings.noises)]
         self.items = [self.conditions.batch([i]).items[0] for i in range(n)]  # fills the cache too
 
@@ -58,8 +59,7 @@ class EvalSet:
             chunk = self.pairs[start:start + s.batch_size]
             batch = self.conditions.batch([i for i, _ in chunk])
             gens = [torch.Generator().manual_seed(stream_seed(s.seed, EVAL_STREAM, i, k)) for i, k in chunk]
-            ctx = autocast() if autocast is not None else _null()
-            with ctx:
+            with (autocast or contextlib.nullcontext)():
                 ro = rollout(self.stack, batch.fill, batch.text, batch.image_embeds, num_steps=s.steps,
                              guidance=s.guidance, generator=gens, scale=s.scale if scale is None else scale,
                              params=params, quantized=True)
@@ -67,14 +67,6 @@ class EvalSet:
             finite.append(torch.isfinite(decoded.float()).flatten(1).all(1).cpu().numpy())
             images += to_pil(decoded)
         return images, np.concatenate(finite)
-
-
-class _null:
-    def __enter__(self):
-        return None
-
-    def __exit__(self, *exc):
-        return False
 
 
 def reward_samples(items: list[dict], images: list[Image.Image]):
