@@ -18,6 +18,7 @@ from .compare_views import EVAL_SETS, GALLERIES, RUN_DATA, CompareViews
 from .data_views import DataViews
 from .infer_views import SLOTS, InferViews
 from .inference import InferenceService
+from .uploads import checked
 from .views import (
     FORM_KEYS,
     MONITOR_KEYS,
@@ -31,6 +32,27 @@ POLL_S = 2.0
 CSS = """
 #run-status {min-height: 3em}
 .mono textarea {font-family: ui-monospace, monospace; font-size: 12px}
+"""
+# The log box follows its tail: on every new text it scrolls to the end, unless the reader scrolled up (then it
+# stays where they are until they scroll back to the bottom).
+JS = """
+() => {
+  setInterval(() => {
+    const box = document.querySelector('#run-log textarea');
+    if (!box) return;
+    if (!box.dataset.watched) {
+      box.dataset.watched = '1';
+      box.dataset.follow = '1';
+      box.addEventListener('scroll', () => {
+        box.dataset.follow = (box.scrollHeight - box.scrollTop - box.clientHeight < 30) ? '1' : '0';
+      });
+    }
+    if (box.dataset.len !== String(box.value.length)) {
+      box.dataset.len = String(box.value.length);
+      if (box.dataset.follow === '1') box.scrollTop = box.scrollHeight;
+    }
+  }, 300);
+}
 """
 HIDDEN = {"show_progress": "hidden"}
 MONITOR_GROUP = {"concurrency_id": "monitor", "concurrency_limit": 1}  # selection changes and ticks, in order
@@ -89,7 +111,7 @@ def build_demo(runs_dir: str, service: InferenceService | None = None, read_root
             _runs_tab(w)
             _inference_tab(w)
             _compare_tab(w)
-            _dataset_tab(w)
+            _dataset_tab(w, presets.defaults(runs_dir, preset0).get("train_data_json") or "bundled")
         _wire_train(w, train)
         _wire_runs(w, mon)
         _wire_inference(w, inf, cmp)
@@ -101,7 +123,7 @@ def build_demo(runs_dir: str, service: InferenceService | None = None, read_root
 def _wire_train(w: Wire, train: TrainViews) -> None:
     train_in = w("preset", *FORM_KEYS, "extra", "gpus", "run_name", "force")
     monitor = w(*MONITOR_KEYS)
-    w.c["preset"].change(w.fn(train.preset_changed), w("preset"), w(*FORM_KEYS, "run_name", "train_msg"),
+    w.c["preset"].change(w.fn(train.preset_changed), w("preset"), w(*FORM_KEYS, "run_name", "train_msg", "data_path"),
                          api_name="preset_values")
     w.c["check_btn"].click(w.fn(train.check), train_in, w("train_msg"), api_name="check_run")
     w.c["start_btn"].click(w.fn(train.start), train_in, [*w("train_msg", "run_dd", "tabs", "run_name"), *monitor],
@@ -278,15 +300,16 @@ def _inference_tab(w: Wire) -> None:
                 with gr.Row():
                     w.add("flux", gr.Textbox("tiny-pretrained", label="FLUX.1-Fill path"))
                     w.add("siglip", gr.Textbox("tiny-pretrained", label="SigLIP path"))
-                w.add("editor", gr.ImageEditor(type="numpy", label="Source: brush over the text to replace",
+                w.add("editor", checked(gr.ImageEditor(type="numpy", label="Source: brush over the text to replace",
                                                format="png", height=360,
-                                               brush=gr.Brush(colors=["#ff40a0"], color_mode="fixed")))
+                                               brush=gr.Brush(colors=["#ff40a0"], color_mode="fixed"))))
                 with gr.Row():
-                    w.add("mask_up", gr.Image(type="numpy", height=160, label="…or a mask of the source's size "
-                                              "(white = repaint; used when nothing is brushed)"))
-                    w.add("reference", gr.Image(type="pil", label="Style reference (default: source in the mask)",
-                                                height=160))
-                w.add("text", gr.Textbox("", label="Text to write"))
+                    w.add("mask_up", checked(gr.Image(type="numpy", height=160, label="Mask: or upload one of the source's "
+                                                      "size (white = repaint; used when nothing is brushed)")))
+                    w.add("reference", checked(gr.Image(type="pil", label="Style reference (default: source in the mask)",
+                                                        height=160)))
+                w.add("text", gr.Textbox("", label="Text to write", info="the tiny model writes 1-4 characters; FLUX a word "
+                                          "or a short line (at most 100)"))
                 with gr.Accordion("Settings", open=False):
                     with gr.Row():
                         w.add("steps", gr.Slider(1, 100, value=8, step=1, label="Steps"))
@@ -320,12 +343,13 @@ def _compare_tab(w: Wire) -> None:
         with gr.Row():
             w.add("cmp_data", gr.Dropdown(EVAL_SETS, value=RUN_DATA, label="Eval set", allow_custom_value=True, scale=2,
                                           info="a dataset file or folder typed here works too"))
-            w.add("cmp_noises", gr.Number(16, precision=0, label="Noises per example", scale=1,
+            w.add("cmp_noises", gr.Number(16, precision=0, label="Noises per example", scale=1, elem_id="cmp-noises",
                                           info="more = a narrower interval (docs/evaluation.md)"))
-            w.add("cmp_examples", gr.Number(None, precision=0, label="Examples", scale=1, info="empty = all"))
+            w.add("cmp_examples", gr.Number(None, precision=0, label="Examples", scale=1, info="empty = all",
+                                            elem_id="cmp-examples"))
         with gr.Row():
             w.add("step0_run", gr.Dropdown([], label="Run", scale=2, allow_custom_value=True))
-            w.add("step0_btn", gr.Button("Start vs newest checkpoint", scale=1))
+            w.add("step0_btn", gr.Button("Start vs newest checkpoint", scale=1, elem_id="cmp-step0"))
             w.add("cmp_refresh", gr.Button("Refresh the lists", scale=1))
         w.add("cmp_eval_btn", gr.Button("Evaluate", variant="primary", elem_id="cmp-eval-btn"))
         w.add("cmp_eval_msg", gr.Markdown(elem_id="cmp-eval-msg"))
@@ -346,11 +370,11 @@ def _compare_tab(w: Wire) -> None:
             w.add("cmp_scores", gr.Markdown(elem_id="cmp-scores"))
 
 
-def _dataset_tab(w: Wire) -> None:
+def _dataset_tab(w: Wire, data0: str) -> None:
     """A dataset's examples and problems; a synthetic set."""
     with gr.Tab("Dataset", id="dataset"):
         with gr.Row():
-            w.add("data_path", gr.Textbox("bundled", label="Dataset (.jsonl/.json file or folder; 'bundled')",
+            w.add("data_path", gr.Textbox(data0, label="Dataset (.jsonl/.json file or folder; 'bundled', 'bundled-glyphs')",
                                           scale=4, elem_id="data-path"))
             w.add("data_page", gr.Number(1, precision=0, label="Page", scale=1))
         with gr.Row():

@@ -69,6 +69,9 @@ def _read_json(path: str) -> dict:
         return {}
 
 
+_ANSI = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]")
+
+
 def tail(path: str, n: int = 40, max_bytes: int = 65536) -> str:
     """The last n lines of a text file (progress-bar carriage returns collapsed)."""
     try:
@@ -79,7 +82,11 @@ def tail(path: str, n: int = 40, max_bytes: int = 65536) -> str:
             data = fh.read().decode("utf-8", errors="replace")
     except OSError:
         return ""
-    lines = [ln.rsplit("\r", 1)[-1] for ln in data.splitlines()]
+    # a progress bar redraws its line after a carriage return: keep what it shows last; no terminal escapes
+    # (str.splitlines would cut at every \r and keep each redraw as a line of its own)
+    lines = [ln.rstrip("\r").rsplit("\r", 1)[-1] for ln in _ANSI.sub("", data).split("\n")]
+    if lines and not lines[-1]:
+        lines.pop()
     if size > max_bytes:
         lines = lines[1:]
     return "\n".join(lines[-n:])

@@ -62,8 +62,9 @@ def test_only_runs_dir_files_are_served(studio):
 def test_start_a_run_and_watch_it_finish(studio):
     url, runs_dir, client = studio
     values = client.predict("tiny-grpo", api_name="/preset_values")
-    form = list(values[:-2])
-    assert values[-1].startswith("preset **tiny-grpo**") and form[0] == "grpo"
+    form = list(values[:-3])
+    assert values[-2].startswith("preset **tiny-grpo**") and form[0] == "grpo"
+    assert values[-1] == "bundled-glyphs"  # the Dataset tab follows the preset
     extra = "--max_train_steps 3 --eval_steps 3 --checkpointing_steps 3"
     bad = client.predict("tiny-grpo", *form, "--rl_kl_beta -1", "", "api-bad", False, api_name="/start_run")
     assert bad[0].startswith("⚠") and "--rl_kl_beta" in bad[0] and not os.path.exists(os.path.join(runs_dir, "api-bad"))
@@ -151,9 +152,21 @@ def test_inference_and_compare_on_a_checkpoint(studio, tmp_path):
     _, msg = client.predict(ckpt["value"], "", flux, siglip, value, None, None, *settings, api_name="/generate")
     assert msg.startswith("⚠") and "mask is empty" in msg
     # Compare: up to four checkpoints on the same inputs, every image scored with the training rewards
-    slots = client.predict("base", api_name="/compare_step0")
-    assert [slot["value"] for slot in slots[:4]] == ["base/checkpoint-4/ip-adapter-ema.safetensors", "none", None, None]
-    assert "step 0: the base weights" in slots[-1]
+    slots = client.predict("base", api_name="/compare_step0")  # A = the run's start (checkpoint-0), B = its newest
+    assert [slot["value"] for slot in slots[:4]] == ["base/checkpoint-0", "base/checkpoint-4/ip-adapter-ema.safetensors",
+                                                     None, None]
+    assert "starting point" in slots[-1]
+    # the evaluation: the same 2 examples x 2 noises for each, means with intervals, the verdict, grids, the report
+    table, verdict, report, msg, *grids = client.predict("base/checkpoint-0", "base/checkpoint-4/ip-adapter-ema.safetensors",
+                                                         "none", None, "the first checkpoint's run data", 2, 2, flux,
+                                                         siglip, api_name="/evaluate")
+    assert msg.startswith("✓ 3 checkpoint(s)") and "on **bundled-glyphs**" in msg and "2 examples x 2 noises" in msg, msg
+    assert verdict.count(" vs base · start (checkpoint-0): OCR reward") == 2, verdict
+    assert "| base · start (checkpoint-0) | 0." in table and "mean(B - A) [95% CI]" in table
+    assert [len(g) for g in grids[:3]] == [4, 4, 4] and not grids[3]
+    assert all(" → " in cell["caption"] for cell in grids[0]) and report.endswith(".zip")
+    _, _, _, msg, *_ = client.predict(None, None, None, None, "bundled-glyphs", 0, None, flux, siglip, api_name="/evaluate")
+    assert msg.startswith("⚠ choose 1 to 4 checkpoints"), msg
     three = ["base/checkpoint-4/ip-adapter-ema.safetensors", "base/checkpoint-2/ip-adapter.safetensors", "none", None]
     pair, both, table, msg = client.predict(*three, flux, siglip, value, handle_file(mask), None, *settings,
                                             api_name="/compare")

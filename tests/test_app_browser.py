@@ -189,6 +189,48 @@ def test_start_from_the_page_and_watch_it_finish(page):
         kill_run(os.path.join(page.runs_dir, name))
 
 
+def _pick(driver, css: str, text: str) -> None:
+    """Type into a dropdown and click the option whose label contains `text`."""
+    By = _by()
+    box = driver.find_element(By.CSS_SELECTOR, f"{css} input")
+    box.click()
+    box.send_keys(text)
+    option = wait_for(lambda: [o for o in driver.find_elements(By.CSS_SELECTOR, "[role=option], ul.options li")
+                               if text in o.text], 30, what=f"the option {text!r}")
+    option[0].click()
+
+
+def _type_number(driver, css: str, value: str) -> None:
+    from selenium.webdriver.common.keys import Keys
+
+    box = driver.find_element(_by().CSS_SELECTOR, f"{css} input")
+    box.send_keys(Keys.CONTROL, "a")
+    box.send_keys(value, Keys.TAB)
+
+
+def test_compare_evaluates_three_checkpoints_and_gives_the_verdict(page):
+    """Compare: a run's start and newest checkpoint (one click) plus the base weights, on the run's data with 2
+    noises per example; the page shows the verdict of B and C against A and a grid per checkpoint."""
+    By = _by()
+    page.get(page.base_url)
+    _tab(page, "Compare")
+    wait_for(lambda: page.find_element(By.ID, "cmp-step0").is_displayed(), 30, what="the Compare tab")
+    page.find_element(By.ID, "cmp-step0").click()
+    wait_for(lambda: "starting point" in _text(page, "#cmp-eval-msg"), 30, what="A and B filled from the run")
+    _pick(page, "#cmp-3", "base weights")
+    _type_number(page, "#cmp-noises", "2")
+    _type_number(page, "#cmp-examples", "2")
+    page.find_element(By.ID, "cmp-eval-btn").click()
+    verdict = wait_for(lambda: _text(page, "#cmp-verdict").count(" vs ") == 2 and _text(page, "#cmp-verdict"), 240,
+                       what="the verdict of B and C against A")
+    assert all(("is better" in line or "no clear difference" in line) for line in verdict.splitlines()), verdict
+    assert "start (checkpoint-0)" in verdict and "2 examples x 2 noises" in _text(page, "#cmp-eval-msg")
+    for i in (1, 2, 3):
+        wait_for(lambda i=i: len(page.find_elements(By.CSS_SELECTOR, f"#cmp-grid-{i} img")) >= 4, 30,
+                 what=f"the grid of checkpoint {i}")
+    assert not any(e.is_displayed() for e in page.find_elements(By.ID, "cmp-grid-4"))
+
+
 def test_a_run_link_opens_its_monitor(page):
     page.get(f"{page.base_url}?run=base")
     wait_for(lambda: _selected_tab(page) == "Runs" and _text(page, "#run-status").startswith("base · finished"), 60,

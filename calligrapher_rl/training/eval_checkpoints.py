@@ -22,6 +22,7 @@ from .eval_core import EvalSet, EvalSettings, Measures
 from .eval_stats import mean_ci, paired, verdict
 
 BASE = "base"
+FEW = 20  # fewer paired samples than this: the bootstrap interval is too narrow to trust, and the verdict says so
 HELD_OUT_GLYPHS = "glyphs-unseen"  # 64 glyph texts of synth seed 0: the tiny's pretraining never saw them
 
 
@@ -152,7 +153,8 @@ def evaluate_checkpoints(refs: list[CheckpointRef], *, stack, dataset, settings:
             d = paired(first["_values"][metric], other["_values"][metric], groups)
             pairs.append({"a": first["name"], "b": other["name"], "reward": metric, "diff": d["mean"],
                           "ci95": d["ci95"], "n": d["n"],
-                          "verdict": verdict(metric, first["name"], other["name"], d["ci95"])})
+                          "verdict": verdict(metric, first["name"], other["name"], d["ci95"])
+                          + (f" (only {d['n']} samples: a rough interval)" if d["n"] < FEW else "")})
     for r in results:
         r.pop("_values")
     report = {"checkpoints": results, "paired": pairs,
