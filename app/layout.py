@@ -282,6 +282,8 @@ def _runs_tab(w: Wire) -> None:
             w.add("latest", gr.Image(label="Latest sample grid (rows: input, output, target, reference)",
                                      type="filepath", interactive=False, scale=1))
             w.add("grids", gr.Gallery(label="All sample grids", columns=4, height=320, scale=1))
+        w.add("prompt_grids", gr.Gallery(label="Sample prompts (your texts, fixed seeds; newest first)", columns=1,
+                                         height=320, visible=False, elem_id="prompt-grids"))
         w.add("log", gr.Textbox(label="Log (console of the run, last lines)", lines=14, max_lines=14,
                                 autoscroll=True, elem_classes="mono", elem_id="run-log"))
         w.add("log_file", gr.DownloadButton("Download the whole log", value=None, elem_id="log-download"))

@@ -152,9 +152,9 @@ def seconds_per_step(rows: list[dict], window: int = 10) -> float | None:
     return (pts[steps[-1]] - pts[steps[0]]) / (steps[-1] - steps[0])
 
 
-def samples(run_dir: str) -> list[tuple[int, str]]:
-    """(step, path) of the sample grids, oldest first."""
-    folder = os.path.join(run_dir, "samples")
+def samples(run_dir: str, sub: str = "") -> list[tuple[int, str]]:
+    """(step, path) of the sample grids (`sub` = "prompts": of the sample prompts), oldest first."""
+    folder = os.path.join(run_dir, "samples", sub)
     found = []
     for name in os.listdir(folder) if os.path.isdir(folder) else []:
         m = re.match(r"^step-(\d+)\.png$", name)

@@ -23,7 +23,7 @@ from .view_common import RunsFolderViews, err
 TABLE_COLUMNS = ["run", "state", "step", "reward", "eval reward", "method", "started"]
 FORM_KEYS = [f"form:{flag}" for flag in presets.FORM_FLAGS]
 MONITOR_KEYS = ["status", "stop_btn", "resume_btn", "mark_btn", "delete_btn", "clone_btn", "p_reward", "p_kl",
-                "p_loss", "p_clip", "p_sys", "latest", "grids", "log", "log_file", "selected"]
+                "p_loss", "p_clip", "p_sys", "latest", "grids", "prompt_grids", "log", "log_file", "selected"]
 LOG_LINES = 200
 
 
@@ -257,7 +257,9 @@ class MonitorViews:
 
     def _grids(self, run_dir: str) -> dict:
         grids = runs.samples(run_dir)
-        return {"latest": grids[-1][1] if grids else None, "grids": [(p, f"step {s}") for s, p in grids]}
+        prompts = runs.samples(run_dir, "prompts")  # the sample prompts' own gallery (newest first)
+        return {"latest": grids[-1][1] if grids else None, "grids": [(p, f"step {s}") for s, p in grids],
+                "prompt_grids": gr.Gallery([(p, f"step {s}") for s, p in reversed(prompts)], visible=bool(prompts))}
 
     def views(self, name: str | None) -> dict:
         """Everything about one run (status, buttons, charts, grids, log) and the selection itself."""
@@ -277,7 +279,8 @@ class MonitorViews:
         empty = charts.figures([])
         return {"status": text, **self.buttons(None), "p_reward": empty["reward"], "p_kl": empty["kl"],
                 "p_loss": empty["loss"], "p_clip": empty["clipfrac"], "p_sys": gr.Plot(None, visible=False),
-                "latest": None, "grids": [], "log": "", "log_file": None, "selected": name}
+                "latest": None, "grids": [], "prompt_grids": gr.Gallery([], visible=False), "log": "", "log_file": None,
+                "selected": name}
 
     def select(self, name: str | None) -> dict:
         return self.views(name)
@@ -318,7 +321,7 @@ class MonitorViews:
         run_dir = info["path"]
         mpath = os.path.join(run_dir, "metrics.jsonl")
         mkey = (name, os.path.getsize(mpath) if os.path.exists(mpath) else -1, info["method"])
-        gkey = (name, tuple(s for s, _ in runs.samples(run_dir)))
+        gkey = (name, tuple(s for s, _ in runs.samples(run_dir)), tuple(s for s, _ in runs.samples(run_dir, "prompts")))
         log = self.log_text(info)
         bkey = (name, info["state"], tuple(info["checkpoints"][-1:]), info["was"])
         out["status"] = self.status_text(info)

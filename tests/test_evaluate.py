@@ -112,3 +112,30 @@ def test_evaluate_on_the_tiny_writes_the_contract_shape_and_the_report(tmp_path)
     assert "| tiny-pretrained |" in (out / "report.md").read_text()
     with pytest.raises(UserError, match="--checkpoints"):
         evaluate.main(["--checkpoints", str(tmp_path / "missing"), "--out", str(out)])
+
+
+def test_sample_prompts_are_painted_every_n_steps_and_fill_their_studio_gallery(tmp_path):
+    """The user's texts (one with its own reference picture) at step 0 and every 2 steps, with the same noise each
+    time, into samples/prompts/; the Runs tab's gallery lists them."""
+    from PIL import Image
+
+    from app.views import MonitorViews
+    from calligrapher_rl.config import parse_args
+    from calligrapher_rl.training.trainer import train
+
+    ref = tmp_path / "ref.png"
+    Image.new("RGB", (32, 32), (200, 40, 40)).save(ref)
+    out = tmp_path / "runs" / "prompts"
+    flags = ["--preset", "tiny-grpo", "--pretrained_model_name_or_path", "tiny", "--siglip_path", "tiny",
+             "--train_data_json", "bundled", "--rewards", "fidelity:1.0", "--resolution", "32", "--num_style_tokens", "8",
+             "--rl_num_images_per_prompt", "2", "--train_batch_size", "2", "--rl_warmup_steps", "0", "--max_train_steps",
+             "4", "--eval_steps", "0", "--checkpointing_steps", "100", "--report_to", "none",
+             "--sample_prompts", "AB|C1", "--sample_references", f"|{ref}", "--sample_prompts_steps", "2",
+             "--output_dir", str(out)]
+    assert train(parse_args(flags)) == "finished"
+    made = sorted(os.listdir(out / "samples" / "prompts"))
+    assert made == ["step-000000.png", "step-000002.png", "step-000004.png"]
+    with Image.open(out / "samples" / "prompts" / made[0]) as im:
+        assert im.size == (2 * 128, 128 + 18)  # one 128 px cell per text, its text under it
+    gallery = MonitorViews(str(tmp_path / "runs")).views("prompts")["prompt_grids"]
+    assert gallery.visible and [c["caption"] for c in gallery.value] == ["step 4", "step 2", "step 0"]

@@ -53,6 +53,7 @@ from .optim import reset_state
 from .policies import Policies, WeightHealth
 from .progress import ProgressCallback, system_metrics
 from .run_dir import RunDir, StatusNotRecorded, claim_run_dir, ending
+from .sample_prompts import SamplePromptsCallback
 from .starting_point import StartingPointCallback
 from .updates import StatsMeter, grpo_backward, nft_backward, warmup_backward
 
@@ -79,7 +80,8 @@ class Trainer(RunLifecycle, Evaluation):
 
     def __init__(self, config: TrainConfig, rewards=None, dataset=None, callbacks=None):
         callbacks = list(callbacks or [])
-        defaults = [StatusCallback(), StartingPointCallback()]  # StartingPoint: checkpoint-0 (starting_point.py)
+        # checkpoint-0 (starting_point.py) and the user's sample prompts (sample_prompts.py)
+        defaults = [StatusCallback(), StartingPointCallback(), SamplePromptsCallback()]
         defaults += [] if any(isinstance(c, ProgressCallback) or c is ProgressCallback for c in callbacks) else [
             ProgressCallback()]
         self.callbacks = CallbackHandler(defaults + callbacks)
