@@ -69,3 +69,55 @@ def test_an_upload_that_is_not_an_image_is_one_line_naming_the_field_and_the_fil
     good = tmp_path / "ok.png"
     Image.new("RGB", (8, 8)).save(good)
     assert mask.preprocess(FileData(path=str(good), orig_name="ok.png")).shape == (8, 8, 3)
+
+
+def test_the_gpu_panel_reads_nvml_and_is_empty_without_it(tmp_path, monkeypatch):
+    """No NVML here: no rows (the panel is hidden). A stand-in `pynvml` with two GPUs (this machine has none to
+    read) gives one row per GPU with its numbers."""
+    import sys
+    import types
+
+    from app import gpu_panel
+
+    monkeypatch.setitem(sys.modules, "pynvml", None)  # as on a machine without nvidia-ml-py
+    assert gpu_panel.rows(str(tmp_path)) == []
+    nv = types.SimpleNamespace(
+        nvmlInit=lambda: None, nvmlDeviceGetCount=lambda: 2, nvmlDeviceGetHandleByIndex=lambda i: i,
+        nvmlDeviceGetName=lambda h: b"NVIDIA H100", NVML_TEMPERATURE_GPU=0,
+        nvmlDeviceGetMemoryInfo=lambda h: types.SimpleNamespace(used=(h + 1) * 2**30, total=80 * 2**30),
+        nvmlDeviceGetUtilizationRates=lambda h: types.SimpleNamespace(gpu=50 * h),
+        nvmlDeviceGetTemperature=lambda h, kind: 40 + h)
+    monkeypatch.setitem(sys.modules, "pynvml", nv)
+    assert gpu_panel.rows(str(tmp_path)) == [[0, "NVIDIA H100", 0, "1.0 / 80.0", 40, ""],
+                                             [1, "NVIDIA H100", 50, "2.0 / 80.0", 41, ""]]
+
+
+def test_export_and_hub_push_say_in_one_line_what_is_missing(tmp_path, monkeypatch):
+    """Without calligrapher_rl.export (another branch's module) Export says so; a push names what it lacks (the
+    repository id, the network, a token), and the model card it would upload names the run's method and eval."""
+    import importlib.util
+    import json
+
+    from app import export_views
+
+    run = tmp_path / "r1"
+    (run / "checkpoint-2").mkdir(parents=True)
+    (run / "checkpoint-2" / "ip-adapter-ema.safetensors").write_bytes(b"x")
+    (run / "run.json").write_text(json.dumps({"rl_method": "grpo", "rewards": "ocr:1.0", "seed": 3}))
+    (run / "metrics.jsonl").write_text(json.dumps({"step": 2, "phase": "rl", "time": 0, "eval/reward/mean": 0.5,
+                                                   "eval/reward/mean_lo": 0.4, "eval/reward/mean_hi": 0.6,
+                                                   "eval/n": 64}) + "\n")
+    choice = "r1/checkpoint-2/ip-adapter-ema.safetensors"
+    if importlib.util.find_spec("calligrapher_rl.export") is None:
+        out, msg = export_views.export(str(tmp_path), choice, "release")
+        assert out is None and msg.startswith("⚠ Export: `python -m calligrapher_rl.export` is not in this installation")
+    assert export_views.push(str(tmp_path), choice, "no-slash", None).startswith("⚠ Hub repository: expected USER/NAME")
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    assert export_views.push(str(tmp_path), choice, "me/adapter", "t").startswith("⚠ Hub push: HF_HUB_OFFLINE is set")
+    monkeypatch.delenv("HF_HUB_OFFLINE")
+    monkeypatch.delenv("HF_TOKEN", raising=False)
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))  # no saved token
+    assert export_views.push(str(tmp_path), choice, "me/adapter", "").startswith("⚠ Hub token: none given")
+    card = export_views.model_card(str(run), str(run / "checkpoint-2"), True)
+    assert "# r1 · checkpoint-2 (EMA)" in card and "| rl_method | `grpo` |" in card
+    assert "reward 0.500 (95% interval 0.400 to 0.600, 64 samples)" in card
