@@ -20,6 +20,7 @@ from test_app_support import (
 )
 
 from app.server import launch
+from app.views import FORM_KEYS
 
 gradio_client = pytest.importorskip("gradio_client")
 from gradio_client import Client, handle_file  # noqa: E402
@@ -65,7 +66,7 @@ def test_start_a_run_and_watch_it_finish(studio):
     form = list(values[:-3])
     assert values[-2].startswith("preset **tiny-grpo**") and form[0] == "grpo"
     assert values[-1] == "bundled-glyphs"  # the Dataset tab follows the preset
-    extra = "--max_train_steps 3 --eval_steps 3 --checkpointing_steps 3"
+    extra = "--max_train_steps 3 --eval_steps 3 --checkpointing_steps 3 --num_eval_noises 2"
     bad = client.predict("tiny-grpo", *form, "--rl_kl_beta -1", "", "api-bad", False, api_name="/start_run")
     assert bad[0].startswith("⚠") and "--rl_kl_beta" in bad[0] and not os.path.exists(os.path.join(runs_dir, "api-bad"))
     doomed = client.predict("tiny-grpo", *form, "--rewards nonsense:1", "", "api-bad", False, api_name="/check_run")
@@ -187,8 +188,9 @@ def test_inference_and_compare_on_a_checkpoint(studio, tmp_path):
 def test_manage_runs_and_datasets_through_the_api(studio):
     _, runs_dir, client = studio
     cloned = client.predict("base", api_name="/clone_config")  # the form, preset, extra flags, name, messages
-    assert cloned[0] == "grpo" and cloned[17] == "tiny-grpo" and cloned[19] == "base-clone"
-    assert "--max_train_steps" not in cloned[18] and cloned[3] == 4  # the form has it; extra holds the rest
+    n = len(FORM_KEYS)
+    assert cloned[0] == "grpo" and cloned[n] == "tiny-grpo" and cloned[n + 2] == "base-clone"
+    assert "--max_train_steps" not in cloned[n + 1] and cloned[3] == 4  # the form has it; extra holds the rest
     csv_path = client.predict([], "base", api_name="/export_csv")
     with open(csv_path, encoding="utf-8") as fh:
         assert fh.readline().startswith("run,step,phase,time,")

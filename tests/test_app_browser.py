@@ -159,7 +159,7 @@ def test_start_from_the_page_and_watch_it_finish(page):
     extra = wait_for(lambda: [t for t in page.find_elements(By.CSS_SELECTOR, "textarea, input[type=text]")
                               if (t.get_attribute("placeholder") or "").startswith("--seed")], 30, what="extra flags")
     extra[0].clear()
-    extra[0].send_keys("--max_train_steps 2 --eval_steps 2 --checkpointing_steps 2")
+    extra[0].send_keys("--max_train_steps 2 --eval_steps 2 --checkpointing_steps 2 --num_eval_noises 2")
     page.find_element(By.ID, "start-btn").click()
     shown = []  # every status line visible on the Runs tab from the click until the run finishes
 
