@@ -249,6 +249,14 @@ def test_screenshots_of_each_tab(page, tmp_path):
     for label in ("Train", "Runs", "Inference", "Compare", "Dataset"):
         _tab(page, label)
         wait_for(lambda label=label: _selected_tab(page) == label, 30, what=f"the {label} tab")
+        if label == "Compare" and os.environ.get("STUDIO_SCREENSHOTS"):  # the docs' picture shows an evaluation
+            page.find_element(_by().ID, "cmp-step0").click()
+            wait_for(lambda: "starting point" in _text(page, "#cmp-eval-msg"), 30, what="A and B filled")
+            _pick(page, "#cmp-3", "base weights")
+            _type_number(page, "#cmp-noises", "4")
+            page.find_element(_by().ID, "cmp-eval-btn").click()
+            wait_for(lambda: _text(page, "#cmp-verdict").count(" vs ") == 2, 300, what="the evaluation")
+            wait_for(lambda: len(page.find_elements(_by().CSS_SELECTOR, "#cmp-grid-3 img")) >= 4, 30, what="grids")
         if label == "Dataset":  # with a page of examples
             [b for b in page.find_elements(_by().TAG_NAME, "button") if b.text.strip() == "Show examples"][0].click()
             wait_for(lambda: "usable entries" in _text(page, "#data-msg"), 60, what="a page of examples")
