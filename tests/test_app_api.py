@@ -164,8 +164,9 @@ def test_inference_and_compare_on_a_checkpoint(studio, tmp_path):
     assert msg.startswith("✓ 3 checkpoint(s)") and "on **bundled-glyphs**" in msg and "2 examples x 2 noises" in msg, msg
     assert verdict.count(" vs base · start (checkpoint-0): OCR reward") == 2, verdict
     assert "| base · start (checkpoint-0) | 0." in table and "mean(B - A) [95% CI]" in table
-    assert [len(g) for g in grids[:3]] == [4, 4, 4] and not grids[3]
-    assert all(" → " in cell["caption"] for cell in grids[0]) and report.endswith(".zip")
+    assert [len(g["value"]) for g in grids[:3]] == [4, 4, 4] and grids[3]["visible"] is False  # D was left empty
+    assert grids[0]["label"] == "A: base · start (checkpoint-0)" and report.endswith(".zip")
+    assert all(cell["caption"].startswith(("EH4H → ", "LP2C → ")) for cell in grids[0]["value"])  # text → reading · score
     _, _, _, msg, *_ = client.predict(None, None, None, None, "bundled-glyphs", 0, None, flux, siglip, api_name="/evaluate")
     assert msg.startswith("⚠ choose 1 to 4 checkpoints"), msg
     three = ["base/checkpoint-4/ip-adapter-ema.safetensors", "base/checkpoint-2/ip-adapter.safetensors", "none", None]
