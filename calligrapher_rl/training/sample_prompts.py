@@ -65,8 +65,9 @@ class SamplePromptsCallback(TrainerCallback):
         self.cache = None
 
     def _due(self, trainer, step: int) -> bool:
-        every = getattr(trainer.cfg, "sample_prompts_steps", 0)
-        return bool(every and split_texts(getattr(trainer.cfg, "sample_prompts", "")) and step % every == 0)
+        cfg = trainer.cfg
+        every = cfg.sample_prompts_steps
+        return bool(every and split_texts(cfg.sample_prompts) and step % every == 0)
 
     def on_train_begin(self, trainer) -> None:
         if trainer.step == 0 and trainer.cfg.eval_at_start and self._due(trainer, 0):
