@@ -67,7 +67,7 @@ class CompareViews:
         problems = []
         if noises is None or not 1 <= int(noises) <= MAX_NOISES:
             problems.append(f"Noises per example: expected 1 to {MAX_NOISES}, got {noises}")
-        if examples is not None and not 1 <= int(examples) <= MAX_EXAMPLES:
+        if examples and not 1 <= int(examples) <= MAX_EXAMPLES:  # empty (or 0): all
             problems.append(f"Examples: expected 1 to {MAX_EXAMPLES} (or empty for all), got {examples}")
         data = (data or "").strip()
         if data in ("", RUN_DATA):

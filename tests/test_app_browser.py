@@ -255,7 +255,9 @@ def test_screenshots_of_each_tab(page, tmp_path):
             _pick(page, "#cmp-3", "base weights")
             _type_number(page, "#cmp-noises", "4")
             page.find_element(_by().ID, "cmp-eval-btn").click()
-            wait_for(lambda: _text(page, "#cmp-verdict").count(" vs ") == 2, 300, what="the evaluation")
+            wait_for(lambda: _text(page, "#cmp-verdict").count(" vs ") == 2 or "⚠" in _text(page, "#cmp-eval-msg"), 300,
+                     what="the evaluation")
+            assert "⚠" not in _text(page, "#cmp-eval-msg"), _text(page, "#cmp-eval-msg")
             wait_for(lambda: len(page.find_elements(_by().CSS_SELECTOR, "#cmp-grid-3 img")) >= 4, 30, what="grids")
         if label == "Dataset":  # with a page of examples
             [b for b in page.find_elements(_by().TAG_NAME, "button") if b.text.strip() == "Show examples"][0].click()

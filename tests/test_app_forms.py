@@ -121,3 +121,11 @@ def test_export_and_hub_push_say_in_one_line_what_is_missing(tmp_path, monkeypat
     card = export_views.model_card(str(run), str(run / "checkpoint-2"), True)
     assert "# r1 · checkpoint-2 (EMA)" in card and "| rl_method | `grpo` |" in card
     assert "reward 0.500 (95% interval 0.400 to 0.600, 64 samples)" in card
+
+
+def test_the_dataset_tab_shows_the_tiny_presets_data(tmp_path):
+    """The Dataset tab follows the preset (tiny-grpo trains on bundled-glyphs): that name must show its examples."""
+    from app.data_views import DataViews
+
+    out = DataViews(str(tmp_path)).show("bundled-glyphs", 1)
+    assert "4 usable entries" in out["data_msg"] and len(out["data_gallery"]) == 12
