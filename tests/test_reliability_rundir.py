@@ -87,7 +87,7 @@ def test_a_second_trainer_is_refused_naming_the_running_pid(tmp_path):
 def test_a_new_run_into_a_used_folder_is_refused_and_a_resume_must_match(finished, tmp_path):
     out = _copy(finished, tmp_path / "run")
     before = (out / "metrics.jsonl").read_text()
-    with pytest.raises(UserError, match=r"--output_dir: not empty \(checkpoint-2, .*--overwrite_output_dir"):
+    with pytest.raises(UserError, match=r"--output_dir: not empty \(checkpoint-0, checkpoint-2, .*--overwrite_output_dir"):
         train(parse_args(_args(out, "--max_train_steps", "1", preset="tiny-nft")))
     assert (out / "metrics.jsonl").read_text() == before and read_status(str(out))["state"] == "finished"
 
