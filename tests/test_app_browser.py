@@ -185,6 +185,12 @@ def test_start_from_the_page_and_watch_it_finish(page):
         log = wait_for(lambda: "saved" in _value(page, "#run-log textarea") and _value(page, "#run-log textarea"), 30,
                        what="the log of the run")
         assert "$ python -m calligrapher_rl.train" in log
+        # the log box follows its tail: it overflows, and it is scrolled to the end
+        gap = "const t = document.querySelector('#run-log textarea'); return [t.scrollHeight - t.clientHeight, " \
+              "t.scrollHeight - t.scrollTop - t.clientHeight];"
+        overflow, below = wait_for(lambda: (lambda g: g if g[1] <= 30 else None)(page.execute_script(gap)), 30,
+                                   what="the log scrolled to its last line")
+        assert overflow > 0 and below <= 30
     finally:
         kill_run(os.path.join(page.runs_dir, name))
 
