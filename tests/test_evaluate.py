@@ -139,3 +139,18 @@ def test_sample_prompts_are_painted_every_n_steps_and_fill_their_studio_gallery(
         assert im.size == (2 * 128, 128 + 18)  # one 128 px cell per text, its text under it
     gallery = MonitorViews(str(tmp_path / "runs")).views("prompts")["prompt_grids"]
     assert gallery.visible and [c["caption"] for c in gallery.value] == ["step 4", "step 2", "step 0"]
+
+
+def test_a_run_can_start_from_another_runs_checkpoint_0(tmp_path):
+    """--initial_ip_adapter_path accepts a checkpoint-0 folder (preflight resolves its pointer) and names a
+    pointer whose file is gone in one line."""
+    from calligrapher_rl.config import parse_args
+    from calligrapher_rl.training.preflight import preflight
+
+    init = tmp_path / "a.safetensors"
+    _adapter(init, 1.0)
+    start = write_starting_point(str(tmp_path / "old"), _cfg(initial_ip_adapter_path=str(init)), {})
+    cfg = parse_args(["--preset", "tiny-grpo", "--output_dir", str(tmp_path / "new"), "--initial_ip_adapter_path", start])
+    assert not [p for p in preflight(cfg.resolved()) if "initial_ip_adapter_path" in p]
+    os.unlink(init)
+    assert [p for p in preflight(cfg.resolved()) if "initial_ip_adapter_path" in p and "no longer there" in p]
