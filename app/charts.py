@@ -75,8 +75,13 @@ def reward_figure(rows: list[dict], revision: str = "") -> go.Figure:
         fig.add_trace(go.Scatter(x=x, y=y, mode="lines", name=key, line={"dash": "dot", "color": COLORS[(i + 1) % 8]}))
     ex, ey = _series(rows, "eval/reward/mean")
     if ex:
+        # the eval's 95% interval as error bars (docs/evaluation.md): a rise is real when it clears them
+        lo, hi = _series(rows, "eval/reward/mean_lo")[1], _series(rows, "eval/reward/mean_hi")[1]
+        bars = ({"type": "data", "symmetric": False, "array": [h - y for h, y in zip(hi, ey)],
+                 "arrayminus": [y - v for v, y in zip(lo, ey)], "thickness": 1, "width": 3}
+                if len(lo) == len(hi) == len(ey) else None)
         fig.add_trace(go.Scatter(x=ex, y=ey, mode="markers+lines", name="eval (EMA, fixed set)",
-                                 marker={"symbol": "diamond", "size": 9, "color": "#d62728"},
+                                 marker={"symbol": "diamond", "size": 9, "color": "#d62728"}, error_y=bars,
                                  line={"dash": "dash", "width": 1, "color": "#d62728"}))
     fx, fy = _series(rows, "reward/failed")
     if any(fy):

@@ -20,13 +20,13 @@ PAGE = 6  # examples per page (three pictures each)
 
 class DataViews(RunsFolderViews):
     def _path(self, path: str) -> str:
-        from calligrapher_rl.data import BUNDLED, ensure_default_dataset
+        from calligrapher_rl.data import BUNDLED, BUNDLED_GLYPHS, resolve_dataset_path
 
         path = (path or "").strip()
         if not path:
-            raise UserError("type a dataset path (a .jsonl/.json file or a folder), or 'bundled'")
-        if path.lower() == BUNDLED:
-            return ensure_default_dataset()
+            raise UserError("Dataset: type a path (a .jsonl/.json file or a folder), 'bundled' or 'bundled-glyphs'")
+        if path.lower() in (BUNDLED, BUNDLED_GLYPHS):  # the built-in sets (the tiny presets train on bundled-glyphs)
+            return resolve_dataset_path(path)
         return runs.confine(path, self.read_roots, "dataset (add its folder with python app.py --allow_read DIR)")
 
     def show(self, path: str, page) -> dict:

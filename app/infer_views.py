@@ -119,6 +119,8 @@ class InferViews:
         if _is_lora(real):  # a LoRA checkpoint's folder (raw) or its ema/ folder
             return real, (choice[:-len(os.sep + "ema")] + " · EMA LoRA" if choice.endswith(os.sep + "ema")
                           else choice + " · raw LoRA")
+        if os.path.isdir(real) and os.path.basename(real) == "checkpoint-0":  # a run's starting point
+            return real, choice.rstrip(os.sep).replace(os.sep + "checkpoint-0", " · start (checkpoint-0)")
         if not os.path.isfile(real):
             raise UserError("no such checkpoint file (deleted by checkpoints_total_limit?)", where=choice)
         return real, choice.replace(os.sep + "ip-adapter-ema.safetensors", " · EMA").replace(

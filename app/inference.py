@@ -9,6 +9,7 @@ Calls are serialised by a lock: one generation at a time per studio.
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import os
 import threading
@@ -106,6 +107,19 @@ class InferenceService:
         except ImportError:
             pass
 
+    @contextlib.contextmanager
+    def borrowed_stack(self, flux: str, siglip: str, adapter_file: str | None):
+        """The cached stack for an evaluation that loads other weights into its adapter: held under the lock, and
+        afterwards marked as holding unknown weights (the next generation reloads its file)."""
+        with self._lock:
+            stack = self._stack(flux, siglip, adapter_file)
+            try:
+                yield stack
+            finally:
+                for entry in self._stacks.values():
+                    if entry["stack"] is stack:
+                        entry["adapter"] = ("weights of an evaluation",)
+
     def unload(self) -> str:
         with self._lock:
             n = len(self._stacks)
@@ -122,7 +136,10 @@ class InferenceService:
         from calligrapher_rl.infer import inpaint
 
         if not (inputs.text or "").strip():
-            raise UserError("type the text to write")
+            raise UserError("Text to write: type the text to write")
+        limit, why = text_limit(flux)
+        if len(inputs.text.strip()) > limit:
+            raise UserError(f"Text to write: {len(inputs.text.strip())} characters; {why}")
         if inputs.resolution is not None and (inputs.resolution < 32 or inputs.resolution % MULTIPLE):
             raise UserError(f"Resize to a square: expected a multiple of {MULTIPLE} of at least 32 px (or empty to keep "
                             f"the source's size), got {inputs.resolution}")
@@ -140,6 +157,21 @@ class InferenceService:
                              num_images=int(inputs.num_images), use_context=bool(inputs.use_context),
                              resolution=int(inputs.resolution) if inputs.resolution else None)
             return images, time.time() - t0
+
+
+TINY_MAX_CHARS = 4  # the tiny was pretrained on 1-4 glyph texts (docs/tiny.md)
+FLUX_MAX_CHARS = 100  # Calligrapher repaints a word or a short line inside one mask
+
+
+def text_limit(flux: str) -> tuple[int, str]:
+    """(most characters, why) the model can paint."""
+    from calligrapher_rl.models.hub import EMBEDDED_NAMES
+
+    if (flux or "").strip() in EMBEDDED_NAMES:
+        return TINY_MAX_CHARS, (f"the tiny model writes 1-{TINY_MAX_CHARS} characters (it was pretrained on 1-4 glyph "
+                                "texts); longer text comes out as noise")
+    return FLUX_MAX_CHARS, (f"at most {FLUX_MAX_CHARS}: Calligrapher repaints a word or a short line inside the mask "
+                            "(split longer text over several masks)")
 
 
 # ---------------------------------------------------------------------- editor values -> images

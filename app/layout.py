@@ -3,7 +3,8 @@
 Callbacks return {name: value}; `Wire` maps the names to this page's components (a name left out leaves its
 component unchanged). API names (for gradio_client): preset_values, check_run, start_run, save_preset,
 clone_config, list_runs, monitor, stop_run, resume_run, mark_stopped, delete_run, rename_run, load_example,
-checkpoints, generate, compare, unload.
+checkpoints, generate, evaluate (Compare: the evaluation), compare_step0, compare (the quick look), unload.
+One function builds each tab (tabs.py) and one here wires it.
 """
 
 from __future__ import annotations
@@ -12,23 +13,45 @@ import functools
 
 import gradio as gr
 
-from . import presets
+from . import export_views, gpu_panel, presets, tabs
+from .compare_views import GALLERIES, CompareViews
 from .data_views import DataViews
 from .infer_views import SLOTS, InferViews
 from .inference import InferenceService
 from .views import (
     FORM_KEYS,
     MONITOR_KEYS,
-    TABLE_COLUMNS,
     MonitorViews,
     TrainViews,
     suggest_name,
 )
 
 POLL_S = 2.0
+GPU_POLL_S = 5.0
 CSS = """
 #run-status {min-height: 3em}
 .mono textarea {font-family: ui-monospace, monospace; font-size: 12px}
+"""
+# The log box follows its tail: on every new text it scrolls to the end, unless the reader scrolled up (then it
+# stays where they are until they scroll back to the bottom).
+JS = """
+() => {
+  setInterval(() => {
+    const box = document.querySelector('#run-log textarea');
+    if (!box) return;
+    if (!box.dataset.watched) {
+      box.dataset.watched = '1';
+      box.dataset.follow = '1';
+      box.addEventListener('scroll', () => {
+        box.dataset.follow = (box.scrollHeight - box.scrollTop - box.clientHeight < 30) ? '1' : '0';
+      });
+    }
+    if (box.dataset.len !== String(box.value.length)) {
+      box.dataset.len = String(box.value.length);
+      if (box.dataset.follow === '1') box.scrollTop = box.scrollHeight;
+    }
+  }, 300);
+}
 """
 HIDDEN = {"show_progress": "hidden"}
 MONITOR_GROUP = {"concurrency_id": "monitor", "concurrency_limit": 1}  # selection changes and ticks, in order
@@ -55,23 +78,10 @@ class Wire:
         return keyed
 
 
-def _form_component(flag: str, label: str, info: str | None, value):
-    from calligrapher_rl.config import FIELDS, field_type
-
-    base, _ = field_type(flag)
-    choices = FIELDS[flag].metadata.get("choices")
-    if choices:
-        return gr.Dropdown(list(choices), value=value, label=label, info=info)
-    if base is bool:
-        return gr.Checkbox(value=bool(value), label=label, info=info)
-    if base in (int, float) and flag != "rl_kl_beta":
-        return gr.Number(value=value, label=label, info=info, precision=0 if base is int else None)
-    return gr.Textbox(value="" if value is None else str(value), label=label, info=info)
-
-
 def build_demo(runs_dir: str, service: InferenceService | None = None, read_roots: list[str] | None = None) -> gr.Blocks:
     train, mon = TrainViews(runs_dir, read_roots), MonitorViews(runs_dir, read_roots)
     inf, data = InferViews(runs_dir, service), DataViews(runs_dir, read_roots)
+    cmp = CompareViews(inf)
     preset0 = presets.DEFAULT_PRESET
     values0 = presets.form_values(runs_dir, preset0)
     w = Wire()
@@ -82,233 +92,113 @@ def build_demo(runs_dir: str, service: InferenceService | None = None, read_root
         w.add("seen", gr.State({}))
         w.add("selected", gr.State(None))  # the monitored run, server-side: the timer reads it when it runs
         with w.add("tabs", gr.Tabs()):
-            # ================================================================= Train
-            with gr.Tab("Train", id="train"):
-                with gr.Row():
-                    w.add("preset", gr.Dropdown(presets.preset_choices(runs_dir), value=preset0, label="Preset",
-                                                scale=2, allow_custom_value=True))
-                    w.add("run_name", gr.Textbox(suggest_name(preset0), label="Run name", scale=2))
-                    w.add("gpus", gr.Textbox("", label="GPUs", info="CUDA_VISIBLE_DEVICES; several = accelerate launch",
-                                             scale=1))
-                for i in range(0, len(presets.FORM), 4):
-                    with gr.Row():
-                        for (flag, label, info), value in zip(presets.FORM[i:i + 4], values0[i:i + 4]):
-                            w.add(f"form:{flag}", _form_component(flag, label, info, value))
-                w.add("extra", gr.Textbox("", label="Extra flags", placeholder="--seed 1 --rl_noise_level 0.8  (any flag "
-                                          "of python -m calligrapher_rl.train --help; typed last, so they win)"))
-                with gr.Row():
-                    w.add("force", gr.Checkbox(False, label="Force: start even if a run holds these GPUs (else it "
-                                                            "waits in the queue)"))
-                    w.add("check_btn", gr.Button("Check", elem_id="check-btn"))
-                    w.add("start_btn", gr.Button("Start", variant="primary", elem_id="start-btn"))
-                with gr.Row():
-                    w.add("save_name", gr.Textbox("", label="Save as preset (name)", scale=3))
-                    w.add("save_btn", gr.Button("Save preset", scale=1, elem_id="save-btn"))
-                w.add("train_msg", gr.Markdown(elem_id="train-msg"))
-
-            # ================================================================= Runs
-            with gr.Tab("Runs", id="runs", elem_id="runs-tab"):
-                w.add("runs_table", gr.Dataframe(headers=TABLE_COLUMNS, interactive=False, label="Runs (click a row)",
-                                                 max_height=260, elem_id="runs-table"))
-                with gr.Row():
-                    w.add("run_dd", gr.Dropdown([], label="Run", scale=3, elem_id="run-dd", allow_custom_value=True))
-                    w.add("stop_btn", gr.Button("Stop (saves a checkpoint)", visible=False, variant="stop",
-                                                elem_id="stop-btn"))
-                    w.add("resume_btn", gr.Button("Resume", visible=False, elem_id="resume-btn"))
-                    w.add("mark_btn", gr.Button("Mark stopped", visible=False, elem_id="mark-btn"))
-                    w.add("clone_btn", gr.Button("Clone config", visible=False, elem_id="clone-btn"))
-                    w.add("delete_btn", gr.Button("Delete (to archive)", visible=False, elem_id="delete-btn"))
-                w.add("status", gr.Markdown(elem_id="run-status"))
-                with gr.Accordion("Resume options, rename", open=False):
-                    with gr.Row():
-                        w.add("resume_extra", gr.Textbox("", label="Extra flags for resume",
-                                                         placeholder="--max_train_steps 60"))
-                        w.add("resume_gpus", gr.Textbox("", label="GPUs"))
-                    with gr.Row():
-                        w.add("new_name", gr.Textbox("", label="New name", scale=3))
-                        w.add("rename_btn", gr.Button("Rename", scale=1))
-                w.add("action_msg", gr.Markdown(elem_id="action-msg"))
-                with gr.Row():
-                    w.add("p_reward", gr.Plot(label="reward", show_label=False, elem_id="plot-reward"))
-                    w.add("p_kl", gr.Plot(label="kl", show_label=False))
-                with gr.Row():
-                    w.add("p_loss", gr.Plot(label="loss", show_label=False))
-                    w.add("p_clip", gr.Plot(label="clipfrac", show_label=False))
-                with gr.Row():
-                    w.add("p_sys", gr.Plot(label="GPU", show_label=False, visible=False, elem_id="plot-sys"))
-                    w.add("p_time", gr.Plot(label="Time per phase", show_label=False, visible=False, elem_id="plot-time"))
-                with gr.Accordion("Several runs on one chart, CSV export", open=False):
-                    with gr.Row():
-                        w.add("overlay_runs", gr.Dropdown([], multiselect=True, label="Runs", scale=3))
-                        w.add("overlay_key", gr.Dropdown(["reward/mean"], value="reward/mean", label="Metric", scale=2,
-                                                         allow_custom_value=True))
-                        w.add("smoothing", gr.Slider(0, 0.99, value=0.6, step=0.01, label="Smoothing", scale=2))
-                    w.add("p_overlay", gr.Plot(label="overlay", show_label=False, elem_id="plot-overlay"))
-                    with gr.Row():
-                        w.add("csv_btn", gr.Button("Export metrics (CSV): the runs above, else the selected run"))
-                        w.add("csv_file", gr.File(label="metrics.csv", interactive=False))
-                with gr.Row():
-                    w.add("latest", gr.Image(label="Latest sample grid (rows: input, output, target, reference)",
-                                             type="filepath", interactive=False, scale=1))
-                    w.add("grids", gr.Gallery(label="All sample grids", columns=4, height=320, scale=1))
-                w.add("log", gr.Textbox(label="Log (console of the run, last lines)", lines=14, max_lines=14,
-                                        autoscroll=True, elem_classes="mono", elem_id="run-log"))
-                w.add("log_file", gr.DownloadButton("Download the whole log", value=None, elem_id="log-download"))
-
-            # ================================================================= Inference
-            with gr.Tab("Inference", id="infer"):
-                with gr.Row():
-                    with gr.Column():
-                        with gr.Row():
-                            w.add("inf_run", gr.Dropdown([], label="Run", allow_custom_value=True))
-                            w.add("ckpt", gr.Dropdown([], label="Checkpoint file", allow_custom_value=True))
-                        w.add("ckpt_path", gr.Textbox("", label="…or a checkpoint file inside runs_dir",
-                                                      placeholder="my-run/checkpoint-10/ip-adapter-ema.safetensors"))
-                        with gr.Row():
-                            w.add("flux", gr.Textbox("tiny-pretrained", label="FLUX.1-Fill path"))
-                            w.add("siglip", gr.Textbox("tiny-pretrained", label="SigLIP path"))
-                        w.add("editor", gr.ImageEditor(type="numpy", label="Source: brush over the text to replace",
-                                                       format="png", height=360,
-                                                       brush=gr.Brush(colors=["#ff40a0"], color_mode="fixed")))
-                        with gr.Row():
-                            w.add("mask_up", gr.Image(type="numpy", height=160, label="…or a mask of the source's size "
-                                                      "(white = repaint; used when nothing is brushed)"))
-                            w.add("reference", gr.Image(type="pil", label="Style reference (default: source in the mask)",
-                                                        height=160))
-                        w.add("text", gr.Textbox("", label="Text to write"))
-                        with gr.Accordion("Settings", open=False):
-                            with gr.Row():
-                                w.add("steps", gr.Slider(1, 100, value=8, step=1, label="Steps"))
-                                w.add("guidance", gr.Number(30.0, label="Guidance"))
-                                w.add("scale", gr.Slider(0, 2, value=1.0, step=0.05, label="Style strength"))
-                            with gr.Row():
-                                w.add("seed", gr.Number(56, precision=0, label="Seed"))
-                                w.add("num_images", gr.Slider(1, 8, value=2, step=1, label="Images"))
-                                w.add("resolution", gr.Number(None, precision=0, label="Resize to a square (px)",
-                                                              info="empty = keep the source's size (rounded to 16)"))
-                                w.add("use_context", gr.Checkbox(False, label="In-context reference"))
-                        with gr.Row():
-                            w.add("example_btn", gr.Button("Load a dataset example"))
-                            w.add("gen_btn", gr.Button("Generate", variant="primary"))
-                            w.add("unload_btn", gr.Button("Free model memory"))
-                        w.add("ex_index", gr.State(0))
-                    with gr.Column():
-                        w.add("out_gallery", gr.Gallery(label="Results", columns=2, format="png", height=480))
-                        w.add("inf_msg", gr.Markdown(elem_id="infer-msg"))
-
-            # ================================================================= Compare
-            with gr.Tab("Compare", id="compare"):
-                gr.Markdown("One to four checkpoints (any run, any step, raw or EMA, or the base weights) on **the "
-                            "Inference tab's inputs** (source, mask, text, settings, seed); every image is scored "
-                            "with the training rewards.")
-                with gr.Row():
-                    for i, slot in enumerate(SLOTS):
-                        w.add(slot, gr.Dropdown([], label="ABCD"[i], allow_custom_value=True, elem_id=f"cmp-{i + 1}"))
-                with gr.Row():
-                    w.add("step0_run", gr.Dropdown([], label="Run", scale=2, allow_custom_value=True))
-                    w.add("step0_btn", gr.Button("Compare to step 0", scale=1))
-                    w.add("cmp_refresh", gr.Button("Refresh the lists", scale=1))
-                w.add("cmp_btn", gr.Button("Compare", variant="primary", elem_id="cmp-btn"))
-                w.add("cmp_msg", gr.Markdown(elem_id="cmp-msg"))
-                w.add("slider", gr.ImageSlider(label="A | B (first image)", type="pil", format="png"))
-                w.add("cmp_gallery", gr.Gallery(label="All images (captions: OCR score, text read, style score)",
-                                                columns=4, format="png"))
-                w.add("cmp_scores", gr.Markdown(elem_id="cmp-scores"))
-
-            # ================================================================= Dataset
-            with gr.Tab("Dataset", id="dataset"):
-                with gr.Row():
-                    w.add("data_path", gr.Textbox("bundled", label="Dataset (.jsonl/.json file or folder; 'bundled')",
-                                                  scale=4, elem_id="data-path"))
-                    w.add("data_page", gr.Number(1, precision=0, label="Page", scale=1))
-                with gr.Row():
-                    w.add("data_show_btn", gr.Button("Show examples", elem_id="data-show"))
-                    w.add("data_validate_btn", gr.Button("Validate", elem_id="data-validate"))
-                w.add("data_msg", gr.Markdown(elem_id="data-msg"))
-                w.add("data_gallery", gr.Gallery(label="Examples (source, mask, reference)", columns=6, height=360))
-                w.add("data_problems", gr.Markdown(elem_id="data-problems"))
-                with gr.Accordion("Build a synthetic set (runs_dir/datasets/NAME)", open=False):
-                    with gr.Row():
-                        w.add("synth_name", gr.Textbox("synth", label="Name"))
-                        w.add("synth_n", gr.Number(16, precision=0, label="Examples"))
-                        w.add("synth_res", gr.Number(64, precision=0, label="Resolution (px)"))
-                        w.add("synth_seed", gr.Number(0, precision=0, label="Seed"))
-                        w.add("synth_btn", gr.Button("Build"))
-
-        # ===================================================================== wiring
-        train_in = w("preset", *FORM_KEYS, "extra", "gpus", "run_name", "force")
-        monitor = w(*MONITOR_KEYS)
-        w.c["preset"].change(w.fn(train.preset_changed), w("preset"), w(*FORM_KEYS, "run_name", "train_msg"),
-                             api_name="preset_values")
-        w.c["check_btn"].click(w.fn(train.check), train_in, w("train_msg"), api_name="check_run")
-        w.c["start_btn"].click(w.fn(train.start), train_in, [*w("train_msg", "run_dd", "tabs", "run_name"), *monitor],
-                               api_name="start_run", **MONITOR_GROUP)
-        w.c["save_btn"].click(w.fn(train.save), w("preset", *FORM_KEYS, "extra", "save_name"), w("train_msg", "preset"),
-                              api_name="save_preset")
-
-        poll = gr.Timer(POLL_S)
-        poll.tick(w.fn(mon.tick), w("selected", "seen"), [*w("runs_table", "run_dd", "overlay_runs"), *monitor, w.c["seen"]],
-                  api_visibility="private", **MONITOR_GROUP, **HIDDEN)
-        # the user's own choice (`input`, not `change`: a value set by a callback comes with its monitor already)
-        w.c["run_dd"].input(w.fn(mon.select), w("run_dd"), monitor, api_name="monitor", **MONITOR_GROUP, **HIDDEN)
-        w.c["runs_table"].select(w.fn(mon.row_selected), w("runs_table"), [*monitor, w.c["run_dd"]],
-                                 api_visibility="private", **MONITOR_GROUP)
-        # actions name the run shown in the Run box (what the user sees); each sets the selection to it
-        act_out = [*monitor, *w("action_msg")]
-        w.c["stop_btn"].click(w.fn(mon.stop), w("run_dd"), act_out, api_name="stop_run", **MONITOR_GROUP)
-        w.c["resume_btn"].click(w.fn(mon.resume), w("run_dd", "resume_extra", "resume_gpus"), act_out,
-                                api_name="resume_run", **MONITOR_GROUP)
-        w.c["mark_btn"].click(w.fn(mon.mark), w("run_dd"), act_out, api_name="mark_stopped", **MONITOR_GROUP)
-        manage_out = [*act_out, *w("run_dd", "runs_table")]
-        w.c["delete_btn"].click(w.fn(mon.delete), w("run_dd"), manage_out, api_name="delete_run", **MONITOR_GROUP)
-        w.c["rename_btn"].click(w.fn(mon.rename), w("run_dd", "new_name"), manage_out, api_name="rename_run",
-                                **MONITOR_GROUP)
-        w.c["clone_btn"].click(w.fn(train.clone), w("run_dd"),
-                               w(*FORM_KEYS, "preset", "extra", "run_name", "tabs", "train_msg", "action_msg"),
-                               api_name="clone_config")
-
-        overlay_in = w("overlay_runs", "overlay_key", "smoothing")
-        for trigger in (w.c["overlay_runs"].change, w.c["overlay_key"].input, w.c["smoothing"].release):
-            trigger(w.fn(mon.overlay), overlay_in, w("p_overlay", "overlay_key"), api_visibility="private", **HIDDEN)
-        w.c["csv_btn"].click(w.fn(mon.export_csv), w("overlay_runs", "run_dd"), w("csv_file"), api_name="export_csv")
-
-        inf_in = w("editor", "mask_up", "reference", "text", "steps", "guidance", "scale", "seed", "num_images",
-                   "resolution", "use_context")
-        w.c["example_btn"].click(w.fn(inf.example), w("ex_index", "flux"), w("editor", "mask_up", "reference", "text", "ex_index"),
-                                 api_name="load_example")
-        w.c["inf_run"].change(w.fn(inf.run_changed), w("inf_run"), w("ckpt", "flux", "siglip"), api_name="checkpoints")
-        w.c["gen_btn"].click(w.fn(inf.generate), [*w("ckpt", "ckpt_path", "flux", "siglip"), *inf_in],
-                             w("out_gallery", "inf_msg"), api_name="generate", concurrency_id="model")
-        w.c["cmp_btn"].click(w.fn(inf.compare), [*w(*SLOTS, "flux", "siglip"), *inf_in],
-                             w("slider", "cmp_gallery", "cmp_scores", "cmp_msg"), api_name="compare", concurrency_id="model")
-        w.c["step0_btn"].click(w.fn(inf.step0), w("step0_run"), w(*SLOTS, "cmp_msg"), api_name="compare_step0")
-        w.c["cmp_refresh"].click(w.fn(inf.compare_choices), None, w(*SLOTS), api_visibility="private")
-        w.c["unload_btn"].click(w.fn(inf.unload), None, w("inf_msg"), api_name="unload", concurrency_id="model")
-        w.c["data_show_btn"].click(w.fn(data.show), w("data_path", "data_page"), w("data_gallery", "data_msg", "data_page"),
-                                   api_name="dataset_page")
-        w.c["data_validate_btn"].click(w.fn(data.validate), w("data_path"), w("data_problems"), api_name="dataset_validate")
-        w.c["synth_btn"].click(w.fn(data.synth), w("synth_name", "synth_n", "synth_res", "synth_seed"),
-                               w("data_gallery", "data_msg", "data_page", "data_path"), api_name="dataset_synth")
-
-        def on_load(request: gr.Request) -> dict:
-            """Reconnect: everything comes from runs_dir; ?run=NAME opens the Runs tab on that run."""
-            wanted = request.query_params.get("run") if request else None
-            names = mon.names()
-            current = mon.default_run(wanted)
-            with_ckpt = inf.runs_with_checkpoints()
-            out = {**mon.views(current), **inf.compare_choices(),
-                   "preset": gr.Dropdown(choices=presets.preset_choices(runs_dir)),
-                   "run_name": suggest_name(presets.DEFAULT_PRESET), "runs_table": mon.table(),
-                   "run_dd": gr.Dropdown(choices=names, value=current), "overlay_runs": gr.Dropdown(choices=names),
-                   "inf_run": gr.Dropdown(choices=with_ckpt, value=with_ckpt[0] if with_ckpt else None),
-                   "step0_run": gr.Dropdown(choices=with_ckpt, value=with_ckpt[0] if with_ckpt else None)}
-            if wanted:
-                if wanted in names:
-                    out["tabs"] = gr.Tabs(selected="runs")
-                else:
-                    gr.Warning(f"?run={wanted}: no such run in {runs_dir}")
-            return out
-
-        demo.load(w.fn(on_load), None, w("preset", "run_name", "runs_table", "run_dd", "overlay_runs", "tabs", *MONITOR_KEYS, *SLOTS,
-                                         "inf_run", "step0_run"), api_name="list_runs", **MONITOR_GROUP)
+            tabs.train_tab(w, runs_dir, preset0, values0)
+            gpus0 = gpu_panel.rows(runs_dir)
+            tabs.runs_tab(w, gpus0)
+            tabs.inference_tab(w)
+            tabs.compare_tab(w)
+            tabs.dataset_tab(w, presets.defaults(runs_dir, preset0).get("train_data_json") or "bundled")
+        _wire_train(w, train)
+        _wire_runs(w, mon)
+        _wire_inference(w, inf, cmp)
+        _wire_dataset(w, data)
+        _wire_load(w, demo, runs_dir, mon, inf)
+        if gpus0:  # no GPU, no panel and no polling
+            gr.Timer(GPU_POLL_S).tick(lambda: gpu_panel.rows(runs_dir), None, w("gpu_panel"), api_visibility="private",
+                                      **HIDDEN)
     return demo
+
+
+def _wire_train(w: Wire, train: TrainViews) -> None:
+    train_in = w("preset", *FORM_KEYS, "extra", "gpus", "run_name", "force")
+    monitor = w(*MONITOR_KEYS)
+    w.c["preset"].change(w.fn(train.preset_changed), w("preset"), w(*FORM_KEYS, "run_name", "train_msg", "data_path"),
+                         api_name="preset_values")
+    w.c["check_btn"].click(w.fn(train.check), train_in, w("train_msg"), api_name="check_run")
+    w.c["start_btn"].click(w.fn(train.start), train_in, [*w("train_msg", "run_dd", "tabs", "run_name"), *monitor],
+                           api_name="start_run", **MONITOR_GROUP)
+    w.c["save_btn"].click(w.fn(train.save), w("preset", *FORM_KEYS, "extra", "save_name"), w("train_msg", "preset"),
+                          api_name="save_preset")
+    w.c["clone_btn"].click(w.fn(train.clone), w("run_dd"),
+                           w(*FORM_KEYS, "preset", "extra", "run_name", "tabs", "train_msg", "action_msg"),
+                           api_name="clone_config")
+
+
+def _wire_runs(w: Wire, mon: MonitorViews) -> None:
+    monitor = w(*MONITOR_KEYS)
+    poll = gr.Timer(POLL_S)
+    poll.tick(w.fn(mon.tick), w("selected", "seen"), [*w("runs_table", "run_dd", "overlay_runs"), *monitor, w.c["seen"]],
+              api_visibility="private", **MONITOR_GROUP, **HIDDEN)
+    # the user's own choice (`input`, not `change`: a value set by a callback comes with its monitor already)
+    w.c["run_dd"].input(w.fn(mon.select), w("run_dd"), monitor, api_name="monitor", **MONITOR_GROUP, **HIDDEN)
+    w.c["runs_table"].select(w.fn(mon.row_selected), w("runs_table"), [*monitor, w.c["run_dd"]],
+                             api_visibility="private", **MONITOR_GROUP)
+    # actions name the run shown in the Run box (what the user sees); each sets the selection to it
+    act_out = [*monitor, *w("action_msg")]
+    w.c["stop_btn"].click(w.fn(mon.stop), w("run_dd"), act_out, api_name="stop_run", **MONITOR_GROUP)
+    w.c["resume_btn"].click(w.fn(mon.resume), w("run_dd", "resume_extra", "resume_gpus"), act_out,
+                            api_name="resume_run", **MONITOR_GROUP)
+    w.c["mark_btn"].click(w.fn(mon.mark), w("run_dd"), act_out, api_name="mark_stopped", **MONITOR_GROUP)
+    manage_out = [*act_out, *w("run_dd", "runs_table")]
+    w.c["delete_btn"].click(w.fn(mon.delete), w("run_dd"), manage_out, api_name="delete_run", **MONITOR_GROUP)
+    w.c["rename_btn"].click(w.fn(mon.rename), w("run_dd", "new_name"), manage_out, api_name="rename_run",
+                            **MONITOR_GROUP)
+    overlay_in = w("overlay_runs", "overlay_key", "smoothing")
+    for trigger in (w.c["overlay_runs"].change, w.c["overlay_key"].input, w.c["smoothing"].release):
+        trigger(w.fn(mon.overlay), overlay_in, w("p_overlay", "overlay_key"), api_visibility="private", **HIDDEN)
+    w.c["csv_btn"].click(w.fn(mon.export_csv), w("overlay_runs", "run_dd"), w("csv_file"), api_name="export_csv")
+
+
+def _wire_inference(w: Wire, inf: InferViews, cmp: CompareViews) -> None:
+    """The Inference and Compare tabs (they share the model paths and the loaded stack)."""
+    inf_in = w("editor", "mask_up", "reference", "text", "steps", "guidance", "scale", "seed", "num_images",
+               "resolution", "use_context")
+    w.c["example_btn"].click(w.fn(inf.example), w("ex_index", "flux"), w("editor", "mask_up", "reference", "text", "ex_index"),
+                             api_name="load_example")
+    w.c["inf_run"].change(w.fn(inf.run_changed), w("inf_run"), w("ckpt", "flux", "siglip"), api_name="checkpoints")
+    w.c["gen_btn"].click(w.fn(inf.generate), [*w("ckpt", "ckpt_path", "flux", "siglip"), *inf_in],
+                         w("out_gallery", "inf_msg"), api_name="generate", concurrency_id="model")
+    w.c["cmp_eval_btn"].click(w.fn(cmp.evaluate), w(*SLOTS, "cmp_data", "cmp_noises", "cmp_examples", "flux", "siglip"),
+                              w("cmp_table", "cmp_verdict", "cmp_report", "cmp_eval_msg", *GALLERIES), api_name="evaluate",
+                              concurrency_id="model")
+    w.c["cmp_btn"].click(w.fn(inf.compare), [*w(*SLOTS, "flux", "siglip"), *inf_in],
+                         w("slider", "cmp_gallery", "cmp_scores", "cmp_msg"), api_name="compare", concurrency_id="model")
+    w.c["step0_btn"].click(w.fn(cmp.step0), w("step0_run"), w(*SLOTS, "cmp_eval_msg"), api_name="compare_step0")
+    w.c["cmp_refresh"].click(w.fn(inf.compare_choices), None, w(*SLOTS), api_visibility="private")
+    w.c["unload_btn"].click(w.fn(inf.unload), None, w("inf_msg"), api_name="unload", concurrency_id="model")
+    w.c["exp_btn"].click(lambda c, f: dict(zip(w("exp_file", "exp_msg"), export_views.export(inf.runs_dir, c, f))),
+                         w("ckpt", "exp_format"), w("exp_file", "exp_msg"), api_name="export")
+    w.c["push_btn"].click(lambda c, r, t: {w.c["exp_msg"]: export_views.push(inf.runs_dir, c, r, t)},
+                          w("ckpt", "hub_repo", "hub_token"), w("exp_msg"), api_name="push_to_hub")
+
+
+def _wire_dataset(w: Wire, data: DataViews) -> None:
+    w.c["data_show_btn"].click(w.fn(data.show), w("data_path", "data_page"), w("data_gallery", "data_msg", "data_page"),
+                               api_name="dataset_page")
+    w.c["data_validate_btn"].click(w.fn(data.validate), w("data_path"), w("data_problems"), api_name="dataset_validate")
+    w.c["synth_btn"].click(w.fn(data.synth), w("synth_name", "synth_n", "synth_res", "synth_seed"),
+                           w("data_gallery", "data_msg", "data_page", "data_path"), api_name="dataset_synth")
+
+
+def _wire_load(w: Wire, demo: gr.Blocks, runs_dir: str, mon: MonitorViews, inf: InferViews) -> None:
+    def on_load(request: gr.Request) -> dict:
+        """Reconnect: everything comes from runs_dir; ?run=NAME opens the Runs tab on that run."""
+        wanted = request.query_params.get("run") if request else None
+        names = mon.names()
+        current = mon.default_run(wanted)
+        with_ckpt = inf.runs_with_checkpoints()
+        out = {**mon.views(current), **inf.compare_choices(),
+               "preset": gr.Dropdown(choices=presets.preset_choices(runs_dir)),
+               "run_name": suggest_name(presets.DEFAULT_PRESET), "runs_table": mon.table(),
+               "run_dd": gr.Dropdown(choices=names, value=current), "overlay_runs": gr.Dropdown(choices=names),
+               "inf_run": gr.Dropdown(choices=with_ckpt, value=with_ckpt[0] if with_ckpt else None),
+               "step0_run": gr.Dropdown(choices=with_ckpt, value=with_ckpt[0] if with_ckpt else None)}
+        if wanted:
+            if wanted in names:
+                out["tabs"] = gr.Tabs(selected="runs")
+            else:
+                gr.Warning(f"?run={wanted}: no such run in {runs_dir}")
+        return out
+
+    demo.load(w.fn(on_load), None, w("preset", "run_name", "runs_table", "run_dd", "overlay_runs", "tabs", *MONITOR_KEYS, *SLOTS,
+                                     "inf_run", "step0_run"), api_name="list_runs", **MONITOR_GROUP)

@@ -52,6 +52,9 @@ FORM = [
     ("siglip_path", "SigLIP path", "'tiny' = embedded"),
     ("initial_ip_adapter_path", "Initial adapter", "release calligrapher.bin; empty = fresh"),
     ("train_data_json", "Dataset", "'bundled' = synthetic set"),
+    ("sample_prompts", "Sample prompts", "your texts to paint during training, '|'-separated (references: "
+                                         "--sample_references in Extra flags)"),
+    ("sample_prompts_steps", "Sample every", "steps (0 = never)"),
 ]
 FORM_FLAGS = [f for f, _, _ in FORM]
 NOT_SAVED = ("output_dir", "resume_from_checkpoint", "overwrite_output_dir", "preset")  # per run, never a preset

@@ -69,6 +69,9 @@ def _read_json(path: str) -> dict:
         return {}
 
 
+_ANSI = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]")
+
+
 def tail(path: str, n: int = 40, max_bytes: int = 65536) -> str:
     """The last n lines of a text file (progress-bar carriage returns collapsed)."""
     try:
@@ -79,7 +82,11 @@ def tail(path: str, n: int = 40, max_bytes: int = 65536) -> str:
             data = fh.read().decode("utf-8", errors="replace")
     except OSError:
         return ""
-    lines = [ln.rsplit("\r", 1)[-1] for ln in data.splitlines()]
+    # a progress bar redraws its line after a carriage return: keep what it shows last; no terminal escapes
+    # (str.splitlines would cut at every \r and keep each redraw as a line of its own)
+    lines = [ln.rstrip("\r").rsplit("\r", 1)[-1] for ln in _ANSI.sub("", data).split("\n")]
+    if lines and not lines[-1]:
+        lines.pop()
     if size > max_bytes:
         lines = lines[1:]
     return "\n".join(lines[-n:])
@@ -145,9 +152,9 @@ def seconds_per_step(rows: list[dict], window: int = 10) -> float | None:
     return (pts[steps[-1]] - pts[steps[0]]) / (steps[-1] - steps[0])
 
 
-def samples(run_dir: str) -> list[tuple[int, str]]:
-    """(step, path) of the sample grids, oldest first."""
-    folder = os.path.join(run_dir, "samples")
+def samples(run_dir: str, sub: str = "") -> list[tuple[int, str]]:
+    """(step, path) of the sample grids (`sub` = "prompts": of the sample prompts), oldest first."""
+    folder = os.path.join(run_dir, "samples", sub)
     found = []
     for name in os.listdir(folder) if os.path.isdir(folder) else []:
         m = re.match(r"^step-(\d+)\.png$", name)
@@ -158,7 +165,8 @@ def samples(run_dir: str) -> list[tuple[int, str]]:
 
 def checkpoint_files(run_dir: str) -> list[tuple[str, str]]:
     """(label, path) of every adapter file, newest checkpoint first, EMA before raw. A LoRA checkpoint's entries
-    are its folder (raw) and its ema/ folder: the loaders take them as they take an adapter file."""
+    are its folder (raw) and its ema/ folder: the loaders take them as they take an adapter file. The starting
+    point (`checkpoint-0/`, a folder the loaders resolve) comes last."""
     out = []
     for step, path in reversed(list_checkpoints(run_dir)):
         if os.path.isfile(os.path.join(path, "lora.json")):
@@ -168,6 +176,9 @@ def checkpoint_files(run_dir: str) -> list[tuple[str, str]]:
         for fname, kind in (("ip-adapter-ema.safetensors", "EMA"), ("ip-adapter.safetensors", "raw")):
             if os.path.isfile(os.path.join(path, fname)):
                 out.append((f"checkpoint-{step} · {kind}", os.path.join(path, fname)))
+    start = os.path.join(run_dir, "checkpoint-0")  # the starting point (training/starting_point.py)
+    if os.path.isdir(start) and not any(p == start for _, p in out):
+        out.append(("checkpoint-0 · start", start))
     return out
 
 

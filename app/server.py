@@ -91,7 +91,7 @@ def _start_queue_thread(runs_dir: str) -> None:
 def launch(runs_dir: str, host: str = "127.0.0.1", port: int = 7860, auth: tuple[str, str] | None = None,
            prevent_thread_lock: bool = False, quiet: bool = False, allow_read: list[str] | None = None):
     """Build and launch the Blocks; returns the demo (with prevent_thread_lock=True the call returns at once)."""
-    from .layout import CSS, build_demo
+    from .layout import CSS, JS, build_demo
     from .runs import default_read_roots
 
     runs_dir = os.path.abspath(runs_dir)
@@ -100,7 +100,7 @@ def launch(runs_dir: str, host: str = "127.0.0.1", port: int = 7860, auth: tuple
     demo.queue(default_concurrency_limit=1)
     _start_queue_thread(runs_dir)
     try:
-        demo.launch(server_name=host, server_port=port, auth=auth, allowed_paths=[runs_dir], css=CSS,
+        demo.launch(server_name=host, server_port=port, auth=auth, allowed_paths=[runs_dir], css=CSS, js=JS,
                     prevent_thread_lock=prevent_thread_lock, quiet=quiet, show_error=True,
                     auth_message="Calligrapher RL studio" if auth else None)
     except OSError as exc:

@@ -17,13 +17,13 @@ import pandas as pd
 
 from calligrapher_rl.errors import UserError
 
-from . import charts, gpu_queue, manage, presets, procs, runs
+from . import charts, form_check, gpu_queue, manage, presets, procs, runs
 from .view_common import RunsFolderViews, err
 
 TABLE_COLUMNS = ["run", "state", "step", "reward", "eval reward", "method", "started"]
 FORM_KEYS = [f"form:{flag}" for flag in presets.FORM_FLAGS]
 MONITOR_KEYS = ["status", "stop_btn", "resume_btn", "mark_btn", "delete_btn", "clone_btn", "p_reward", "p_kl",
-                "p_loss", "p_clip", "p_sys", "p_time", "latest", "grids", "log", "log_file", "selected"]
+                "p_loss", "p_clip", "p_sys", "p_time", "latest", "grids", "prompt_grids", "log", "log_file", "selected"]
 LOG_LINES = 200
 
 
@@ -53,7 +53,8 @@ class TrainViews(RunsFolderViews):
             values = presets.form_values(self.runs_dir, preset)
         except UserError as exc:
             return {"train_msg": toast_error(exc)}
-        return {**dict(zip(FORM_KEYS, values)), "run_name": suggest_name(preset),
+        data = presets.defaults(self.runs_dir, preset).get("train_data_json")  # the Dataset tab shows the preset's
+        return {**dict(zip(FORM_KEYS, values)), "run_name": suggest_name(preset), **({"data_path": data} if data else {}),
                 "train_msg": f"preset **{os.path.basename(str(preset))}** loaded"}
 
     def _plan(self, preset, args):
@@ -68,11 +69,15 @@ class TrainViews(RunsFolderViews):
         return ", ".join(f"GPU {g} (run {n})" for g, n in sorted(held.items()))
 
     def check(self, preset, *args) -> dict:
-        """What Start would meet: the trainer's parser and validation, the allowed paths, then its preflight."""
+        """What Start would meet: the trainer's parser and validation, the allowed paths, then its preflight. Every
+        problem at once, named by the form's labels (form_check.py)."""
+        problems = self._form_problems(preset, args)
         try:
-            _, full, problems, gpus, held = self._plan(preset, args)
+            if not problems:
+                _, full, problems, gpus, held = self._plan(preset, args)
+                problems = [form_check.labelled(p) for p in problems]
         except UserError as exc:
-            return {"train_msg": toast_error(exc)}
+            problems = [form_check.labelled(str(exc))]
         if problems:
             gr.Warning(f"{len(problems)} problem(s): Start would fail. The first: {problems[0]}")
             return {"train_msg": "⚠ Start would fail:\n" + "\n".join(f"- {p}" for p in problems)}
@@ -80,9 +85,24 @@ class TrainViews(RunsFolderViews):
         gr.Info("Check passed: Start will " + ("queue" if held else "launch") + " this run")
         return {"train_msg": f"✓ valid. It will run:\n```\n{procs.command_line(full, gpus)}\n```{wait}"}
 
+    def _form_problems(self, preset, args) -> list[str]:
+        *form, extra, _, name, _ = args
+        problems = form_check.form_problems(form)
+        if not problems:
+            try:
+                argv = presets.form_argv(self.runs_dir, preset, list(form), extra)
+            except UserError as exc:
+                return [form_check.labelled(str(exc))]
+            problems = form_check.config_problems([*argv, "--output_dir", os.path.join(self.runs_dir, name or "run")])
+        return problems
+
     def start(self, preset, *args) -> dict:
         try:
+            problems = self._form_problems(preset, args)
+            if problems:
+                raise UserError("; ".join(problems))
             run_dir, full, problems, gpus, held = self._plan(preset, args)
+            problems = [form_check.labelled(p) for p in problems]
             if problems:
                 raise UserError(problems[0] + (f" (and {len(problems) - 1} more: press Check)" if len(problems) > 1 else ""))
             if held:
@@ -240,7 +260,9 @@ class MonitorViews:
 
     def _grids(self, run_dir: str) -> dict:
         grids = runs.samples(run_dir)
-        return {"latest": grids[-1][1] if grids else None, "grids": [(p, f"step {s}") for s, p in grids]}
+        prompts = runs.samples(run_dir, "prompts")  # the sample prompts' own gallery (newest first)
+        return {"latest": grids[-1][1] if grids else None, "grids": [(p, f"step {s}") for s, p in grids],
+                "prompt_grids": gr.Gallery([(p, f"step {s}") for s, p in reversed(prompts)], visible=bool(prompts))}
 
     def views(self, name: str | None) -> dict:
         """Everything about one run (status, buttons, charts, grids, log) and the selection itself."""
@@ -259,8 +281,9 @@ class MonitorViews:
     def _empty(self, text: str, name) -> dict:
         empty = charts.figures([])
         return {"status": text, **self.buttons(None), "p_reward": empty["reward"], "p_kl": empty["kl"],
-                "p_loss": empty["loss"], "p_clip": empty["clipfrac"], "p_sys": gr.Plot(None, visible=False), "p_time": gr.Plot(None, visible=False),
-                "latest": None, "grids": [], "log": "", "log_file": None, "selected": name}
+                "p_loss": empty["loss"], "p_clip": empty["clipfrac"], "p_sys": gr.Plot(None, visible=False),
+                "p_time": gr.Plot(None, visible=False), "latest": None, "grids": [],
+                "prompt_grids": gr.Gallery([], visible=False), "log": "", "log_file": None, "selected": name}
 
     def select(self, name: str | None) -> dict:
         return self.views(name)
@@ -301,7 +324,7 @@ class MonitorViews:
         run_dir = info["path"]
         mpath = os.path.join(run_dir, "metrics.jsonl")
         mkey = (name, os.path.getsize(mpath) if os.path.exists(mpath) else -1, info["method"])
-        gkey = (name, tuple(s for s, _ in runs.samples(run_dir)))
+        gkey = (name, tuple(s for s, _ in runs.samples(run_dir)), tuple(s for s, _ in runs.samples(run_dir, "prompts")))
         log = self.log_text(info)
         bkey = (name, info["state"], tuple(info["checkpoints"][-1:]), info["was"])
         out["status"] = self.status_text(info)

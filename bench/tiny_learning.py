@@ -91,13 +91,16 @@ def run_one(spec: dict) -> dict:
                                  grid=os.path.join(out, "eval-final-ema.png"))
     after = after_ema or after_live
     c = np.array(curve)
+    # the run's own periodic evaluation (the studio's eval curve): step, mean and its 95% interval
+    evals = [[r["step"], round(r["eval/reward/mean"], 4), round(r.get("eval/reward/mean_lo", float("nan")), 4),
+              round(r.get("eval/reward/mean_hi", float("nan")), 4)] for r in read_metrics(out) if "eval/reward/mean" in r]
     return {"seed": spec["seed"], "control": spec["control"], "status": status, "epochs": len(curve),
             "train_wall_s": round(train_wall, 1), "eval_wall_s": round(time.time() - t0, 1),
             "cpu_s": round(time.process_time(), 1), "adapter": "ema" if after_ema else "live",
             "eval_before": before, "eval_after": after, "eval_after_live": after_live,
             "gain": round(after["ocr"] - before["ocr"], 4), "gain_live": round(after_live["ocr"] - before["ocr"], 4),
             "curve": curve, "curve_first": round(float(c[:K].mean()), 4), "curve_last": round(float(c[-K:].mean()), 4),
-            "curve_gain": round(float(c[-K:].mean() - c[:K].mean()), 4), "out": out}
+            "curve_gain": round(float(c[-K:].mean() - c[:K].mean()), 4), "eval_curve": evals, "out": out}
 
 
 def _spawn(spec: dict) -> dict:

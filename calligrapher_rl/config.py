@@ -259,7 +259,13 @@ class TrainConfig:
     # --- evaluation ---
     eval_steps: int = _EVAL(100, "write a sample grid every N steps (0 = never)")
     num_eval_samples: int = _EVAL(4, "fixed evaluation examples in each grid")
+    num_eval_noises: int = _EVAL(1, "initial noises per evaluation example (the same at every evaluation): the eval "
+                                    "reward is a mean over num_eval_samples x this many samples (docs/evaluation.md)")
     eval_at_start: bool = _EVAL(True, "step-0 baseline grid before any update")
+    sample_prompts: str | None = _EVAL(None, "your texts to paint during training, separated by '|' (samples/prompts/)")
+    sample_references: str | None = _EVAL(None, "style reference images of the sample prompts, '|'-separated, one per "
+                                                 "text ('' = the first example's own)")
+    sample_prompts_steps: int = _EVAL(0, "paint the sample prompts every N steps, with fixed seeds (0 = never)")
     rl_eval_num_inference_steps: int | None = _EVAL(None, "sampler steps of evaluation; none = --rl_num_inference_steps")
 
     # ----------------------------------------------------------------------------------------------------

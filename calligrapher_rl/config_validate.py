@@ -114,9 +114,11 @@ def validate(cfg) -> None:
     need(c.resolution % 16 == 0 and c.resolution >= 32, "resolution", "must be a multiple of 16 and at least 32")
     for name in ("train_batch_size", "gradient_accumulation_steps", "max_train_steps", "rl_num_images_per_prompt",
                  "rl_num_batches_per_epoch", "rl_num_inference_steps", "rl_eval_num_inference_steps",
-                 "rl_num_inner_epochs", "checkpointing_steps", "num_eval_samples", "ema_update_interval", "max_nonfinite_steps"):
+                 "rl_num_inner_epochs", "checkpointing_steps", "num_eval_samples", "num_eval_noises",
+                 "ema_update_interval", "max_nonfinite_steps"):
         need(getattr(c, name) >= 1, name, "must be at least 1")
-    for name in ("rl_warmup_steps", "lr_warmup_steps", "rl_lr_warmup_steps", "eval_steps", "rl_sde_window_size"):
+    for name in ("rl_warmup_steps", "lr_warmup_steps", "rl_lr_warmup_steps", "eval_steps", "rl_sde_window_size",
+                 "sample_prompts_steps"):
         need(getattr(c, name) >= 0, name, "must be >= 0")
     for name in ("checkpoints_total_limit", "num_style_tokens", "nft_num_timesteps", "awm_num_timesteps"):
         need(getattr(c, name) is None or getattr(c, name) >= 1, name, "must be at least 1 or none")

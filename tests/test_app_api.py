@@ -20,6 +20,7 @@ from test_app_support import (
 )
 
 from app.server import launch
+from app.views import FORM_KEYS
 
 gradio_client = pytest.importorskip("gradio_client")
 from gradio_client import Client, handle_file  # noqa: E402
@@ -62,9 +63,10 @@ def test_only_runs_dir_files_are_served(studio):
 def test_start_a_run_and_watch_it_finish(studio):
     url, runs_dir, client = studio
     values = client.predict("tiny-grpo", api_name="/preset_values")
-    form = list(values[:-2])
-    assert values[-1].startswith("preset **tiny-grpo**") and form[0] == "grpo"
-    extra = "--max_train_steps 3 --eval_steps 3 --checkpointing_steps 3"
+    form = list(values[:-3])
+    assert values[-2].startswith("preset **tiny-grpo**") and form[0] == "grpo"
+    assert values[-1] == "bundled-glyphs"  # the Dataset tab follows the preset
+    extra = "--max_train_steps 3 --eval_steps 3 --checkpointing_steps 3 --num_eval_noises 2"
     bad = client.predict("tiny-grpo", *form, "--rl_kl_beta -1", "", "api-bad", False, api_name="/start_run")
     assert bad[0].startswith("⚠") and "--rl_kl_beta" in bad[0] and not os.path.exists(os.path.join(runs_dir, "api-bad"))
     doomed = client.predict("tiny-grpo", *form, "--rewards nonsense:1", "", "api-bad", False, api_name="/check_run")
@@ -87,7 +89,8 @@ def test_start_a_run_and_watch_it_finish(studio):
             return out if out[0].startswith("**api-run** · **finished**") else None
 
         out = wait_for(finished, 180, every=1.0, what="the run started through the API to finish")
-        status, reward, kl, loss, clip, gpu, latest, gallery, log, log_file = out
+        status, reward, kl, loss, clip, gpu, latest, gallery, prompts, log, log_file = out
+        assert prompts["visible"] is False  # no --sample_prompts: no sample-prompt gallery
         assert "step 3 / 3" in status
         for fig in (reward, kl, loss, clip):
             assert fig["type"] == "plotly"
@@ -151,9 +154,22 @@ def test_inference_and_compare_on_a_checkpoint(studio, tmp_path):
     _, msg = client.predict(ckpt["value"], "", flux, siglip, value, None, None, *settings, api_name="/generate")
     assert msg.startswith("⚠") and "mask is empty" in msg
     # Compare: up to four checkpoints on the same inputs, every image scored with the training rewards
-    slots = client.predict("base", api_name="/compare_step0")
-    assert [slot["value"] for slot in slots[:4]] == ["base/checkpoint-4/ip-adapter-ema.safetensors", "none", None, None]
-    assert "step 0: the base weights" in slots[-1]
+    slots = client.predict("base", api_name="/compare_step0")  # A = the run's start (checkpoint-0), B = its newest
+    assert [slot["value"] for slot in slots[:4]] == ["base/checkpoint-0", "base/checkpoint-4/ip-adapter-ema.safetensors",
+                                                     None, None]
+    assert "starting point" in slots[-1]
+    # the evaluation: the same 2 examples x 2 noises for each, means with intervals, the verdict, grids, the report
+    table, verdict, report, msg, *grids = client.predict("base/checkpoint-0", "base/checkpoint-4/ip-adapter-ema.safetensors",
+                                                         "none", None, "the first checkpoint's run data", 2, 2, flux,
+                                                         siglip, api_name="/evaluate")
+    assert msg.startswith("✓ 3 checkpoint(s)") and "on **bundled-glyphs**" in msg and "2 examples x 2 noises" in msg, msg
+    assert verdict.count(" vs base · start (checkpoint-0): OCR reward") == 2, verdict
+    assert "| base · start (checkpoint-0) | 0." in table and "mean(B - A) [95% CI]" in table
+    assert [len(g["value"]) for g in grids[:3]] == [4, 4, 4] and grids[3]["visible"] is False  # D was left empty
+    assert grids[0]["label"] == "A: base · start (checkpoint-0)" and report.endswith(".zip")
+    assert all(cell["caption"].startswith(("EH4H → ", "LP2C → ")) for cell in grids[0]["value"])  # text → reading · score
+    _, _, _, msg, *_ = client.predict(None, None, None, None, "bundled-glyphs", 0, None, flux, siglip, api_name="/evaluate")
+    assert msg.startswith("⚠ choose 1 to 4 checkpoints"), msg
     three = ["base/checkpoint-4/ip-adapter-ema.safetensors", "base/checkpoint-2/ip-adapter.safetensors", "none", None]
     pair, both, table, msg = client.predict(*three, flux, siglip, value, handle_file(mask), None, *settings,
                                             api_name="/compare")
@@ -174,8 +190,9 @@ def test_inference_and_compare_on_a_checkpoint(studio, tmp_path):
 def test_manage_runs_and_datasets_through_the_api(studio):
     _, runs_dir, client = studio
     cloned = client.predict("base", api_name="/clone_config")  # the form, preset, extra flags, name, messages
-    assert cloned[0] == "grpo" and cloned[17] == "tiny-grpo" and cloned[19] == "base-clone"
-    assert "--max_train_steps" not in cloned[18] and cloned[3] == 4  # the form has it; extra holds the rest
+    n = len(FORM_KEYS)
+    assert cloned[0] == "grpo" and cloned[n] == "tiny-grpo" and cloned[n + 2] == "base-clone"
+    assert "--max_train_steps" not in cloned[n + 1] and cloned[3] == 4  # the form has it; extra holds the rest
     csv_path = client.predict([], "base", api_name="/export_csv")
     with open(csv_path, encoding="utf-8") as fh:
         assert fh.readline().startswith("run,step,phase,time,")

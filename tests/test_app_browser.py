@@ -159,7 +159,7 @@ def test_start_from_the_page_and_watch_it_finish(page):
     extra = wait_for(lambda: [t for t in page.find_elements(By.CSS_SELECTOR, "textarea, input[type=text]")
                               if (t.get_attribute("placeholder") or "").startswith("--seed")], 30, what="extra flags")
     extra[0].clear()
-    extra[0].send_keys("--max_train_steps 2 --eval_steps 2 --checkpointing_steps 2")
+    extra[0].send_keys("--max_train_steps 2 --eval_steps 2 --checkpointing_steps 2 --num_eval_noises 2")
     page.find_element(By.ID, "start-btn").click()
     shown = []  # every status line visible on the Runs tab from the click until the run finishes
 
@@ -185,8 +185,56 @@ def test_start_from_the_page_and_watch_it_finish(page):
         log = wait_for(lambda: "saved" in _value(page, "#run-log textarea") and _value(page, "#run-log textarea"), 30,
                        what="the log of the run")
         assert "$ python -m calligrapher_rl.train" in log
+        # the log box follows its tail: it overflows, and it is scrolled to the end
+        gap = "const t = document.querySelector('#run-log textarea'); return [t.scrollHeight - t.clientHeight, " \
+              "t.scrollHeight - t.scrollTop - t.clientHeight];"
+        overflow, below = wait_for(lambda: (lambda g: g if g[1] <= 30 else None)(page.execute_script(gap)), 30,
+                                   what="the log scrolled to its last line")
+        assert overflow > 0 and below <= 30
     finally:
         kill_run(os.path.join(page.runs_dir, name))
+
+
+def _pick(driver, css: str, text: str) -> None:
+    """Type into a dropdown and click the option whose label contains `text`."""
+    By = _by()
+    box = driver.find_element(By.CSS_SELECTOR, f"{css} input")
+    box.click()
+    box.send_keys(text)
+    option = wait_for(lambda: [o for o in driver.find_elements(By.CSS_SELECTOR, "[role=option], ul.options li")
+                               if text in o.text], 30, what=f"the option {text!r}")
+    option[0].click()
+
+
+def _type_number(driver, css: str, value: str) -> None:
+    from selenium.webdriver.common.keys import Keys
+
+    box = driver.find_element(_by().CSS_SELECTOR, f"{css} input")
+    box.send_keys(Keys.CONTROL, "a")
+    box.send_keys(value, Keys.TAB)
+
+
+def test_compare_evaluates_three_checkpoints_and_gives_the_verdict(page):
+    """Compare: a run's start and newest checkpoint (one click) plus the base weights, on the run's data with 2
+    noises per example; the page shows the verdict of B and C against A and a grid per checkpoint."""
+    By = _by()
+    page.get(page.base_url)
+    _tab(page, "Compare")
+    wait_for(lambda: page.find_element(By.ID, "cmp-step0").is_displayed(), 30, what="the Compare tab")
+    page.find_element(By.ID, "cmp-step0").click()
+    wait_for(lambda: "starting point" in _text(page, "#cmp-eval-msg"), 30, what="A and B filled from the run")
+    _pick(page, "#cmp-3", "base weights")
+    _type_number(page, "#cmp-noises", "2")
+    _type_number(page, "#cmp-examples", "2")
+    page.find_element(By.ID, "cmp-eval-btn").click()
+    verdict = wait_for(lambda: _text(page, "#cmp-verdict").count(" vs ") == 2 and _text(page, "#cmp-verdict"), 240,
+                       what="the verdict of B and C against A")
+    assert all(("is better" in line or "no clear difference" in line) for line in verdict.splitlines()), verdict
+    assert "start (checkpoint-0)" in verdict and "2 examples x 2 noises" in _text(page, "#cmp-eval-msg")
+    for i in (1, 2, 3):
+        wait_for(lambda i=i: len(page.find_elements(By.CSS_SELECTOR, f"#cmp-grid-{i} img")) >= 4, 30,
+                 what=f"the grid of checkpoint {i}")
+    assert not any(e.is_displayed() for e in page.find_elements(By.ID, "cmp-grid-4"))
 
 
 def test_a_run_link_opens_its_monitor(page):
@@ -207,6 +255,16 @@ def test_screenshots_of_each_tab(page, tmp_path):
     for label in ("Train", "Runs", "Inference", "Compare", "Dataset"):
         _tab(page, label)
         wait_for(lambda label=label: _selected_tab(page) == label, 30, what=f"the {label} tab")
+        if label == "Compare" and os.environ.get("STUDIO_SCREENSHOTS"):  # the docs' picture shows an evaluation
+            page.find_element(_by().ID, "cmp-step0").click()
+            wait_for(lambda: "starting point" in _text(page, "#cmp-eval-msg"), 30, what="A and B filled")
+            _pick(page, "#cmp-3", "base weights")
+            _type_number(page, "#cmp-noises", "4")
+            page.find_element(_by().ID, "cmp-eval-btn").click()
+            wait_for(lambda: _text(page, "#cmp-verdict").count(" vs ") == 2 or "⚠" in _text(page, "#cmp-eval-msg"), 300,
+                     what="the evaluation")
+            assert "⚠" not in _text(page, "#cmp-eval-msg"), _text(page, "#cmp-eval-msg")
+            wait_for(lambda: len(page.find_elements(_by().CSS_SELECTOR, "#cmp-grid-3 img")) >= 4, 30, what="grids")
         if label == "Dataset":  # with a page of examples
             [b for b in page.find_elements(_by().TAG_NAME, "button") if b.text.strip() == "Show examples"][0].click()
             wait_for(lambda: "usable entries" in _text(page, "#data-msg"), 60, what="a page of examples")

@@ -56,7 +56,8 @@ def test_run_info_of_a_real_run(trained):
     assert info["reward"] is not None and info["eval_reward"] is not None and not info["live"]
     assert [r["name"] for r in runs.list_runs(runs_dir)][-1] == "base"
     labels = [label for label, _ in runs.checkpoint_files(run_dir)]
-    assert labels == ["checkpoint-4 · EMA", "checkpoint-4 · raw", "checkpoint-2 · EMA", "checkpoint-2 · raw"]
+    assert labels == ["checkpoint-4 · EMA", "checkpoint-4 · raw", "checkpoint-2 · EMA", "checkpoint-2 · raw",
+                      "checkpoint-0 · start"]  # the run's starting point (a pointer to tiny-pretrained's adapter)
     assert [s for s, _ in runs.samples(run_dir)] == [0, 2, 4]
     df = runs.metrics_frame(run_dir)
     assert {"step", "phase", "reward/mean", "kl", "loss", "clipfrac"} <= set(df.columns)

@@ -19,7 +19,8 @@ import time
 import pytest
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-SHORT = ["--max_train_steps", "4", "--eval_steps", "2", "--checkpointing_steps", "2"]
+SHORT = ["--max_train_steps", "4", "--eval_steps", "2", "--checkpointing_steps", "2",
+         "--num_eval_noises", "2"]  # 8 eval samples: the preset's 64 cost ~5 s of OCR per evaluation
 _cache: dict[str, tuple[str, str]] = {}
 # Training processes of these tests run one OpenMP thread each: on a 2-core machine shared with the studio,
 # the test process and a browser, two spinning threads per run made the tiny run up to 5x slower.

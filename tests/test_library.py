@@ -111,7 +111,9 @@ def test_callbacks_see_every_event_in_order_with_their_payloads(recorded_run):
     assert all({"reward/mean", "reward/fidelity", "reward/redness", "loss", "kl"} <= set(m) for m in rl)
     for e, p, _ in events:
         if e == "evaluate":
-            assert set(p["metrics"]) == {"eval/reward/mean", "eval/reward/fidelity", "eval/reward/redness"}
+            assert set(p["metrics"]) == {"eval/reward/mean", "eval/reward/fidelity", "eval/reward/redness",
+                                         "eval/reward/mean_lo", "eval/reward/mean_hi", "eval/n",  # its 95% interval
+                                         "eval/preservation_mae", "eval/preservation_psnr"}
             assert Path(p["grid_path"]).name == f"step-{p['step']:06d}.png" and Path(p["grid_path"]).is_file()
         if e == "save":
             assert p["path"] == str(out / f"checkpoint-{p['step']}")

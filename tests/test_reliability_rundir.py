@@ -87,7 +87,7 @@ def test_a_second_trainer_is_refused_naming_the_running_pid(tmp_path):
 def test_a_new_run_into_a_used_folder_is_refused_and_a_resume_must_match(finished, tmp_path):
     out = _copy(finished, tmp_path / "run")
     before = (out / "metrics.jsonl").read_text()
-    with pytest.raises(UserError, match=r"--output_dir: not empty \(checkpoint-2, .*--overwrite_output_dir"):
+    with pytest.raises(UserError, match=r"--output_dir: not empty \(checkpoint-0, checkpoint-2, .*--overwrite_output_dir"):
         train(parse_args(_args(out, "--max_train_steps", "1", preset="tiny-nft")))
     assert (out / "metrics.jsonl").read_text() == before and read_status(str(out))["state"] == "finished"
 
@@ -104,7 +104,7 @@ def test_a_new_run_into_a_used_folder_is_refused_and_a_resume_must_match(finishe
 
     (out / "notes.txt").write_text("mine")
     assert train(parse_args(_args(out, "--max_train_steps", "1", "--overwrite_output_dir", preset="tiny-nft"))) == "finished"
-    assert sorted(p.name for p in out.glob("checkpoint-*")) == ["checkpoint-1"] and (out / "notes.txt").exists()
+    assert sorted(p.name for p in out.glob("checkpoint-*")) == ["checkpoint-0", "checkpoint-1"] and (out / "notes.txt").exists()
     assert [r["step"] for r in read_metrics(str(out))] == [1]
     assert json.loads((out / "run.json").read_text())["rl_method"] == "nft"
     assert "--overwrite_output_dir: removed the earlier run's" in (out / "train.log").read_text()

@@ -125,7 +125,8 @@ def test_kill_and_resume_reproduces_the_uninterrupted_run(grpo_run, tmp_path):
     r = _cli(*args, "--resume_from_checkpoint", "latest")
     assert r.returncode == 0, r.stderr[-2000:]
     assert _comparable(read_metrics(str(out))) == _comparable(read_metrics(str(grpo_run)))
-    assert sorted(p.name for p in out.glob("checkpoint-*")) == ["checkpoint-6"]  # pruned to the limit
+    assert sorted(p.name for p in out.glob("checkpoint-*")) == ["checkpoint-0", "checkpoint-6"]  # pruned to the limit;
+    # the starting point is kept
 
 
 def test_stop_request_saves_a_checkpoint_and_ends(tmp_path):

@@ -40,8 +40,11 @@ def _flatten(groups: dict, rename: dict[str, str], path: str) -> dict[str, torch
 
 
 def read_adapter_file(path: str | os.PathLike) -> tuple[str, dict[str, torch.Tensor]]:
-    """Returns (layout, flat state dict). Layout is `release`, `fork` or `safetensors`."""
-    path = os.fspath(path)
+    """Returns (layout, flat state dict). Layout is `release`, `fork` or `safetensors`. A folder stands for the
+    file it holds or points at (a checkpoint folder, a run's `checkpoint-0`: adapter_refs.py)."""
+    from .adapter_refs import resolve_adapter_path
+
+    path = resolve_adapter_path(path)
     if not os.path.isfile(path):
         raise UserError("checkpoint file not found", where=path)
     if path.endswith(".safetensors"):

@@ -44,8 +44,17 @@ def _model_paths(cfg) -> list[str]:
         elif not os.path.isfile(os.path.join(path, marker)):
             problems.append(f"--{flag}: expected {what} (with {marker}), got {value}")
     init = cfg.initial_ip_adapter_path
-    if init and not _is(init, ("tiny-pretrained",)) and not os.path.isfile(os.path.expanduser(init)):
-        problems.append(f"--initial_ip_adapter_path: no such file: {init}")
+    if init and not _is(init, ("tiny-pretrained",)):
+        from ..models.adapter_refs import is_adapter_folder, resolve_adapter_path
+
+        path = os.path.expanduser(init)
+        if is_adapter_folder(path):  # a checkpoint folder, or a run's checkpoint-0 (a pointer)
+            try:
+                resolve_adapter_path(path)
+            except UserError as exc:
+                problems.append(f"--initial_ip_adapter_path: {exc}")
+        elif not os.path.isfile(path):
+            problems.append(f"--initial_ip_adapter_path: no such file: {init}")
     resume = cfg.resume_from_checkpoint
     if resume and resume != "latest":
         from .checkpointing import resolve_resume

@@ -61,6 +61,8 @@ from .optim import reset_state, restart_warmup
 from .progress import ProgressCallback, system_metrics
 from .resume_guard import refuse_mismatched_resume
 from .run_dir import RunDir, StatusNotRecorded, claim_run_dir, ending
+from .sample_prompts import SamplePromptsCallback
+from .starting_point import StartingPointCallback
 from .timing import PhaseClock, Throughput, since_process_start, transformer_flops_per_image
 from .updates import StatsMeter, grpo_backward, nft_backward_on, nft_targets, warmup_backward
 from .waits import RewardFailure, await_scores, check_policy, pause_for_rewards
@@ -87,8 +89,10 @@ class Trainer(RunLifecycle, Evaluation):
     def __init__(self, config: TrainConfig, rewards=None, dataset=None, callbacks=None, on_reward_failure="fail"):
         self.on_reward_failure = check_policy(on_reward_failure)
         callbacks = list(callbacks or [])
-        defaults = [StatusCallback()] + ([] if any(isinstance(c, ProgressCallback) or c is ProgressCallback
-                                                   for c in callbacks) else [ProgressCallback()])
+        # checkpoint-0 (starting_point.py) and the user's sample prompts (sample_prompts.py)
+        defaults = [StatusCallback(), StartingPointCallback(), SamplePromptsCallback()]
+        defaults += [] if any(isinstance(c, ProgressCallback) or c is ProgressCallback for c in callbacks) else [
+            ProgressCallback()]
         self.callbacks = CallbackHandler(defaults + callbacks)
         self._custom = {"rewards": rewards, "dataset": dataset}
         if dataset is not None:  # run.json names where the data came from (config.train_data_json is not used)
