@@ -89,7 +89,7 @@ def test_start_a_run_and_watch_it_finish(studio):
             return out if out[0].startswith("**api-run** · **finished**") else None
 
         out = wait_for(finished, 180, every=1.0, what="the run started through the API to finish")
-        status, reward, kl, loss, clip, gpu, latest, gallery, prompts, log, log_file = out
+        status, reward, kl, loss, clip, gpu, phase_times, latest, gallery, prompts, log, log_file = out
         assert prompts["visible"] is False  # no --sample_prompts: no sample-prompt gallery
         assert "step 3 / 3" in status
         for fig in (reward, kl, loss, clip):

@@ -270,7 +270,7 @@ BAD = [
     (dict(rl_sde_type="cps", rl_noise_level=1.5), "rl_noise_level"),
     (dict(rl_reward_failure_limit=1.5), "rl_reward_failure_limit"),
     (dict(reward_server_url="localhost:8000"), "reward_server_url"),
-    (dict(trainable="lora"), "trainable"),
+    (dict(trainable="loras"), "trainable"),
     (dict(resolution="512"), "resolution"),
     (dict(use_rl="yes"), "use_rl"),
     (dict(output_dir=None), "output_dir"),

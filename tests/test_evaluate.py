@@ -83,7 +83,7 @@ def test_checkpoint_0_of_a_random_init_holds_the_weights_and_survives_the_total_
     opt = torch.optim.SGD([p], lr=0.1)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)
     for step in (2, 4):
-        save_checkpoint(str(run), step, adapter=weights, ema=None, old=None, ref=None, optimizer=opt, scheduler=sched,
+        save_checkpoint(str(run), step, adapter=weights, ema=None, old=None, optimizer=opt, scheduler=sched,
                         state={"rl_epoch": 0}, total_limit=1)
     assert [s for s, _ in list_checkpoints(str(run))] == [4]  # not a resume point, not counted
     assert sorted(os.listdir(run)) == ["checkpoint-0", "checkpoint-4"]

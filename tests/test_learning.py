@@ -87,11 +87,11 @@ class PermutedAdvantages(Trainer):
 class OldPolicyProbe(Trainer):
     """Records, before each update, the largest |old - live| weight difference (NFT's old policy)."""
 
-    def _update(self, batch, ro, adv, inner, b, group, sync):
+    def _update(self, batch, ro, adv, inner, b, group, sync, targets=None):
         if self.policies.old is not None:
             gap = max(float((self.policies.old[n] - p.detach()).abs().max()) for n, p in self.policies.named)
             self.old_gaps.setdefault(self.rl_epoch, []).append(gap)
-        return super()._update(batch, ro, adv, inner, b, group, sync)
+        return super()._update(batch, ro, adv, inner, b, group, sync, targets)
 
 
 def _run(tmp_path, flags, *extra, trainer=Trainer, name="run"):
