@@ -35,6 +35,8 @@ class Policies:
         # With low-precision snapshots, NFT's old policy is averaged in an fp32 master in host memory:
         # increments of (1 - eta) (theta - theta_old) with eta near 1 would round away in bf16.
         self.old_master: dict[str, torch.Tensor] | None = None
+        # host buffers the snapshots wait in while parked (place), page-locked once per run
+        self._pinned: dict[tuple[str, str], torch.Tensor] = {}
 
     @property
     def params(self) -> list[torch.nn.Parameter]:
@@ -74,8 +76,6 @@ class Policies:
             return None
         if device is not None:
             return {k: v.to(device, non_blocking=True) for k, v in snap.items()}
-        if not hasattr(self, "_pinned"):
-            self._pinned: dict[tuple[str, str], torch.Tensor] = {}
         out = {}
         for k, v in snap.items():
             if v.device.type == "cpu":
