@@ -145,7 +145,7 @@ def test_lora_run_resumes_exactly(nft_lora_run, tmp_path):
                 "trainer_state/policies.safetensors"):
         a, b = load_file(out / "checkpoint-4" / rel), load_file(resumed / "checkpoint-4" / rel)
         assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), rel
-    rows = lambda d: [{k: v for k, v in r.items() if not k.startswith(("time", "perf/"))} for r in read_metrics(str(d))]  # noqa: E731
+    rows = lambda d: [{k: v for k, v in r.items() if not k.startswith(("time", "perf/", "sys/"))} for r in read_metrics(str(d))]  # noqa: E731
     assert rows(resumed)[-2:] == rows(out)[-2:]
 
 

@@ -115,3 +115,46 @@ def test_flops_are_counted_at_the_run_shapes(tiny_stack):
     small, large = transformer_flops_per_image(t, 16, 8), transformer_flops_per_image(t, 64, 8)
     assert 0 < small < large < 4 * small * 1.5  # matmuls grow linearly with tokens, attention faster
 
+
+
+def test_t5_is_released_after_precompute_and_read_again_for_a_new_prompt(tiny_paths):
+    """At real size T5-XXL is 9.5 GB of host memory beside the EMA, the parked snapshots and a checkpoint being
+    written: once the data's prompts are encoded it is freed, and a later new prompt reads it from the folder."""
+    from calligrapher_rl.models.stack import CalligrapherStack
+
+    fresh = CalligrapherStack.from_pretrained(*tiny_paths, num_style_tokens=8)
+    stack = CalligrapherStack.from_pretrained(*tiny_paths, num_style_tokens=8, offload_text_encoder_two=True)
+    assert stack.precompute_prompts(["a sign", "a shop"]) == 2
+    assert stack.release_text_encoder_two()
+    assert all(p.device.type == "meta" for p in stack.pipe.text_encoder_2.parameters())  # its memory is gone
+    cached = stack.encode_prompts(["a sign"])  # from the cache: T5 stays released
+    assert all(p.device.type == "meta" for p in stack.pipe.text_encoder_2.parameters())
+    new = stack.encode_prompts(["a new prompt"])  # read again from the model folder
+    assert next(stack.pipe.text_encoder_2.parameters()).device.type == "cpu"
+    torch.testing.assert_close(new.prompt_embeds, fresh.encode_prompts(["a new prompt"]).prompt_embeds)
+    torch.testing.assert_close(cached.prompt_embeds, fresh.encode_prompts(["a sign"]).prompt_embeds)
+    assert not fresh.release_text_encoder_two()  # not offloaded: nothing to release
+
+
+def test_old_policy_average_streamed_per_tensor_equals_the_host_average(tiny_stack):
+    """The CUDA path of NFT's old-policy update (the fp32 master streamed through the card one tensor at a time)
+    computes what the host path computes; run here on the CPU tensors, it must agree exactly."""
+    from calligrapher_rl.training.policies import Policies
+
+    pol = Policies(tiny_stack.adapter, "attn", use_ema=False, ema_decay=0.9, ema_update_interval=1,
+                   snapshot_dtype=torch.bfloat16)
+    pol.begin_rl(with_old=True)
+    gen = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for p in pol.params:
+            p.add_(torch.randn(p.shape, generator=gen) * 0.1)
+    host = {n: v.clone() for n, v in pol.old_master.items()}, {n: v.clone() for n, v in pol.old.items()}
+    pol.update_old(0.7)  # the host path (parameters on the CPU)
+    want_master, want_old = dict(pol.old_master), dict(pol.old)
+    pol.old_master, pol.old = host
+    pol._update_old_on_device(0.7)
+    for n in pol.names:
+        assert torch.equal(pol.old_master[n], want_master[n]) and torch.equal(pol.old[n], want_old[n])
+    pol._update_old_on_device(0.0)  # eta 0: the old policy becomes the current one, master unread
+    for n, p in pol.named:
+        assert torch.equal(pol.old_master[n], p.detach()) and torch.equal(pol.old[n], p.detach().bfloat16())

@@ -50,7 +50,7 @@ def _free_port() -> int:
 
 
 def _comparable(rows):
-    return [{k: v for k, v in r.items() if k != "time" and not k.startswith(("time/", "perf/"))} for r in rows]
+    return [{k: v for k, v in r.items() if k != "time" and not k.startswith(("time/", "perf/", "sys/"))} for r in rows]
 
 
 @pytest.fixture(scope="module")

@@ -149,7 +149,31 @@ class CalligrapherStack:
         seq = max_sequence_length or (512 if pipe.text_encoder_2.config.d_model >= 1024 else 32)
         stack = cls(pipe, siglip, processor, adapter, device, dtype, seq)
         stack.offload_text_encoder_two = offload_text_encoder_two
+        stack.flux_path = flux_path  # where T5-XXL is read again after release_text_encoder_two
         return stack
+
+    def release_text_encoder_two(self) -> bool:
+        """Frees the offloaded T5-XXL (9.5 GB of host memory at real size) once every prompt the run knows is
+        encoded: at real size the host also holds the EMA, the parked snapshots and the checkpoint being written.
+        A prompt met later (studio sample prompts) reads T5 from the model folder again, once. True if freed."""
+        t5 = self.pipe.text_encoder_2
+        if not getattr(self, "offload_text_encoder_two", False) or next(t5.parameters()).device.type != "cpu" \
+                or not getattr(self, "flux_path", None):
+            return False
+        t5.to("meta")
+        self._t5_released = True
+        return True
+
+    def _text_encoder_two(self):
+        """T5-XXL, read again from the model folder if it was released."""
+        if getattr(self, "_t5_released", False):
+            from transformers import T5EncoderModel
+
+            t5 = T5EncoderModel.from_pretrained(self.flux_path, subfolder="text_encoder_2", dtype=self.dtype,
+                                                local_files_only=True)
+            self.pipe.text_encoder_2 = t5.requires_grad_(False).eval().to("cpu")
+            self._t5_released = False
+        return self.pipe.text_encoder_2
 
     # ---------------------------------------------------------------- conditions
     @torch.no_grad()
@@ -157,7 +181,7 @@ class CalligrapherStack:
         """CLIP pooled + T5 sequence embeddings, cached per prompt string."""
         todo = [p for p in dict.fromkeys(prompts) if p not in self._text_cache]
         if todo:
-            t5 = self.pipe.text_encoder_2
+            t5 = self._text_encoder_two()
             t5_device = next(t5.parameters()).device
             embeds = self.pipe._get_t5_prompt_embeds(todo, 1, self.max_sequence_length, t5_device)
             pooled = self.pipe._get_clip_prompt_embeds(todo, 1, self.device)
@@ -176,7 +200,7 @@ class CalligrapherStack:
         todo = [p for p in dict.fromkeys(prompts) if p not in self._text_cache]
         if not todo:
             return 0
-        t5 = self.pipe.text_encoder_2
+        t5 = self._text_encoder_two()
         home = next(t5.parameters()).device
         if home != self.device:
             t5.to(self.device)

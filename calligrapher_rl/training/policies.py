@@ -57,7 +57,7 @@ class Policies:
         self.old = self.snapshot() if with_old else None
         self.old_master = None
         if with_old and not self.exact_snapshots:
-            self.old_master = {n: p.detach().to("cpu", torch.float32, copy=True) for n, p in self.named}
+            self.old_master = {n: _host_fp32(p.detach()) for n, p in self.named}
 
     def place(self, device, *, reference: bool = False, old: bool = False) -> None:
         """Keep on `device` only the snapshots the next phase evaluates; the others wait in pinned host memory
@@ -95,10 +95,26 @@ class Policies:
             update_old_params([self.old[n] for n in self.names],
                               [p.detach().to(self.old[n].device) for n, p in self.named], eta)
             return
+        if self.params[0].device.type == "cuda":
+            self._update_old_on_device(eta)
+            return
         update_old_params([self.old_master[n] for n in self.names],
                           [p.detach().to("cpu", torch.float32) for p in self.params], eta)
         for n in self.names:
             self.old[n].copy_(self.old_master[n])
+
+    def _update_old_on_device(self, eta: float) -> None:
+        """The fp32 average computed on the card one tensor at a time, the pinned master streamed up and back:
+        at real size ~30 GB of page-locked transfers (about a second) instead of a pageable 12 GB copy of the
+        weights and a 3 B-element average on the host CPU (about ten seconds an epoch), and no transient host
+        copy. Same formula as update_old_params; with eta = 0 (old <- current) the master is not read."""
+        for n, p in self.named:
+            master, cur = self.old_master[n], p.detach().float()
+            mixed = cur if eta == 0.0 else eta * master.to(cur.device, non_blocking=True) + (1.0 - eta) * cur
+            master.copy_(mixed, non_blocking=True)
+            self.old[n].copy_(mixed.to(self.old[n].dtype), non_blocking=True)
+        if self.params and self.params[0].device.type == "cuda":
+            torch.cuda.synchronize()  # the host copies are complete before anyone reads them
 
     def reference_state(self) -> dict[str, torch.Tensor] | None:
         """What a checkpoint keeps of the reference (LoRA policies keep nothing when it is the base model)."""
@@ -152,5 +168,13 @@ class Policies:
         self.reference, self.old = cast(reference), cast(old)
         self.old_master = None
         if old and not self.exact_snapshots:
-            self.old_master = {k: v.to("cpu", torch.float32, copy=True) for k, v in old.items()}
+            self.old_master = {k: _host_fp32(v) for k, v in old.items()}
 
+
+
+def _host_fp32(t: torch.Tensor) -> torch.Tensor:
+    """An fp32 host copy of `t`, page-locked when CUDA is there (the old policy's master streams through it
+    every epoch)."""
+    if not torch.cuda.is_available():
+        return t.to("cpu", torch.float32, copy=True)
+    return torch.empty(t.shape, dtype=torch.float32, pin_memory=True).copy_(t)

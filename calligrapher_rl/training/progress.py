@@ -115,13 +115,21 @@ class ProgressCallback(TrainerCallback):
 def system_metrics(device) -> dict[str, float]:
     """`sys/gpu_mem_gib` (peak allocated by this process, whole run), `sys/gpu_reserved_gib` (peak held by its
     allocator), `sys/alloc_retries` and `sys/gpu_util` (percent; only where NVML answers) on CUDA; nothing on
-    the CPU."""
+    the CPU. On every device, host memory: `sys/host_peak_rss_gib` (this process's peak resident set: at real size
+    the EMA, the parked snapshots, T5-XXL and checkpoint buffers live there) and `sys/host_available_gib` (what
+    the machine has left now, a run folder in /dev/shm included) -- a run killed by the kernel for host
+    memory leaves these as its last words."""
+    import resource
+
+    import psutil
     import torch
 
+    host = {"sys/host_peak_rss_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20,  # KiB on Linux
+            "sys/host_available_gib": psutil.virtual_memory().available / 2**30}
     if getattr(device, "type", str(device)) != "cuda" or not torch.cuda.is_available():
-        return {}
+        return host
     stats = torch.cuda.memory_stats(device)
-    out = {"sys/gpu_mem_gib": torch.cuda.max_memory_allocated(device) / 2**30,
+    out = {**host, "sys/gpu_mem_gib": torch.cuda.max_memory_allocated(device) / 2**30,
            "sys/gpu_reserved_gib": torch.cuda.max_memory_reserved(device) / 2**30,
            # cudaMalloc failures the allocator answered by freeing its cache and retrying (each a device sync):
            # a run that keeps retrying is at the edge of the card's memory and slow for it

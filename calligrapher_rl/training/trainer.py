@@ -166,6 +166,9 @@ class Trainer(RunLifecycle, Evaluation):
         entries = getattr(self.dataset, "entries", None)  # a Python dataset's prompts come with its items
         if entries is not None:
             self.stack.precompute_prompts([e.prompt for e in entries])
+            if self.stack.release_text_encoder_two():
+                logger.info("T5-XXL released from host memory: every prompt of the data is encoded "
+                            "(a new prompt reads it from the model folder again)")
         self.sampler = GroupSampler(len(self.dataset), cfg.train_batch_size, cfg.rl_num_images_per_prompt if cfg.use_rl else 1,
                                     num_processes=self.acc.num_processes, rank=self.acc.process_index, seed=cfg.seed)
         self.tracker = PerPromptStatTracker(cfg.rl_global_std) if cfg.rl_per_prompt_stat_tracking else None
