@@ -93,14 +93,22 @@ class Results:
         os.replace(tmp, self.path)
 
 
-def command(args: list[str], log: str, env: dict) -> tuple[int, float, float]:
-    """(exit code, seconds, nvidia-smi peak GiB) of one CLI command, its output in `log`."""
+DEADLINE = [float("inf")]  # time.time() by which every command must have ended (--deadline_s)
+
+
+def command(args: list[str], log: str, env: dict) -> tuple[int | str, float, float]:
+    """(exit code, seconds, nvidia-smi peak GiB) of one CLI command, its output in `log`. A command still
+    running at the deadline is killed and its exit is "deadline": what it logged until then is still read."""
     peak = GpuPeak()
     if shutil.which("nvidia-smi"):
         peak.start()
     t0 = time.time()
     with open(log, "w", encoding="utf-8") as fh:
-        code = subprocess.run([sys.executable, *args], cwd=ROOT, stdout=fh, stderr=subprocess.STDOUT, env=env).returncode
+        try:
+            code = subprocess.run([sys.executable, *args], cwd=ROOT, stdout=fh, stderr=subprocess.STDOUT, env=env,
+                                  timeout=max(1.0, DEADLINE[0] - t0)).returncode
+        except subprocess.TimeoutExpired:
+            code = "deadline"
     seconds = time.time() - t0
     smi = peak.stop() if peak.is_alive() else None
     with open(log, encoding="utf-8", errors="replace") as fh:
@@ -131,7 +139,11 @@ def summarize(metrics: list[dict]) -> dict:
     return {"phase_s": phase_s, "steady_epoch_s": round(statistics.median(steady), 2) if steady else None,
             "epoch_s": [round(r["time/epoch_s"], 2) for r in epochs], "first_step_s": first,
             "images_per_s": round(statistics.median(r["perf/images_per_s"] for r in epochs[1:]), 3) if steady else None,
-            "peak_gib": peak, "alloc_retries": max((r.get("sys/alloc_retries", 0) for r in metrics), default=None),
+            "peak_gib": peak,
+            "host_peak_rss_gib": max((r.get("sys/host_peak_rss_gib", 0.0) for r in metrics), default=None),
+            "host_available_min_gib": min((r["sys/host_available_gib"] for r in metrics if "sys/host_available_gib" in r),
+                                          default=None),
+            "alloc_retries": max((r.get("sys/alloc_retries", 0) for r in metrics), default=None),
             "rollout_tflops": [r.get("perf/rollout_tflops") for r in epochs],
             "update_tflops": [r.get("perf/update_tflops") for r in epochs], "per_epoch_s": per_epoch,
             "reward_mean": [r.get("reward/mean") for r in epochs]}
@@ -149,7 +161,12 @@ def main() -> int:
     ap.add_argument("--logs", default=None, help="folder for the commands' logs (default: beside --out)")
     ap.add_argument("--tiny", action="store_true", help="CPU smoke test on the tiny model")
     ap.add_argument("--extra", default="", help="more flags for every train command (e.g. for --tiny)")
+    ap.add_argument("--deadline_s", type=float, default=None,
+                    help="end every command this many seconds after the start (a device call's limit), keeping what "
+                         "it measured; its exit reads \"deadline\"")
     args = ap.parse_args()
+    if args.deadline_s:
+        DEADLINE[0] = time.time() + args.deadline_s
 
     name, total = card()
     env = dict(os.environ, PYTHONUNBUFFERED="1")
