@@ -96,9 +96,9 @@ class Results:
 DEADLINE = [float("inf")]  # time.time() by which every command must have ended (--deadline_s)
 
 
-def command(args: list[str], log: str, env: dict) -> tuple[int | str, float, float]:
+def command(args: list[str], log: str, env: dict) -> tuple[int, float, float]:
     """(exit code, seconds, nvidia-smi peak GiB) of one CLI command, its output in `log`. A command still
-    running at the deadline is killed and its exit is "deadline": what it logged until then is still read."""
+    running at the deadline is killed and its exit is 124 (timeout's code): what it logged until then is still read."""
     peak = GpuPeak()
     if shutil.which("nvidia-smi"):
         peak.start()
@@ -108,7 +108,7 @@ def command(args: list[str], log: str, env: dict) -> tuple[int | str, float, flo
             code = subprocess.run([sys.executable, *args], cwd=ROOT, stdout=fh, stderr=subprocess.STDOUT, env=env,
                                   timeout=max(1.0, DEADLINE[0] - t0)).returncode
         except subprocess.TimeoutExpired:
-            code = "deadline"
+            code = 124
     seconds = time.time() - t0
     smi = peak.stop() if peak.is_alive() else None
     with open(log, encoding="utf-8", errors="replace") as fh:
@@ -163,7 +163,7 @@ def main() -> int:
     ap.add_argument("--extra", default="", help="more flags for every train command (e.g. for --tiny)")
     ap.add_argument("--deadline_s", type=float, default=None,
                     help="end every command this many seconds after the start (a device call's limit), keeping what "
-                         "it measured; its exit reads \"deadline\"")
+                         "it measured; its exit reads 124")
     args = ap.parse_args()
     if args.deadline_s:
         DEADLINE[0] = time.time() + args.deadline_s

@@ -30,6 +30,10 @@ class DiskFull(OSError):
         return self.message
 
 
+class RamFull(DiskFull):
+    """A write into tmpfs refused for want of RAM (check_memory_backed_room): its message stands as written."""
+
+
 def _existing(path: str) -> str:
     path = os.path.abspath(path)
     while not os.path.exists(path) and os.path.dirname(path) != path:
@@ -51,6 +55,39 @@ def device_of(path: str) -> tuple[str, str]:
     except Exception:  # noqa: BLE001 - the device only decorates the message
         pass
     return best
+
+
+def fstype_of(path: str) -> str:
+    """The filesystem type holding `path` ("tmpfs", "ext4", ...; "" when unknown)."""
+    real = os.path.realpath(_existing(path))
+    best, kind = "", ""
+    try:
+        import psutil
+
+        for part in psutil.disk_partitions(all=True):
+            mount = part.mountpoint.rstrip("/") or "/"
+            if (real == mount or real.startswith(mount.rstrip("/") + "/")) and len(mount) >= len(best):
+                best, kind = mount, part.fstype
+    except Exception:  # noqa: BLE001 - unknown: no memory check
+        pass
+    return kind
+
+
+def check_memory_backed_room(path: str, file_bytes: float, host_bytes: float = 0, available: float | None = None) -> None:
+    """A run folder on tmpfs (/dev/shm) is written into RAM: a checkpoint there takes its size out of the host's
+    memory, beside the host copies the save makes (`host_bytes`). Where that exceeds what the machine has
+    available the kernel would kill the process mid-write (SIGKILL: no message, no status); raise DiskFull
+    instead, before writing, naming the RAM. A disk-backed folder is left to the disk checks."""
+    if fstype_of(path) != "tmpfs":
+        return
+    if available is None:
+        import psutil
+
+        available = psutil.virtual_memory().available
+    need = file_bytes + host_bytes
+    if need > available:
+        raise RamFull(f"not enough memory to write {path} into tmpfs (RAM): needs ~{_gb(max(need, 1e7))} GB, {_gb(available)} GB "
+                       f"available; put --output_dir on a disk or free memory", path, need)
 
 
 def _gb(n: float) -> str:
@@ -91,7 +128,7 @@ def is_full(exc: BaseException, path: str | None = None, needed_bytes: float | N
 def as_disk_full(exc: BaseException, path: str, needed_bytes: float | None = None) -> BaseException:
     """`exc` as a DiskFull naming `path` (what the writer was writing, not its temporary) when it is a full
     disk; else `exc`."""
-    if not is_full(exc, path, needed_bytes):
+    if isinstance(exc, RamFull) or not is_full(exc, path, needed_bytes):
         return exc
     needed = max(needed_bytes or 0, getattr(exc, "needed", 0))  # a nested writer's part of a larger write
     return no_space(os.fspath(path), needed)

@@ -36,3 +36,9 @@ def tiny_stack(tiny_paths):
     from calligrapher_rl.models.stack import CalligrapherStack
 
     return CalligrapherStack.from_pretrained(*tiny_paths, num_style_tokens=8)
+
+
+def pytest_collection_modifyitems(config, items):
+    """The slow (learning, multi-process) tests first: on the suite's two xdist workers the long ones start at
+    once and the many short ones fill in behind them, instead of a long one starting last and running alone."""
+    items.sort(key=lambda item: 0 if item.get_closest_marker("slow") else 1)  # stable: otherwise collection order

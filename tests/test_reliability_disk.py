@@ -147,3 +147,40 @@ def test_torch_and_safetensors_write_failures_are_translated(small_disk):
             with writing(str(path), big.numel() * 4):
                 save(str(path))
         path.unlink(missing_ok=True)
+
+
+def test_a_checkpoint_that_would_not_fit_in_ram_on_tmpfs_fails_in_one_line_before_writing(tmp_path, monkeypatch):
+    """A run folder on tmpfs (/dev/shm) is RAM: a checkpoint larger than the memory the machine has available
+    would get the process killed mid-write (SIGKILL, no status). It is refused before writing instead, in one
+    line naming the RAM; the run ends `failed`. (The available memory is set low: this machine has plenty.)"""
+    import psutil
+
+    from calligrapher_rl.config import parse_args
+    from calligrapher_rl.disk import DiskFull, check_memory_backed_room, fstype_of
+    from calligrapher_rl.training.trainer import Trainer
+
+    if fstype_of("/dev/shm") != "tmpfs":
+        pytest.skip("no tmpfs at /dev/shm")
+    with pytest.raises(DiskFull, match=r"needs ~42\.00 GB, 20\.50 GB available"):
+        check_memory_backed_room("/dev/shm/run/checkpoint-6", 30e9, 12e9, available=20.5e9)
+    check_memory_backed_room(str(tmp_path / "checkpoint-6"), 30e9, 12e9, available=20.5e9)  # a disk: not RAM
+
+    out = Path("/dev/shm") / f"calligrapher-test-{os.getpid()}-{tmp_path.name}"
+    try:
+        low = psutil.virtual_memory()._replace(available=1000)
+        monkeypatch.setattr(psutil, "virtual_memory", lambda: low)
+        tr = Trainer(parse_args(["--preset", "tiny-grpo", "--output_dir", str(out), "--resolution", "32",
+                                 "--rl_num_inference_steps", "4", "--num_style_tokens", "8", "--eval_steps", "0",
+                                 "--eval_at_start", "false", "--rl_warmup_steps", "1", "--max_train_steps", "1",
+                                 "--report_to", "none"]))
+        with pytest.raises(DiskFull):  # the CLI turns it into its one `error:` line
+            tr.run()
+        status = read_status(str(out))
+        assert status["state"] == "failed"
+        assert re.match(rf"not enough memory to write {out}/checkpoint-1 into tmpfs \(RAM\): needs ~0\.01 GB, "
+                        r"0\.00 GB available; put --output_dir on a disk or free memory$", status["message"]), status
+        assert not list(out.glob("checkpoint-1*"))  # nothing half-written
+    finally:
+        import shutil
+
+        shutil.rmtree(out, ignore_errors=True)
