@@ -41,36 +41,30 @@ def _existing(path: str) -> str:
     return path
 
 
-def device_of(path: str) -> tuple[str, str]:
-    """(device, mount point) of the filesystem holding `path`."""
+def _partition_of(path: str) -> tuple[str, str, str]:
+    """(device, mount point, filesystem type) of the filesystem holding `path`: the longest matching mount."""
     real = os.path.realpath(_existing(path))
-    best = ("?", "/")
+    best = ("?", "/", "")
     try:
         import psutil
 
         for part in psutil.disk_partitions(all=True):
             mount = part.mountpoint.rstrip("/") or "/"
             if (real == mount or real.startswith(mount.rstrip("/") + "/")) and len(mount) >= len(best[1]):
-                best = (part.device or part.fstype or "?", mount)
-    except Exception:  # noqa: BLE001 - the device only decorates the message
+                best = (part.device or part.fstype or "?", mount, part.fstype)
+    except Exception:  # noqa: BLE001 - the device only decorates the message; an unknown type skips the RAM check
         pass
     return best
 
 
+def device_of(path: str) -> tuple[str, str]:
+    """(device, mount point) of the filesystem holding `path`."""
+    return _partition_of(path)[:2]
+
+
 def fstype_of(path: str) -> str:
     """The filesystem type holding `path` ("tmpfs", "ext4", ...; "" when unknown)."""
-    real = os.path.realpath(_existing(path))
-    best, kind = "", ""
-    try:
-        import psutil
-
-        for part in psutil.disk_partitions(all=True):
-            mount = part.mountpoint.rstrip("/") or "/"
-            if (real == mount or real.startswith(mount.rstrip("/") + "/")) and len(mount) >= len(best):
-                best, kind = mount, part.fstype
-    except Exception:  # noqa: BLE001 - unknown: no memory check
-        pass
-    return kind
+    return _partition_of(path)[2]
 
 
 def check_memory_backed_room(path: str, file_bytes: float, host_bytes: float = 0, available: float | None = None) -> None:
