@@ -44,6 +44,7 @@ def test_every_epoch_says_where_its_seconds_went_and_checkpoints_hold_each_tenso
             assert r[f"time/{phase}_s"] > 0, (phase, r)
         assert r["time/epoch_s"] >= r["time/rollout_s"] + r["time/update_s"]  # nested phases are not counted twice
         assert r["perf/update_tflops"] > 0 and r["perf/rollout_tflops"] > 0 and r["perf/images_per_s"] > 0
+        assert r["sys/host_peak_rss_gib"] > 0 and r["sys/host_available_gib"] > 0  # host memory, on every device
     assert rl[0]["time/load_s"] > 0 and rl[0]["time/first_step_s"] >= rl[0]["time/load_s"]
     assert "time/first_step_s" not in rl[1]
     # evaluation and checkpoint time is charged to the epoch after them (checkpoint-1 and the step-0 evaluation)
