@@ -93,6 +93,18 @@ class Results:
         os.replace(tmp, self.path)
 
 
+def host_room(*folders: str) -> dict:
+    """The host's memory and the free room where models and runs go (GB): what bounds a full-rank checkpoint."""
+    import psutil
+
+    room = {"ram_total_gb": round(psutil.virtual_memory().total / 1e9, 1),
+            "ram_available_gb": round(psutil.virtual_memory().available / 1e9, 1)}
+    for f in folders:
+        os.makedirs(f, exist_ok=True)
+        room[f"free_gb:{f}"] = round(shutil.disk_usage(f).free / 1e9, 1)
+    return room
+
+
 DEADLINE = [float("inf")]  # time.time() by which every command must have ended (--deadline_s)
 
 
@@ -183,6 +195,7 @@ def main() -> int:
         except Exception:  # noqa: BLE001 - recorded as missing
             versions[mod] = None
     res.data["versions"] = versions
+    res.data["host"] = host_room(args.models, args.runs)
     res.flush()
     logs = args.logs or os.path.dirname(os.path.abspath(args.out))
     os.makedirs(logs, exist_ok=True)
@@ -226,6 +239,7 @@ def main() -> int:
             saves = [r["time/checkpoint_save_s"] for r in rows(run_a) if "time/checkpoint_save_s" in r]
             res.put(preset, exit={"train": code}, train_s=round(secs, 1), peak_gib_nvidia_smi=smi, **summary,
                     checkpoint_gb=round(folder_bytes(ck) / 1e9, 2) if os.path.isdir(ck) else None,
+                    checkpoint_mb=round(folder_bytes(ck) / 1e6, 1) if os.path.isdir(ck) else None,
                     checkpoint_save_s=round(statistics.median(saves), 2) if saves else None)
             final = os.path.join(run_a, f"checkpoint-{end}")
             if end != ckpt and os.path.isdir(final):  # measured; its room is needed by the resume
@@ -250,7 +264,9 @@ def main() -> int:
             with open(data, encoding="utf-8") as fh:
                 item = json.loads(fh.readline())
             folder = os.path.dirname(data)
-            ema = os.path.join(run_a, f"checkpoint-{ckpt}", "ip-adapter-ema.safetensors")
+            # the EMA weights: a full adapter's file, or a LoRA checkpoint's ema/ folder (docs/lora.md)
+            ema = os.path.join(run_a, f"checkpoint-{ckpt}",
+                               "ema" if shipped.trainable == "lora" else "ip-adapter-ema.safetensors")
             code, secs, _ = command(["-m", "calligrapher_rl.infer", "--pretrained_model_name_or_path", paths["flux"],
                                      "--siglip_path", paths["siglip"], "--ip_adapter", ema,
                                      "--source", os.path.join(folder, item["source"]),
