@@ -90,6 +90,7 @@ def run_one(spec: dict) -> dict:
         after_ema = evaluate_ocr(model, os.path.join(last, "ema" if lora else "ip-adapter-ema.safetensors"), **ev,
                                  grid=os.path.join(out, "eval-final-ema.png"))
     after = after_ema or after_live
+    verdict = _verdict(out, last, spec["verdict_noises"]) if spec.get("verdict_noises") else None
     c = np.array(curve)
     # the run's own periodic evaluation (the studio's eval curve): step, mean and its 95% interval
     evals = [[r["step"], round(r["eval/reward/mean"], 4), round(r.get("eval/reward/mean_lo", float("nan")), 4),
@@ -100,7 +101,24 @@ def run_one(spec: dict) -> dict:
             "eval_before": before, "eval_after": after, "eval_after_live": after_live,
             "gain": round(after["ocr"] - before["ocr"], 4), "gain_live": round(after_live["ocr"] - before["ocr"], 4),
             "curve": curve, "curve_first": round(float(c[:K].mean()), 4), "curve_last": round(float(c[-K:].mean()), 4),
-            "curve_gain": round(float(c[-K:].mean() - c[:K].mean()), 4), "eval_curve": evals, "out": out}
+            "curve_gain": round(float(c[-K:].mean() - c[:K].mean()), 4), "eval_curve": evals, "verdict": verdict,
+            "out": out}
+
+
+def _verdict(out: str, last: str, noises: int) -> dict:
+    """`python -m calligrapher_rl.evaluate` of checkpoint-0 against the final checkpoint (its EMA adapter) on the
+    training prompts x `noises` noises: the paired OCR difference, its 95% interval and the verdict sentence."""
+    from calligrapher_rl import evaluate
+
+    folder = os.path.join(out, "verdict")
+    if evaluate.main(["--checkpoints", os.path.join(out, "checkpoint-0"), last, "--noises", str(noises),
+                      "--out", folder]) != 0:
+        return {"error": f"evaluate failed (see {folder})"}
+    with open(os.path.join(folder, "eval.json"), encoding="utf-8") as fh:
+        report = json.load(fh)
+    ocr = next(p for p in report["paired"] if p["reward"] == "ocr")
+    return {"noises": noises, "n": ocr["n"], "diff": round(ocr["diff"], 4), "ci95": [round(x, 4) for x in ocr["ci95"]],
+            "verdict": ocr["verdict"]}
 
 
 def _spawn(spec: dict) -> dict:
@@ -156,6 +174,9 @@ def main(argv=None) -> int:
     p.add_argument("--no_control", action="store_true", help="skip the permuted-advantage runs")
     p.add_argument("--only_control", action="store_true", help="only the permuted-advantage runs")
     p.add_argument("--images_per_prompt", type=int, default=16, help="eval samples per training prompt")
+    p.add_argument("--verdict_noises", type=int, default=0,
+                   help="also run `python -m calligrapher_rl.evaluate` (checkpoint-0 against the final one) at this many "
+                        "noises per prompt and record its paired interval and verdict (GRPO's needs 64: docs/learning.md)")
     p.add_argument("--eval_seed", type=int, default=0, help="the eval's initial noises (the same before and after)")
     p.add_argument("--work", default="/tmp/tiny_learning", help="run folders go here")
     p.add_argument("--out", default=None, help="JSON result (default: bench/results/tiny_learning-PRESET.json)")
@@ -165,6 +186,7 @@ def main(argv=None) -> int:
     started = time.time()
     specs = [{"preset": args.preset, "flags": flags, "seed": int(s), "control": control, "minutes": args.minutes,
               "images_per_prompt": args.images_per_prompt, "eval_seed": args.eval_seed,
+              "verdict_noises": args.verdict_noises,
               "out": os.path.join(args.work, f"{name}-s{s}{'-control' if control else ''}")}
              for s in args.seeds.split(",") for control in ((False,) if args.no_control else (True,) if args.only_control else (False, True))]
     results: list[dict] = []

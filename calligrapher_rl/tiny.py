@@ -38,7 +38,7 @@ def _pretrain(argv) -> int:
     import time
 
     started = time.time()  # --max_minutes counts the imports too
-    from .models.tiny_pretrain import SAVE_DTYPES, PretrainConfig
+    from .training.tiny_pretrain import SAVE_DTYPES, PretrainConfig
 
     d = PretrainConfig()
     p = argparse.ArgumentParser(prog="python -m calligrapher_rl.tiny pretrain",
@@ -95,7 +95,7 @@ def _pretrain(argv) -> int:
                          warmup=args.warmup, probe_steps=args.probe_steps, reserve_s=args.reserve_s,
                          heads=args.heads, double_blocks=args.double_blocks, single_blocks=args.single_blocks,
                          ema_decay=args.ema_decay, save_dtype=args.save_dtype)
-    from .models.tiny_pretrain import pretrain
+    from .training.tiny_pretrain import pretrain
 
     log = pretrain(args.out, cfg, args.device, started=started)
     print(json.dumps({"out": args.out, "times": log["times"], "device": log["device"],
@@ -114,7 +114,7 @@ def _export(argv) -> int:
     args = p.parse_args(argv)
     if not os.path.isfile(args.snapshot):
         raise UserError("no such file", where=args.snapshot, field="--snapshot")
-    from .models.tiny_pretrain import load_snapshot, write_layout
+    from .training.tiny_pretrain import load_snapshot, write_layout
 
     print("\n".join(write_layout(args.out, *load_snapshot(args.snapshot, args.seed), save_dtype=args.save_dtype)))
     return 0

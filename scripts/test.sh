@@ -6,4 +6,4 @@ cd "$(dirname "$0")/.."
 PY=${PYTHON:-python}
 command -v "$PY" >/dev/null 2>&1 || PY=python3
 "$PY" -m ruff check .
-"$PY" -m pytest -q -n 2 "$@"
+"$PY" -m pytest -q -n 2 --durations=15 "$@"

@@ -114,8 +114,8 @@ def test_architecture_rides_in_the_snapshot_through_export_and_load(narrow_run, 
 
     from safetensors import safe_open
 
-    from calligrapher_rl.models.tiny_pretrain import load_snapshot
     from calligrapher_rl.tiny import main
+    from calligrapher_rl.training.tiny_pretrain import load_snapshot
 
     snap = narrow_run / "weights-step3.safetensors"  # the final snapshot, written without --snapshot_steps
     with safe_open(str(snap), "pt") as f:
@@ -164,8 +164,8 @@ def test_fp16_saves_load_as_float32_and_match_fp32_saves(narrow_run, tmp_path):
 
 def test_pre_encoded_batch_equals_the_stacks_encoding():
     from calligrapher_rl.models.style_adapter import install_style_adapter
-    from calligrapher_rl.models.tiny_latents import _to_unit, pre_encode, sample_batch
-    from calligrapher_rl.models.tiny_pretrain import build_untrained, render_data
+    from calligrapher_rl.training.tiny_latents import _to_unit, pre_encode, sample_batch
+    from calligrapher_rl.training.tiny_pretrain import build_untrained, render_data
 
     torch.set_num_threads(1)
     pipe, siglip, processor, adapter = build_untrained(0)
@@ -194,7 +194,7 @@ def test_pre_encoded_batch_equals_the_stacks_encoding():
 def test_time_planned_steps_reproduce_with_dit_steps_planned(tmp_path):
     import json
 
-    from calligrapher_rl.models.tiny_pretrain import PretrainConfig, pretrain
+    from calligrapher_rl.training.tiny_pretrain import PretrainConfig, pretrain
 
     torch.set_num_threads(1)
     base = dict(n_data=8, vae_steps=2, batch_size=2, workers=1, warmup=6, heads=1, double_blocks=1, single_blocks=1)

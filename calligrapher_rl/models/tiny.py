@@ -153,7 +153,7 @@ def ensure_tiny(seed: int = 0) -> tuple[str, str]:
     return os.path.join(final, "flux-fill"), os.path.join(final, "siglip")
 
 
-# The pretrained tiny (models/tiny_pretrain.py) ships in the package: no build, no download.
+# The pretrained tiny (training/tiny_pretrain.py) ships in the package: no build, no download.
 PRETRAINED_NAME = "tiny-pretrained"
 PRETRAINED_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "assets", PRETRAINED_NAME)
 

@@ -37,9 +37,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .stack import CalligrapherStack, TextCondition
-from .style_adapter import StyleAdapter, install_style_adapter
-from .tiny import build_tiny_pipeline, build_tiny_siglip
+from ..models.stack import CalligrapherStack, TextCondition
+from ..models.style_adapter import StyleAdapter, install_style_adapter
+from ..models.tiny import build_tiny_pipeline, build_tiny_siglip
 from .tiny_latents import _to_unit, pre_encode, sample_batch
 
 RESOLUTION = 64  # 8x8 latents, 16 image tokens: the CPU presets' size; the glyph task is readable at it

@@ -9,7 +9,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .stack import CalligrapherStack, FillCondition
+from ..models.stack import CalligrapherStack, FillCondition
 
 
 def _to_unit(x: torch.Tensor) -> torch.Tensor:
