@@ -549,35 +549,12 @@ class Trainer(RunLifecycle, Evaluation):
     def optimizer_step(self, loss_ok: bool = True) -> dict[str, float]:
         """Average, unscale (fp16), clip and apply the gradients. A non-finite loss or gradient norm on
         any process skips the step on every process (no update, no EMA step), counted and logged."""
-        params = self.policies.params
-        self.health.baseline(params, self.step)  # the weight norm before the first update of this process
-        average_gradients(params, self.acc, self.stack)  # a no-op when DDP already averaged them
-        if self.scaler is not None:
-            for p in params:  # the scaler records its inf check per gradient: give it one even if nothing flowed
-                p.grad = torch.zeros_like(p) if p.grad is None else p.grad
-            self.scaler.unscale_(self.optimizer)
-        grad_norm = torch.nn.utils.clip_grad_norm_(params, self.cfg.max_grad_norm)
+        self.health.baseline(self.policies.params, self.step)  # the weight norm before this process's first update
+        grad_norm = self._clipped_grad_norm()
         ok = self._all_agree(loss_ok and bool(torch.isfinite(grad_norm)))
-        if ok:
-            if self.scaler is not None:
-                self.scaler.step(self.optimizer)
-            else:
-                self.optimizer.step()
-            self.scheduler.step()
-        if self.scaler is not None:
-            self.scaler.update()  # an overflow lowers the loss scale
-        self.optimizer.zero_grad(set_to_none=True)
-        in_rl = self.cfg.use_rl and self.step >= self.cfg.rl_warmup_steps
+        self._apply_gradients(ok)
         self.step += 1
-        if ok:
-            self.rl_steps += int(in_rl)
-            with self.clock("ema"):
-                self.policies.ema_step(self.step)  # the post-increment step, as Flow-GRPO
-            self._nonfinite_streak = 0
-        elif not loss_ok or self.scaler is None:  # an fp16 overflow alone is the scaler's business
-            self._count_nonfinite(f"non-finite {'loss' if not loss_ok else 'gradient norm'}")
-        else:
-            self.skipped_nonfinite += 1
+        self._account_update(ok, loss_ok)
         stats = {"grad_norm": float(grad_norm), "lr": float(self.scheduler.get_last_lr()[0]), "train/skipped": float(not ok),
                  "train/skipped_nonfinite": float(self.skipped_nonfinite),  # in all, this run
                  "train/weight_norm": self.health.check(self.policies.params, ok, float(grad_norm), self.step)}
@@ -586,6 +563,43 @@ class Trainer(RunLifecycle, Evaluation):
         if self.scaler is not None:
             stats["train/loss_scale"] = float(self.scaler.get_scale())
         return stats
+
+    def _clipped_grad_norm(self) -> torch.Tensor:
+        """The gradients averaged over processes (a no-op when DDP already did), unscaled (fp16) and clipped;
+        returns their norm before clipping."""
+        params = self.policies.params
+        average_gradients(params, self.acc, self.stack)
+        if self.scaler is not None:
+            for p in params:  # the scaler records its inf check per gradient: give it one even if nothing flowed
+                p.grad = torch.zeros_like(p) if p.grad is None else p.grad
+            self.scaler.unscale_(self.optimizer)
+        return torch.nn.utils.clip_grad_norm_(params, self.cfg.max_grad_norm)
+
+    def _apply_gradients(self, ok: bool) -> None:
+        """The optimizer and schedule step (only when every process agreed the step is finite), the loss scale's
+        update (an overflow lowers it), and the gradients cleared either way."""
+        if ok:
+            if self.scaler is not None:
+                self.scaler.step(self.optimizer)
+            else:
+                self.optimizer.step()
+            self.scheduler.step()
+        if self.scaler is not None:
+            self.scaler.update()
+        self.optimizer.zero_grad(set_to_none=True)
+
+    def _account_update(self, ok: bool, loss_ok: bool) -> None:
+        """After the step counter moved: the EMA and the RL step count follow an applied update; a skipped one
+        is counted (and, in a row, ends the run: _count_nonfinite)."""
+        if ok:
+            self.rl_steps += int(self.cfg.use_rl and self.step - 1 >= self.cfg.rl_warmup_steps)
+            with self.clock("ema"):
+                self.policies.ema_step(self.step)  # the post-increment step, as Flow-GRPO
+            self._nonfinite_streak = 0
+        elif not loss_ok or self.scaler is None:  # an fp16 overflow alone is the scaler's business
+            self._count_nonfinite(f"non-finite {'loss' if not loss_ok else 'gradient norm'}")
+        else:
+            self.skipped_nonfinite += 1
 
     def _count_nonfinite(self, cause: str) -> None:
         """One more skipped update; --max_nonfinite_steps in a row end the run once this step or epoch is
