@@ -90,3 +90,42 @@ def test_compiled_velocity_equals_eager(compiled_stack, tiny_paths):
     torch.testing.assert_close(a, b)
     assert compiled_stack.pipe.transformer._compiled_call_impl is not None
     assert eager.pipe.transformer._compiled_call_impl is None
+
+
+def test_nft_old_and_reference_forwards_reuse_the_rollout_graph(tiny_paths):
+    """The presets compile the no-gradient calls only. NFT's old- and reference-policy predictions are such calls
+    with other adapter weights: given each policy's style keys/values, as a rollout is, they run in the rollout's
+    graph. Computing the keys/values inside the compiled model from another policy's weights instead traced a
+    second and a third graph of the whole transformer (minutes each at FLUX size, in the first update)."""
+    from torch._dynamo.utils import counters
+
+    from calligrapher_rl.training.updates import nft_targets
+
+    torch._dynamo.reset()
+    try:
+        stack = CalligrapherStack.from_pretrained(*tiny_paths, num_style_tokens=8)
+        compile_transformer(stack.pipe.transformer, backend="eager", with_grad=False)
+        fill, text, embeds = _inputs(stack, 4)
+        pol = Policies(stack.adapter, "all", use_ema=False, ema_decay=0.9, ema_update_interval=1)
+        pol.begin_rl(with_old=True)
+        with torch.no_grad():
+            for p in stack.adapter.parameters():  # the live weights move on: old and reference differ from them
+                p.add_(0.01 * torch.randn_like(p))
+        batch = Batch(list(range(4)), [{} for _ in range(4)], fill, text, embeds)
+        with torch.no_grad():
+            ro = rollout(stack, fill, text, embeds, num_steps=4, guidance=30.0, generator=torch.Generator().manual_seed(0))
+        rollout_graphs = _graphs()
+        assert rollout_graphs == 1, dict(counters["stats"])
+        targets = nft_targets(stack, batch, ro, 2, policies=pol, guidance=30.0, scale=1.0, kl_beta=0.01,
+                              generator=torch.Generator().manual_seed(1), autocast=contextlib.nullcontext)
+        assert _graphs() == rollout_graphs, dict(counters["stats"])
+        # and they are the old and reference policies' predictions, not the live weights'
+        live = stack.velocity(targets[0].x_t, fill, text, targets[0].t, embeds, 30.0)
+        assert not torch.allclose(targets[0].v_old.float(), live)
+        with torch.no_grad():
+            for p, (name, old) in zip(pol.params, pol.old.items()):
+                p.copy_(old)
+        torch.testing.assert_close(targets[0].v_old.float(),
+                                   stack.velocity(targets[0].x_t, fill, text, targets[0].t, embeds, 30.0))
+    finally:
+        torch._dynamo.reset()

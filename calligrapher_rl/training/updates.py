@@ -132,6 +132,12 @@ def nft_targets(stack, batch: Batch, ro: Rollout, num_timesteps: int, *, policie
     b = x0.shape[0]
     sigmas = ro.sigmas[:-1]  # the schedule's noisy levels (all > 0)
     order = torch.argsort(_draw(torch.rand, (b, len(sigmas)), generator), dim=1)  # a permutation per sample
+    # Each policy's style tokens and block keys/values once, handed to its forwards as the rollout hands them: the
+    # compiled transformer then sees the rollout's inputs (one graph) instead of recompiling the whole model for
+    # keys/values computed inside it from another policy's adapter weights (minutes at FLUX size)
+    with autocast():
+        old = stack.style_condition(batch.image_embeds, policies.old)
+        ref = stack.style_condition(batch.image_embeds, policies.reference) if kl_beta > 0 else None
     out = []
     for i in range(num_timesteps):
         t = sigmas[order[:, i]].to(x0.device)
@@ -140,9 +146,10 @@ def nft_targets(stack, batch: Batch, ro: Rollout, num_timesteps: int, *, policie
         x_t = (1 - tt) * x0 + tt * eps
         with autocast():
             v_old = stack.velocity(x_t, batch.fill, batch.text, t, batch.image_embeds, guidance, scale,
-                                   params=policies.old)
+                                   params=policies.old, style_tokens=old[0], style_kv=old[1])
             v_ref = (stack.velocity(x_t, batch.fill, batch.text, t, batch.image_embeds, guidance, scale,
-                                    params=policies.reference) if kl_beta > 0 else None)
+                                    params=policies.reference, style_tokens=ref[0], style_kv=ref[1])
+                     if ref is not None else None)
         keep = stack.dtype  # a bf16 forward's output is exact in bf16: half the memory, nothing lost
         out.append(NFTTarget(t, x_t, v_old.to(keep), v_ref.to(keep) if v_ref is not None else None))
     return out
