@@ -78,6 +78,7 @@ def grpo_backward(stack, batch: Batch, ro: Rollout, advantages: torch.Tensor, st
     against the step means recorded at rollout."""
     meter = StatsMeter()
     valid = torch.isfinite(advantages)
+    ref_condition = None  # the reference's style tokens and keys/values, once (see nft_targets)
     for j in steps:
         s, s_next = float(ro.sigmas[j]), float(ro.sigmas[j + 1])
         x_j, x_next = ro.latents[:, j], ro.latents[:, j + 1]
@@ -95,8 +96,11 @@ def grpo_backward(stack, batch: Batch, ro: Rollout, advantages: torch.Tensor, st
                 ref_mean = ro.ref_means[j]
             else:
                 with torch.no_grad(), autocast():
+                    if ref_condition is None:
+                        ref_condition = stack.style_condition(batch.image_embeds, policies.reference)
                     v_ref = stack.velocity(x_j, batch.fill, batch.text, s, batch.image_embeds, guidance, scale,
-                                           params=policies.reference)
+                                           params=policies.reference, style_tokens=ref_condition[0],
+                                           style_kv=ref_condition[1])
                 ref_mean = sde_step_with_logprob(v_ref, s, s_next, x_j, noise_level, prev_sample=x_next,
                                                  sde_type=sde_type)[2]
             kl = kl_to_reference(mean, ref_mean, std, s_next - s, sde_type)
