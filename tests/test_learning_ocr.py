@@ -40,7 +40,7 @@ FLAGS = {
     "nft-lora": ["--preset", "tiny-nft-lora", *SHORT, "--max_train_steps", "20", "--learning_rate", "5e-4"],
 }
 # about half the smallest gain over seeds 1-3 (docs/learning.md: the learning table and the LoRA section)
-MIN_GAIN = {"grpo": 0.05, "nft": 0.05, "grpo-lora": 0.05, "nft-lora": 0.1}
+MIN_GAIN = {"grpo": 0.05, "nft": 0.05, "grpo-lora": 0.05, "nft-lora": 0.06}
 
 
 @pytest.fixture(autouse=True)
