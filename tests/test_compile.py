@@ -9,6 +9,7 @@ import contextlib
 import pytest
 import torch
 
+from calligrapher_rl.config import parse_args
 from calligrapher_rl.models.acceleration import compile_transformer
 from calligrapher_rl.models.stack import CalligrapherStack
 from calligrapher_rl.sampling import rollout
@@ -129,5 +130,47 @@ def test_nft_old_and_reference_forwards_reuse_the_rollout_graph(tiny_paths):
                 p.copy_(pol.old[name])
         torch.testing.assert_close(targets[0].v_old.float(),
                                    stack.velocity(targets[0].x_t, fill, text, targets[0].t, embeds, 30.0))
+    finally:
+        torch._dynamo.reset()
+
+
+def test_a_lora_reference_runs_in_the_live_weights_graph_and_equals_functional_call(tiny_paths, tmp_path):
+    """A LoRA run's reference (every lora_B zero) and old policy reach the transformer's own LoRA layers. Without
+    gradient their tensors take the live parameters' places for the call (`weights_in_place`): one compiled graph
+    for every policy, and the same velocity `functional_call` gives; the live weights are back afterwards."""
+    from torch._dynamo.utils import counters
+
+    from calligrapher_rl.models.lora import LoraSpec, add_lora
+    from calligrapher_rl.training.lora_policies import LoraPolicies
+
+    torch._dynamo.reset()
+    try:
+        stack = CalligrapherStack.from_pretrained(*tiny_paths, num_style_tokens=8)
+        add_lora(stack.pipe.transformer, stack.adapter, LoraSpec("both", rank=4, alpha=8.0))
+        cfg = parse_args(["--preset", "tiny-grpo-lora", "--pretrained_model_name_or_path", "tiny", "--siglip_path", "tiny",
+                          "--lora_rank", "4", "--lora_alpha", "8", "--output_dir", str(tmp_path)])
+        pol = LoraPolicies(stack, cfg, use_ema=False, ema_decay=0.9, ema_update_interval=1)
+        with torch.no_grad():
+            for p in pol.params:  # a trained LoRA: the base model (the reference) differs from it
+                p.add_(0.05 * torch.randn_like(p))
+        live = {n: p.detach().clone() for n, p in pol.named}
+        reference = pol.base_reference()
+        fill, text, embeds = _inputs(stack, 2)
+        x = torch.randn(2, fill.seq_len, 64, generator=torch.Generator().manual_seed(2))
+        with torch.no_grad():
+            expected = torch.func.functional_call(
+                stack.model, {k if k.startswith("transformer.") else f"adapter.{k}": v for k, v in reference.items()},
+                (x, fill, text, 0.5, embeds, 30.0), strict=False).float()
+            tokens, kv = stack.style_condition(embeds, reference)
+            compile_transformer(stack.pipe.transformer, backend="eager", with_grad=False)
+            before = _graphs()
+            ro_tokens, ro_kv = stack.style_condition(embeds)
+            stack.velocity(x, fill, text, 0.5, embeds, 30.0, style_tokens=ro_tokens, style_kv=ro_kv)  # live: the rollout
+            traced = _graphs()
+            got = stack.velocity(x, fill, text, 0.5, embeds, 30.0, params=reference, style_tokens=tokens, style_kv=kv)
+        assert traced == before + 1 and _graphs() == traced, dict(counters["stats"])
+        torch.testing.assert_close(got, expected)
+        for n, p in pol.named:
+            assert torch.equal(p, live[n]) and isinstance(p, torch.nn.Parameter), n
     finally:
         torch._dynamo.reset()

@@ -7,6 +7,7 @@ scale, and the transformer call with the style tokens. Sampling and training onl
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 
 import torch
@@ -281,7 +282,11 @@ class CalligrapherStack:
         if params is not None:
             # adapter names, plus `transformer.`-prefixed ones of a transformer LoRA (models/lora.py)
             named = {k if k.startswith("transformer.") else f"adapter.{k}": v for k, v in params.items()}
-            out = torch.func.functional_call(model, named, args, strict=False)
+            if torch.is_grad_enabled():
+                out = torch.func.functional_call(model, named, args, strict=False)
+            else:
+                with weights_in_place(model, named):
+                    out = model(*args)
         elif torch.is_grad_enabled() and model is self.model:
             out = self.train_model(*args)
         else:
@@ -314,6 +319,27 @@ class CalligrapherStack:
         if params is None:
             return self.adapter(*args)
         return torch.func.functional_call(self.adapter, _adapter_only(params), args, strict=False)
+
+
+@contextlib.contextmanager
+def weights_in_place(model: nn.Module, named: dict[str, torch.Tensor]):
+    """For one no-gradient call: each named parameter of `model` holds the mapping's tensor (its `.data`, restored
+    after, whatever happens). The same result as `functional_call`, but the module keeps its Parameter objects: a
+    compiled transformer then runs another policy's transformer LoRA in the live weights' graph, where
+    functional_call's plain tensors would make dynamo trace the whole model again (minutes at FLUX size).
+    Names that are not parameters of `model` are ignored, as with `functional_call(strict=False)`."""
+    own = dict(model.named_parameters())
+    saved = []
+    try:
+        for name, value in named.items():
+            p = own.get(name)
+            if p is not None:
+                saved.append((p, p.data))
+                p.data = value
+        yield
+    finally:
+        for p, data in reversed(saved):
+            p.data = data
 
 
 def _adapter_only(params: dict) -> dict:

@@ -7,9 +7,10 @@
     old        NFT's old policy: a snapshot of the LoRA weights
     ema        the EMA of the LoRA weights
 
-All of them are plain name -> tensor mappings evaluated by `stack.velocity(..., params=...)`
-(torch.func.functional_call), exactly as the full-rank policies: the compiled transformer sees the same
-graph for every policy of one kind (only tensor values change between calls).
+All of them are plain name -> tensor mappings evaluated by `stack.velocity(..., params=...)`, exactly as the
+full-rank policies: without gradient their tensors stand in the live parameters' places for the call
+(`models.stack.weights_in_place`), so the compiled transformer runs every policy in one graph (only tensor
+values change between calls); with gradient through torch.func.functional_call.
 """
 
 from __future__ import annotations
