@@ -223,7 +223,8 @@ def main() -> int:
                 "--siglip_path", paths["siglip"], "--initial_ip_adapter_path", paths["adapter"],
                 "--train_data_json", "bundled", "--rewards", "style:1", "--checkpointing_steps", str(ckpt),
                 *args.extra.split()]
-        res.put(preset, card=name, memory_cap_gib=cap, date=time.strftime("%Y-%m-%d"), compile=bool(shipped.compile), trainable=shipped.trainable, epochs=args.epochs,
+        res.put(preset, card=name, memory_cap_gib=cap, date=time.strftime("%Y-%m-%d"), compile=bool(shipped.compile),
+                trainable=shipped.trainable, epochs=args.epochs,
                 trained_timesteps_per_image=shipped.resolved().num_trained_timesteps(),
                 images_per_epoch=shipped.rl_num_batches_per_epoch * shipped.train_batch_size
                 * shipped.rl_num_images_per_prompt)
@@ -238,8 +239,7 @@ def main() -> int:
             # a checkpoint's time is charged to the epoch after it (the run's last one is in the log only)
             saves = [r["time/checkpoint_save_s"] for r in rows(run_a) if "time/checkpoint_save_s" in r]
             res.put(preset, exit={"train": code}, train_s=round(secs, 1), peak_gib_nvidia_smi=smi, **summary,
-                    checkpoint_gb=round(folder_bytes(ck) / 1e9, 2) if os.path.isdir(ck) else None,
-                    checkpoint_mb=round(folder_bytes(ck) / 1e6, 1) if os.path.isdir(ck) else None,
+                    checkpoint_gb=round(folder_bytes(ck) / 1e9, 3) if os.path.isdir(ck) else None,  # MB: LoRA
                     checkpoint_save_s=round(statistics.median(saves), 2) if saves else None)
             final = os.path.join(run_a, f"checkpoint-{end}")
             if end != ckpt and os.path.isdir(final):  # measured; its room is needed by the resume

@@ -34,13 +34,12 @@ FLAGS = {
     "grpo": ["--preset", "tiny-grpo", *SHORT, "--max_train_steps", "10", "--learning_rate", "1e-3",
              "--rl_num_images_per_prompt", "16"],
     "nft": ["--preset", "tiny-nft", *SHORT, "--max_train_steps", "20", "--learning_rate", "5e-4"],
-    # LoRA (rank 8, transformer + adapter): the same learning values; GRPO's LoRA needs a few more epochs
-    "grpo-lora": ["--preset", "tiny-grpo-lora", *SHORT, "--max_train_steps", "14", "--learning_rate", "1e-3",
-                  "--rl_num_images_per_prompt", "16"],
+    # LoRA (rank 8, transformer + adapter), NFT's learning values. GRPO's LoRA needs its preset's 35 epochs, too
+    # long for CI: its 3 seeds are in docs/learning.md
     "nft-lora": ["--preset", "tiny-nft-lora", *SHORT, "--max_train_steps", "20", "--learning_rate", "5e-4"],
 }
 # about half the smallest gain over seeds 1-3 (docs/learning.md: the learning table and the LoRA section)
-MIN_GAIN = {"grpo": 0.05, "nft": 0.05, "grpo-lora": 0.05, "nft-lora": 0.06}
+MIN_GAIN = {"grpo": 0.05, "nft": 0.05, "nft-lora": 0.06}
 
 
 @pytest.fixture(autouse=True)
