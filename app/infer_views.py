@@ -16,6 +16,7 @@ from PIL import Image
 from calligrapher_rl.errors import UserError
 
 from . import runs
+from .gpu_room import GpuRoom
 from .inference import (
     InferenceService,
     Inputs,
@@ -34,7 +35,7 @@ INITIAL = "initial"  # the run's --initial_ip_adapter_path
 class InferViews:
     def __init__(self, runs_dir: str, service: InferenceService | None = None, scorer: Scorer | None = None):
         self.runs_dir = runs_dir
-        self.service = service or InferenceService()
+        self.service = service or InferenceService(room=GpuRoom(runs_dir))
         self.scorer = scorer or Scorer()
 
     # ------------------------------------------------------------------ choosing a checkpoint

@@ -4,7 +4,8 @@ Loading FLUX.1-Fill + SigLIP is the expensive part, so one stack is kept per (mo
 (the least recently used one is dropped beyond `max_stacks`). Switching to another checkpoint file of the
 same shape only loads its weights into the cached adapter; a file of another shape (other token counts)
 reloads the stack with it. "No adapter" runs the same pipeline with style strength 0 (plain FLUX-Fill).
-Calls are serialised by a lock: one generation at a time per studio.
+Calls are serialised by a lock: one generation at a time per studio. On a CUDA card, `room` (gpu_room.GpuRoom)
+decides before each load whether the stack may go onto a card that training runs share.
 """
 
 from __future__ import annotations
@@ -54,8 +55,9 @@ def _file_key(path: str | None):
 
 
 class InferenceService:
-    def __init__(self, max_stacks: int = 1):
+    def __init__(self, max_stacks: int = 1, room=None):
         self.max_stacks = max_stacks
+        self.room = room
         self._stacks: OrderedDict[tuple, dict] = OrderedDict()
         self._lock = threading.Lock()
 
@@ -92,6 +94,10 @@ class InferenceService:
             self._drop(key)  # another adapter shape, or a LoRA: reload with it
         while len(self._stacks) >= self.max_stacks:
             self._drop(next(iter(self._stacks)))
+        if device == "cuda" and self.room is not None:
+            from .gpu_room import stack_bytes
+
+            self.room.check(stack_bytes(flux, siglip, adapter_file))
         stack = CalligrapherStack.from_pretrained(flux, siglip, adapter_path=adapter_file, device=device, dtype=dtype)
         self._stacks[key] = {"stack": stack, "adapter": fkey, "lora": lora}
         return stack
@@ -129,6 +135,9 @@ class InferenceService:
 
     def loaded(self) -> list[tuple]:
         return list(self._stacks)
+
+    def loaded_on_gpu(self) -> bool:
+        return any(key[2] == "cuda" for key in self._stacks)
 
     # ------------------------------------------------------------------ generating
     def generate(self, flux: str, siglip: str, adapter_file: str | None, inputs: Inputs) -> tuple[list[Image.Image], float]:

@@ -79,8 +79,8 @@ class Wire:
 
 
 def build_demo(runs_dir: str, service: InferenceService | None = None, read_roots: list[str] | None = None) -> gr.Blocks:
-    train, mon = TrainViews(runs_dir, read_roots), MonitorViews(runs_dir, read_roots)
     inf, data = InferViews(runs_dir, service), DataViews(runs_dir, read_roots)
+    train, mon = TrainViews(runs_dir, read_roots, service=inf.service), MonitorViews(runs_dir, read_roots)
     cmp = CompareViews(inf)
     preset0 = presets.DEFAULT_PRESET
     values0 = presets.form_values(runs_dir, preset0)

@@ -69,18 +69,25 @@ def ssh_hint(host: str, port: int) -> str:
 QUEUE_POLL_S = 2.0
 
 
-def _start_queue_thread(runs_dir: str) -> None:
-    """Queued runs start when their GPUs are free, whether or not a page is open."""
+def _start_queue_thread(runs_dir: str, service=None) -> None:
+    """Queued runs start when their GPUs are free, whether or not a page is open; the studio's own inference model
+    leaves the card first (gpu_room.make_room_for_run)."""
     import threading
     import time
     import traceback
 
     from .gpu_queue import start_ready
+    from .gpu_room import make_room_for_run
+    from .procs import _launch
+
+    def launch(run_dir, argv, gpus):
+        make_room_for_run(service, gpus)
+        return _launch(run_dir, argv, gpus)
 
     def loop():
         while True:
             try:
-                start_ready(runs_dir)
+                start_ready(runs_dir, launch=launch)
             except Exception:  # noqa: BLE001 - the queue must outlive one bad run folder; say what happened
                 traceback.print_exc()
             time.sleep(QUEUE_POLL_S)
@@ -91,14 +98,18 @@ def _start_queue_thread(runs_dir: str) -> None:
 def launch(runs_dir: str, host: str = "127.0.0.1", port: int = 7860, auth: tuple[str, str] | None = None,
            prevent_thread_lock: bool = False, quiet: bool = False, allow_read: list[str] | None = None):
     """Build and launch the Blocks; returns the demo (with prevent_thread_lock=True the call returns at once)."""
+    from .gpu_room import GpuRoom
+    from .inference import InferenceService
     from .layout import CSS, JS, build_demo
     from .runs import default_read_roots
 
     runs_dir = os.path.abspath(runs_dir)
     os.makedirs(runs_dir, exist_ok=True)
-    demo = build_demo(runs_dir, read_roots=default_read_roots(runs_dir) + [os.path.abspath(d) for d in allow_read or []])
+    service = InferenceService(room=GpuRoom(runs_dir))  # one per studio: the tabs and the queue share it
+    demo = build_demo(runs_dir, service, read_roots=default_read_roots(runs_dir)
+                      + [os.path.abspath(d) for d in allow_read or []])
     demo.queue(default_concurrency_limit=1)
-    _start_queue_thread(runs_dir)
+    _start_queue_thread(runs_dir, service)
     try:
         demo.launch(server_name=host, server_port=port, auth=auth, allowed_paths=[runs_dir], css=CSS, js=JS,
                     prevent_thread_lock=prevent_thread_lock, quiet=quiet, show_error=True,

@@ -17,7 +17,7 @@ import pandas as pd
 
 from calligrapher_rl.errors import UserError
 
-from . import charts, form_check, gpu_queue, manage, presets, procs, runs
+from . import charts, form_check, gpu_queue, gpu_room, manage, presets, procs, runs
 from .view_common import RunsFolderViews, err
 
 TABLE_COLUMNS = ["run", "state", "step", "reward", "eval reward", "method", "started"]
@@ -48,6 +48,12 @@ def _duration(seconds: float) -> str:
 
 
 class TrainViews(RunsFolderViews):
+    """The Train tab. `service`: the studio's inference service, whose model leaves the card a run starts on."""
+
+    def __init__(self, runs_dir: str, read_roots: list[str] | None = None, service=None):
+        super().__init__(runs_dir, read_roots)
+        self.service = service
+
     def preset_changed(self, preset: str) -> dict:
         try:
             values = presets.form_values(self.runs_dir, preset)
@@ -105,9 +111,11 @@ class TrainViews(RunsFolderViews):
             problems = [form_check.labelled(p) for p in problems]
             if problems:
                 raise UserError(problems[0] + (f" (and {len(problems) - 1} more: press Check)" if len(problems) > 1 else ""))
+            made_room = ""
             if held:
                 gpu_queue.enqueue(run_dir, full, gpus)
             else:
+                made_room = gpu_room.make_room_for_run(self.service, gpus)
                 procs._launch(run_dir, full, gpus)
         except UserError as exc:
             return {"train_msg": toast_error(exc)}
@@ -118,7 +126,7 @@ class TrainViews(RunsFolderViews):
         else:
             gr.Info(f"Started {name}")
             msg = (f"▶ started **{name}** in `{run_dir}` (a detached process: closing this tab or the studio does not "
-                   "stop it). Follow it in the Runs tab.")
+                   "stop it). Follow it in the Runs tab." + made_room)
         # the monitor of the new run comes with the tab switch, so the previous run is never shown under it
         return {**MonitorViews(self.runs_dir, self.read_roots).views(name), "train_msg": msg, "tabs": gr.Tabs(selected="runs"),
                 "run_dd": gr.Dropdown(choices=[r["name"] for r in runs.list_runs(self.runs_dir)], value=name),

@@ -7,6 +7,9 @@ reward's wheels do not fit a device call; the style reward runs SigLIP on the sa
   train    `python -m calligrapher_rl.train --preset P ...` for --epochs epochs, a checkpoint at --resume_at epochs
   resume   a second run from that checkpoint to the same end: its losses must match the first run's
   infer    `python -m calligrapher_rl.infer` with the checkpoint's EMA adapter
+  studio   the studio's paths with a run on the card: start as the Train tab does, Inference and Compare beside
+           it (fit or a one-line refusal, the run unharmed), stop as the Runs tab does, infer from that checkpoint
+           (bench/e2e_studio.py)
 Results go to bench/results/e2e.json (keys in docs/benchmarks.md), rewritten after every stage so a timeout
 keeps what was measured. Where the card has more than 80 GB, the trainer is capped at 78 GiB
 (CALLIGRAPHER_GPU_MEMORY_GIB) so that "fits" means fits an 80 GB H100; the cap is recorded. `--tiny` runs the
@@ -276,6 +279,13 @@ def main() -> int:
                                      "--steps", "30" if not args.tiny else "2"],
                                     os.path.join(logs, f"e2e-{preset}-infer.log"), env)
             res.put(preset, exit={"infer": code}, infer_s=round(secs, 1))
+        if "studio" in stages:
+            from e2e_studio import run_studio_stage
+
+            got = run_studio_stage(preset, [*base[2:], "--max_train_steps", "1000"], args.runs, paths,
+                                   [] if args.tiny else [os.path.abspath(args.models)], "" if args.tiny else "0",
+                                   shipped.resolution, DEADLINE[0], text="ab" if args.tiny else "Hello")
+            res.put(preset, **got)
     return 0
 
 

@@ -1,0 +1,130 @@
+"""May the studio load a model onto its GPU now? The Inference and Compare tabs share the card with the runs the
+studio started, and a training run near an 80 GB card's edge must never be pushed out of memory by them.
+
+So, before a model stack goes onto a CUDA card (InferenceService._stack), `GpuRoom.check` answers in one line:
+- a live run on that card that has not finished its first optimizer step has not reached its peak memory yet
+  (its first update and optimizer step allocate what its allocator then keeps): loading beside it is refused;
+- otherwise the stack must fit in what the driver reports free, with headroom for sampling's activations:
+  FLUX.1-Fill with the adapter is ~45 GB, so beside a flux run on an 80 GB card the answer is to wait or stop it.
+The other direction (a run started on the card while the studio holds a model) is `make_room_for_run`: the
+studio's cached stacks are a cache, so they are dropped before the run starts.
+
+Which card a run holds: the GPUs the studio launched it on; a run launched with none takes whatever the
+environment gives, i.e. the card the studio itself uses (CUDA_VISIBLE_DEVICES's first entry, else 0).
+"""
+
+from __future__ import annotations
+
+import os
+
+from calligrapher_rl.errors import UserError
+
+from . import procs, runs
+
+GIB = 2**30
+HEADROOM_GIB = 3.0  # sampling's activations at 1024² and the CUDA context, beyond the weights
+WEIGHT_FILES = (".safetensors", ".bin", ".pt", ".pth")
+
+
+def studio_gpu() -> int:
+    """The physical index of the card the studio's own `cuda` device is."""
+    first = (os.environ.get("CUDA_VISIBLE_DEVICES") or "0").split(",")[0].strip()
+    return int(first) if first.isdigit() else 0
+
+
+def weights_bytes(*paths: str | None) -> int:
+    """Bytes of the weight files under each path (a folder, searched recursively, or one file): what loading
+    them takes on the card, as stored (FLUX.1-Fill is stored in bf16, as it runs)."""
+    total = 0
+    for path in paths:
+        if not path:
+            continue
+        if os.path.isfile(path):
+            total += os.path.getsize(path)
+            continue
+        for root, _, files in os.walk(path):
+            total += sum(os.path.getsize(os.path.join(root, f)) for f in files if f.endswith(WEIGHT_FILES))
+    return total
+
+
+def holders(runs_dir: str, gpu: int) -> list[dict]:
+    """The live runs that hold card `gpu`: launched on it, or launched with no GPUs (the environment's card)."""
+    out = []
+    for info in runs.list_runs(runs_dir):
+        if not info["live"]:
+            continue
+        gpus = procs.parse_gpus(info.get("gpus") or "")
+        if gpu in gpus or not gpus:
+            out.append(info)
+    return out
+
+
+def adapter_bytes(path: str | None) -> int:
+    """The adapter is loaded as fp32 master weights whatever its file stores: a .safetensors header gives the
+    element count (read without loading anything); other files count as stored."""
+    if not path or not os.path.isfile(path) or not path.endswith(".safetensors"):
+        return weights_bytes(path)
+    import json
+    import math
+    import struct
+
+    with open(path, "rb") as fh:
+        (n,) = struct.unpack("<Q", fh.read(8))
+        header = json.loads(fh.read(n))
+    return sum(4 * math.prod(v["shape"]) for k, v in header.items() if k != "__metadata__")
+
+
+def stack_bytes(flux: str, siglip: str, adapter_file: str | None) -> int:
+    """About what a model stack takes on the card: FLUX.1-Fill's folder and SigLIP's as stored, the adapter in fp32."""
+    return weights_bytes(flux, siglip) + adapter_bytes(adapter_file)
+
+
+def _gib(n: float) -> str:
+    return f"{n / GIB:.0f}" if n >= 10 * GIB else f"{n / GIB:.1f}"
+
+
+class GpuRoom:
+    """`check(need_bytes, what)` raises a one-line UserError when `what` may not load onto the studio's card.
+
+    `mem_info` returns (free, total) bytes of that card (torch.cuda.mem_get_info by default: what the driver
+    sees, every process included); `gpu` is its physical index (default: studio_gpu())."""
+
+    def __init__(self, runs_dir: str, mem_info=None, gpu: int | None = None):
+        self.runs_dir = runs_dir
+        self._mem_info = mem_info
+        self.gpu = studio_gpu() if gpu is None else gpu
+
+    def mem_info(self) -> tuple[int, int]:
+        if self._mem_info is not None:
+            return self._mem_info()
+        import torch
+
+        return torch.cuda.mem_get_info()
+
+    def check(self, need_bytes: int, what: str = "Inference") -> None:
+        held = holders(self.runs_dir, self.gpu)
+        young = [h["name"] for h in held if h["state"] in ("launching", "starting") or not h.get("step")]
+        if young:
+            raise UserError(f"{what}: run {young[0]!r} is starting on GPU {self.gpu} and has not reached its peak "
+                            f"memory (its first optimizer step); loading ~{_gib(need_bytes)} GiB beside it could "
+                            "push it out of memory. Try again after its first step, or stop it in the Runs tab")
+        free, total = self.mem_info()
+        if need_bytes + HEADROOM_GIB * GIB <= free:
+            return
+        who = (f"run {', '.join(repr(h['name']) for h in held)} trains on it: wait for it to end or stop it in the "
+               "Runs tab" if held else "another process holds the rest")
+        raise UserError(f"{what}: needs ~{_gib(need_bytes + HEADROOM_GIB * GIB)} GiB on GPU {self.gpu} and "
+                        f"{free / GIB:.1f} of {total / GIB:.0f} GiB is free; {who} (or start the studio on a free card "
+                        "with CUDA_VISIBLE_DEVICES)")
+
+
+def make_room_for_run(service, gpus: str) -> str:
+    """Drop the studio's cached model stacks when a run is about to start on the studio's card; returns a note
+    for the start message ('' when nothing was dropped)."""
+    if service is None or not service.loaded_on_gpu():
+        return ""
+    wanted = procs.parse_gpus(gpus)
+    if wanted and studio_gpu() not in wanted:
+        return ""
+    service.unload()
+    return f" The studio's inference model was unloaded from GPU {studio_gpu()} to leave the card to the run."

@@ -1,0 +1,128 @@
+"""Studio: the Inference and Compare tabs never load a model onto a card where it could push a training run out
+of memory (app/gpu_room.py). The card's free memory is given (this machine has no GPU); the runs are real run
+folders whose live process is this test."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import pytest
+import torch
+from test_app_manage import live_run, set_state
+
+from app import gpu_room
+from app.gpu_room import GIB, GpuRoom, make_room_for_run, stack_bytes
+from app.infer_views import InferViews
+from app.inference import InferenceService
+from calligrapher_rl.errors import UserError
+
+
+def with_step(run_dir: str, step: int) -> None:
+    path = os.path.join(run_dir, "status.json")
+    with open(path) as fh:
+        status = json.load(fh)
+    status["step"] = step
+    with open(path, "w") as fh:
+        json.dump(status, fh)
+
+
+def free(gib: float, total: float = 80.0):
+    return lambda: (int(gib * GIB), int(total * GIB))
+
+
+def test_a_starting_run_on_the_card_refuses_any_load(tmp_path):
+    runs_dir = str(tmp_path)
+    run = live_run(runs_dir, "flux-a", "0")
+    with_step(run, 0)  # before its first optimizer step its memory has not peaked
+    room = GpuRoom(runs_dir, mem_info=free(70), gpu=0)
+    with pytest.raises(UserError) as exc:
+        room.check(40 * GIB)
+    msg = str(exc.value)
+    assert "\n" not in msg and "'flux-a'" in msg and "first optimizer step" in msg and "GPU 0" in msg
+    with_step(run, 1)  # past it, what is free is what it leaves
+    room.check(40 * GIB)
+
+
+def test_a_stepped_run_leaves_what_is_free(tmp_path):
+    runs_dir = str(tmp_path)
+    live_run(runs_dir, "flux-a", "0")  # status step 1
+    with pytest.raises(UserError) as exc:
+        GpuRoom(runs_dir, mem_info=free(27.1), gpu=0).check(46 * GIB)
+    msg = str(exc.value)
+    assert "needs ~49 GiB on GPU 0" in msg and "27.1 of 80 GiB is free" in msg and "'flux-a' trains on it" in msg
+    assert "\n" not in msg
+    GpuRoom(runs_dir, mem_info=free(60), gpu=0).check(46 * GIB)  # 46 + headroom fits in 60
+
+
+def test_runs_on_other_cards_do_not_count_but_runs_without_gpus_do(tmp_path):
+    runs_dir = str(tmp_path)
+    other = live_run(runs_dir, "on-gpu1", "1")
+    with_step(other, 0)
+    GpuRoom(runs_dir, mem_info=free(70), gpu=0).check(40 * GIB)  # a starting run on GPU 1 does not hold GPU 0
+    with pytest.raises(UserError, match="'on-gpu1' is starting on GPU 1"):
+        GpuRoom(runs_dir, mem_info=free(70), gpu=1).check(40 * GIB)
+    env = live_run(runs_dir, "no-gpus", "")  # launched without GPUs: it takes the environment's card, the studio's
+    with_step(env, 0)
+    with pytest.raises(UserError, match="'no-gpus'"):
+        GpuRoom(runs_dir, mem_info=free(70), gpu=0).check(40 * GIB)
+    set_state(env, "finished")
+    set_state(other, "finished")
+    with pytest.raises(UserError, match="another process holds the rest"):
+        GpuRoom(runs_dir, mem_info=free(10), gpu=0).check(40 * GIB)
+
+
+def test_studio_gpu_follows_cuda_visible_devices(monkeypatch):
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "3,1")
+    assert gpu_room.studio_gpu() == 3
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES")
+    assert gpu_room.studio_gpu() == 0
+
+
+def test_stack_bytes_counts_the_folders_and_the_adapter_in_fp32(tmp_path):
+    from safetensors.torch import save_file
+
+    flux, siglip = tmp_path / "flux", tmp_path / "siglip"
+    (flux / "transformer").mkdir(parents=True)
+    siglip.mkdir()
+    save_file({"w": torch.zeros(1000, dtype=torch.bfloat16)}, str(flux / "transformer" / "m.safetensors"))
+    (flux / "model_index.json").write_text("{}")  # not a weight file
+    save_file({"w": torch.zeros(500)}, str(siglip / "model.safetensors"))
+    save_file({"a": torch.zeros(100, dtype=torch.bfloat16), "b": torch.zeros(10, 10, dtype=torch.bfloat16)},
+              str(tmp_path / "adapter.safetensors"))
+    got = stack_bytes(str(flux), str(siglip), str(tmp_path / "adapter.safetensors"))
+    files = os.path.getsize(flux / "transformer" / "m.safetensors") + os.path.getsize(siglip / "model.safetensors")
+    assert got == files + 4 * 200  # the adapter's 200 elements as fp32, whatever the file stores
+
+
+def test_the_inference_tab_refuses_in_one_line_and_loads_nothing(tmp_path, monkeypatch):
+    """Through the tab's own callback: the service would load FLUX onto a card a starting run holds."""
+    import numpy as np
+
+    import app.inference as inference
+
+    runs_dir = str(tmp_path)
+    with_step(live_run(runs_dir, "flux-a", ""), 0)
+    monkeypatch.setattr(inference, "_device_dtype", lambda: ("cuda", torch.bfloat16))  # the refusal comes first
+    views = InferViews(runs_dir, InferenceService(room=GpuRoom(runs_dir, mem_info=free(70), gpu=0)))
+    source = np.full((64, 64, 3), 255, dtype=np.uint8)
+    brush = np.zeros((64, 64, 4), dtype=np.uint8)
+    brush[20:40, 10:50, 3] = 255
+    editor = {"background": source, "layers": [brush], "composite": source}
+    # choice, typed path, FLUX, SigLIP, then the tab's inputs: editor, mask upload, reference, text, steps,
+    # guidance, style strength, seed, images, resize, use context
+    out = views.generate("none", "", "tiny-pretrained", "tiny-pretrained", editor, None, None, "ab", 4, 30.0, 1.0,
+                         56, 1, None, False)
+    assert "flux-a" in out["inf_msg"] and "first optimizer step" in out["inf_msg"] and out["out_gallery"] == []
+    assert views.service.loaded() == []
+
+
+def test_a_run_starting_on_the_studio_card_unloads_the_studio_model(tmp_path, monkeypatch):
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
+    service = InferenceService()
+    assert make_room_for_run(service, "0") == ""  # nothing loaded: nothing to say
+    service._stacks[("flux", "siglip", "cuda", "torch.bfloat16")] = {"stack": object(), "adapter": None}
+    assert make_room_for_run(service, "1") == "" and service.loaded_on_gpu()  # another card: kept
+    assert "unloaded from GPU 0" in make_room_for_run(service, "0,1") and service.loaded() == []
+    service._stacks[("flux", "siglip", "cuda", "torch.bfloat16")] = {"stack": object(), "adapter": None}
+    assert "unloaded" in make_room_for_run(service, "")  # no GPUs given: the environment's card, the studio's
