@@ -134,19 +134,23 @@ def test_nft_old_and_reference_forwards_reuse_the_rollout_graph(tiny_paths):
         torch._dynamo.reset()
 
 
-def test_a_lora_reference_runs_in_the_live_weights_graph_and_equals_functional_call(tiny_paths, tmp_path):
+@pytest.mark.parametrize("merged", [False, True], ids=["peft-forward", "merged-sampling"])
+def test_a_lora_reference_runs_in_the_live_weights_graph_and_equals_functional_call(tiny_paths, tmp_path, merged):
     """A LoRA run's reference (every lora_B zero) and old policy reach the transformer's own LoRA layers. Without
     gradient their tensors take the live parameters' places for the call (`weights_in_place`): one compiled graph
-    for every policy, and the same velocity `functional_call` gives; the live weights are back afterwards."""
+    for every policy, and the same velocity `functional_call` gives with peft's own forward (grad on); the live
+    weights are back afterwards. `merged`: the layers run merged without gradient (--lora_merged_sampling)."""
     from torch._dynamo.utils import counters
 
-    from calligrapher_rl.models.lora import LoraSpec, add_lora
+    from calligrapher_rl.models.lora import LoraSpec, add_lora, merge_for_sampling
     from calligrapher_rl.training.lora_policies import LoraPolicies
 
     torch._dynamo.reset()
     try:
         stack = CalligrapherStack.from_pretrained(*tiny_paths, num_style_tokens=8)
         add_lora(stack.pipe.transformer, stack.adapter, LoraSpec("both", rank=4, alpha=8.0))
+        if merged:
+            assert merge_for_sampling(stack.pipe.transformer) > 0
         cfg = parse_args(["--preset", "tiny-grpo-lora", "--pretrained_model_name_or_path", "tiny", "--siglip_path", "tiny",
                           "--lora_rank", "4", "--lora_alpha", "8", "--output_dir", str(tmp_path)])
         pol = LoraPolicies(stack, cfg, use_ema=False, ema_decay=0.9, ema_update_interval=1)
@@ -157,10 +161,11 @@ def test_a_lora_reference_runs_in_the_live_weights_graph_and_equals_functional_c
         reference = pol.base_reference()
         fill, text, embeds = _inputs(stack, 2)
         x = torch.randn(2, fill.seq_len, 64, generator=torch.Generator().manual_seed(2))
-        with torch.no_grad():
+        with torch.enable_grad():  # peft's own forward: the merged one stands aside whenever gradient is on
             expected = torch.func.functional_call(
                 stack.model, {k if k.startswith("transformer.") else f"adapter.{k}": v for k, v in reference.items()},
-                (x, fill, text, 0.5, embeds, 30.0), strict=False).float()
+                (x, fill, text, 0.5, embeds, 30.0), strict=False).float().detach()
+        with torch.no_grad():
             tokens, kv = stack.style_condition(embeds, reference)
             compile_transformer(stack.pipe.transformer, backend="eager", with_grad=False)
             before = _graphs()
@@ -169,7 +174,7 @@ def test_a_lora_reference_runs_in_the_live_weights_graph_and_equals_functional_c
             traced = _graphs()
             got = stack.velocity(x, fill, text, 0.5, embeds, 30.0, params=reference, style_tokens=tokens, style_kv=kv)
         assert traced == before + 1 and _graphs() == traced, dict(counters["stats"])
-        torch.testing.assert_close(got, expected)
+        torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)  # merged: (W + sBA)x against Wx + sB(Ax)
         for n, p in pol.named:
             assert torch.equal(p, live[n]) and isinstance(p, torch.nn.Parameter), n
     finally:

@@ -81,7 +81,9 @@ def test_lora_flags_are_one_line_errors(tmp_path, tiny_paths):
     for extra, flag in ((["--lora_modules", "attn.to_q"], "--lora_modules"),
                         (["--trainable", "lora", "--lora_rank", "0"], "--lora_rank"),
                         (["--trainable", "lora", "--lora_dropout", "1"], "--lora_dropout"),
-                        (["--trainable", "lora", "--rollout_fp8", "true"], "--rollout_fp8")):
+                        (["--trainable", "lora", "--rollout_fp8", "true"], "--rollout_fp8"),
+                        (["--lora_merged_sampling", "true"], "--lora_merged_sampling"),  # without LoRA
+                        (["--trainable", "lora", "--lora_merged_sampling", "true"], "--lora_merged_sampling")):  # GRPO
         with pytest.raises(UserError) as exc:
             parse_args([*base, *extra])
         assert flag in str(exc.value) and "\n" not in str(exc.value)
@@ -90,6 +92,47 @@ def test_lora_flags_are_one_line_errors(tmp_path, tiny_paths):
         add_lora(stack.pipe.transformer, stack.adapter, LoraSpec("both", modules=("attn.to_q", "to_nothing")))
     with pytest.raises(UserError, match="no module of the adapter"):
         add_lora(stack.pipe.transformer, stack.adapter, LoraSpec("both", modules=("attn.to_q",)))
+
+
+def test_merged_sampling_is_one_matmul_equal_to_peft_and_steps_aside_with_gradient(tiny_paths, tmp_path):
+    """--lora_merged_sampling: without gradient each transformer LoRA layer is F.linear(x, W + s B A), the velocity
+    peft's two-pass forward gives; with gradient peft's own forward runs (the LoRA's gradient flows). On by
+    default where no rollout log-probability is kept (NFT, AWM), off for GRPO."""
+    from peft.tuners.lora import Linear as LoraLinear
+
+    from calligrapher_rl.models.lora import _merged_forward, merge_for_sampling
+
+    nft = parse_args(["--preset", "tiny-nft-lora", "--output_dir", str(tmp_path / "n")]).resolved()
+    grpo = parse_args(["--preset", "tiny-grpo-lora", "--output_dir", str(tmp_path / "g")]).resolved()
+    assert nft.lora_merged_sampling is True and grpo.lora_merged_sampling is False
+    stack = _lora_stack(tiny_paths)
+    with torch.no_grad():
+        for name, p in stack.pipe.transformer.named_parameters():
+            if "lora_" in name:  # a trained LoRA (lora_B starts at zero)
+                p.add_(0.05 * torch.randn_like(p))
+    fill, text, embeds = _inputs(stack)
+    x = torch.randn(2, fill.seq_len, 64, generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        peft_v = stack.velocity(x, fill, text, 0.5, embeds, 30.0)
+    layers = [m for m in stack.pipe.transformer.modules() if isinstance(m, LoraLinear)]
+    assert merge_for_sampling(stack.pipe.transformer) == len(layers) > 0
+    assert all(m.forward.__func__ is _merged_forward for m in layers)
+    layer = layers[0]
+    inp = torch.randn(5, layer.in_features)
+    s = layer.scaling["default"]
+    with torch.no_grad():
+        merged = torch.nn.functional.linear(
+            inp, layer.base_layer.weight + s * layer.lora_B["default"].weight @ layer.lora_A["default"].weight,
+            layer.base_layer.bias)
+        assert torch.equal(layer(inp), merged)
+        merged_v = stack.velocity(x, fill, text, 0.5, embeds, 30.0)
+    torch.testing.assert_close(merged_v, peft_v, rtol=1e-5, atol=1e-5)
+    assert not torch.equal(merged_v, peft_v)  # the merged matmuls ran: not bit-identical to peft's two passes
+    with torch.enable_grad():
+        v = stack.velocity(x, fill, text, 0.5, embeds, 30.0)
+        v.float().square().mean().backward()
+    torch.testing.assert_close(v.detach(), peft_v, rtol=0, atol=0)  # peft's own forward, bit for bit
+    assert layer.lora_B["default"].weight.grad is not None and layer.lora_B["default"].weight.grad.abs().sum() > 0
 
 
 @pytest.fixture(scope="module")

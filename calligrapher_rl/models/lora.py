@@ -109,6 +109,45 @@ def add_lora(transformer: nn.Module, adapter: nn.Module, spec: LoraSpec) -> dict
     return parts
 
 
+def _merged_forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+    """A peft LoRA Linear's forward that, without gradient, is one matmul with W + scaling * B @ A.
+
+    peft computes `base(x) + B(A(x)) * scaling`: a second pass over the layer's input and a full-size add, which at
+    FLUX size costs the LoRA presets more than the rank-r matmuls themselves. Merging on the fly reads W once more
+    instead, and leaves the weights untouched (no in-place merge/unmerge, whose bf16 round trips would drift the
+    base). The product is computed from whatever the LoRA parameters hold at the call, so another policy's
+    weights put in place (models.stack.weights_in_place) are the ones merged. With gradient, or for anything
+    this does not cover (dropout, DoRA-like variants, several adapters), peft's own forward runs."""
+    if torch.is_grad_enabled() or self.disable_adapters or self.merged or args or kwargs:
+        return type(self).forward(self, x, *args, **kwargs)
+    base = self.get_base_layer()
+    delta = None
+    for name in self.active_adapters:
+        if name not in self.lora_A.keys():
+            continue
+        if name in self.lora_variant or not isinstance(self.lora_dropout[name], nn.Identity):
+            return type(self).forward(self, x, *args, **kwargs)
+        part = (self.lora_B[name].weight @ self.lora_A[name].weight) * self.scaling[name]
+        delta = part if delta is None else delta + part
+    if delta is None:
+        return base(x)
+    weight = (base.weight.to(delta.dtype) + delta).to(base.weight.dtype)
+    return torch.nn.functional.linear(x, weight, base.bias)
+
+
+def merge_for_sampling(module: nn.Module) -> int:
+    """Give every peft LoRA Linear of `module` the merged no-gradient forward (`_merged_forward`); returns how
+    many. Call it before compiling: the compiled graphs then hold the merged matmuls."""
+    import types
+
+    from peft.tuners.lora import Linear as LoraLinear
+
+    layers = [m for m in module.modules() if isinstance(m, LoraLinear)]
+    for layer in layers:
+        layer.forward = types.MethodType(_merged_forward, layer)
+    return len(layers)
+
+
 def lora_parameters(transformer: nn.Module, adapter: nn.Module) -> list[tuple[str, nn.Parameter]]:
     """(policy name, parameter) of every LoRA weight: the adapter's first, then `transformer.`-prefixed ones."""
     out = [(n, p) for n, p in adapter.named_parameters() if "lora_" in n]
