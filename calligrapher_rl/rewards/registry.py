@@ -15,7 +15,7 @@ from typing import Callable
 
 import numpy as np
 
-from ..config_validate import parse_reward_spec
+from ..config import parse_reward_spec
 from ..errors import UserError
 from .base import Reward, RewardError, RewardSample
 from .worker import DaemonWorker, Deadline

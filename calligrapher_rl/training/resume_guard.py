@@ -14,7 +14,7 @@ import json
 import logging
 import os
 
-from ..config_validate import parse_reward_spec
+from ..config import parse_reward_spec
 from ..errors import UserError
 from .checkpointing import check_resume, read_state, resolve_resume
 
