@@ -36,7 +36,7 @@ class Evaluation:
         """ODE samples of the eval set with the EMA weights; grid rows: input, output (first noise), target,
         reference."""
         cfg = self.cfg
-        self._evaluated_step = self.step
+        self.state.evaluated_step = self.step
         if not self.is_main:  # the grid and its rewards are the main process's: the others go on meanwhile
             return
         self._phase("evaluating")

@@ -1,6 +1,6 @@
 """What keeps a run's work safe: checkpoints (save, exact resume) and stopping (control files from the studio,
-SIGTERM/SIGINT in two stages). A mixin of `Trainer`: it reads the trainer's state (step, policies, optimizer,
-run_dir, accelerator) and is not used on its own."""
+SIGTERM/SIGINT in two stages). A mixin of `Trainer`: it reads the trainer's models, optimizer, run_dir and
+accelerator, and what it restores or records of where the run stands is `self.state` (run_state.py)."""
 
 from __future__ import annotations
 
@@ -40,9 +40,9 @@ class RunLifecycle:
 
     @timed_phase("checkpoint_save")
     def save(self) -> None:
-        if self._saved_step == self.step:  # e.g. the last step was a checkpoint step
+        if self.state.saved_step == self.step:  # e.g. the last step was a checkpoint step
             return
-        refused = save_refusal(self.health, self._diverged, self.stack.adapter)  # the same on every process
+        refused = save_refusal(self.health, self.state.diverged, self.stack.adapter)  # the same on every process
         if refused:
             found = list_checkpoints(self.cfg.output_dir)
             logger.error("not saving checkpoint-%d: %s; the run's last checkpoint stays %s", self.step, refused,
@@ -50,9 +50,9 @@ class RunLifecycle:
             return
         optimizer_state = consolidated_state_dict(self.optimizer)  # a collective when the moments are sharded
         if not self.is_main:
-            self._saved_step = self.step
+            self.state.saved_step = self.step
             return
-        self._saved_step = self.step
+        self.state.saved_step = self.step
         self._phase("saving")
         p = self.policies
         state = {"rl_epoch": self.rl_epoch, "ema_updates": p.ema.num_updates if p.ema else 0,
@@ -114,14 +114,15 @@ class RunLifecycle:
         except (RuntimeError, ValueError, KeyError, TypeError, IndexError) as exc:
             raise UserError(f"could not be restored ({type(exc).__name__}: {str(exc).splitlines()[0][:200]})",
                             where=path, field="--resume_from_checkpoint") from None
-        self.step, self.rl_epoch = int(ck["state"]["step"]), int(ck["state"]["rl_epoch"])
+        run = self.state
+        run.step, run.rl_epoch = int(ck["state"]["step"]), int(ck["state"]["rl_epoch"])
         # older checkpoints lack the RL step count: every step past the warmup was an RL step then
-        default_rl = max(0, self.step - self.cfg.rl_warmup_steps) if self.cfg.use_rl else 0
-        self.rl_steps = int(ck["state"].get("rl_steps", default_rl))
-        self.skipped_nonfinite = int(ck["state"].get("skipped_nonfinite", 0))
+        default_rl = max(0, run.step - self.cfg.rl_warmup_steps) if self.cfg.use_rl else 0
+        run.rl_steps = int(ck["state"].get("rl_steps", default_rl))
+        run.skipped_nonfinite = int(ck["state"].get("skipped_nonfinite", 0))
         if self.scaler is not None and ck["state"].get("grad_scaler"):
             self.scaler.load_state_dict(ck["state"]["grad_scaler"])
-        self._saved_step = self.step
+        run.saved_step = run.step
         dropped = self.run_dir.truncate_metrics(self.step)
         logger.info("resumed from %s at step %d%s", path, self.step,
                     f"; dropped {dropped} metric rows logged after it (they are redone)" if dropped else "")
@@ -148,7 +149,7 @@ class RunLifecycle:
     def _control(self, resume: bool = False) -> tuple[bool, bool]:
         """(stop, resume) requests. Only the main process reads (and consumes) control/stop and
         control/resume; one collective gives every process the same answer, so all stay in step."""
-        stop = self._stop or (self.is_main and self.run_dir.stop_requested())
+        stop = self.state.stop or (self.is_main and self.run_dir.stop_requested())
         res = resume and self.is_main and not stop and self.run_dir.consume_resume()
         if self.acc.num_processes > 1:  # a signal on any process stops all of them
             flags = self.acc.reduce(torch.tensor([float(stop), float(res)], device=self.acc.device), reduction="sum")
@@ -156,10 +157,10 @@ class RunLifecycle:
         return stop, res
 
     def _stop_requested(self) -> bool:
-        self._stop = self._control()[0]  # every process must leave the loop at the same step
-        if self._stop:
+        self.state.stop = self._control()[0]  # every process must leave the loop at the same step
+        if self.state.stop:
             self.run_dir.set_status("stopping", self.step, "saving a checkpoint")
-        return self._stop
+        return self.state.stop
 
     def _install_signal_handlers(self) -> dict:
         """SIGTERM/SIGINT: while loading, end at once (nothing is trained yet); while training, the first
@@ -181,14 +182,14 @@ class RunLifecycle:
         return exc
 
     def _on_signal(self, signum, frame) -> None:
-        self._signals += 1
+        self.state.signals += 1
         self.stop_signal = self.stop_signal or signum
-        if self._loading and self._signals == 1:
+        if self._loading and self.state.signals == 1:
             raise Interrupted(signum)
-        if self._signals == 1:
+        if self.state.signals == 1:
             logger.warning("signal %d: stopping after the current step (a checkpoint is saved); "
                            "a second signal exits at once without saving", signum)
-            self._stop = True
+            self.state.stop = True
             try:
                 self.run_dir.set_status("stopping", self.step, f"signal {signum}: stopping after the current step")
             except OSError:

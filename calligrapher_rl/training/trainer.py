@@ -1,9 +1,10 @@
 """The training run: supervised warmup, then epochs of rollout -> rewards -> advantages -> update.
 
-`Trainer.run()` is the one-screen loop; the pieces it calls live in batches.py (data and conditions),
-lifecycle.py (checkpoints and stopping), evaluation.py,
+`Trainer.run()` is the one-screen loop; the pieces it calls live in rl_epoch.py (an RL epoch),
+optimizer_step.py, batches.py (data and conditions), lifecycle.py (checkpoints and stopping), evaluation.py,
 updates.py (the three gradient computations), policies.py (reference/old/EMA), checkpointing.py and
-run_dir.py (everything the studio reads).
+run_dir.py (everything the studio reads). Where the run stands (step, epoch, counters, stop flags) is one
+RunState (run_state.py) that the pieces share.
 """
 
 from __future__ import annotations
@@ -15,57 +16,31 @@ import os
 import signal
 import time
 
-import numpy as np
 import torch
 
 from ..config import TrainConfig
-from ..rl.advantages import PerPromptStatTracker, compute_advantages
-from ..rl.nft import old_decay
-from ..sampling import SDEWindow, rollout
+from ..rl.advantages import PerPromptStatTracker
 from . import setup
-from .awm_update import awm_end_of_epoch, awm_update
-from .batches import (
-    RL_STREAM,
-    WARMUP_STREAM,
-    ConditionCache,
-    GroupSampler,
-    fail_nonfinite_images,
-    reward_samples,
-    stream_seed,
-    to_pil,
-)
+from .batches import WARMUP_STREAM, ConditionCache, GroupSampler, stream_seed
 from .callbacks import CallbackHandler, StatusCallback
-from .checkpointing import (
-    REFERENCE_FILE,
-    check_resume,
-    remove_orphans,
-    resolve_resume,
-    save_reference,
-)
-from .distributed import (
-    average_gradients,
-    end_process_group,
-    gather_rewards,
-    gradient_sync,
-    mean_across,
-    own_slice,
-    prepare_data_parallel,
-    sync_on_last_backward,
-)
-from .divergence import Diverged, WeightHealth, check_rollout_health, finite_samples, score_finite, zero_nonfinite
+from .checkpointing import check_resume, remove_orphans, resolve_resume
+from .distributed import end_process_group, gradient_sync, mean_across, prepare_data_parallel
+from .divergence import Diverged, WeightHealth
 from .evaluation import Evaluation
 from .lifecycle import RunLifecycle
 from .lora_policies import build_policies, describe
 from .memory import out_of_memory
-from .optim import reset_state, restart_warmup
+from .optimizer_step import OptimizerStep
 from .progress import ProgressCallback, system_metrics
 from .resume_guard import refuse_mismatched_resume
+from .rl_epoch import RLEpoch
 from .run_dir import RunDir, StatusNotRecorded, claim_run_dir, ending
+from .run_state import RunState, StateField
 from .sample_prompts import SamplePromptsCallback
 from .starting_point import StartingPointCallback
-from .timing import PhaseClock, Throughput, since_process_start, transformer_flops_per_image
-from .updates import StatsMeter, grpo_backward, nft_backward_on, nft_targets, warmup_backward
-from .waits import RewardFailure, await_scores, check_policy, pause_for_rewards
+from .timing import PhaseClock, since_process_start
+from .updates import StatsMeter, warmup_backward
+from .waits import RewardFailure, check_policy
 
 logger = logging.getLogger("calligrapher_rl.training")
 
@@ -74,8 +49,7 @@ class NonFiniteTraining(RuntimeError):
     """--max_nonfinite_steps optimizer steps in a row had a non-finite loss or gradient norm."""
 
 
-
-class Trainer(RunLifecycle, Evaluation):
+class Trainer(RunLifecycle, Evaluation, RLEpoch):
     """`Trainer(config, rewards=None, dataset=None, callbacks=None).run()` (docs/library.md).
 
     `rewards`: None = config.rewards, else a list of registered names, Reward objects and callables
@@ -86,7 +60,18 @@ class Trainer(RunLifecycle, Evaluation):
     (the command line), or a function (trainer, message) -> bool (True continues).
     """
 
+    # where the run stands lives in self.state; these names are what callbacks, tests and the studio read
+    step = StateField("step")
+    rl_epoch = StateField("rl_epoch")
+    rl_steps = StateField("rl_steps")
+    skipped_nonfinite = StateField("skipped_nonfinite")
+    phase = StateField("phase")
+    _nonfinite_streak = StateField("nonfinite_streak")
+    _last_row = StateField("last_row")
+    _stop = StateField("stop")  # bench/tiny_learning.py's deadline sets it
+
     def __init__(self, config: TrainConfig, rewards=None, dataset=None, callbacks=None, on_reward_failure="fail"):
+        self.state = RunState()  # first: the signal handlers and the failure paths below report from it
         self.on_reward_failure = check_policy(on_reward_failure)
         callbacks = list(callbacks or [])
         # checkpoint-0 (starting_point.py) and the user's sample prompts (sample_prompts.py)
@@ -98,10 +83,8 @@ class Trainer(RunLifecycle, Evaluation):
         if dataset is not None:  # run.json names where the data came from (config.train_data_json is not used)
             config = dataclasses.replace(config, train_data_json=f"python:{type(dataset).__name__}")
         self.cfg = cfg = config.validate().resolved()  # a config built in Python gets the command line's checks
-        self.phase, self._last_row = "", {"phase": ""}
         setup.check_output_dir(cfg)
-        self.step, self.rl_epoch = 0, 0
-        self._stop, self._signals, self._loading = False, 0, True
+        self._loading = True
         self.run_dir, self._lock = None, None
         self._old_handlers = self._install_signal_handlers()  # a signal while loading ends the run at once
         try:
@@ -172,14 +155,12 @@ class Trainer(RunLifecycle, Evaluation):
         self.sampler = GroupSampler(len(self.dataset), cfg.train_batch_size, cfg.rl_num_images_per_prompt if cfg.use_rl else 1,
                                     num_processes=self.acc.num_processes, rank=self.acc.process_index, seed=cfg.seed)
         self.tracker = PerPromptStatTracker(cfg.rl_global_std) if cfg.rl_per_prompt_stat_tracking else None
-        self.rl_steps = 0  # RL optimizer steps taken (warmup and skipped steps not counted): NFT's decay clock
-        self.skipped_nonfinite, self._nonfinite_streak, self._nonfinite_failure = 0, 0, None
         self.health = WeightHealth(growth=cfg.max_weight_norm_growth)
-        self._rollout_streak, self._diverged = 0, False  # epochs in a row with non-finite samples; a Diverged ending
+        self.stepper = OptimizerStep(cfg, self.state, acc=self.acc, stack=self.stack, policies=self.policies,
+                                     optimizer=self.optimizer, scheduler=self.scheduler, scaler=self.scaler,
+                                     health=self.health, clock=self.clock)
         self.throughput = self._throughput()
         self._first_step_logged = False
-        self._status_note = ""
-        self._saved_step = self._evaluated_step = -1
         self._reference_source = None  # where the KL reference comes from (checkpoint state.json)
         if self.is_main:
             from ..atomic import write_text
@@ -207,11 +188,11 @@ class Trainer(RunLifecycle, Evaluation):
                         self.warmup_step()
                     else:
                         self.rl_epoch_step()
-                    if self._nonfinite_failure:
-                        raise NonFiniteTraining(self._nonfinite_failure)
+                    if self.state.nonfinite_failure:
+                        raise NonFiniteTraining(self.state.nonfinite_failure)
                     self._after_steps(before)
                 final = "stopped" if self.step < cfg.max_train_steps else "finished"
-                if final == "finished" and cfg.eval_steps and self._evaluated_step != self.step:
+                if final == "finished" and cfg.eval_steps and self.state.evaluated_step != self.step:
                     self.evaluate()  # the last grid is of the final weights
                 message = "stop requested" if final == "stopped" else "done"
             except RewardFailure as exc:  # reward failures (or a signal while scoring) end the run: keep the work
@@ -221,7 +202,7 @@ class Trainer(RunLifecycle, Evaluation):
                 final, message = "failed", str(exc)
             except Diverged as exc:  # save() refuses these weights: the newest earlier checkpoint stays the last
                 logger.error("%s", exc)
-                self._diverged = True
+                self.state.diverged = True
                 final, message = "failed", str(exc)
             self.save()
             if not self.run_dir.final_status(final, self.step, message):
@@ -261,13 +242,13 @@ class Trainer(RunLifecycle, Evaluation):
     def _after_steps(self, before: int) -> None:
         cfg = self.cfg
         crossed = lambda every: every and self.step // every > before // every  # noqa: E731
-        self.callbacks.call("on_step_end", self, step=self.step, phase=self._last_row["phase"], metrics=self._last_row)
+        self.callbacks.call("on_step_end", self, step=self.step, phase=self.state.last_row["phase"], metrics=self.state.last_row)
         if crossed(cfg.eval_steps):  # before the checkpoint: a resume from it must not lose this grid
             self.evaluate()
         if crossed(cfg.checkpointing_steps):
             self.save()
-        self.run_dir.set_status("running", self.step, self._status_note)  # a note lasts until the next status
-        self._status_note = ""
+        self.run_dir.set_status("running", self.step, self.state.status_note)  # a note lasts until the next status
+        self.state.status_note = ""
 
     # ================================================================== phases
     def warmup_step(self) -> None:
@@ -281,133 +262,17 @@ class Trainer(RunLifecycle, Evaluation):
             with gradient_sync(self.stack, sync=micro == cfg.gradient_accumulation_steps - 1):
                 got = warmup_backward(self.stack, batch, guidance=cfg.rl_guidance_scale, scale=cfg.ip_adapter_scale,
                                       generator=gen, loss_scale=1.0 / cfg.gradient_accumulation_steps,
-                                      autocast=self.autocast, backward=self._backward)
+                                      autocast=self.autocast, backward=self.stepper.backward)
             loss_ok &= math.isfinite(got["loss"])
             meter.add(got)
         with self.clock("optimizer"):
-            stats = {**meter.means(), **self.optimizer_step(loss_ok)}
+            stats = {**meter.means(), **self.stepper.step(loss_ok)}
         stats.update(self.clock.take())
         stats["time/step_s"] = time.time() - t0
         self._log("warmup", mean_across(self.acc, stats))
 
-    def rl_epoch_step(self) -> None:
-        """One RL epoch: roll out num_batches batches, score them (overlapping the next rollout),
-        turn rewards into advantages across all processes, then num_inner_epochs of updates."""
-        cfg, clock, pol = self.cfg, self.clock, self.policies
-        if pol.reference is None:
-            self._begin_rl()
-        t0, counts0, first_step = time.perf_counter(), dict(self.stack.forward_counts), self.step
-        self._phase("rollout")
-        batches, rollouts, futures, finite, sample_ok = [], [], [], [], []
-        with clock("rollout"):
-            # only what this phase evaluates is on the card (policies.place): GRPO's reference (its step means
-            # are taken here), NFT's old policy (it samples)
-            pol.place(self.acc.device, reference=cfg.rl_method in ("grpo", "awm") and cfg.rl_kl_beta > 0,
-                      old=cfg.rl_method in ("nft", "awm"))
-            for b in range(cfg.rl_num_batches_per_epoch):
-                batch = self.conditions.batch(self.sampler.batch(RL_STREAM, self.rl_epoch * cfg.rl_num_batches_per_epoch + b))
-                ro = self._rollout(batch, b)
-                ok = finite_samples(ro)  # the latents, not clamped pixels: a diverged policy, never scored
-                zero_nonfinite(ro, ok)
-                decoded = self.stack.decode(ro.final, batch.fill.height, batch.fill.width)
-                finite.append(torch.isfinite(decoded.float()).flatten(1).all(1).cpu().numpy())
-                futures.append(score_finite(self.rewards, reward_samples(batch, to_pil(decoded)), ok))
-                batches.append(batch), rollouts.append(ro), sample_ok.append(ok)
-            # NFT's targets still need the old policy; AWM's update evaluates its EMA policy and the reference
-            pol.place(self.acc.device, old=cfg.rl_method in ("nft", "awm"),
-                      reference=cfg.rl_method == "awm" and cfg.rl_kl_beta > 0)
-        counts1 = dict(self.stack.forward_counts)
-        self._phase("scoring")
-        with clock("reward"):
-            scores = [fail_nonfinite_images(r, ok) for r, ok in zip(await_scores(self, futures), finite)]
-            stats = self._reward_stats(scores, np.concatenate(sample_ok))
-            advantages = self._advantages(batches, scores)
-
-        self._phase("update")
-        meter, steps_done = StatsMeter(), 0
-        n_batches, ga = len(batches), cfg.gradient_accumulation_steps
-        if stats["reward/failed"] >= 1.0:  # no finite reward (e.g. resumed after a pause): nothing to learn from
-            self._count_nonfinite("no finite reward in the epoch")
-        t_update, counts2 = time.perf_counter(), dict(self.stack.forward_counts)
-        with clock("update"):
-            for inner in range(cfg.rl_num_inner_epochs if stats["reward/failed"] < 1.0 else 0):
-                targets = self._nft_targets(batches, rollouts, inner) if cfg.rl_method == "nft" else None
-                loss_ok = True
-                for b, (batch, ro, adv) in enumerate(zip(batches, rollouts, advantages)):
-                    group = min(ga, n_batches - b // ga * ga)  # the real size of b's accumulation group (the last may be short)
-                    last = (b + 1) % ga == 0 or b == n_batches - 1  # gradients cross processes on its backward only
-                    got = self._update(batch, ro, adv, inner, b, group, sync=last, targets=targets[b] if targets else None)
-                    loss_ok &= math.isfinite(got.get("loss", 0.0))
-                    meter.add(got)
-                    if last:
-                        with clock("optimizer"):
-                            done = self.optimizer_step(loss_ok)
-                        meter.add(done)
-                        steps_done += int(done["train/skipped"] == 0)
-                        loss_ok = True
-                        if self.step >= cfg.max_train_steps:  # the budget ends mid-epoch: stop exactly there
-                            break
-                if self.step >= cfg.max_train_steps:
-                    break
-        t_end, counts3 = time.perf_counter(), dict(self.stack.forward_counts)
-        if cfg.rl_method == "nft":  # eta from the RL optimizer steps taken so far (DiffusionNFT's global_step)
-            stats["nft/old_decay"] = old_decay(self.rl_steps, cfg.nft_decay_type)
-            with clock("old_policy"):
-                pol.update_old(stats["nft/old_decay"])
-        if cfg.rl_method == "awm":
-            stats.update(awm_end_of_epoch(self))
-        self.rl_epoch += 1
-        if self.tracker is not None:
-            self.tracker.clear()
-        stats.update(meter.means())
-        stats.pop("train/skipped", None)
-        stats["train/skipped_nonfinite"] = float(self.skipped_nonfinite)  # the total, not the epoch's mean
-        if self.step == first_step:  # nothing trained (every reward failed): no row repeating the step
-            self._retried_epochs = getattr(self, "_retried_epochs", 0) + 1  # its times go into the next row
-            return
-        stats["rl/retried_epochs"] = float(getattr(self, "_retried_epochs", 0))  # in all, this run
-        images = len(batches) * len(batches[0].indices) * self.acc.num_processes if batches else 0
-        stats.update({**clock.take(), "time/epoch_s": time.perf_counter() - t0, "rl/epoch": self.rl_epoch,
-                      "rl/optimizer_steps": steps_done, "perf/images_per_s": images / (time.perf_counter() - t0)})
-        stats.update(self._tflops(counts0, counts1, counts2, counts3, t_update, t_end, stats))
-        self._log("rl", mean_across(self.acc, stats))
-
-    def _tflops(self, c0, c1, c2, c3, t_update, t_end, stats) -> dict[str, float]:
-        """Achieved transformer TFLOP/s of the rollout (no-grad forwards) and of the update (gradient
-        forwards + backwards, and NFT's no-grad targets)."""
-        if self.throughput is None:
-            return {}
-        return {"perf/rollout_tflops": self.throughput.tflops(c1["no_grad"] - c0["no_grad"], 0,
-                                                              stats.get("time/rollout_s", 0.0)),
-                "perf/update_tflops": self.throughput.tflops(c3["no_grad"] - c2["no_grad"], c3["grad"] - c2["grad"],
-                                                             t_end - t_update)}
-
-    def _throughput(self) -> Throughput | None:
-        """The transformer's FLOPs per image at this run's shapes (counted on the meta device)."""
-        tokens = (self.cfg.resolution // (self.stack.pipe.vae_scale_factor * 2)) ** 2
-        try:
-            return Throughput(transformer_flops_per_image(self.stack.pipe.transformer, tokens,
-                                                          self.stack.max_sequence_length))
-        except Exception as exc:  # noqa: BLE001 - a metric, never a reason to stop a run
-            logger.warning("no perf/*_tflops metrics: counting the transformer's FLOPs failed (%s)", exc)
-            return None
-
-    def _nft_targets(self, batches, rollouts, inner: int) -> list:
-        """Every batch's old/reference predictions for this inner epoch, before any gradient exists; then
-        both snapshots leave the card for the gradient passes (policies.place)."""
-        cfg = self.cfg
-        self.policies.place(self.acc.device, reference=cfg.rl_kl_beta > 0, old=True)
-        out = []
-        for b, (batch, ro) in enumerate(zip(batches, rollouts)):
-            gen = self._sample_generators(len(batch.indices), self.rl_epoch, b, inner, 7)  # NFT's timesteps, noise
-            out.append(nft_targets(self.stack, batch, ro, cfg.num_trained_timesteps(), policies=self.policies,
-                                   guidance=cfg.rl_guidance_scale, scale=cfg.ip_adapter_scale, kl_beta=cfg.rl_kl_beta,
-                                   generator=gen, autocast=self.autocast))
-        self.policies.place(self.acc.device)
-        return out
-
     def _phase(self, phase: str) -> None:
-        self.phase = phase
+        self.state.phase = phase
         self.callbacks.call("on_phase", self, phase=phase)
 
     def _log(self, phase: str, stats: dict[str, float]) -> dict:
@@ -417,7 +282,7 @@ class Trainer(RunLifecycle, Evaluation):
             stats = {**stats, "time/first_step_s": since_process_start()}
         row = self.run_dir.log_metrics(self.step, phase, {**stats, **system_metrics(self.acc.device)})
         if not any(k.startswith("eval/") for k in row):
-            self._last_row = row
+            self.state.last_row = row
         self.callbacks.call("on_log", self, step=self.step, phase=phase, logs=row)
         return row
 
@@ -434,190 +299,11 @@ class Trainer(RunLifecycle, Evaluation):
 
     def stop(self) -> None:
         """Ask the run to end after the current step, with a checkpoint (what control/stop does)."""
-        self._stop = True
-
-    # ================================================================== pieces
-    def _begin_rl(self) -> None:
-        """Snapshot the reference (and NFT's old) policy. After a supervised warmup, AdamW's moments start
-        afresh: supervised gradients are far larger than policy gradients (~30x on the tiny model), and
-        their second moment (beta2 0.999) would otherwise shrink every RL step for thousands of steps. The
-        learning rate then warms up again (--rl_lr_warmup_steps)."""
-        self.policies.begin_rl(with_old=self.cfg.rl_method == "nft" or (self.cfg.rl_method == "awm"
-                                                                         and self.cfg.awm_ema_kl_beta > 0))
-        # the reference is stored once per run: nothing when it is the initial adapter (a resume rebuilds it
-        # from the same file or seed), else the run folder's reference.safetensors
-        if getattr(self.policies, "reference_is_base", False):
-            self._reference_source = "base"  # a LoRA run's reference is the frozen model itself: nothing to store
-        elif self.step == 0:
-            self._reference_source = {"initial": True, "initial_ip_adapter_path": self.cfg.initial_ip_adapter_path}
-        else:
-            self._reference_source = REFERENCE_FILE
-            if self.is_main:
-                save_reference(self.cfg.output_dir, self.policies.reference)
-        if self.step > 0:
-            reset_state(self.optimizer)
-            restart_warmup(self.scheduler)  # --rl_lr_warmup_steps: fresh moments take sign-like steps
-            logger.info("RL begins at step %d: optimizer moments reset, learning rate warmed up again over %d steps",
-                        self.step, self.cfg.rl_lr_warmup_steps)
-    def _rollout(self, batch, b: int):
-        cfg = self.cfg
-        gen = self._sample_generators(len(batch.indices), self.rl_epoch, b)
-        window = None
-        if cfg.rl_sde_window_size:
-            lo, hi = cfg.sde_window()
-            window = SDEWindow.pick(cfg.rl_num_inference_steps, cfg.rl_sde_window_size, lo, hi,
-                                    np.random.default_rng(stream_seed(cfg.seed, RL_STREAM, self.rl_epoch, b)))
-        params = self.policies.old if cfg.rl_method == "nft" else None
-        # GRPO's KL needs the reference's step means on the trained steps: taken here, without gradient
-        reference = self.policies.reference if cfg.rl_method == "grpo" and cfg.rl_kl_beta > 0 else None
-        with self.autocast():
-            return rollout(self.stack, batch.fill, batch.text, batch.image_embeds, num_steps=cfg.rl_num_inference_steps,
-                           guidance=cfg.rl_guidance_scale, noise_level=cfg.rl_noise_level, sde_type=cfg.rl_sde_type,
-                           window=window, generator=gen, scale=cfg.ip_adapter_scale, params=params,
-                           quantized=cfg.rl_method != "grpo",  # GRPO's log-probs need the training precision
-                           reference=reference, reference_steps=None if window else cfg.num_trained_timesteps())
-
-    def _sample_generators(self, n: int, *key: int) -> list[torch.Generator]:
-        """One generator per sample of this process's batch, keyed by (key, its place in the global batch): a
-        sample's noise does not depend on how the batch is split over processes (one process = several)."""
-        first = self.acc.process_index * self.sampler.images_per_process
-        return [torch.Generator().manual_seed(stream_seed(self.cfg.seed, RL_STREAM, *key, first + i)) for i in range(n)]
-
-    def _reward_stats(self, scores: list[dict], sample_ok: np.ndarray) -> dict[str, float]:
-        """Reward stats of the epoch over all processes. Non-finite samples (never scored) are counted as
-        `rollout/nonfinite` and end the run when they persist; `reward/failed` is among the finite ones."""
-        _, ok = gather_rewards(self.acc, [0] * len(sample_ok), sample_ok.astype(np.float64))
-        ok = ok > 0
-        self._rollout_streak = check_rollout_health(int((~ok).sum()), len(ok), self._rollout_streak,
-                                                    self.cfg.max_nonfinite_steps, self.step, self.health)
-        out = {"rollout/nonfinite": float((~ok).sum())}
-        for name in scores[0]:
-            local = np.concatenate([s[name] for s in scores])
-            _, vals = gather_rewards(self.acc, [0] * len(local), local)
-            vals = vals[ok]
-            key = "reward/mean" if name == "total" else f"reward/{name}"
-            out[key] = float(np.nanmean(vals)) if np.isfinite(vals).any() else float("nan")
-            if name == "total":
-                out["reward/std"] = float(np.nanstd(vals)) if np.isfinite(vals).any() else float("nan")
-                out["reward/failed"] = float(np.mean(~np.isfinite(vals)))
-                out["reward/count"] = float(len(vals))  # all processes' samples: rewards were gathered
-        if out["reward/failed"] > self.cfg.rl_reward_failure_limit:
-            self._pause_for_rewards(out["reward/failed"])
-        return out
-
-    def _pause_for_rewards(self, failed: float) -> None:
-        pause_for_rewards(self, failed)
-
-    def _advantages(self, batches, scores) -> list[torch.Tensor]:
-        cfg = self.cfg
-        keys = [i for batch in batches for i in batch.indices]
-        local = np.concatenate([s["total"] for s in scores])
-        all_keys, all_rewards = gather_rewards(self.acc, keys, local)
-        adv_all = compute_advantages(all_keys, all_rewards, self.tracker, cfg.rl_adv_clip_max)
-        adv = own_slice(adv_all, self.acc, len(keys))
-        per = self.sampler.images_per_process
-        return [torch.as_tensor(adv[b * per:(b + 1) * per], dtype=torch.float32, device=self.acc.device)
-                for b in range(len(batches))]
-
-    def _update(self, batch, ro, adv, inner: int, b: int, group: int, sync: bool, targets=None) -> dict[str, float]:
-        """Forward + backward of batch b, its loss divided by the steps it trains and by `group`, the
-        number of batches accumulated into its optimizer step; gradients cross processes once, on the
-        last backward of the batch that ends the group (`sync`)."""
-        cfg = self.cfg
-        steps = ro.sde_steps if cfg.rl_sde_window_size else ro.sde_steps[:cfg.num_trained_timesteps()]
-        n = {"grpo": len(steps), "nft": len(targets or [])}.get(cfg.rl_method, cfg.num_trained_timesteps())
-        with sync_on_last_backward(self.stack, self._backward, n, sync) as backward:  # backward calls of the batch
-            common = dict(guidance=cfg.rl_guidance_scale, scale=cfg.ip_adapter_scale, kl_beta=cfg.rl_kl_beta,
-                          adv_clip_max=cfg.rl_adv_clip_max, autocast=self.autocast, backward=backward)
-            if cfg.rl_method == "grpo":
-                return grpo_backward(self.stack, batch, ro, adv, steps, noise_level=cfg.rl_noise_level,
-                                     sde_type=cfg.rl_sde_type, clip_range=cfg.rl_grpo_clip_range,
-                                     loss_scale=1.0 / (n * group), policies=self.policies,
-                                     ratio_norm=cfg.rl_grpo_ratio_norm, **common)
-            if cfg.rl_method == "awm":
-                gen = torch.Generator().manual_seed(stream_seed(cfg.seed, RL_STREAM, self.rl_epoch, b, inner, 7,
-                                                                self.acc.process_index))
-                return awm_update(self, batch, ro, adv, inner, b, group, gen, policies=self.policies, **common)
-            return nft_backward_on(self.stack, batch, ro, adv, targets, beta=cfg.nft_beta, adv_mode=cfg.nft_adv_mode,
-                                   loss_scale=1.0 / (n * group), **common)
-
-    def _backward(self, loss: torch.Tensor) -> None:
-        if not loss.requires_grad:  # nothing trainable reached the loss (e.g. --ip_adapter_scale 0): zero gradient
-            return
-        (self.scaler.scale(loss) if self.scaler is not None else loss).backward()
+        self.state.stop = True
 
     def optimizer_step(self, loss_ok: bool = True) -> dict[str, float]:
-        """Average, unscale (fp16), clip and apply the gradients. A non-finite loss or gradient norm on
-        any process skips the step on every process (no update, no EMA step), counted and logged."""
-        self.health.baseline(self.policies.params, self.step)  # the weight norm before this process's first update
-        grad_norm = self._clipped_grad_norm()
-        ok = self._all_agree(loss_ok and bool(torch.isfinite(grad_norm)))
-        self._apply_gradients(ok)
-        self.step += 1
-        self._account_update(ok, loss_ok)
-        stats = {"grad_norm": float(grad_norm), "lr": float(self.scheduler.get_last_lr()[0]), "train/skipped": float(not ok),
-                 "train/skipped_nonfinite": float(self.skipped_nonfinite),  # in all, this run
-                 "train/weight_norm": self.health.check(self.policies.params, ok, float(grad_norm), self.step)}
-        if self.health.failure:
-            raise Diverged(self.health.failure)
-        if self.scaler is not None:
-            stats["train/loss_scale"] = float(self.scaler.get_scale())
-        return stats
-
-    def _clipped_grad_norm(self) -> torch.Tensor:
-        """The gradients averaged over processes (a no-op when DDP already did), unscaled (fp16) and clipped;
-        returns their norm before clipping."""
-        params = self.policies.params
-        average_gradients(params, self.acc, self.stack)
-        if self.scaler is not None:
-            for p in params:  # the scaler records its inf check per gradient: give it one even if nothing flowed
-                p.grad = torch.zeros_like(p) if p.grad is None else p.grad
-            self.scaler.unscale_(self.optimizer)
-        return torch.nn.utils.clip_grad_norm_(params, self.cfg.max_grad_norm)
-
-    def _apply_gradients(self, ok: bool) -> None:
-        """The optimizer and schedule step (only when every process agreed the step is finite), the loss scale's
-        update (an overflow lowers it), and the gradients cleared either way."""
-        if ok:
-            if self.scaler is not None:
-                self.scaler.step(self.optimizer)
-            else:
-                self.optimizer.step()
-            self.scheduler.step()
-        if self.scaler is not None:
-            self.scaler.update()
-        self.optimizer.zero_grad(set_to_none=True)
-
-    def _account_update(self, ok: bool, loss_ok: bool) -> None:
-        """After the step counter moved: the EMA and the RL step count follow an applied update; a skipped one
-        is counted (and, in a row, ends the run: _count_nonfinite)."""
-        if ok:
-            self.rl_steps += int(self.cfg.use_rl and self.step - 1 >= self.cfg.rl_warmup_steps)
-            with self.clock("ema"):
-                self.policies.ema_step(self.step)  # the post-increment step, as Flow-GRPO
-            self._nonfinite_streak = 0
-        elif not loss_ok or self.scaler is None:  # an fp16 overflow alone is the scaler's business
-            self._count_nonfinite(f"non-finite {'loss' if not loss_ok else 'gradient norm'}")
-        else:
-            self.skipped_nonfinite += 1
-
-    def _count_nonfinite(self, cause: str) -> None:
-        """One more skipped update; --max_nonfinite_steps in a row end the run once this step or epoch is
-        logged (the counts are the same on every process, so all of them end together)."""
-        self.skipped_nonfinite += 1
-        self._nonfinite_streak += 1
-        logger.warning("step %d skipped: %s (%d in a row, limit %d)", self.step, cause, self._nonfinite_streak,
-                       self.cfg.max_nonfinite_steps)
-        if self._nonfinite_streak >= self.cfg.max_nonfinite_steps and self._nonfinite_failure is None:
-            self._nonfinite_failure = (f"{cause} in {self._nonfinite_streak} updates in a row (--max_nonfinite_steps "
-                                       f"{self.cfg.max_nonfinite_steps}); skipped steps left the weights as they were")
-
-    def _all_agree(self, ok: bool) -> bool:
-        """True on every process only if it is true on every process."""
-        if self.acc.num_processes == 1:
-            return ok
-        bad = self.acc.reduce(torch.tensor([0.0 if ok else 1.0], device=self.acc.device), reduction="sum")
-        return bool(bad.item() == 0)
+        """Average, unscale (fp16), clip and apply the accumulated gradients (optimizer_step.py)."""
+        return self.stepper.step(loss_ok)
 
 
 def train(cfg: TrainConfig) -> str:

@@ -59,7 +59,7 @@ def pause_for_rewards(trainer, failed: float) -> None:
     while True:
         stop, resume = trainer._control(resume=True)
         if stop:
-            trainer._stop = True
+            trainer.state.stop = True
             raise RewardFailure(msg)
         if resume:
             _continue(trainer, "resumed after reward failures")
@@ -82,7 +82,7 @@ def _all_past(trainer, deadline: float) -> bool:
 
 
 def _continue(trainer, note: str) -> None:
-    trainer._status_note = note
+    trainer.state.status_note = note
     trainer.run_dir.set_status("running", trainer.step, note)
 
 
@@ -91,7 +91,7 @@ class StopWhileScoring(RewardFailure):
 
 
 def await_scores(trainer, futures: list[cf.Future]) -> list:
-    """The results of the epoch's reward futures. On one process, a stop signal (trainer._stop set by the
+    """The results of the epoch's reward futures. On one process, a stop signal (trainer.state.stop set by the
     handler) ends the wait at once; with several, every process waits for its scores (bounded by the
     reward timeouts), since they must leave the epoch together."""
     out = []
@@ -101,7 +101,7 @@ def await_scores(trainer, futures: list[cf.Future]) -> list:
                 out.append(f.result(timeout=POLL_S))
                 break
             except cf.TimeoutError:
-                if trainer._signals and trainer.acc.num_processes == 1:
+                if trainer.state.signals and trainer.acc.num_processes == 1:
                     raise StopWhileScoring(f"stopped by a signal while waiting for rewards at step {trainer.step}: "
                                            "the epoch's rollouts were dropped (nothing trained on them)") from None
     return out
