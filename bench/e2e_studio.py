@@ -55,7 +55,6 @@ def run_studio_stage(preset: str, argv: list[str], runs_root: str, paths: dict, 
     """The stage's record: seconds, the tabs' one-line answers, the run's states, and `exit` codes (0 = as
     expected, 1 = not, 124 = the deadline came first)."""
     from app import runs as studio
-    from app.infer_views import NONE, InferViews
 
     runs_dir = os.path.join(runs_root, "studio")
     shutil.rmtree(runs_dir, ignore_errors=True)
@@ -63,6 +62,36 @@ def run_studio_stage(preset: str, argv: list[str], runs_root: str, paths: dict, 
     out: dict = {"exit": {}}
     t0 = time.time()
     run_dir = studio.start_run(runs_dir, preset, argv, gpus, studio.default_read_roots(runs_dir) + read_roots)
+    try:
+        return _exercise(studio, run_dir, preset, paths, resolution, text, deadline, t0, out)
+    finally:
+        _end(studio, run_dir)  # a detached run must not outlive the stage (a device call's next command needs the card)
+
+
+def _end(studio, run_dir: str, grace_s: float = 90.0) -> None:
+    """Stop the run if it is still live: the Runs tab's stop, then SIGKILL after `grace_s` (checked by pid and
+    start time, as the studio signals)."""
+    import signal
+
+    from app import procs
+
+    if not studio.run_info(run_dir)["live"]:
+        return
+    try:
+        studio.stop_run(run_dir)
+    except Exception:  # noqa: BLE001 - whatever the stop met, the kill below still runs
+        pass
+    if _wait(lambda: not studio.run_info(run_dir)["live"], time.time() + grace_s):
+        return
+    launch = procs.launch_record(run_dir)
+    try:
+        procs.signal_run(launch.get("pid"), signal.SIGKILL, created=procs.launch_created(launch))
+    except Exception as exc:  # noqa: BLE001 - said, not raised: the stage's record is still written
+        print(f"[e2e] could not end the studio's run: {exc}", flush=True)
+
+
+def _exercise(studio, run_dir, preset, paths, resolution, text, deadline, t0, out) -> dict:
+    from app.infer_views import NONE, InferViews
 
     def stepped():
         info = studio.run_info(run_dir)
@@ -76,7 +105,7 @@ def run_studio_stage(preset: str, argv: list[str], runs_root: str, paths: dict, 
         return out
     out["exit"]["studio_launch"] = 0
 
-    views = InferViews(runs_dir)  # the studio's own service, with its GpuRoom (app/gpu_room.py)
+    views = InferViews(os.path.dirname(run_dir))  # the studio's own service, with its GpuRoom (app/gpu_room.py)
     inputs = _tab_inputs(resolution, text)
     t1 = time.time()
     beside = views.generate(NONE, "", paths["flux"], paths["siglip"], *inputs)["inf_msg"]
