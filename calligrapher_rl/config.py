@@ -175,11 +175,11 @@ class TrainConfig:
         None, "with --trainable lora: comma-separated module names (peft target_modules, suffix match); none = "
               "Flow-GRPO's FLUX list (attention projections + feed-forwards) on the transformer, to_k_ip/to_v_ip + "
               "the projection linears on the adapter")
-    lora_merged_sampling: bool | None = _OPTIM(
-        None, "with --trainable lora: forwards without gradient (rollouts, evaluation, NFT's old and reference "
-              "policies) run each transformer LoRA layer as one matmul with W + (alpha/r) B A instead of a second "
-              "pass over its input; none = on for nft and awm, off for grpo (its rollout log-probabilities must "
-              "come from the training forward's own numbers)")
+    lora_merged_sampling: bool = _OPTIM(
+        False, "with --trainable lora (nft, awm): forwards without gradient (rollouts, evaluation, NFT's old and "
+               "reference policies) run each transformer LoRA layer as one matmul with W + (alpha/r) B A instead of "
+               "peft's second pass over its input; not for grpo (its rollout log-probabilities must come from the "
+               "training forward's own numbers). Not yet measured at real size (docs/lora.md, Speed)")
     ip_adapter_scale: float = _OPTIM(1.0, "style strength: weight of the style attention (release: 1.0, range 0-2)")
 
     # --- RL (both methods) ---
@@ -290,8 +290,6 @@ class TrainConfig:
             upd["rl_lr_warmup_steps"] = min(20, max(1, (self.max_train_steps - self.rl_warmup_steps) // 10))
         if self.awm_num_timesteps is None and isinstance(n, int) and isinstance(self.rl_timestep_fraction, (int, float)):
             upd["awm_num_timesteps"] = max(1, min(6, int(n * self.rl_timestep_fraction) - 1))
-        if self.lora_merged_sampling is None:
-            upd["lora_merged_sampling"] = self.trainable == "lora" and self.rl_method != "grpo"
         if self.num_style_tokens is None and not self.initial_ip_adapter_path:
             upd["num_style_tokens"] = DEFAULT_NUM_STYLE_TOKENS
         return dataclasses.replace(self, **upd) if upd else self
