@@ -1,7 +1,8 @@
 """May the studio load a model onto its GPU now? The Inference and Compare tabs share the card with the runs the
 studio started, and a training run near an 80 GB card's edge must never be pushed out of memory by them.
 
-So, before a model stack goes onto a CUDA card (InferenceService._stack), `GpuRoom.check` answers in one line:
+So, before a model stack goes onto a CUDA card (InferenceService._stack, with models.stack.estimated_bytes of
+what it will load), `GpuRoom.check` answers in one line:
 - a live run on that card that has not finished its first optimizer step has not reached its peak memory yet
   (its first update and optimizer step allocate what its allocator then keeps): loading beside it is refused;
 - otherwise the stack must fit in what the driver reports free, with headroom for sampling's activations:
@@ -23,28 +24,12 @@ from . import procs, runs
 
 GIB = 2**30
 HEADROOM_GIB = 3.0  # sampling's activations at 1024² and the CUDA context, beyond the weights
-WEIGHT_FILES = (".safetensors", ".bin", ".pt", ".pth")
 
 
 def studio_gpu() -> int:
     """The physical index of the card the studio's own `cuda` device is."""
     first = (os.environ.get("CUDA_VISIBLE_DEVICES") or "0").split(",")[0].strip()
     return int(first) if first.isdigit() else 0
-
-
-def weights_bytes(*paths: str | None) -> int:
-    """Bytes of the weight files under each path (a folder, searched recursively, or one file): what loading
-    them takes on the card, as stored (FLUX.1-Fill is stored in bf16, as it runs)."""
-    total = 0
-    for path in paths:
-        if not path:
-            continue
-        if os.path.isfile(path):
-            total += os.path.getsize(path)
-            continue
-        for root, _, files in os.walk(path):
-            total += sum(os.path.getsize(os.path.join(root, f)) for f in files if f.endswith(WEIGHT_FILES))
-    return total
 
 
 def holders(runs_dir: str, gpu: int) -> list[dict]:
@@ -57,26 +42,6 @@ def holders(runs_dir: str, gpu: int) -> list[dict]:
         if gpu in gpus or not gpus:
             out.append(info)
     return out
-
-
-def adapter_bytes(path: str | None) -> int:
-    """The adapter is loaded as fp32 master weights whatever its file stores: a .safetensors header gives the
-    element count (read without loading anything); other files count as stored."""
-    if not path or not os.path.isfile(path) or not path.endswith(".safetensors"):
-        return weights_bytes(path)
-    import json
-    import math
-    import struct
-
-    with open(path, "rb") as fh:
-        (n,) = struct.unpack("<Q", fh.read(8))
-        header = json.loads(fh.read(n))
-    return sum(4 * math.prod(v["shape"]) for k, v in header.items() if k != "__metadata__")
-
-
-def stack_bytes(flux: str, siglip: str, adapter_file: str | None) -> int:
-    """About what a model stack takes on the card: FLUX.1-Fill's folder and SigLIP's as stored, the adapter in fp32."""
-    return weights_bytes(flux, siglip) + adapter_bytes(adapter_file)
 
 
 def _gib(n: float) -> str:

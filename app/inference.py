@@ -95,9 +95,9 @@ class InferenceService:
         while len(self._stacks) >= self.max_stacks:
             self._drop(next(iter(self._stacks)))
         if device == "cuda" and self.room is not None:
-            from .gpu_room import stack_bytes
+            from calligrapher_rl.models.stack import estimated_bytes
 
-            self.room.check(stack_bytes(flux, siglip, adapter_file))
+            self.room.check(estimated_bytes(flux, siglip, adapter_file))
         stack = CalligrapherStack.from_pretrained(flux, siglip, adapter_path=adapter_file, device=device, dtype=dtype)
         self._stacks[key] = {"stack": stack, "adapter": fkey, "lora": lora}
         return stack

@@ -32,15 +32,19 @@ def _wait(pred, deadline: float):
     return None
 
 
-def _tab_inputs(resolution: int, text: str = "Hello") -> list:
-    """The Inference tab's inputs for the bundled data's first item: the editor (source + brushed mask), no mask
-    upload, the reference, then text, steps, guidance, strength, seed, images, resize, use context."""
+def bundled_item(resolution: int) -> tuple[str, dict]:
+    """(folder, first item) of the bundled data at `resolution`: what the bench paints with."""
     from calligrapher_rl.data import ensure_default_dataset
 
     data = ensure_default_dataset(resolution=resolution)
     with open(data, encoding="utf-8") as fh:
-        item = json.loads(fh.readline())
-    folder = os.path.dirname(data)
+        return os.path.dirname(data), json.loads(fh.readline())
+
+
+def _tab_inputs(resolution: int, text: str = "Hello") -> list:
+    """The Inference tab's inputs for the bundled data's first item: the editor (source + brushed mask), no mask
+    upload, the reference, then text, steps, guidance, strength, seed, images, resize, use context."""
+    folder, item = bundled_item(resolution)
     source = np.asarray(Image.open(os.path.join(folder, item["source"])).convert("RGB"))
     mask = np.asarray(Image.open(os.path.join(folder, item["mask"])).convert("L"))
     brush = np.zeros((*mask.shape, 4), dtype=np.uint8)

@@ -261,12 +261,9 @@ def main() -> int:
                     resume_steps_compared=len(diffs))
             shutil.rmtree(run_b, ignore_errors=True)
         if "infer" in stages:
-            from calligrapher_rl.data import ensure_default_dataset
+            from e2e_studio import bundled_item
 
-            data = ensure_default_dataset(resolution=parse_args(["--preset", preset]).resolution)
-            with open(data, encoding="utf-8") as fh:
-                item = json.loads(fh.readline())
-            folder = os.path.dirname(data)
+            folder, item = bundled_item(shipped.resolution)
             # the EMA weights: a full adapter's file, or a LoRA checkpoint's ema/ folder (docs/lora.md)
             ema = os.path.join(run_a, f"checkpoint-{ckpt}",
                                "ema" if shipped.trainable == "lora" else "ip-adapter-ema.safetensors")

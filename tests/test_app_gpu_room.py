@@ -12,10 +12,11 @@ import torch
 from test_app_manage import live_run, set_state
 
 from app import gpu_room
-from app.gpu_room import GIB, GpuRoom, make_room_for_run, stack_bytes
+from app.gpu_room import GIB, GpuRoom, make_room_for_run
 from app.infer_views import InferViews
 from app.inference import InferenceService
 from calligrapher_rl.errors import UserError
+from calligrapher_rl.models.stack import estimated_bytes
 
 
 def with_step(run_dir: str, step: int) -> None:
@@ -79,7 +80,7 @@ def test_studio_gpu_follows_cuda_visible_devices(monkeypatch):
     assert gpu_room.studio_gpu() == 0
 
 
-def test_stack_bytes_counts_the_folders_and_the_adapter_in_fp32(tmp_path):
+def test_the_estimate_counts_the_folders_the_adapter_in_fp32_and_a_loras_base(tmp_path):
     from safetensors.torch import save_file
 
     flux, siglip = tmp_path / "flux", tmp_path / "siglip"
@@ -88,11 +89,16 @@ def test_stack_bytes_counts_the_folders_and_the_adapter_in_fp32(tmp_path):
     save_file({"w": torch.zeros(1000, dtype=torch.bfloat16)}, str(flux / "transformer" / "m.safetensors"))
     (flux / "model_index.json").write_text("{}")  # not a weight file
     save_file({"w": torch.zeros(500)}, str(siglip / "model.safetensors"))
-    save_file({"a": torch.zeros(100, dtype=torch.bfloat16), "b": torch.zeros(10, 10, dtype=torch.bfloat16)},
-              str(tmp_path / "adapter.safetensors"))
-    got = stack_bytes(str(flux), str(siglip), str(tmp_path / "adapter.safetensors"))
+    adapter = tmp_path / "adapter.safetensors"
+    save_file({"a": torch.zeros(100, dtype=torch.bfloat16), "b": torch.zeros(10, 10, dtype=torch.bfloat16)}, str(adapter))
     files = os.path.getsize(flux / "transformer" / "m.safetensors") + os.path.getsize(siglip / "model.safetensors")
-    assert got == files + 4 * 200  # the adapter's 200 elements as fp32, whatever the file stores
+    assert estimated_bytes(str(flux), str(siglip), str(adapter)) == files + 4 * 200  # fp32, whatever the file stores
+    lora = tmp_path / "checkpoint-4"  # a LoRA checkpoint loads its base adapter first
+    lora.mkdir()
+    (lora / "lora.json").write_text(json.dumps({"base_adapter": str(adapter)}))
+    save_file({"l": torch.zeros(50)}, str(lora / "pytorch_lora_weights.safetensors"))
+    assert estimated_bytes(str(flux), str(siglip), str(lora)) == \
+        files + 4 * 200 + os.path.getsize(lora / "pytorch_lora_weights.safetensors")
 
 
 def test_the_inference_tab_refuses_in_one_line_and_loads_nothing(tmp_path, monkeypatch):
