@@ -175,11 +175,12 @@ class TrainConfig:
         None, "with --trainable lora: comma-separated module names (peft target_modules, suffix match); none = "
               "Flow-GRPO's FLUX list (attention projections + feed-forwards) on the transformer, to_k_ip/to_v_ip + "
               "the projection linears on the adapter")
-    lora_merged_sampling: bool = _OPTIM(
-        False, "with --trainable lora (nft, awm): forwards without gradient (rollouts, evaluation, NFT's old and "
-               "reference policies) run each transformer LoRA layer as one matmul with W + (alpha/r) B A instead of "
-               "peft's second pass over its input; not for grpo (its rollout log-probabilities must come from the "
-               "training forward's own numbers). Not yet measured at real size (docs/lora.md, Speed)")
+    lora_merged: bool = _OPTIM(
+        False, "with --trainable lora: each transformer LoRA layer runs as one matmul with W + (alpha/r) B A, "
+               "recomputed at every call from the live LoRA weights (its backward gives the LoRA its gradient from "
+               "rank-r products), instead of peft's second pass over the layer's input; rollouts and updates use "
+               "the same numbers, so GRPO's log-probabilities agree. The merged weight is rounded to the base's "
+               "precision, as a fused LoRA is at inference (docs/lora.md, Speed)")
     ip_adapter_scale: float = _OPTIM(1.0, "style strength: weight of the style attention (release: 1.0, range 0-2)")
 
     # --- RL (both methods) ---

@@ -202,11 +202,9 @@ def _check_lora(c, need) -> None:
         need(lora, "lora_modules", "is read only with --trainable lora")
         need(bool([m for m in c.lora_modules.split(",") if m.strip()]), "lora_modules",
              "expected comma-separated module names (e.g. attn.to_q,attn.to_v)")
-    if c.lora_merged_sampling:
-        need(lora, "lora_merged_sampling", "is read only with --trainable lora")
-        need(c.rl_method != "grpo" or not c.use_rl, "lora_merged_sampling",
-             "cannot be on for grpo: the rollout's log-probabilities must come from the numbers the update "
-             "recomputes them with (unmerged LoRA layers)")
+    if c.lora_merged:
+        need(lora, "lora_merged", "is read only with --trainable lora")
+        need(c.lora_dropout == 0, "lora_merged", "needs --lora_dropout 0 (a merged weight cannot drop inputs)")
     if lora and c.lora_target != "adapter":
         # the float8 copy is built from the plain transformer's state dict: it would sample without the LoRA
         need(not c.rollout_fp8, "rollout_fp8", "cannot sample a transformer LoRA (--lora_target adapter, or false)")

@@ -134,15 +134,15 @@ def test_nft_old_and_reference_forwards_reuse_the_rollout_graph(tiny_paths):
         torch._dynamo.reset()
 
 
-@pytest.mark.parametrize("merged", [False, True], ids=["peft-forward", "merged-sampling"])
+@pytest.mark.parametrize("merged", [False, True], ids=["peft-forward", "merged"])
 def test_a_lora_reference_runs_in_the_live_weights_graph_and_equals_functional_call(tiny_paths, tmp_path, merged):
     """A LoRA run's reference (every lora_B zero) and old policy reach the transformer's own LoRA layers. Without
     gradient their tensors take the live parameters' places for the call (`weights_in_place`): one compiled graph
     for every policy, and the same velocity `functional_call` gives with peft's own forward (grad on); the live
-    weights are back afterwards. `merged`: the layers run merged without gradient (--lora_merged_sampling)."""
+    weights are back afterwards. `merged`: the layers run merged without gradient (--lora_merged)."""
     from torch._dynamo.utils import counters
 
-    from calligrapher_rl.models.lora import LoraSpec, add_lora, merge_for_sampling
+    from calligrapher_rl.models.lora import LoraSpec, add_lora, use_merged_lora
     from calligrapher_rl.training.lora_policies import LoraPolicies
 
     torch._dynamo.reset()
@@ -150,7 +150,7 @@ def test_a_lora_reference_runs_in_the_live_weights_graph_and_equals_functional_c
         stack = CalligrapherStack.from_pretrained(*tiny_paths, num_style_tokens=8)
         add_lora(stack.pipe.transformer, stack.adapter, LoraSpec("both", rank=4, alpha=8.0))
         if merged:
-            assert merge_for_sampling(stack.pipe.transformer) > 0
+            assert use_merged_lora(stack.pipe.transformer) > 0
         cfg = parse_args(["--preset", "tiny-grpo-lora", "--pretrained_model_name_or_path", "tiny", "--siglip_path", "tiny",
                           "--lora_rank", "4", "--lora_alpha", "8", "--output_dir", str(tmp_path)])
         pol = LoraPolicies(stack, cfg, use_ema=False, ema_decay=0.9, ema_update_interval=1)
@@ -161,7 +161,7 @@ def test_a_lora_reference_runs_in_the_live_weights_graph_and_equals_functional_c
         reference = pol.base_reference()
         fill, text, embeds = _inputs(stack, 2)
         x = torch.randn(2, fill.seq_len, 64, generator=torch.Generator().manual_seed(2))
-        with torch.enable_grad():  # peft's own forward: the merged one stands aside whenever gradient is on
+        with torch.enable_grad():  # functional_call with gradient: the expected velocity of each forward
             expected = torch.func.functional_call(
                 stack.model, {k if k.startswith("transformer.") else f"adapter.{k}": v for k, v in reference.items()},
                 (x, fill, text, 0.5, embeds, 30.0), strict=False).float().detach()

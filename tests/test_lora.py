@@ -82,8 +82,8 @@ def test_lora_flags_are_one_line_errors(tmp_path, tiny_paths):
                         (["--trainable", "lora", "--lora_rank", "0"], "--lora_rank"),
                         (["--trainable", "lora", "--lora_dropout", "1"], "--lora_dropout"),
                         (["--trainable", "lora", "--rollout_fp8", "true"], "--rollout_fp8"),
-                        (["--lora_merged_sampling", "true"], "--lora_merged_sampling"),  # without LoRA
-                        (["--trainable", "lora", "--lora_merged_sampling", "true"], "--lora_merged_sampling")):  # GRPO
+                        (["--lora_merged", "true"], "--lora_merged"),  # without LoRA
+                        (["--trainable", "lora", "--lora_merged", "true", "--lora_dropout", "0.1"], "--lora_merged")):
         with pytest.raises(UserError) as exc:
             parse_args([*base, *extra])
         assert flag in str(exc.value) and "\n" not in str(exc.value)
@@ -94,45 +94,90 @@ def test_lora_flags_are_one_line_errors(tmp_path, tiny_paths):
         add_lora(stack.pipe.transformer, stack.adapter, LoraSpec("both", modules=("attn.to_q",)))
 
 
-def test_merged_sampling_is_one_matmul_equal_to_peft_and_steps_aside_with_gradient(tiny_paths, tmp_path):
-    """--lora_merged_sampling: without gradient each transformer LoRA layer is F.linear(x, W + s B A), the velocity
-    peft's two-pass forward gives; with gradient peft's own forward runs (the LoRA's gradient flows). Off unless
-    asked (not yet measured at real size)."""
-    from peft.tuners.lora import Linear as LoraLinear
-
-    from calligrapher_rl.models.lora import _merged_forward, merge_for_sampling
-
-    assert parse_args(["--preset", "tiny-nft-lora", "--output_dir", str(tmp_path / "n")]).lora_merged_sampling is False
-    assert parse_args(["--preset", "tiny-nft-lora", "--lora_merged_sampling", "true", "--output_dir",
-                       str(tmp_path / "m")]).lora_merged_sampling is True
-    stack = _lora_stack(tiny_paths)
+def _trained(stack):
     with torch.no_grad():
         for name, p in stack.pipe.transformer.named_parameters():
             if "lora_" in name:  # a trained LoRA (lora_B starts at zero)
-                p.add_(0.05 * torch.randn_like(p))
+                p.add_(0.05 * torch.randn(p.shape, generator=torch.Generator().manual_seed(p.numel())))
+    return stack
+
+
+def _lora_grads(stack, x, fill, text, embeds):
+    for p in stack.pipe.transformer.parameters():
+        p.grad = None
+    v = stack.velocity(x, fill, text, 0.5, embeds, 30.0)
+    v.float().square().mean().backward()
+    return v.detach(), {n: p.grad.clone() for n, p in stack.pipe.transformer.named_parameters() if "lora_" in n}
+
+
+def test_merged_lora_is_one_matmul_with_peft_velocity_and_gradients(tiny_paths, tmp_path):
+    """--lora_merged: each transformer LoRA layer is F.linear(x, W + s B A) with and without gradient (so a GRPO
+    rollout's numbers are its update's), the velocity and the LoRA's gradients are peft's within fp32 rounding,
+    and the backward is exact (gradcheck in float64). Off unless asked."""
+    from peft.tuners.lora import Linear as LoraLinear
+
+    from calligrapher_rl.models.lora import _merged_forward, _merged_weight, _MergedLoraLinear, use_merged_lora
+
+    assert parse_args(["--preset", "tiny-nft-lora", "--output_dir", str(tmp_path / "n")]).lora_merged is False
+    assert parse_args(["--preset", "tiny-grpo-lora", "--lora_merged", "true", "--output_dir",
+                       str(tmp_path / "m")]).lora_merged is True
+    stack = _trained(_lora_stack(tiny_paths))
     fill, text, embeds = _inputs(stack)
     x = torch.randn(2, fill.seq_len, 64, generator=torch.Generator().manual_seed(3))
-    with torch.no_grad():
-        peft_v = stack.velocity(x, fill, text, 0.5, embeds, 30.0)
+    peft_v, peft_grads = _lora_grads(stack, x, fill, text, embeds)
     layers = [m for m in stack.pipe.transformer.modules() if isinstance(m, LoraLinear)]
-    assert merge_for_sampling(stack.pipe.transformer) == len(layers) > 0
+    assert use_merged_lora(stack.pipe.transformer) == len(layers) > 0
     assert all(m.forward.__func__ is _merged_forward for m in layers)
     layer = layers[0]
     inp = torch.randn(5, layer.in_features)
-    s = layer.scaling["default"]
+    a, b, s = layer.lora_A["default"].weight, layer.lora_B["default"].weight, layer.scaling["default"]
     with torch.no_grad():
-        merged = torch.nn.functional.linear(
-            inp, layer.base_layer.weight + s * layer.lora_B["default"].weight @ layer.lora_A["default"].weight,
-            layer.base_layer.bias)
-        assert torch.equal(layer(inp), merged)
+        one_matmul = torch.nn.functional.linear(inp, layer.base_layer.weight + s * b @ a, layer.base_layer.bias)
+        torch.testing.assert_close(layer(inp), one_matmul, rtol=1e-6, atol=1e-6)
         merged_v = stack.velocity(x, fill, text, 0.5, embeds, 30.0)
     torch.testing.assert_close(merged_v, peft_v, rtol=1e-5, atol=1e-5)
     assert not torch.equal(merged_v, peft_v)  # the merged matmuls ran: not bit-identical to peft's two passes
-    with torch.enable_grad():
-        v = stack.velocity(x, fill, text, 0.5, embeds, 30.0)
-        v.float().square().mean().backward()
-    torch.testing.assert_close(v.detach(), peft_v, rtol=0, atol=0)  # peft's own forward, bit for bit
-    assert layer.lora_B["default"].weight.grad is not None and layer.lora_B["default"].weight.grad.abs().sum() > 0
+    v, grads = _lora_grads(stack, x, fill, text, embeds)
+    assert torch.equal(v, merged_v)  # with gradient: the same numbers as without
+    assert grads.keys() == peft_grads.keys() and len(grads) == 2 * len(layers)
+    for n, g in grads.items():
+        assert g.abs().sum() > 0, n
+        torch.testing.assert_close(g, peft_grads[n], rtol=1e-4, atol=1e-6)
+    # the backward itself, against finite differences (x, A and B; W and the bias are frozen)
+    g64 = torch.Generator().manual_seed(5)
+    args = [torch.randn(2, 3, 6, generator=g64, dtype=torch.float64, requires_grad=True),
+            torch.randn(4, 6, generator=g64, dtype=torch.float64), torch.randn(4, generator=g64, dtype=torch.float64),
+            torch.randn(2, 6, generator=g64, dtype=torch.float64, requires_grad=True),
+            torch.randn(4, 2, generator=g64, dtype=torch.float64, requires_grad=True), 1.5]
+    assert torch.autograd.gradcheck(_MergedLoraLinear.apply, args)
+    torch.testing.assert_close(_merged_weight(args[1], args[3], args[4], 1.5), args[1] + 1.5 * args[4] @ args[3])
+
+
+def test_lora_inputs_are_not_copied_to_fp32_under_autocast(tiny_paths):
+    """Under autocast the LoRA matmuls run in bf16 whatever dtype their input has, so peft's cast of each input to
+    the fp32 masters' dtype is a copy that changes nothing: without it, the same bits forward and backward."""
+    from calligrapher_rl.models.lora import skip_input_casts
+
+    stack = CalligrapherStack.from_pretrained(*tiny_paths, num_style_tokens=8, dtype=torch.bfloat16)
+    add_lora(stack.pipe.transformer, stack.adapter, LoraSpec("both", rank=4, alpha=8.0))
+    _trained(stack)
+    fill, text, embeds = _inputs(stack)
+    x = torch.randn(2, fill.seq_len, 64, generator=torch.Generator().manual_seed(3))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        v_cast, g_cast = _lora_grads(stack, x, fill, text, embeds)
+        assert skip_input_casts(stack.pipe.transformer) > 0 and skip_input_casts(stack.adapter) > 0
+        v, g = _lora_grads(stack, x, fill, text, embeds)
+    assert stack.pipe.transformer.x_embedder.weight.dtype == torch.bfloat16 and torch.equal(v, v_cast)
+    assert all(torch.equal(g[n], g_cast[n]) for n in g_cast)
+
+
+@pytest.mark.parametrize("merged", ["false", "true"], ids=["peft-forward", "merged"])
+def test_grpo_lora_first_ratio_is_exactly_one(tmp_path, merged):
+    tr = Trainer(parse_args(["--preset", "tiny-grpo-lora", *RANDOM_TINY, "--max_train_steps", "1", "--lora_merged",
+                             merged, "--checkpointing_steps", "100", "--output_dir", str(tmp_path / "g")]))
+    assert tr.run() == "finished"
+    first = [r for r in read_metrics(str(tmp_path / "g")) if r.get("phase") == "rl"][0]
+    assert first["ratio/mean"] == 1.0 and first["clipfrac"] == 0
 
 
 @pytest.fixture(scope="module")
@@ -190,14 +235,6 @@ def test_lora_run_resumes_exactly(nft_lora_run, tmp_path):
         assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), rel
     rows = lambda d: [{k: v for k, v in r.items() if not k.startswith(("time", "perf/", "sys/"))} for r in read_metrics(str(d))]  # noqa: E731
     assert rows(resumed)[-2:] == rows(out)[-2:]
-
-
-def test_grpo_lora_first_ratio_is_exactly_one(tmp_path):
-    tr = Trainer(parse_args(["--preset", "tiny-grpo-lora", *RANDOM_TINY, "--max_train_steps", "1",
-                             "--checkpointing_steps", "100", "--output_dir", str(tmp_path / "g")]))
-    assert tr.run() == "finished"
-    first = [r for r in read_metrics(str(tmp_path / "g")) if r.get("phase") == "rl"][0]
-    assert first["ratio/mean"] == 1.0 and first["clipfrac"] == 0
 
 
 def test_export_then_load_gives_the_lora_runs_images(nft_lora_run, tmp_path, tiny_paths):
