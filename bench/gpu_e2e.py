@@ -227,7 +227,7 @@ def main() -> int:
                 "--train_data_json", "bundled", "--rewards", "style:1", "--checkpointing_steps", str(ckpt),
                 *args.extra.split()]
         res.put(preset, card=name, memory_cap_gib=cap, date=time.strftime("%Y-%m-%d"), compile=bool(shipped.compile),
-                trainable=shipped.trainable, epochs=args.epochs,
+                trainable=shipped.trainable, epochs=args.epochs, extra_flags=args.extra or None,
                 trained_timesteps_per_image=shipped.resolved().num_trained_timesteps(),
                 images_per_epoch=shipped.rl_num_batches_per_epoch * shipped.train_batch_size
                 * shipped.rl_num_images_per_prompt)
