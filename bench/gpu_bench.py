@@ -229,6 +229,8 @@ def main():
     ap.add_argument("--budget_s", type=float, default=520, help="skip what would start after this many seconds")
     ap.add_argument("--sections", default="eager,compiled,fp8,update,ratio,overhead",
                     help=f"comma list, run in this order: {','.join(SECTIONS)}")
+    ap.add_argument("--compile_scope", default="whole", choices=("whole", "blocks"),
+                    help="what a compiled graph holds: the whole transformer, or one block of each kind")
     args = ap.parse_args()
     cuda = torch.cuda.is_available() and not args.tiny
     device, dtype = ("cuda", torch.bfloat16) if cuda else ("cpu", torch.float32)
@@ -256,10 +258,13 @@ def main():
     def ensure_compiled():
         nonlocal compiled
         if not compiled:
-            compile_transformer(stack.pipe.transformer, os.environ.get("TORCHINDUCTOR_CACHE_DIR"))
+            compile_transformer(stack.pipe.transformer, os.environ.get("TORCHINDUCTOR_CACHE_DIR"),
+                                scope=args.compile_scope)
             compiled = True
-            out.put("compile_settings", "torch.compile of the whole transformer (nn.Module.compile), default "
-                                        "mode, dynamic=False; adapter processors inside the graph")
+            what = ("the whole transformer (nn.Module.compile)" if args.compile_scope == "whole" else
+                    "each repeated block (one graph per block kind, shared by all blocks of that kind)")
+            out.put("compile_settings", f"torch.compile of {what}, default mode, dynamic=False; adapter "
+                                        "processors inside the graph")
 
     for section in sections:
         if elapsed() > args.budget_s:

@@ -8,6 +8,7 @@ import contextlib
 
 import pytest
 import torch
+from diffusers.models.transformers.transformer_flux import FluxSingleTransformerBlock, FluxTransformerBlock
 
 from calligrapher_rl.config import parse_args
 from calligrapher_rl.models.acceleration import compile_transformer
@@ -44,10 +45,19 @@ def _graphs() -> int:
     return counters["stats"]["unique_graphs"]
 
 
-def test_compiled_rollouts_and_updates_trace_once_per_shape_and_grad_mode(compiled_stack):
-    from torch._dynamo.utils import counters
+BLOCK_KINDS = (FluxTransformerBlock, FluxSingleTransformerBlock)
 
-    stack = compiled_stack
+
+def _block_graphs() -> tuple[int, ...]:
+    """Graphs dynamo holds for each block kind's code (double, single): what every block of the kind reuses,
+    one more for each recompile. Dynamo's cache is per code object and this process's own (not xdist's)."""
+    entries = torch._C._dynamo.eval_frame._debug_get_cache_entry_list
+    return tuple(len(entries(kind.forward.__code__)) for kind in BLOCK_KINDS)
+
+
+def _training_iterations(stack):
+    """A function that runs one RL iteration of batch 4: a rollout, GRPO and NFT updates (with the old and reference
+    policies' no-gradient forwards), then new live weights, as an optimizer step gives."""
     fill, text, embeds = _inputs(stack, 4)
     pol = Policies(stack.adapter, "attn", use_ema=False, ema_decay=0.9, ema_update_interval=1)
     pol.begin_rl(with_old=True)
@@ -69,6 +79,13 @@ def test_compiled_rollouts_and_updates_trace_once_per_shape_and_grad_mode(compil
                 p.add_(0.01 * torch.randn_like(p))
         stack.adapter.zero_grad(set_to_none=True)
 
+    return iteration
+
+
+def test_compiled_rollouts_and_updates_trace_once_per_shape_and_grad_mode(compiled_stack):
+    from torch._dynamo.utils import counters
+
+    iteration = _training_iterations(compiled_stack)
     before = _graphs()  # the counters are the process's: other tests may have traced before this one
     iteration(0)
     # rollout and old/reference forwards (no grad, precomputed style K/V), training forward (grad)
@@ -134,12 +151,15 @@ def test_nft_old_and_reference_forwards_reuse_the_rollout_graph(tiny_paths):
         torch._dynamo.reset()
 
 
+@pytest.mark.parametrize("scope", ["whole", "blocks"])
 @pytest.mark.parametrize("merged", [False, True], ids=["peft-forward", "merged"])
-def test_a_lora_reference_runs_in_the_live_weights_graph_and_equals_functional_call(tiny_paths, tmp_path, merged):
+def test_a_lora_reference_runs_in_the_live_weights_graph_and_equals_functional_call(tiny_paths, tmp_path, merged,
+                                                                                   scope):
     """A LoRA run's reference (every lora_B zero) and old policy reach the transformer's own LoRA layers. Without
     gradient their tensors take the live parameters' places for the call (`weights_in_place`): one compiled graph
-    for every policy, and the same velocity `functional_call` gives with peft's own forward (grad on); the live
-    weights are back afterwards. `merged`: the layers run merged without gradient (--lora_merged)."""
+    for every policy (by blocks: one per block kind), and the same velocity `functional_call` gives with peft's own
+    forward (grad on); the live weights are back afterwards. `merged`: the layers run merged
+    (--lora_merged)."""
     from torch._dynamo.utils import counters
 
     from calligrapher_rl.models.lora import LoraSpec, add_lora, use_merged_lora
@@ -167,15 +187,88 @@ def test_a_lora_reference_runs_in_the_live_weights_graph_and_equals_functional_c
                 (x, fill, text, 0.5, embeds, 30.0), strict=False).float().detach()
         with torch.no_grad():
             tokens, kv = stack.style_condition(embeds, reference)
-            compile_transformer(stack.pipe.transformer, backend="eager", with_grad=False)
+            compile_transformer(stack.pipe.transformer, backend="eager", with_grad=False, scope=scope)
             before = _graphs()
             ro_tokens, ro_kv = stack.style_condition(embeds)
             stack.velocity(x, fill, text, 0.5, embeds, 30.0, style_tokens=ro_tokens, style_kv=ro_kv)  # live: the rollout
             traced = _graphs()
             got = stack.velocity(x, fill, text, 0.5, embeds, 30.0, params=reference, style_tokens=tokens, style_kv=kv)
-        assert traced == before + 1 and _graphs() == traced, dict(counters["stats"])
+        kinds = 1 if scope == "whole" else len(BLOCK_KINDS)
+        assert traced == before + kinds and _graphs() == traced, dict(counters["stats"])
+        if scope == "blocks":
+            assert _block_graphs() == (1, 1)
         torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)  # merged: (W + sBA)x against Wx + sB(Ax)
         for n, p in pol.named:
             assert torch.equal(p, live[n]) and isinstance(p, torch.nn.Parameter), n
+    finally:
+        torch._dynamo.reset()
+
+
+# ------------------------------------------------------------------ regional compilation (--compile_scope blocks)
+@pytest.fixture(scope="module")
+def deep_tiny(tiny_paths, tmp_path_factory):
+    """The tiny with three blocks of each kind: under autograd only a third double block gets streams that both
+    carry gradient (the first ones run eager), so the gradient graph of the double block is traced too."""
+    from calligrapher_rl.models.tiny import build_tiny_pipeline
+
+    flux = str(tmp_path_factory.mktemp("deep-tiny") / "flux-fill")
+    with torch.random.fork_rng(devices=[]):
+        build_tiny_pipeline(0, transformer={"num_layers": 3, "num_single_layers": 3}).save_pretrained(flux)
+    return flux, tiny_paths[1]
+
+
+def test_block_compile_traces_one_graph_per_block_kind_and_grad_mode(deep_tiny):
+    """By blocks, every block of a kind runs its kind's graph: the first rollout step traces one per kind; the rest
+    of the rollouts, the old and reference policies' forwards (other weights, their own style keys/values), the
+    checkpointed GRPO and NFT updates and changed weights add one per kind for the gradient, then nothing."""
+    from torch._dynamo.utils import counters
+
+    torch._dynamo.reset()
+    try:
+        stack = CalligrapherStack.from_pretrained(*deep_tiny, num_style_tokens=8)
+        stack.pipe.transformer.enable_gradient_checkpointing()  # the presets' update: blocks called positionally
+        compile_transformer(stack.pipe.transformer, backend="eager", scope="blocks")
+        assert stack.pipe.transformer._compiled_call_impl is None  # the code between the blocks stays eager
+        iteration = _training_iterations(stack)
+        fill, text, embeds = _inputs(stack, 4)
+        before = _graphs()
+        with torch.no_grad():  # a rollout's first step
+            tokens, kv = stack.style_condition(embeds)
+            stack.velocity(stack.noise_like(fill, 4), fill, text, 1.0, embeds, 30.0, style_tokens=tokens, style_kv=kv)
+        assert _block_graphs() == (1, 1) and _graphs() == before + 2, dict(counters["stats"])
+        iteration(0)
+        assert _block_graphs() == (2, 2) and _graphs() == before + 4, dict(counters["stats"])
+        iteration(1)  # new live, old and rollout weights: the same graphs
+        assert _block_graphs() == (2, 2) and _graphs() == before + 4, dict(counters["stats"])
+        assert not counters["graph_break"], dict(counters["graph_break"])
+    finally:
+        torch._dynamo.reset()
+
+
+def test_block_compiled_velocity_and_gradients_equal_eager(deep_tiny):
+    """The same numbers by blocks as eager (and so as whole, which test_compiled_velocity_equals_eager holds to
+    eager): the no-gradient velocity from precomputed style keys/values (each block must get its own), the
+    gradient velocity and the adapter's gradients."""
+    torch._dynamo.reset()
+    try:
+        results, first = {}, None
+        for scope in ("eager", "blocks"):
+            stack = CalligrapherStack.from_pretrained(*deep_tiny, num_style_tokens=8)
+            if first is None:  # one set of inputs and weights for all three (the VAE samples its latents)
+                first = stack
+                fill, text, embeds = _inputs(stack, 2, seed=3)
+                x = torch.randn(2, fill.seq_len, 64, generator=torch.Generator().manual_seed(4))
+            stack.adapter.load_state_dict(first.adapter.state_dict())
+            if scope != "eager":
+                compile_transformer(stack.pipe.transformer, backend="eager", scope=scope)
+            with torch.no_grad():
+                tokens, kv = stack.style_condition(embeds)
+                sampled = stack.velocity(x, fill, text, 0.7, embeds, 30.0, style_tokens=tokens, style_kv=kv)
+            trained = stack.velocity(x, fill, text, 0.7, embeds, 30.0)
+            (trained * torch.linspace(-1, 1, trained.shape[-1])).sum().backward()
+            results[scope] = (sampled, trained.detach(), {n: p.grad for n, p in stack.adapter.named_parameters()})
+        torch.testing.assert_close(results["blocks"][:2], results["eager"][:2])
+        torch.testing.assert_close(results["blocks"][2], results["eager"][2])
+        assert any(g is not None and g.abs().sum() > 0 for g in results["blocks"][2].values())
     finally:
         torch._dynamo.reset()

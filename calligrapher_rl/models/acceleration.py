@@ -1,12 +1,21 @@
 """Speed options for the frozen FLUX transformer: `torch.compile` and an FP8 copy for rollouts.
 
 Only the style adapter trains, so the 12 B transformer is a fixed function of its inputs. Two things follow:
-- It is compiled in place, as a whole, with static shapes: one graph per (batch shape, grad mode). The style
-  processors are plain callables inside the blocks, compiled with them; a rollout hands every block its
-  precomputed style keys/values as tensors, so no Python state changes between steps (no recompiles).
-  Regional compilation (diffusers' `compile_repeated_blocks`) does not suit the adapter: each block's processor
-  is a distinct object (it picks its own keys/values by index), so dynamo guards on it and recompiles the
-  shared block code once per block - 57 graphs on FLUX, past dynamo's recompile limit.
+- It is compiled in place with static shapes, at one of two scopes (`--compile_scope`):
+  `whole`: one graph of the whole transformer per (batch shape, grad mode). The style processors are plain
+  callables inside the blocks, compiled with them; a rollout hands every block its precomputed style
+  keys/values as tensors, so no Python state changes between steps (no recompiles).
+  `blocks` (regional compilation): one graph per block kind (double, single) per (shape, grad mode), shared by
+  all 19 + 38 blocks; the code between the blocks runs eager. Dynamo reuses one graph across blocks only if
+  nothing it guards on differs between them, and three things did (measured on the tiny, `tests/test_compile.py`):
+  each block's processor handle picked its keys/values with its own int index (a constant to dynamo: one
+  recompile per block, 57 on FLUX, past the recompile limit); the first single block gets contiguous streams
+  where the others get slices of the joint sequence (a stride guard); and under autograd the first double
+  blocks' streams carry no gradient yet where the later ones do (a requires_grad guard). So a block's call
+  goes through a small eager step first: it picks that block's keys/values out of `style_kv` and passes them
+  as the block's own tensors (`block_style_kv`), makes the two streams contiguous (a copy only for the
+  single blocks' slices) and, under autograd, runs a block whose streams do not both carry gradient eager
+  (the first two double blocks: eager speed for 2 of 57 blocks) rather than trace two more graphs for them.
 - Sampling that needs no log-probabilities (NFT rollouts, evaluation) may run a float8 copy of the
   transformer (torchao, dynamic per-row activation and weight scales). The copy shares nothing trainable:
   the adapter's processors are installed in both, so the copy always sees the live (or old) adapter.
@@ -32,10 +41,19 @@ def default_inductor_cache() -> str:
     return os.path.join(base, "calligrapher_rl", "inductor")
 
 
+SCOPES = ("whole", "blocks")
+# FLUX's block signature (both kinds): calls come by keyword, or positionally from gradient checkpointing
+_BLOCK_ARGS = ("hidden_states", "encoder_hidden_states", "temb", "image_rotary_emb", "joint_attention_kwargs")
+_STREAMS = _BLOCK_ARGS[:2]
+
+
 def compile_transformer(transformer: nn.Module, cache_dir: str | None = None, backend: str = "inductor",
-                        with_grad: bool = True) -> None:
+                        with_grad: bool = True, scope: str = "whole") -> None:
     """Compile the transformer in place (`nn.Module.compile`: the module object, its processors and
     `functional_call` all stay as they are); lazily: the first call of each shape pays.
+
+    `scope`: `whole` compiles the transformer as one graph; `blocks` compiles each repeated block (diffusers'
+    `_repeated_blocks`), one graph per block kind shared by all blocks of that kind (see the module docstring).
 
     `with_grad=False` compiles the no-gradient calls only; calls under autograd run the eager module. The
     compiled backward of a gradient-checkpointed 12 B transformer plans its memory over the whole graph
@@ -45,6 +63,8 @@ def compile_transformer(transformer: nn.Module, cache_dir: str | None = None, ba
     `dynamic=False`: a run has one group size and one resolution, so static shapes give the fastest
     kernels; a second shape recompiles once rather than making every shape symbolic. `backend` other than
     inductor is for tests (dynamo's "eager" traces the same graphs without generating kernels)."""
+    if scope not in SCOPES:
+        raise ValueError(f"compile scope must be one of {SCOPES}, got {scope!r}")
     os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", cache_dir or default_inductor_cache())
     import torch._inductor.config as inductor_config
 
@@ -55,6 +75,14 @@ def compile_transformer(transformer: nn.Module, cache_dir: str | None = None, ba
     for name in ("recompile_limit", "cache_size_limit"):  # the name changed across torch versions
         if hasattr(dynamo_config, name):
             setattr(dynamo_config, name, max(getattr(dynamo_config, name), 64))
+    if scope == "blocks":
+        kinds = set(getattr(transformer, "_repeated_blocks", None) or ())
+        blocks = [m for m in transformer.modules() if type(m).__name__ in kinds]
+        if not blocks:
+            raise ValueError(f"{type(transformer).__name__} declares no repeated blocks to compile")
+        for block in blocks:
+            _compile_block(block, backend, with_grad)
+        return
     if with_grad:
         transformer.compile(dynamic=False, backend=backend)
         return
@@ -65,6 +93,33 @@ def compile_transformer(transformer: nn.Module, cache_dir: str | None = None, ba
         return eager(*args, **kwargs) if torch.is_grad_enabled() else compiled(*args, **kwargs)
 
     transformer._compiled_call_impl = call  # what nn.Module.__call__ runs when set (as nn.Module.compile does)
+
+
+def _compile_block(block: nn.Module, backend: str, with_grad: bool) -> None:
+    """One block: `torch.compile` of its call (dynamo caches graphs per code object, so every block of a kind
+    shares them) behind an eager step that makes the inputs of every block look alike to dynamo's guards."""
+    eager = block._call_impl
+    compiled = torch.compile(eager, dynamic=False, backend=backend)
+
+    def call(*args, **kwargs):
+        if len(args) > len(_BLOCK_ARGS) or not set(kwargs) <= set(_BLOCK_ARGS):
+            return eager(*args, **kwargs)  # not FLUX's signature: nothing to align, never traced
+        named = {**dict(zip(_BLOCK_ARGS, args)), **kwargs}
+        for name in _STREAMS:  # the single blocks pass on slices of the joint sequence (other strides)
+            t = named.get(name)
+            if isinstance(t, torch.Tensor) and not t.is_contiguous():
+                named[name] = t.contiguous()
+        jak = named.get("joint_attention_kwargs")
+        index = getattr(getattr(getattr(block, "attn", None), "processor", None), "index", None)
+        if jak and jak.get("style_kv") is not None and index is not None:
+            # this block's keys/values as its own inputs: the processor then never reads its int index
+            named["joint_attention_kwargs"] = {**jak, "style_kv": None, "block_style_kv": jak["style_kv"][index]}
+        if torch.is_grad_enabled() and not (with_grad and all(
+                t.requires_grad for t in (named.get(n) for n in _STREAMS) if isinstance(t, torch.Tensor))):
+            return eager(**named)
+        return compiled(**named)
+
+    block._compiled_call_impl = call
 
 
 def fp8_supported(device) -> tuple[bool, str]:

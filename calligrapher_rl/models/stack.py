@@ -302,12 +302,14 @@ class CalligrapherStack:
 
         self.quantized_model = CalligrapherModel(fp8_copy(self.pipe.transformer), self.adapter)
 
-    def enable_compile(self, cache_dir: str | None = None, with_grad: bool = True) -> None:
+    def enable_compile(self, cache_dir: str | None = None, with_grad: bool = True, scope: str = "whole") -> None:
         """`with_grad=False` compiles only the no-gradient forward (rollouts, reference means, evaluation);
-        the gradient forward/backward stays eager (see acceleration.compile_transformer)."""
+        the gradient forward/backward stays eager. `scope`: `whole` or `blocks` (regional; see
+        acceleration.compile_transformer). The float8 copy stays one whole graph: it has not been measured
+        by blocks, and it samples only (one graph, no update)."""
         from .acceleration import compile_transformer
 
-        compile_transformer(self.pipe.transformer, cache_dir, with_grad=with_grad)
+        compile_transformer(self.pipe.transformer, cache_dir, with_grad=with_grad, scope=scope)
         if self.quantized_model is not None:
             compile_transformer(self.quantized_model.transformer, cache_dir)
 

@@ -223,10 +223,13 @@ class StyleProcessorHandle:
         self.module, self.index = module, index
 
     def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, image_rotary_emb=None,
-                 style_tokens=None, style_scale=1.0, style_kv=None):
+                 style_tokens=None, style_scale=1.0, style_kv=None, block_style_kv=None):
+        # `block_style_kv`: this block's (key, value) picked before the call (a regionally compiled block,
+        # models/acceleration.py): the index is then never read inside the graph that all blocks share
+        if block_style_kv is None and style_kv is not None:
+            block_style_kv = style_kv[self.index]
         return self.module(attn, hidden_states, encoder_hidden_states, attention_mask, image_rotary_emb,
-                           style_tokens=style_tokens, style_scale=style_scale,
-                           style_kv=None if style_kv is None else style_kv[self.index])
+                           style_tokens=style_tokens, style_scale=style_scale, style_kv=block_style_kv)
 
 
 def install_style_adapter(transformer, adapter: StyleAdapter) -> None:

@@ -114,7 +114,7 @@ def build_stack(cfg: TrainConfig, device):
     if cfg.compile or (cfg.compile is None and stack.device.type == "cuda"):
         if stack.device.type != "cuda":
             logger.warning("--compile: compiling on %s (slow to start; meant for CUDA)", stack.device.type)
-        stack.enable_compile(with_grad=cfg.compile_update)
+        stack.enable_compile(with_grad=cfg.compile_update, scope=cfg.compile_scope)
     return stack
 
 
