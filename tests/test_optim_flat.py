@@ -12,6 +12,7 @@ from calligrapher_rl.config import parse_args
 from calligrapher_rl.training.optim import (
     FlatOptimizer,
     consolidated_state_dict,
+    flat_state_dict,
     is_sharded,
     make_optimizer,
     reset_state,
@@ -114,6 +115,29 @@ def test_flat_state_dict_resumes_exactly():
     assert opt2.state is opt2.inner.state and opt2.param_groups is opt2.inner.param_groups  # re-shared
     _run(resumed, opt2, sched2, 3, per_tensor=False, start=3)
     for a, b in zip(straight, resumed):
+        assert torch.equal(a, b)
+
+
+def test_a_per_tensor_checkpoint_of_an_older_version_resumes_exactly():
+    """LoRA checkpoints written before FlatOptimizer hold per-tensor AdamW state: flat_state_dict concatenates it,
+    and the steps after the resume equal per-tensor AdamW's continued run."""
+    ref, flat = _params(), _params()
+    ref_opt = torch.optim.AdamW(ref, **HYPER)
+    ref_sched = _schedule(ref_opt)
+    _run(ref, ref_opt, ref_sched, 3, per_tensor=True, swap=False)
+    old_sd = ref_opt.state_dict()
+    with torch.no_grad():
+        for p, q in zip(flat, ref):
+            p.copy_(q)
+    opt = _flat_opt(flat)
+    sched = _schedule(opt)
+    sched.load_state_dict(ref_sched.state_dict())
+    converted = flat_state_dict(opt, old_sd)
+    assert len(converted["state"]) == 1 and flat_state_dict(opt, converted) is converted  # flat stays as it is
+    opt.load_state_dict(converted)
+    _run(ref, ref_opt, ref_sched, 3, per_tensor=True, start=5)  # steps without a None gradient
+    _run(flat, opt, sched, 3, per_tensor=False, start=5)
+    for a, b in zip(ref, flat):
         assert torch.equal(a, b)
 
 

@@ -165,6 +165,40 @@ class FlatOptimizer(torch.optim.Optimizer):
         self._share_inner()
 
 
+def flat_state_dict(optimizer, state_dict: dict) -> dict:
+    """A checkpoint's optimizer state in the layout of `optimizer`: LoRA checkpoints written before
+    FlatOptimizer hold one state per tensor; their moments are concatenated into the flat layout (torchao's
+    8-bit ones dequantized and quantized again in the flat blocks). Anything else is returned as it is."""
+    groups = state_dict.get("param_groups")
+    if not isinstance(optimizer, FlatOptimizer) or not isinstance(groups, list) or len(groups) != 1 or \
+            len(groups[0].get("params", ())) != len(optimizer.params) or len(optimizer.params) == len(optimizer.chunks):
+        return state_dict
+    old = [state_dict["state"].get(pid, {}) for pid in groups[0]["params"]]
+    names = sorted({k for st in old for k, v in st.items() if isinstance(v, torch.Tensor) and v.dim() > 0})
+    size = optimizer.chunks[0].numel()
+    state = {}
+    known = {"exp_avg", "exp_avg_sq", "max_exp_avg_sq"}  # AdamW's (torch, torchao); bitsandbytes' are its own
+    fits = all(st[n].numel() == p.numel() for st, p in zip(old, optimizer.params) for n in names if n in st)
+    if old and all(old) and names and set(names) <= known and fits:
+        new_buffer = getattr(optimizer.inner, "_new_buffer", None)  # torchao: a zero 8-bit buffer (fp32 under ZeRO)
+        flat = {}
+        for name in names:
+            parts = [getattr(st[name], "dequantize", st[name].float)().float().reshape(-1) for st in old]
+            whole = torch.zeros(size * len(optimizer.chunks))
+            whole[:sum(t.numel() for t in parts)] = torch.cat(parts)
+            flat[name] = whole
+        for i, chunk in enumerate(optimizer.chunks):
+            step = old[0]["step"]  # every tensor's, unless some had no gradient; a copy: AdamW adds to it in place
+            st = {"step": step.clone() if isinstance(step, torch.Tensor) else step}
+            for name, whole in flat.items():
+                part = whole[i * size:(i + 1) * size].to(chunk.device)
+                st[name] = new_buffer(chunk, name == "exp_avg").copy_(part) if new_buffer else part
+            state[i] = st
+    elif any(old):  # e.g. bitsandbytes' quantized state, or some tensors without state: fresh moments
+        logger.warning("the checkpoint's optimizer state has no moments this version can read: they start afresh")
+    return {"state": state, "param_groups": [{**groups[0], "params": list(range(len(optimizer.chunks)))}]}
+
+
 def _inner(optimizer):
     return optimizer.inner if isinstance(optimizer, FlatOptimizer) else optimizer
 
