@@ -15,6 +15,7 @@ from calligrapher_rl.models.lora import LoraSpec, add_lora
 from calligrapher_rl.models.stack import CalligrapherStack
 from calligrapher_rl.sampling import rollout
 from calligrapher_rl.training.lora_policies import LoraPolicies
+from calligrapher_rl.training.optim import FlatOptimizer
 from calligrapher_rl.training.run_dir import read_metrics
 from calligrapher_rl.training.trainer import Trainer, train
 
@@ -175,6 +176,7 @@ def test_lora_inputs_are_not_copied_to_fp32_under_autocast(tiny_paths):
 def test_grpo_lora_first_ratio_is_exactly_one(tmp_path, merged):
     tr = Trainer(parse_args(["--preset", "tiny-grpo-lora", *RANDOM_TINY, "--max_train_steps", "1", "--lora_merged",
                              merged, "--checkpointing_steps", "100", "--output_dir", str(tmp_path / "g")]))
+    assert isinstance(tr.optimizer, FlatOptimizer) and tr.optimizer.params == tr.policies.params
     assert tr.run() == "finished"
     first = [r for r in read_metrics(str(tmp_path / "g")) if r.get("phase") == "rl"][0]
     assert first["ratio/mean"] == 1.0 and first["clipfrac"] == 0
@@ -235,6 +237,9 @@ def test_lora_run_resumes_exactly(nft_lora_run, tmp_path):
         assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), rel
     rows = lambda d: [{k: v for k, v in r.items() if not k.startswith(("time", "perf/", "sys/"))} for r in read_metrics(str(d))]  # noqa: E731
     assert rows(resumed)[-2:] == rows(out)[-2:]
+    # the LoRA optimizer is the flat one (optim.FlatOptimizer): its checkpointed state is one tensor's
+    opt = torch.load(resumed / "checkpoint-4" / "trainer_state" / "optimizer.pt", weights_only=True)
+    assert [len(g["params"]) for g in opt["param_groups"]] == [1] and len(opt["state"]) == 1
 
 
 def test_export_then_load_gives_the_lora_runs_images(nft_lora_run, tmp_path, tiny_paths):

@@ -550,6 +550,9 @@ def test_two_processes_pause_resume_and_finish(tmp_path):
 
 def test_rl_starts_with_fresh_optimizer_moments_after_warmup(tmp_path):
     """Supervised gradients dwarf policy gradients; their Adam second moment must not shrink the RL steps."""
+    from calligrapher_rl.training.optim import FlatOptimizer
+
     with _trainer(tmp_path / "run", "--rl_warmup_steps", "2", "--max_train_steps", "3") as tr:
+        assert type(tr.optimizer) is torch.optim.AdamW and not isinstance(tr.optimizer, FlatOptimizer)  # full rank
         assert tr.run() == "finished"
         assert {int(s["step"]) for s in tr.optimizer.state.values()} == {1}  # one RL step since the reset

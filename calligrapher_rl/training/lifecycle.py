@@ -25,7 +25,7 @@ from .checkpointing import (
     save_reference,
 )
 from .divergence import save_refusal
-from .optim import consolidated_state_dict
+from .optim import consolidated_state_dict, flat_state_dict
 from .resume_guard import settings
 from .run_dir import Interrupted
 from .timing import timed_phase
@@ -91,6 +91,7 @@ class RunLifecycle:
                                if dropped else "")
             return
         ck = load_checkpoint(path)
+        ck["optimizer"] = flat_state_dict(self.optimizer, ck["optimizer"])  # LoRA's per-tensor state of older versions
         check_against(ck, self.stack.adapter.state_dict(), dict(self.policies.named), self.optimizer)
         reference = ck["ref"] if ck["ref"] is not None else self._recorded_reference(ck["state"], path)
         if ck["ref"] is not None:  # a checkpoint of an earlier version kept the reference itself: once per run now
