@@ -2,8 +2,8 @@
 (`queued.json`: the command and the GPUs) and starts when they are free.
 
 The studio's queue thread (server.py) calls `start_ready` every few seconds, so queued runs start while no
-page is open; they wait while the studio itself is not running (start it again and they go). A CPU run
-(no GPUs given) never waits.
+page is open; they wait while the studio itself is not running (start it again and they go). A run given no
+GPUs holds the environment's first card on a GPU machine (`procs.held_gpus`) and never waits on a CPU one.
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ def busy_gpus(runs_dir: str, skip: str | None = None) -> dict[int, str]:
     out = {}
     for info in runs.list_runs(runs_dir):
         if info["live"] and info["name"] != skip:
-            for g in procs.parse_gpus(info.get("gpus") or ""):
+            for g in procs.held_gpus(info.get("gpus") or ""):
                 out[g] = info["name"]
     return out
 
@@ -33,7 +33,7 @@ def busy_gpus(runs_dir: str, skip: str | None = None) -> dict[int, str]:
 def conflicts(runs_dir: str, gpus: str, skip: str | None = None) -> dict[int, str]:
     """The asked GPUs that a live run holds (empty: free, or a CPU run)."""
     held = busy_gpus(runs_dir, skip)
-    return {g: held[g] for g in procs.parse_gpus(gpus) if g in held}
+    return {g: held[g] for g in procs.held_gpus(gpus) if g in held}
 
 
 def enqueue(run_dir: str, argv: list[str], gpus: str) -> str:
@@ -62,7 +62,7 @@ def start_ready(runs_dir: str, launch=None) -> list[str]:
     launch = launch or procs._launch
     started, claimed = [], set()
     for _, run_dir, rec in queued(runs_dir):
-        wanted = set(procs.parse_gpus(rec.get("gpus") or ""))
+        wanted = set(procs.held_gpus(rec.get("gpus") or ""))
         if wanted & claimed or conflicts(runs_dir, rec.get("gpus") or ""):
             claimed |= wanted  # keeps its place: GPUs it waits for are not given to a younger run
             continue

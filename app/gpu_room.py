@@ -10,13 +10,11 @@ what it will load), `GpuRoom.check` answers in one line:
 The other direction (a run started on the card while the studio holds a model) is `make_room_for_run`: the
 studio's cached stacks are a cache, so they are dropped before the run starts.
 
-Which card a run holds: the GPUs the studio launched it on; a run launched with none takes whatever the
-environment gives, i.e. the card the studio itself uses (CUDA_VISIBLE_DEVICES's first entry, else 0).
+Which card a run holds: `procs.held_gpus`, the rule the run queue follows too: the GPUs the studio launched it on;
+a run launched with none takes the environment's first card, the one the studio itself uses.
 """
 
 from __future__ import annotations
-
-import os
 
 from calligrapher_rl.errors import UserError
 
@@ -28,20 +26,14 @@ HEADROOM_GIB = 3.0  # sampling's activations at 1024² and the CUDA context, bey
 
 def studio_gpu() -> int:
     """The physical index of the card the studio's own `cuda` device is."""
-    first = (os.environ.get("CUDA_VISIBLE_DEVICES") or "0").split(",")[0].strip()
-    return int(first) if first.isdigit() else 0
+    return procs.default_gpu()
 
 
 def holders(runs_dir: str, gpu: int) -> list[dict]:
-    """The live runs that hold card `gpu`: launched on it, or launched with no GPUs (the environment's card)."""
-    out = []
-    for info in runs.list_runs(runs_dir):
-        if not info["live"]:
-            continue
-        gpus = procs.parse_gpus(info.get("gpus") or "")
-        if gpu in gpus or not gpus:
-            out.append(info)
-    return out
+    """The live runs that hold card `gpu` (`procs.held_gpus`: a run launched with no GPUs holds the environment's
+    first card, the studio's own)."""
+    return [info for info in runs.list_runs(runs_dir)
+            if info["live"] and gpu in procs.held_gpus(info.get("gpus") or "")]
 
 
 def _gib(n: float) -> str:
@@ -88,8 +80,7 @@ def make_room_for_run(service, gpus: str) -> str:
     for the start message ('' when nothing was dropped)."""
     if service is None or not service.loaded_on_gpu():
         return ""
-    wanted = procs.parse_gpus(gpus)
-    if wanted and studio_gpu() not in wanted:
+    if studio_gpu() not in procs.held_gpus(gpus):
         return ""
     service.unload()
     return f" The studio's inference model was unloaded from GPU {studio_gpu()} to leave the card to the run."

@@ -151,6 +151,30 @@ def parse_gpus(gpus: str | None) -> list[int]:
     return out
 
 
+def default_gpu() -> int:
+    """The physical index of the card a process started without CUDA_VISIBLE_DEVICES changes uses as `cuda`: the
+    environment's first visible card (the studio's own, and that of a run launched with no GPUs)."""
+    first = (os.environ.get("CUDA_VISIBLE_DEVICES") or "0").split(",")[0].strip()
+    return int(first) if first.isdigit() else 0
+
+
+def machine_has_gpu() -> bool:
+    """Whether this machine has a CUDA card (what decides where a run launched with no GPUs trains)."""
+    import torch
+
+    return torch.cuda.is_available()
+
+
+def held_gpus(gpus: str | None) -> list[int]:
+    """The cards a run launched with `gpus` holds: those given; with none given, the environment's first card when
+    the machine has one (the trainer's default device is `cuda` there), else none (a CPU run). The queue and the
+    studio's Inference tab ask this one rule."""
+    given = parse_gpus(gpus)
+    if given:
+        return given
+    return [default_gpu()] if machine_has_gpu() else []
+
+
 def command_line(argv: list[str], gpus: str = "") -> str:
     cmd = train_command(argv, gpus)
     cmd[0] = "python"

@@ -19,6 +19,14 @@ from calligrapher_rl.errors import UserError
 from calligrapher_rl.models.stack import estimated_bytes
 
 
+@pytest.fixture(autouse=True)
+def gpu_machine(monkeypatch):
+    """These tests stand for a GPU server: a run launched with no GPUs trains on the environment's first card."""
+    from app import procs
+
+    monkeypatch.setattr(procs, "machine_has_gpu", lambda: True)
+
+
 def with_step(run_dir: str, step: int) -> None:
     path = os.path.join(run_dir, "status.json")
     with open(path) as fh:

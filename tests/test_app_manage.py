@@ -43,11 +43,27 @@ def set_state(run_dir: str, state: str) -> None:
                    "started": time.time() - 1, "updated": time.time()}, fh)
 
 
+def test_on_a_gpu_machine_a_run_given_no_gpus_holds_the_environments_first_card(tmp_path, monkeypatch):
+    """One rule for the queue and the studio's Inference tab (procs.held_gpus): the trainer's default device is the
+    first visible card, so two runs launched without GPUs would share it: the second waits."""
+    from app import procs
+
+    monkeypatch.setattr(procs, "machine_has_gpu", lambda: True)
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "2,3")
+    runs_dir = str(tmp_path)
+    live_run(runs_dir, "no-gpus", "")
+    assert procs.held_gpus("") == [2] and procs.held_gpus("3") == [3]
+    assert gpu_queue.conflicts(runs_dir, "") == {2: "no-gpus"} and gpu_queue.conflicts(runs_dir, "2,3") == {2: "no-gpus"}
+    assert gpu_queue.conflicts(runs_dir, "3") == {}
+    monkeypatch.setattr(procs, "machine_has_gpu", lambda: False)  # a CPU machine: nothing is held, nothing waits
+    assert procs.held_gpus("") == [] and gpu_queue.conflicts(runs_dir, "") == {}
+
+
 def test_a_run_waits_for_its_gpus_then_starts(tmp_path):
     runs_dir = str(tmp_path)
     holder = live_run(runs_dir, "holder", "0")
     assert gpu_queue.conflicts(runs_dir, "0,1") == {0: "holder"} and gpu_queue.conflicts(runs_dir, "1") == {}
-    assert gpu_queue.conflicts(runs_dir, "") == {}  # a CPU run never waits
+    assert gpu_queue.conflicts(runs_dir, "") == {}  # a CPU run never waits (this machine has no GPU)
     waiting = gpu_queue.enqueue(os.path.join(runs_dir, "waiting"), ["--preset", "tiny-grpo", "--output_dir",
                                                                     os.path.join(runs_dir, "waiting")], "0")
     info = runs.run_info(waiting)
