@@ -377,6 +377,23 @@ def test_rl_learning_rate_warms_up_again_after_the_moments_reset(tmp_path):
     assert lrs == pytest.approx([2.5e-4, 5e-4, 7.5e-4, 1e-3, 1e-3])
 
 
+def test_rl_warmup_restart_keeps_a_tensor_learning_rate_a_tensor():
+    """torchao's 8-bit AdamW keeps each group's lr as a tensor and refuses a float: the RL restart of the warmup
+    ramp (supervised warmup, then RL) fills it in place. torch's AdamW takes a tensor lr too, so it stands in here."""
+    from calligrapher_rl.training.optim import restart_warmup, with_restart_warmup
+
+    p = torch.nn.Parameter(torch.zeros(2))
+    opt = torch.optim.AdamW([p], lr=torch.tensor(1e-3))
+    sched = with_restart_warmup(torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0), 4)
+    lr = opt.param_groups[0]["lr"]
+    p.grad = torch.ones(2)
+    opt.step(), sched.step()
+    restart_warmup(sched)
+    assert opt.param_groups[0]["lr"] is lr and float(lr) == pytest.approx(2.5e-4)
+    opt.step(), sched.step()
+    assert opt.param_groups[0]["lr"] is lr and float(lr) == pytest.approx(5e-4)
+
+
 def _saved(state, folder):
     path = folder / "scheduler.pt"
     torch.save(state, path)
