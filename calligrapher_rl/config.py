@@ -146,8 +146,8 @@ class TrainConfig:
                                         "memory on a nearly full card: docs/benchmarks.md)")
     compile_scope: str = _OPTIM("whole", "with --compile, what a graph holds: whole = the whole transformer (the measured "
                                          "path); blocks = one double and one single block, each graph shared by every "
-                                         "block of its kind (regional compilation: far less to compile at the start; "
-                                         "its GPU compile time and speed are not measured yet: docs/benchmarks.md)",
+                                         "block of its kind (regional compilation: far less to compile at the start, "
+                                         "the same speed once compiled: docs/benchmarks.md)",
                                 choices=("whole", "blocks"))
     rollout_fp8: bool = _OPTIM(False, "sample NFT rollouts and evaluations with a float8 copy of the transformer "
                                       "(torchao, compute capability >= 8.9; +6 GB); GRPO rollouts stay in the "

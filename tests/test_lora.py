@@ -114,14 +114,15 @@ def _lora_grads(stack, x, fill, text, embeds):
 def test_merged_lora_is_one_matmul_with_peft_velocity_and_gradients(tiny_paths, tmp_path):
     """--lora_merged: each transformer LoRA layer is F.linear(x, W + s B A) with and without gradient (so a GRPO
     rollout's numbers are its update's), the velocity and the LoRA's gradients are peft's within fp32 rounding,
-    and the backward is exact (gradcheck in float64). Off unless asked."""
+    and the backward is exact (gradcheck in float64). Off for a bare --trainable lora, on in the LoRA presets."""
     from peft.tuners.lora import Linear as LoraLinear
 
     from calligrapher_rl.models.lora import _merged_forward, _merged_weight, _MergedLoraLinear, use_merged_lora
 
-    assert parse_args(["--preset", "tiny-nft-lora", "--output_dir", str(tmp_path / "n")]).lora_merged is False
-    assert parse_args(["--preset", "tiny-grpo-lora", "--lora_merged", "true", "--output_dir",
-                       str(tmp_path / "m")]).lora_merged is True
+    assert parse_args(["--preset", "tiny-nft", "--trainable", "lora", "--output_dir",
+                       str(tmp_path / "n")]).lora_merged is False
+    for preset in ("tiny-nft-lora", "tiny-grpo-lora", "flux-nft-lora", "flux-grpo-lora"):
+        assert parse_args(["--preset", preset, "--output_dir", str(tmp_path / "m")]).lora_merged is True, preset
     stack = _trained(_lora_stack(tiny_paths))
     fill, text, embeds = _inputs(stack)
     x = torch.randn(2, fill.seq_len, 64, generator=torch.Generator().manual_seed(3))

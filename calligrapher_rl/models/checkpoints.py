@@ -17,12 +17,14 @@ from dataclasses import replace
 
 import torch
 from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
 from ..atomic import atomic_path
 from ..errors import UserError
+from ..tensor_files import save_file_streamed
 from .style_adapter import StyleAdapter, StyleAdapterConfig
 
+FLAT_METADATA = {"format": "pt", "layout": "calligrapher-rl/flat"}
 RELEASE_GROUPS = ("image_proj_mlp", "image_proj_qformer", "attn_adapter")
 FORK_GROUPS = {"image_proj": "image_proj_mlp", "ip_adapter": "attn_adapter"}
 
@@ -162,12 +164,13 @@ def save_adapter_files(folder: str, state: dict[str, torch.Tensor], ema_state: d
     """`ip-adapter.safetensors` (+ `-ema`) and (unless `release_bin` is False) the release-compatible
     `ip-adapter.bin`, each atomic."""
     os.makedirs(folder, exist_ok=True)
-    state = _contiguous_cpu(state)
+    # the tensors may stay on the GPU: each file is written a piece at a time (tensor_files.py), never with a
+    # host copy of the whole adapter (12 GB at real size)
     with atomic_path(os.path.join(folder, "ip-adapter.safetensors")) as tmp:
-        save_file(state, tmp, metadata={"format": "pt", "layout": "calligrapher-rl/flat"})
+        save_file_streamed(state, tmp, metadata=FLAT_METADATA)
     if ema_state is not None:
         with atomic_path(os.path.join(folder, "ip-adapter-ema.safetensors")) as tmp:
-            save_file(_contiguous_cpu(ema_state), tmp, metadata={"format": "pt", "layout": "calligrapher-rl/flat"})
-    if release_bin:
+            save_file_streamed(ema_state, tmp, metadata=FLAT_METADATA)
+    if release_bin:  # small adapters only (training/checkpointing.py): the pickle needs host tensors
         with atomic_path(os.path.join(folder, "ip-adapter.bin")) as tmp:
-            torch.save(release_layout(state), tmp)
+            torch.save(release_layout(_contiguous_cpu(state)), tmp)

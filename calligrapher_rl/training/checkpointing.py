@@ -30,11 +30,12 @@ import re
 import shutil
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
 from ..atomic import atomic_dir, atomic_path
 from ..errors import UserError
 from ..models.checkpoints import save_adapter_files
+from ..tensor_files import save_file_streamed
 
 logger = logging.getLogger("calligrapher_rl.training")
 
@@ -152,7 +153,7 @@ def check_resume(cfg, ckpt: str) -> dict:
 
 
 def _prefixed(prefix: str, state: dict[str, torch.Tensor] | None) -> dict[str, torch.Tensor]:
-    return {f"{prefix}.{k}": v.detach().to("cpu").contiguous() for k, v in (state or {}).items()}
+    return {f"{prefix}.{k}": v.detach() for k, v in (state or {}).items()}  # written where they are
 
 
 # Below this size (the tiny adapter, LoRA merges) every checkpoint also carries the release .bin; above it (the
@@ -167,9 +168,10 @@ def save_checkpoint(run_dir: str, step: int, *, adapter: dict | None, ema: dict 
     final_dir = os.path.join(run_dir, f"checkpoint-{step}")
     if adapter is not None:
         size = sum(v.numel() * v.element_size() for v in adapter.values())
-        adapter = {k: v.detach().to("cpu").contiguous() for k, v in adapter.items()}  # once, for both uses below
+        # where they are (the GPU): compared and written a tensor at a time, never copied to the host as a whole
+        adapter = {k: v.detach() for k, v in adapter.items()}
     old_is_adapter = bool(old) and adapter is not None and all(
-        k in adapter and torch.equal(v.to("cpu"), adapter[k].to(v.dtype)) for k, v in old.items())
+        k in adapter and torch.equal(v.to(adapter[k].device), adapter[k].to(v.dtype)) for k, v in old.items())
     with atomic_dir(final_dir) as tmp:
         if weights is not None:
             weights(tmp)
@@ -178,7 +180,7 @@ def save_checkpoint(run_dir: str, step: int, *, adapter: dict | None, ema: dict 
         ts = os.path.join(tmp, "trainer_state")
         os.makedirs(ts)
         if old and not old_is_adapter:
-            save_file(_prefixed("old", old), os.path.join(ts, "policies.safetensors"))
+            save_file_streamed(_prefixed("old", old), os.path.join(ts, "policies.safetensors"))
         # where the old policy is: the adapter's own weights (by name) or policies.safetensors
         state = {**state, "old_policy": {"equals_adapter": sorted(old)} if old_is_adapter else None}
         # a state dict already consolidated across processes (sharded moments), or the optimizer itself
@@ -200,8 +202,8 @@ def save_reference(run_dir: str, reference: dict) -> str:
     """The KL reference of a run whose RL began after a warmup: once per run, in the run folder."""
     path = os.path.join(run_dir, REFERENCE_FILE)
     with atomic_path(path) as tmp:
-        # cloned: a LoRA reference may be views of one shared buffer, which safetensors refuses to write
-        save_file({k: v.clone() for k, v in _prefixed("ref", reference).items()}, tmp)
+        # a LoRA reference may be views of one shared buffer: written view by view, each its own bytes
+        save_file_streamed(_prefixed("ref", reference), tmp)
     return path
 
 

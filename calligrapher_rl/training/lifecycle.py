@@ -69,10 +69,10 @@ class RunLifecycle:
         ema, old = p.ema_state(), p.old_state()
         needed = 2 * tensor_bytes(adapter or {}) + 2 * tensor_bytes(ema) + tensor_bytes([old, optimizer_state])
         target = os.path.join(self.cfg.output_dir, f"checkpoint-{self.step}")
-        # on tmpfs the files are RAM, and the adapter's host copy (save_checkpoint) comes on top. The old policy is
-        # left out (not written while it equals the adapter): a lower bound, so a refusal is never a false one
-        on_card = tensor_bytes({k: v for k, v in (adapter or {}).items() if v.device.type != "cpu"})
-        check_memory_backed_room(target, tensor_bytes([adapter or {}, ema or {}, optimizer_state]), on_card)
+        # on tmpfs the files are RAM (the tensors themselves are written from where they live, a piece at a time:
+        # no host copy on top). The old policy is left out (not written while it equals the adapter): a lower
+        # bound, so a refusal is never a false one
+        check_memory_backed_room(target, tensor_bytes([adapter or {}, ema or {}, optimizer_state]))
         with writing(target, needed):  # torch's words -> "disk"
             path = save_checkpoint(self.cfg.output_dir, self.step, adapter=adapter, ema=ema, old=old,
                                    optimizer=optimizer_state, scheduler=self.scheduler, state=state,
