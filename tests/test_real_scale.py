@@ -140,9 +140,12 @@ def test_t5_is_released_after_precompute_and_read_again_for_a_new_prompt(tiny_pa
 def test_old_policy_average_streamed_per_tensor_equals_the_host_average(tiny_stack):
     """The CUDA path of NFT's old-policy update (the fp32 master streamed through the card one tensor at a time)
     computes what the host path computes; run here on the CPU tensors, it must agree exactly."""
+    import copy
+
     from calligrapher_rl.training.policies import Policies
 
-    pol = Policies(tiny_stack.adapter, "attn", use_ema=False, ema_decay=0.9, ema_update_interval=1,
+    # a copy: the session's tiny stack is shared by later tests, and this one moves the weights
+    pol = Policies(copy.deepcopy(tiny_stack.adapter), "attn", use_ema=False, ema_decay=0.9, ema_update_interval=1,
                    snapshot_dtype=torch.bfloat16)
     pol.begin_rl(with_old=True)
     gen = torch.Generator().manual_seed(0)
