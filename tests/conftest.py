@@ -38,7 +38,16 @@ def tiny_stack(tiny_paths):
     return CalligrapherStack.from_pretrained(*tiny_paths, num_style_tokens=8)
 
 
+def pytest_configure(config):
+    """Hand tests to the xdist workers one at a time (`--maxschedchunk 1`, unless given). xdist 3's `load`
+    schedule otherwise sends each worker a first chunk of consecutive tests (a quarter of its share: 57 of the
+    suite's 463), so the slow tests sorted first below all went to gw0, which ran ~160 s longer than gw1."""
+    if getattr(config.option, "maxschedchunk", 0) is None:  # the option exists (xdist) and was not given
+        config.option.maxschedchunk = 1
+
+
 def pytest_collection_modifyitems(config, items):
-    """The slow (learning, multi-process) tests first: on the suite's two xdist workers the long ones start at
-    once and the many short ones fill in behind them, instead of a long one starting last and running alone."""
+    """The slow (learning, multi-process) tests first: handed out one at a time (pytest_configure), the long ones
+    start at once on the two xdist workers and the many short ones fill in behind them, instead of a long one
+    starting last and running alone."""
     items.sort(key=lambda item: 0 if item.get_closest_marker("slow") else 1)  # stable: otherwise collection order
