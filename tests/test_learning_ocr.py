@@ -73,16 +73,21 @@ def trained(tmp_path_factory):
 STEPS = {m: int(f[f.index("--max_train_steps") + 1]) for m, f in FLAGS.items()}
 
 
-@functools.lru_cache(maxsize=None)
 def _ocr(method: str, adapter: str | None) -> float:
     """tiny.evaluate_ocr's mean OCR reward of `adapter` (None: the preset's pretrained one) with the method's eval
-    settings; the pretrained value is shared by a run and its control."""
+    settings."""
+    cfg = parse_args([*FLAGS[method], "--output_dir", "unused"])
+    return _evaluate(cfg.pretrained_model_name_or_path, adapter or cfg.initial_ip_adapter_path,
+                     cfg.rl_eval_num_inference_steps, cfg.ip_adapter_scale, cfg.train_data_json)
+
+
+@functools.lru_cache(maxsize=None)
+def _evaluate(model: str, adapter: str | None, steps: int, scale: float, data: str) -> float:
+    """Cached by what is evaluated, not by the test: the pretrained value is shared by a run and its control, and
+    by every method whose eval settings are the same (the three presets' are)."""
     from calligrapher_rl.tiny import evaluate_ocr
 
-    cfg = parse_args([*FLAGS[method], "--output_dir", "unused"])
-    return evaluate_ocr(cfg.pretrained_model_name_or_path, adapter or cfg.initial_ip_adapter_path,
-                        steps=cfg.rl_eval_num_inference_steps, scale=cfg.ip_adapter_scale, data=cfg.train_data_json,
-                        images_per_prompt=EVAL_NOISES)["ocr"]
+    return evaluate_ocr(model, adapter, steps=steps, scale=scale, data=data, images_per_prompt=EVAL_NOISES)["ocr"]
 
 
 def _gain(run: str, method: str) -> float:
