@@ -215,6 +215,13 @@ def main() -> int:
             res.data["build_models_s"] = round(time.time() - t0, 1)
             res.flush()
     stages = args.stages.split(",")
+    if "studio" in stages:
+        try:  # before any model is built or run started: the stage drives the studio's own tabs
+            import gradio  # noqa: F401
+        except ImportError:
+            print("gpu_e2e.py: --stages studio needs gradio importable here (pip install -r requirements.txt; on a "
+                  "machine without network, carry its wheels beside .gpu_wheels)", file=sys.stderr)
+            return 2
     for preset in args.presets.split(","):
         from calligrapher_rl.config import parse_args
 
