@@ -1,5 +1,5 @@
 """One FLUX-sized linear layer with a rank-32 peft LoRA, three ways: peft's forward as it is (input cast to the fp32
-masters' dtype), peft's forward without that cast (`models.lora.skip_input_casts`, what a bf16 run now does), and the
+masters' dtype), peft's forward without that cast (`models.lora_merged.skip_input_casts`, what a bf16 run now does), and the
 merged matmul (`--lora_merged`); forward without gradient (a rollout) and forward + backward (an update), under bf16
 autocast, at the presets' 8 images x (1024 image + 512 text) tokens.
 
@@ -21,7 +21,8 @@ from torch import nn
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from calligrapher_rl.models.lora import LoraSpec, skip_input_casts, use_merged_lora  # noqa: E402
+from calligrapher_rl.models.lora import LoraSpec  # noqa: E402
+from calligrapher_rl.models.lora_merged import skip_input_casts, use_merged_lora  # noqa: E402
 
 SHAPES = {"attn 3072->3072": (3072, 3072), "ff.net.0 3072->12288": (3072, 12288), "ff.net.2 12288->3072": (12288, 3072)}
 

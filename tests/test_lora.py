@@ -117,7 +117,7 @@ def test_merged_lora_is_one_matmul_with_peft_velocity_and_gradients(tiny_paths, 
     and the backward is exact (gradcheck in float64). Off for a bare --trainable lora, on in the LoRA presets."""
     from peft.tuners.lora import Linear as LoraLinear
 
-    from calligrapher_rl.models.lora import _merged_forward, _merged_weight, _MergedLoraLinear, use_merged_lora
+    from calligrapher_rl.models.lora_merged import _merged_forward, _merged_weight, _MergedLoraLinear, use_merged_lora
 
     assert parse_args(["--preset", "tiny-nft", "--trainable", "lora", "--output_dir",
                        str(tmp_path / "n")]).lora_merged is False
@@ -158,7 +158,7 @@ def test_merged_lora_is_one_matmul_with_peft_velocity_and_gradients(tiny_paths, 
 def test_lora_inputs_are_not_copied_to_fp32_under_autocast(tiny_paths):
     """Under autocast the LoRA matmuls run in bf16 whatever dtype their input has, so peft's cast of each input to
     the fp32 masters' dtype is a copy that changes nothing: without it, the same bits forward and backward."""
-    from calligrapher_rl.models.lora import skip_input_casts
+    from calligrapher_rl.models.lora_merged import skip_input_casts
 
     stack = CalligrapherStack.from_pretrained(*tiny_paths, num_style_tokens=8, dtype=torch.bfloat16)
     add_lora(stack.pipe.transformer, stack.adapter, LoraSpec("both", rank=4, alpha=8.0))

@@ -10,6 +10,8 @@ Files of a LoRA checkpoint folder (`write_lora_files` / `read_lora_files`):
     lora.json                               what the LoRA adapts (base model, base adapter) and its shape
     pytorch_lora_weights.safetensors        the transformer's LoRA, diffusers' format (`FluxFillPipeline.load_lora_weights`)
     adapter_lora/adapter_model.safetensors  the adapter's LoRA, peft's format (+ adapter_config.json)
+
+The faster forwards of a training run's transformer LoRA (`--lora_merged`) are in `lora_merged.py`.
 """
 
 from __future__ import annotations
@@ -107,92 +109,6 @@ def add_lora(transformer: nn.Module, adapter: nn.Module, spec: LoraSpec) -> dict
             if lora and (p.dtype != torch.float32 or p.device != device):
                 p.data = p.data.to(device, torch.float32)
     return parts
-
-
-def _merged_weight(weight: torch.Tensor, lora_a: torch.Tensor, lora_b: torch.Tensor, scaling: float) -> torch.Tensor:
-    """W + scaling * B @ A in the base weight's dtype: one GEMM whose epilogue adds W, so a bf16 base is rounded
-    once (as a fused LoRA at inference is), and nothing is written back into the base."""
-    return torch.addmm(weight, lora_b.to(weight.dtype), lora_a.to(weight.dtype), alpha=scaling)
-
-
-class _MergedLoraLinear(torch.autograd.Function):
-    """y = x (W + s B A)^T + b with the LoRA factors' gradient from rank-r products.
-
-    Forward: one matmul with the merged weight (`_merged_weight`), under whatever autocast is active. Backward
-    (W and b are frozen): dx = g (W + s B A), recomputed rather than saved; dA = s (g B)^T x and dB = s g^T (x A^T),
-    the two rank-r products peft's autograd forms too, so the factors' gradients are peft's. Nothing of size
-    d_out x d_in is formed besides the merged weight itself."""
-
-    @staticmethod
-    def forward(ctx, x, weight, bias, lora_a, lora_b, scaling):
-        y = torch.nn.functional.linear(x, _merged_weight(weight, lora_a, lora_b, scaling), bias)
-        ctx.save_for_backward(x, weight, lora_a, lora_b)
-        ctx.scaling, ctx.dtype = scaling, y.dtype  # y's dtype is the compute dtype autocast chose
-        return y
-
-    @staticmethod
-    def backward(ctx, grad):
-        x, weight, lora_a, lora_b = ctx.saved_tensors
-        dt, s = ctx.dtype, ctx.scaling
-        g = grad.reshape(-1, grad.shape[-1]).to(dt)
-        x2 = x.reshape(-1, x.shape[-1]).to(dt)
-        a, b = lora_a.to(dt), lora_b.to(dt)
-        dx = da = db = None
-        if ctx.needs_input_grad[0]:
-            dx = (g @ _merged_weight(weight.to(dt), a, b, s)).reshape(x.shape).to(x.dtype)
-        if ctx.needs_input_grad[3]:
-            da = ((g @ b).t() @ x2).mul_(s).to(lora_a.dtype)
-        if ctx.needs_input_grad[4]:
-            db = (g.t() @ (x2 @ a.t())).mul_(s).to(lora_b.dtype)
-        return dx, None, None, da, db, None
-
-
-def _merged_forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
-    """A peft LoRA Linear's forward as one matmul with W + scaling * B @ A (`--lora_merged`).
-
-    peft computes `base(x) + B(A(x)) * scaling`: a second pass over the layer's input and a full-size add, which at
-    FLUX size (thousands of rows per layer) costs more than the rank-r matmuls themselves. Merging at the call reads
-    and writes one weight-sized tensor instead, and leaves the base untouched (no in-place merge/unmerge, whose
-    bf16 round trips would drift it). The product comes from whatever the LoRA parameters hold at the call, so
-    another policy's weights put in place (models.stack.weights_in_place) are the ones merged. The same numbers
-    with and without gradient: a GRPO rollout's log-probabilities are those its update recomputes. Anything this
-    does not cover (dropout, DoRA-like variants, several adapters, adapters disabled) runs peft's own forward."""
-    if self.disable_adapters or self.merged or args or kwargs:
-        return type(self).forward(self, x, *args, **kwargs)
-    active = [n for n in self.active_adapters if n in self.lora_A.keys()]
-    if len(active) != 1 or active[0] in self.lora_variant or not isinstance(self.lora_dropout[active[0]], nn.Identity):
-        return type(self).forward(self, x, *args, **kwargs)
-    name = active[0]
-    base = self.get_base_layer()
-    a, b, s = self.lora_A[name].weight, self.lora_B[name].weight, self.scaling[name]
-    if not torch.is_grad_enabled():
-        return torch.nn.functional.linear(x, _merged_weight(base.weight, a, b, s), base.bias)
-    return _MergedLoraLinear.apply(x, base.weight, base.bias, a, b, s)
-
-
-def use_merged_lora(module: nn.Module) -> int:
-    """Give every peft LoRA Linear of `module` the merged forward (`_merged_forward`); returns how many. Call it
-    before compiling: the compiled graphs then hold the merged matmuls."""
-    import types
-
-    from peft.tuners.lora import Linear as LoraLinear
-
-    layers = [m for m in module.modules() if isinstance(m, LoraLinear)]
-    for layer in layers:
-        layer.forward = types.MethodType(_merged_forward, layer)
-    return len(layers)
-
-
-def skip_input_casts(module: nn.Module) -> int:
-    """Stop peft casting each LoRA layer's input to the fp32 masters' dtype. Under autocast the LoRA matmuls run in
-    the autocast dtype anyway, so the cast only costs an fp32 copy of every input (and its round trip back, and the
-    same again in the backward); the results are the same bits. Only for modules that always run under autocast."""
-    from peft.tuners.tuners_utils import BaseTunerLayer
-
-    layers = [m for m in module.modules() if isinstance(m, BaseTunerLayer)]
-    for layer in layers:
-        layer.cast_input_dtype_enabled = False  # the attribute peft.helpers.disable_input_dtype_casting sets
-    return len(layers)
 
 
 def lora_parameters(transformer: nn.Module, adapter: nn.Module) -> list[tuple[str, nn.Parameter]]:

@@ -95,6 +95,9 @@ class CalligrapherStack:
         self._text_cache: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
         # images through the transformer so far, without and with gradient (the trainer's TFLOP/s figures)
         self.forward_counts = {"no_grad": 0, "grad": 0}
+        # `--lora_merged`: no-gradient calls run the base model with each policy's W + s B A formed once
+        # (models/lora_merged.py); set by the trainer's setup
+        self.merged_base = None
 
     # ---------------------------------------------------------------- loading
     @classmethod
@@ -289,13 +292,25 @@ class CalligrapherStack:
             if torch.is_grad_enabled():
                 out = torch.func.functional_call(model, named, args, strict=False)
             else:
-                with weights_in_place(model, named):
+                factors = [v for k, v in named.items() if k.startswith("transformer.")]
+                with weights_in_place(model, named), self._merged(model, factors):
                     out = model(*args)
         elif torch.is_grad_enabled() and model is self.model:
             out = self.train_model(*args)
         else:
-            out = model(*args)
+            with self._merged(model, ()):
+                out = model(*args)
         return out.float()
+
+    def _merged(self, model, sources):
+        if self.merged_base is None or model is not self.model:
+            return contextlib.nullcontext()
+        return self.merged_base.applied(sources)
+
+    def release_merged_weights(self) -> None:
+        """Free the no-gradient calls' formed LoRA weights (a weight-sized copy of the LoRA'd layers)."""
+        if self.merged_base is not None:
+            self.merged_base.release()
 
     def enable_fp8_rollouts(self) -> None:
         from .acceleration import fp8_copy

@@ -21,6 +21,7 @@ import os
 import torch
 
 from ..models.lora import EMA_DIR, count, lora_info, lora_parameters, read_lora_files, write_lora_files
+from ..models.lora_merged import mark_zero
 from .policies import Policies
 
 logger = logging.getLogger("calligrapher_rl.training")
@@ -79,7 +80,14 @@ class LoraPolicies(Policies):
             key = (p.dtype, p.device)
             if key not in buffers or buffers[key].numel() < p.numel():
                 buffers[key] = torch.zeros(p.numel(), dtype=p.dtype, device=p.device)
+        for buf in buffers.values():
+            mark_zero(buf)  # what the no-gradient merged calls skip (models/lora_merged.py)
         return {n: buffers[(p.dtype, p.device)][:p.numel()].view(p.shape) for n, p in b_weights}
+
+    def _move(self, snap, kind, device):
+        if kind == "ref" and self.reference_is_base:
+            return snap  # a few lora_B-sized views of one zero buffer: nothing to gain from moving them
+        return super()._move(snap, kind, device)
 
     def _lora_is_zero(self) -> bool:
         return all(not p.detach().any() for n, p in self.named if ".lora_B." in n)

@@ -78,6 +78,8 @@ class RLEpoch:
         with clock("update"):
             for inner in range(cfg.rl_num_inner_epochs if stats["reward/failed"] < 1.0 else 0):
                 targets = self._nft_targets(batches, rollouts, inner) if cfg.rl_method == "nft" else None
+                # the sampling policy's formed LoRA weights (--lora_merged) leave the card to the gradient passes
+                self.stack.release_merged_weights()
                 loss_ok = True
                 for b, (batch, ro, adv) in enumerate(zip(batches, rollouts, advantages)):
                     group = min(ga, n_batches - b // ga * ga)  # the real size of b's accumulation group (the last may be short)

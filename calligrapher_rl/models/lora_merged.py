@@ -1,0 +1,200 @@
+"""The transformer LoRA's fast forwards in a training run (`--lora_merged`).
+
+With gradient, each peft LoRA Linear runs as one matmul with W + s B A (`use_merged_lora`, `_MergedLoraLinear`):
+peft's own forward makes a second pass over the layer's input and a full-size add, which at FLUX size costs
+more than the rank-r matmuls themselves.
+
+Without gradient (rollouts, NFT's old-policy targets, evaluation), the weights do not change from one call to
+the next, so forming W + s B A at every call (a weight-sized write per layer, ~50 calls an epoch) is waste.
+`MergedBase` forms them once per policy and runs the transformer as its plain base model with those weights in
+the base layers' places (adapters off for the call): the same matmuls, the same bits as the merged forward.
+A policy whose every lora_B is a registered zero (`mark_zero`: the base-model reference of `--trainable lora`)
+runs the base weights themselves and leaves the formed ones in place, so GRPO's rollout, which alternates the
+current policy and the reference on its trained steps, forms the current policy's weights once.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import weakref
+
+import torch
+from torch import nn
+
+
+def _merged_weight(weight: torch.Tensor, lora_a: torch.Tensor, lora_b: torch.Tensor, scaling: float) -> torch.Tensor:
+    """W + scaling * B @ A in the base weight's dtype: one GEMM whose epilogue adds W, so a bf16 base is rounded
+    once (as a fused LoRA at inference is), and nothing is written back into the base."""
+    return torch.addmm(weight, lora_b.to(weight.dtype), lora_a.to(weight.dtype), alpha=scaling)
+
+
+class _MergedLoraLinear(torch.autograd.Function):
+    """y = x (W + s B A)^T + b with the LoRA factors' gradient from rank-r products.
+
+    Forward: one matmul with the merged weight (`_merged_weight`), under whatever autocast is active. Backward
+    (W and b are frozen): dx = g (W + s B A), recomputed rather than saved; dA = s (g B)^T x and dB = s g^T (x A^T),
+    the two rank-r products peft's autograd forms too, so the factors' gradients are peft's. Nothing of size
+    d_out x d_in is formed besides the merged weight itself."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, lora_a, lora_b, scaling):
+        y = torch.nn.functional.linear(x, _merged_weight(weight, lora_a, lora_b, scaling), bias)
+        ctx.save_for_backward(x, weight, lora_a, lora_b)
+        ctx.scaling, ctx.dtype = scaling, y.dtype  # y's dtype is the compute dtype autocast chose
+        return y
+
+    @staticmethod
+    def backward(ctx, grad):
+        x, weight, lora_a, lora_b = ctx.saved_tensors
+        dt, s = ctx.dtype, ctx.scaling
+        g = grad.reshape(-1, grad.shape[-1]).to(dt)
+        x2 = x.reshape(-1, x.shape[-1]).to(dt)
+        a, b = lora_a.to(dt), lora_b.to(dt)
+        dx = da = db = None
+        if ctx.needs_input_grad[0]:
+            dx = (g @ _merged_weight(weight.to(dt), a, b, s)).reshape(x.shape).to(x.dtype)
+        if ctx.needs_input_grad[3]:
+            da = ((g @ b).t() @ x2).mul_(s).to(lora_a.dtype)
+        if ctx.needs_input_grad[4]:
+            db = (g.t() @ (x2 @ a.t())).mul_(s).to(lora_b.dtype)
+        return dx, None, None, da, db, None
+
+
+def _merged_forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+    """A peft LoRA Linear's forward as one matmul with W + scaling * B @ A (`--lora_merged`).
+
+    peft computes `base(x) + B(A(x)) * scaling`: a second pass over the layer's input and a full-size add, which at
+    FLUX size (thousands of rows per layer) costs more than the rank-r matmuls themselves. Merging at the call reads
+    and writes one weight-sized tensor instead, and leaves the base untouched (no in-place merge/unmerge, whose
+    bf16 round trips would drift it). The product comes from whatever the LoRA parameters hold at the call, so
+    another policy's weights put in place (models.stack.weights_in_place) are the ones merged. The same numbers
+    with and without gradient: a GRPO rollout's log-probabilities are those its update recomputes. Anything this
+    does not cover (dropout, DoRA-like variants, several adapters, adapters disabled) runs peft's own forward."""
+    if self.disable_adapters or self.merged or args or kwargs:
+        return type(self).forward(self, x, *args, **kwargs)
+    active = [n for n in self.active_adapters if n in self.lora_A.keys()]
+    if len(active) != 1 or active[0] in self.lora_variant or not isinstance(self.lora_dropout[active[0]], nn.Identity):
+        return type(self).forward(self, x, *args, **kwargs)
+    name = active[0]
+    base = self.get_base_layer()
+    a, b, s = self.lora_A[name].weight, self.lora_B[name].weight, self.scaling[name]
+    if not torch.is_grad_enabled():
+        return torch.nn.functional.linear(x, _merged_weight(base.weight, a, b, s), base.bias)
+    return _MergedLoraLinear.apply(x, base.weight, base.bias, a, b, s)
+
+
+def use_merged_lora(module: nn.Module) -> int:
+    """Give every peft LoRA Linear of `module` the merged forward (`_merged_forward`); returns how many. Call it
+    before compiling: the compiled graphs then hold the merged matmuls."""
+    import types
+
+    from peft.tuners.lora import Linear as LoraLinear
+
+    layers = [m for m in module.modules() if isinstance(m, LoraLinear)]
+    for layer in layers:
+        layer.forward = types.MethodType(_merged_forward, layer)
+    return len(layers)
+
+
+def skip_input_casts(module: nn.Module) -> int:
+    """Stop peft casting each LoRA layer's input to the fp32 masters' dtype. Under autocast the LoRA matmuls run in
+    the autocast dtype anyway, so the cast only costs an fp32 copy of every input (and its round trip back, and the
+    same again in the backward); the results are the same bits. Only for modules that always run under autocast."""
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    layers = [m for m in module.modules() if isinstance(m, BaseTunerLayer)]
+    for layer in layers:
+        layer.cast_input_dtype_enabled = False  # the attribute peft.helpers.disable_input_dtype_casting sets
+    return len(layers)
+
+
+# ------------------------------------------------------------------------------------------- no gradient
+_ZEROS: "weakref.WeakValueDictionary[int, torch.Tensor]" = weakref.WeakValueDictionary()
+
+
+def mark_zero(buffer: torch.Tensor) -> None:
+    """`buffer` holds zeros for as long as it lives (it is never written): a lora_B that is a view of it adds
+    nothing, so `MergedBase` runs that layer on its base weight. Keyed by storage, checked alive: an address
+    reused after the buffer is freed never matches."""
+    _ZEROS[buffer.untyped_storage().data_ptr()] = buffer
+
+
+def _is_zero(t: torch.Tensor) -> bool:
+    held = _ZEROS.get(t.untyped_storage().data_ptr())
+    return held is not None and held.untyped_storage().data_ptr() == t.untyped_storage().data_ptr()
+
+
+def _state(t: torch.Tensor) -> tuple:
+    return t.data_ptr(), t._version, t.dtype, t.device
+
+
+class MergedBase:
+    """No-gradient calls of a LoRA transformer as its base model with W + s B A in the base layers' places.
+
+    `with merged.applied(sources): model(...)`. The formed weights are kept (one weight-sized copy of the LoRA'd
+    layers: 5.0 GB for flux-nft-lora's attention list, 10.8 GB for flux-grpo-lora's, in bf16) until the factors
+    change. What counts as a change: another tensor in a factor's place (another policy, a device move) or an
+    in-place write to it (its version counter: an optimizer step, a loaded checkpoint), and any in-place write to
+    `sources`, the mapping put in the parameters' places for the call (`weights_in_place` gives the parameter
+    another storage but not that storage's version counter, so an old policy or an EMA averaged in place would
+    otherwise look unchanged). `release()` frees them: the trainer calls it before the gradient passes, whose
+    activations the card needs more."""
+
+    def __init__(self, transformer: nn.Module):
+        from peft.tuners.lora import Linear as LoraLinear
+
+        self.layers = [m for m in transformer.modules()
+                       if isinstance(m, LoraLinear) and m.forward.__func__ is _merged_forward]
+        self._key: tuple | None = None
+        self._weights: list[torch.Tensor | None] | None = None
+        self.formed = 0  # times the weights were formed (tests and the log read it)
+
+    @staticmethod
+    def _factors(layer) -> tuple | None:
+        """(A, B, scaling) of a layer `_merged_forward` would merge now; None for one it would hand to peft."""
+        if layer.disable_adapters or layer.merged:
+            return None
+        active = [n for n in layer.active_adapters if n in layer.lora_A.keys()]
+        if len(active) != 1 or active[0] in layer.lora_variant or not isinstance(layer.lora_dropout[active[0]],
+                                                                                 nn.Identity):
+            return None
+        name = active[0]
+        return layer.lora_A[name].weight, layer.lora_B[name].weight, layer.scaling[name]
+
+    def release(self) -> None:
+        self._weights, self._key = None, None
+
+    @contextlib.contextmanager
+    def applied(self, sources=()):
+        if torch.is_grad_enabled() or not self.layers:
+            yield
+            return
+        factors = [self._factors(layer) for layer in self.layers]
+        if any(f is None for f in factors):  # not what the merged forward covers: peft's own forward, unchanged
+            yield
+            return
+        zero = [_is_zero(b) for _, b, _ in factors]
+        if not all(zero):
+            key = (tuple((_state(a), _state(b), s, _state(layer.get_base_layer().weight))
+                         for layer, (a, b, s) in zip(self.layers, factors)),
+                   tuple(_state(t) for t in sources))
+            if key != self._key:
+                self.release()  # never two sets at once
+                self._weights = [None if z else _merged_weight(layer.get_base_layer().weight, a, b, s)
+                                 for layer, (a, b, s), z in zip(self.layers, factors, zero)]
+                self._key = key
+                self.formed += 1
+        weights = self._weights if not all(zero) else [None] * len(self.layers)
+        saved = []
+        try:
+            for layer, w in zip(self.layers, weights):
+                base = layer.get_base_layer()
+                saved.append((layer, base.weight, base.weight.data))
+                if w is not None:
+                    base.weight.data = w
+                layer._disable_adapters = True  # peft's flag, set directly: enable_adapters would touch requires_grad
+            yield
+        finally:
+            for layer, param, data in reversed(saved):
+                param.data = data
+                layer._disable_adapters = False
