@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import os
 import tempfile
 
@@ -51,3 +52,12 @@ def pytest_collection_modifyitems(config, items):
     start at once on the two xdist workers and the many short ones fill in behind them, instead of a long one
     starting last and running alone."""
     items.sort(key=lambda item: 0 if item.get_closest_marker("slow") else 1)  # stable: otherwise collection order
+
+
+def pytest_collection_finish(session):
+    """Exempt what collection built (torch, diffusers, gradio, ...: most of a worker's ~900k objects) from the
+    cyclic garbage collector: each full collection walked all of it, 25 s of a worker's ~1100 s in a full run,
+    and pytest's five collections at the session's end. Measured on two modules: 5.8 s of GC -> 3.2 s."""
+    gc.collect()
+    gc.freeze()
+
