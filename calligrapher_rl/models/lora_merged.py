@@ -32,27 +32,30 @@ class _MergedLoraLinear(torch.autograd.Function):
     """y = x (W + s B A)^T + b with the LoRA factors' gradient from rank-r products.
 
     Forward: one matmul with the merged weight (`_merged_weight`), under whatever autocast is active. Backward
-    (W and b are frozen): dx = g (W + s B A), recomputed rather than saved; dA = s (g B)^T x and dB = s g^T (x A^T),
-    the two rank-r products peft's autograd forms too, so the factors' gradients are peft's. Nothing of size
-    d_out x d_in is formed besides the merged weight itself."""
+    (W and b are frozen): dx = g (W + s B A) with the forward's merged weight, saved: under gradient checkpointing
+    (every real-size preset) a saved tensor lives only from its block's recompute to that block's backward, so
+    keeping it costs one block's merged weights and saves forming them a third time; dA = s (g B)^T x and
+    dB = s g^T (x A^T), the two rank-r products peft's autograd forms too, so the factors' gradients are peft's.
+    Nothing of size d_out x d_in is formed besides the merged weight itself."""
 
     @staticmethod
     def forward(ctx, x, weight, bias, lora_a, lora_b, scaling):
-        y = torch.nn.functional.linear(x, _merged_weight(weight, lora_a, lora_b, scaling), bias)
-        ctx.save_for_backward(x, weight, lora_a, lora_b)
+        merged = _merged_weight(weight, lora_a, lora_b, scaling)
+        y = torch.nn.functional.linear(x, merged, bias)
+        ctx.save_for_backward(x, merged, lora_a, lora_b)
         ctx.scaling, ctx.dtype = scaling, y.dtype  # y's dtype is the compute dtype autocast chose
         return y
 
     @staticmethod
     def backward(ctx, grad):
-        x, weight, lora_a, lora_b = ctx.saved_tensors
+        x, merged, lora_a, lora_b = ctx.saved_tensors
         dt, s = ctx.dtype, ctx.scaling
         g = grad.reshape(-1, grad.shape[-1]).to(dt)
         x2 = x.reshape(-1, x.shape[-1]).to(dt)
         a, b = lora_a.to(dt), lora_b.to(dt)
         dx = da = db = None
         if ctx.needs_input_grad[0]:
-            dx = (g @ _merged_weight(weight.to(dt), a, b, s)).reshape(x.shape).to(x.dtype)
+            dx = (g @ merged.to(dt)).reshape(x.shape).to(x.dtype)
         if ctx.needs_input_grad[3]:
             da = ((g @ b).t() @ x2).mul_(s).to(lora_a.dtype)
         if ctx.needs_input_grad[4]:
