@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import errno
+import os
+import threading
+
 import pytest
 import torch
 from safetensors import safe_open
@@ -49,3 +53,14 @@ def test_no_metadata_and_an_unknown_dtype(tmp_path):
     assert (tmp_path / "ours.st").read_bytes() == (tmp_path / "ref.st").read_bytes()
     with pytest.raises(TypeError, match="complex"):
         save_file_streamed({"c": torch.ones(2, dtype=torch.complex64)}, str(tmp_path / "c.st"))
+
+
+@pytest.mark.skipif(not os.path.exists("/dev/full"), reason="needs Linux's /dev/full (every write: no space left)")
+def test_a_full_disk_is_raised_in_the_caller_and_the_writer_ends(tmp_path):
+    """The pieces are written by a thread while the next is copied: a failed write still reaches the caller (the
+    trainer turns it into its one-line 'disk full' end), and no writer thread is left behind."""
+    big = {"w": torch.randn(64, 1024, generator=torch.Generator().manual_seed(0))}  # 256 KiB: many 4 KiB pieces
+    with pytest.raises(OSError) as got:
+        save_file_streamed(big, "/dev/full", chunk_bytes=4096)
+    assert got.value.errno == errno.ENOSPC
+    assert not [t for t in threading.enumerate() if t.name.startswith("safetensors-writer")]
