@@ -1,7 +1,7 @@
 """May the studio load a model onto its GPU now? The Inference and Compare tabs share the card with the runs the
 studio started, and a training run near an 80 GB card's edge must never be pushed out of memory by them.
 
-So, before a model stack goes onto a CUDA card (InferenceService._stack, with models.stack.estimated_bytes of
+So, before a model stack goes onto a CUDA card (InferenceService._stack, with models.footprint.estimated_bytes of
 what it will load), `GpuRoom.check` answers in one line:
 - a live run on that card that has not finished its first optimizer step has not reached its peak memory yet
   (its first update and optimizer step allocate what its allocator then keeps): loading beside it is refused;

@@ -95,7 +95,7 @@ class InferenceService:
         while len(self._stacks) >= self.max_stacks:
             self._drop(next(iter(self._stacks)))
         if device == "cuda" and self.room is not None:
-            from calligrapher_rl.models.stack import estimated_bytes
+            from calligrapher_rl.models.footprint import estimated_bytes
 
             self.room.check(estimated_bytes(flux, siglip, adapter_file))
         stack = CalligrapherStack.from_pretrained(flux, siglip, adapter_path=adapter_file, device=device, dtype=dtype)

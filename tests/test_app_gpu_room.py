@@ -16,7 +16,7 @@ from app.gpu_room import GIB, GpuRoom, make_room_for_run
 from app.infer_views import InferViews
 from app.inference import InferenceService
 from calligrapher_rl.errors import UserError
-from calligrapher_rl.models.stack import estimated_bytes
+from calligrapher_rl.models.footprint import estimated_bytes
 
 
 @pytest.fixture(autouse=True)
