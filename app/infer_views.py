@@ -184,17 +184,18 @@ class InferViews:
         gallery, rows = [], ["| | checkpoint | image | OCR read | OCR score | style score |", "|---|---|---|---|---|---|"]
         for letter, label, images, _, scores in results:
             for i, (im, sc) in enumerate(zip(images, scores)):
-                gallery.append((im, f"{letter} · {label} · #{i + 1} · OCR {sc['ocr']:.2f} ({sc['ocr_text'] or '—'}) · "
-                                    f"style {sc['style']:.3f}"))
-                rows.append(f"| {letter} | {label} | #{i + 1} | `{sc['ocr_text'] or '—'}` | {sc['ocr']:.3f} | "
+                gallery.append((im, f"{letter} · {label} · #{i + 1} · OCR {_score(sc['ocr'], 2)} "
+                                    f"({sc['ocr_text'] or '—'}) · style {sc['style']:.3f}"))
+                rows.append(f"| {letter} | {label} | #{i + 1} | `{sc['ocr_text'] or '—'}` | {_score(sc['ocr'], 3)} | "
                             f"{sc['style']:.3f} |")
-        means = " · ".join(f"{letter}: OCR {sum(s['ocr'] for s in sc) / len(sc):.3f}, style "
-                           f"{sum(s['style'] for s in sc) / len(sc):.3f}" for letter, _, _, _, sc in results)
+        means = " · ".join(f"{letter}: OCR {_score(_mean([s['ocr'] for s in sc]), 3)}, style "
+                           f"{_mean([s['style'] for s in sc]):.3f}" for letter, _, _, _, sc in results)
         first = [r[2][0] for r in results]
+        note = f"\n\nℹ {self.scorer.note}" if self.scorer.note else ""
         return {"slider": (first[0], first[1]) if len(first) > 1 else None, "cmp_gallery": gallery,
                 "cmp_scores": "\n".join(rows),
                 "cmp_msg": f"✓ {len(results)} checkpoint(s), same inputs, seed {inp.seed}, {inp.num_images} image(s) "
-                           f"each. Means: {means}"}
+                           f"each. Means: {means}{note}"}
 
     def unload(self) -> dict:
         return {"inf_msg": self.service.unload()}
@@ -204,3 +205,11 @@ def _is_lora(path: str) -> bool:
     from calligrapher_rl.models.lora import find_lora
 
     return os.path.isdir(path) and find_lora(path) is not None
+
+
+def _mean(values: list) -> float | None:
+    return None if any(v is None for v in values) or not values else sum(values) / len(values)
+
+
+def _score(value: float | None, digits: int) -> str:
+    return "—" if value is None else f"{value:.{digits}f}"

@@ -273,10 +273,13 @@ def dataset_example(index: int = 0, flux: str | None = None) -> dict:
 
 class Scorer:
     """The training rewards on studio images: what OCR reads in the repainted region, its OCR score, and the
-    SigLIP style score against the reference. Engines load on first use and stay (one per SigLIP path)."""
+    SigLIP style score against the reference. Engines load on first use and stay (one per SigLIP path).
+    Without the OCR engine's package (a GPU server set up for training only), the OCR columns read None and
+    `note` says why, once: the images and the style scores are still worth seeing."""
 
     def __init__(self):
         self._ocr = None
+        self.note = ""  # why a score is missing, for the tab to show
         self._style: dict[str, object] = {}
         self._lock = threading.Lock()
 
@@ -289,8 +292,12 @@ class Scorer:
         mask = inputs.mask
         out = []
         with self._lock:
-            if self._ocr is None:
-                self._ocr = make_reward("ocr")
+            if self._ocr is None and not self.note:
+                try:
+                    self._ocr = make_reward("ocr")
+                except ImportError as exc:
+                    self.note = (f"no OCR scores: {exc.name or exc} is not installed here "
+                                 "(pip install -r requirements.txt)")
             if siglip_path not in self._style:
                 self._style[siglip_path] = make_reward("style", siglip_path=siglip_path, device=_device_dtype()[0])
             # the images come at the model's size (see model_size): the mask follows the same rounding the
@@ -300,6 +307,7 @@ class Scorer:
                        for im in images]
             style = self._style[siglip_path].score(samples)
             for sample, st in zip(samples, style):
-                read = self._ocr.recognize(ocr_crop(sample))
-                out.append({"ocr_text": read, "ocr": text_score(read, sample.text), "style": st})
+                read = self._ocr.recognize(ocr_crop(sample)) if self._ocr is not None else None
+                out.append({"ocr_text": read, "ocr": None if read is None else text_score(read, sample.text),
+                            "style": st})
         return out

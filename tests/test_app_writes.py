@@ -3,6 +3,8 @@
 
 from __future__ import annotations
 
+import sys
+
 import numpy as np
 import torch
 
@@ -34,3 +36,23 @@ def test_the_inference_tabs_example_is_the_default_models_task():
     assert len(tiny["text"]) == 4 and set(tiny["text"]) <= set(GLYPH_CHARS)  # bundled-glyphs
     words = dataset_example(0, "/models/FLUX.1-Fill-dev")  # a real model: the bundled word dataset
     assert not set(words["text"]) <= set(GLYPH_CHARS), words["text"]
+
+
+def test_compare_without_the_ocr_package_shows_images_and_says_why_scores_are_missing(tmp_path, monkeypatch):
+    """A GPU server set up for training only may lack the OCR engine: Compare still paints and shows the style
+    scores, its OCR columns read '—', and one line says what to install (never a traceback in the tab)."""
+    from app.infer_views import NONE, InferViews
+
+    monkeypatch.setitem(sys.modules, "rapidocr_onnxruntime", None)  # importing it now fails as if not installed
+    s = render_sample(0, 0, 64, "glyphs")
+    mask = np.asarray(s.mask.convert("L"))
+    brush = np.zeros((*mask.shape, 4), dtype=np.uint8)
+    brush[..., 3] = np.where(mask > 127, 255, 0)
+    source = np.asarray(s.source.convert("RGB"))
+    editor = {"background": source, "layers": [brush], "composite": source}
+    views = InferViews(str(tmp_path))
+    got = views.compare(NONE, None, None, None, PRETRAINED_NAME, PRETRAINED_NAME, editor, None,
+                        np.asarray(s.reference.convert("RGB")), s.text, 4, 30.0, 1.0, 56, 1, None, False)
+    assert got["cmp_msg"].startswith("✓ 1 checkpoint(s)"), got["cmp_msg"]
+    assert "rapidocr_onnxruntime is not installed" in got["cmp_msg"] and "OCR —" in got["cmp_msg"]
+    assert len(got["cmp_gallery"]) == 1 and "| — |" in got["cmp_scores"]
