@@ -231,6 +231,10 @@ def main():
                     help=f"comma list, run in this order: {','.join(SECTIONS)}")
     ap.add_argument("--compile_scope", default="whole", choices=("whole", "blocks"),
                     help="what a compiled graph holds: the whole transformer, or one block of each kind")
+    ap.add_argument("--fp8_scales", default="row", choices=("row", "tensor"),
+                    help="the fp8 section's scaling: per row (what --rollout_fp8 uses) or per tensor")
+    ap.add_argument("--fp8_compile_scope", default="whole", choices=("whole", "blocks"),
+                    help="the fp8 section's graphs (--rollout_fp8 compiles its copy whole)")
     args = ap.parse_args()
     cuda = torch.cuda.is_available() and not args.tiny
     device, dtype = ("cuda", torch.bfloat16) if cuda else ("cpu", torch.float32)
@@ -283,9 +287,10 @@ def main():
             bench_rollouts(stack, res, batches, args.steps, autocast, out, "rollout_ms_per_image_step",
                            "compiled_baseline_ms_per_image_step", budget_s=args.budget_s)
         elif section == "fp8" and cuda:
-            stack.enable_fp8_rollouts()
+            stack.enable_fp8_rollouts(args.fp8_scales)
             print(f"fp8 copy made ({elapsed():.0f} s)", flush=True)
-            compile_transformer(stack.quantized_model.transformer)
+            compile_transformer(stack.quantized_model.transformer, scope=args.fp8_compile_scope)
+            out.put("fp8_settings", {"scales": args.fp8_scales, "compile_scope": args.fp8_compile_scope})
             bench_rollouts(stack, res, batches, args.steps, autocast, out, "rollout_fp8_ms_per_image_step", None,
                            quantized=True, budget_s=args.budget_s)
             out.put("fp8_vs_bf16", fp8_difference(stack, res, batches[0], args.steps, autocast))

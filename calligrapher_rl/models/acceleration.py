@@ -143,21 +143,29 @@ def _fp8_eligible(module: nn.Module, fqn: str) -> bool:
             and module.in_features >= 256)
 
 
-def fp8_copy(transformer: nn.Module) -> nn.Module:
+FP8_SCALES = ("row", "tensor")
+
+
+def fp8_copy(transformer: nn.Module, scales: str = "row") -> nn.Module:
     """A float8 copy of the frozen transformer for no-gradient sampling, with the same style processors.
 
     Built on the meta device and given the original's tensors (`assign=True`), so no second bf16 copy is
     ever allocated: quantizing then replaces each eligible Linear weight by its fp8 version (half the
-    bytes of bf16); norms, embeddings and biases stay shared with the original."""
+    bytes of bf16); norms, embeddings and biases stay shared with the original. `scales`: one scale per row
+    of each weight and activation (the default: closer to bf16) or one per tensor (less scaling work per
+    matmul; `bench/gpu_bench.py --fp8_scales` compares the two)."""
+    if scales not in FP8_SCALES:
+        raise ValueError(f"fp8 scales must be one of {FP8_SCALES}, got {scales!r}")
     ok, why = fp8_supported(next(transformer.parameters()).device)
     if not ok:
         raise UserError(why, field="--rollout_fp8")
-    from torchao.quantization import Float8DynamicActivationFloat8WeightConfig, PerRow, quantize_
+    from torchao.quantization import Float8DynamicActivationFloat8WeightConfig, PerRow, PerTensor, quantize_
 
     with torch.device("meta"):
         copy = type(transformer).from_config(transformer.config)
     copy.load_state_dict(transformer.state_dict(), assign=True, strict=True)
     copy.requires_grad_(False).eval()
     copy.set_attn_processor(dict(transformer.attn_processors))  # the same adapter handles
-    quantize_(copy, Float8DynamicActivationFloat8WeightConfig(granularity=PerRow()), filter_fn=_fp8_eligible)
+    granularity = PerRow() if scales == "row" else PerTensor()
+    quantize_(copy, Float8DynamicActivationFloat8WeightConfig(granularity=granularity), filter_fn=_fp8_eligible)
     return copy

@@ -312,10 +312,10 @@ class CalligrapherStack:
         if self.merged_base is not None:
             self.merged_base.release()
 
-    def enable_fp8_rollouts(self) -> None:
+    def enable_fp8_rollouts(self, scales: str = "row") -> None:
         from .acceleration import fp8_copy
 
-        self.quantized_model = CalligrapherModel(fp8_copy(self.pipe.transformer), self.adapter)
+        self.quantized_model = CalligrapherModel(fp8_copy(self.pipe.transformer, scales), self.adapter)
 
     def enable_compile(self, cache_dir: str | None = None, with_grad: bool = True, scope: str = "whole") -> None:
         """`with_grad=False` compiles only the no-gradient forward (rollouts, reference means, evaluation);
