@@ -1,8 +1,8 @@
 """The training run: supervised warmup, then epochs of rollout -> rewards -> advantages -> update.
 
-`Trainer.run()` is the one-screen loop; the pieces it calls live in rl_epoch.py (an RL epoch) and
-optimizer_step.py (parts the trainer builds with their collaborators passed in), batches.py (data and
-conditions), lifecycle.py (checkpoints and stopping), evaluation.py, updates.py (the three gradient
+`Trainer.run()` is the one-screen loop; the pieces it calls live in rl_epoch.py (an RL epoch),
+optimizer_step.py and evaluation.py (parts the trainer builds with their collaborators passed in), batches.py
+(data and conditions), lifecycle.py (checkpoints and stopping), updates.py (the three gradient
 computations), policies.py (reference/old/EMA), checkpointing.py and run_dir.py (everything the studio
 reads). Where the run stands (step, epoch, counters, stop flags) is one RunState (run_state.py) that the
 pieces share.
@@ -11,6 +11,7 @@ pieces share.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import logging
 import math
 import os
@@ -51,7 +52,7 @@ class NonFiniteTraining(RuntimeError):
     """--max_nonfinite_steps optimizer steps in a row had a non-finite loss or gradient norm."""
 
 
-class Trainer(RunLifecycle, Evaluation):
+class Trainer(RunLifecycle):
     """`Trainer(config, rewards=None, dataset=None, callbacks=None).run()` (docs/library.md).
 
     `rewards`: None = config.rewards, else a list of registered names, Reward objects and callables
@@ -168,6 +169,9 @@ class Trainer(RunLifecycle, Evaluation):
             cfg, self.state, acc=self.acc, stack=self.stack, policies=self.policies, conditions=self.conditions,
             sampler=self.sampler, rewards=self.rewards, tracker=self.tracker, stepper=self.stepper, health=self.health,
             clock=self.clock, autocast=self.autocast)
+        self.evaluation_part = Evaluation(
+            cfg, self.state, is_main=self.is_main, stack=self.stack, dataset=self.dataset, conditions=self.conditions,
+            policies=self.policies, rewards=self.rewards, run_dir=self.run_dir, clock=self.clock, autocast=self.autocast)
         self._first_step_logged = False
         self._reference_source = None  # where the KL reference comes from (checkpoint state.json)
         if self.is_main:
@@ -308,6 +312,12 @@ class Trainer(RunLifecycle, Evaluation):
             restart_warmup(self.scheduler)  # --rl_lr_warmup_steps: fresh moments take sign-like steps
             logger.info("RL begins at step %d: optimizer moments reset, learning rate warmed up again over %d steps",
                         self.state.step, self.cfg.rl_lr_warmup_steps)
+
+    def evaluate(self) -> None:
+        """ODE samples of the eval set with the evaluation (EMA) weights: rewards logged, a grid saved
+        (evaluation.py). The trainer's reporting goes in with the call, as for the RL epoch."""
+        self.evaluation_part.run(phase=self._phase, log=self._log,
+                                 evaluated=functools.partial(self.callbacks.call, "on_evaluate", self))
 
     def _pause_for_rewards(self, failed: float) -> None:
         """Too many rewards failed this epoch: returns when the run goes on (waits.py)."""
