@@ -28,6 +28,7 @@ import pytest
 import torch
 
 from calligrapher_rl.config import parse_args
+from calligrapher_rl.training.rl_epoch import RLEpoch
 from calligrapher_rl.training.run_dir import read_metrics
 from calligrapher_rl.training.trainer import Trainer
 
@@ -73,32 +74,43 @@ def one_thread():
     torch.set_num_threads(before)
 
 
-class PermutedAdvantages(Trainer):
+class PermutedEpoch(RLEpoch):
     """Control: each epoch's advantages shuffled across its samples (fixed seed per epoch). Everything
     else (rollouts, losses, optimizer) is the real run's; only the link between image and reward is cut."""
 
-    def _advantages(self, batches, scores):
-        adv = super()._advantages(batches, scores)
+    def advantages(self, batches, scores):
+        adv = super().advantages(batches, scores)
         flat = torch.cat(adv)
-        perm = torch.randperm(len(flat), generator=torch.Generator().manual_seed(1000 + self.rl_epoch))
+        perm = torch.randperm(len(flat), generator=torch.Generator().manual_seed(1000 + self.state.rl_epoch))
         return list(flat[perm.to(flat.device)].split([len(a) for a in adv]))
 
 
-class OldPolicyProbe(Trainer):
+class PermutedAdvantages(Trainer):
+    rl_epoch_type = PermutedEpoch
+
+
+class OldGapEpoch(RLEpoch):
     """Records, before each update, the largest |old - live| weight difference (NFT's old policy)."""
 
-    def _update(self, batch, ro, adv, inner, b, group, sync, targets=None):
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.old_gaps = {}
+
+    def update(self, batch, ro, adv, inner, b, group, sync, targets=None):
         if self.policies.old is not None:
             gap = max(float((self.policies.old[n] - p.detach()).abs().max()) for n, p in self.policies.named)
-            self.old_gaps.setdefault(self.rl_epoch, []).append(gap)
-        return super()._update(batch, ro, adv, inner, b, group, sync, targets)
+            self.old_gaps.setdefault(self.state.rl_epoch, []).append(gap)
+        return super().update(batch, ro, adv, inner, b, group, sync, targets)
+
+
+class OldPolicyProbe(Trainer):
+    rl_epoch_type = OldGapEpoch
 
 
 def _run(tmp_path, flags, *extra, trainer=Trainer, name="run"):
     """(RL epoch rows, trainer) of a run of `flags` (+ `extra`, which override them)."""
     out = tmp_path / name
     tr = trainer(parse_args([*flags, "--output_dir", str(out), *extra]))
-    tr.old_gaps = {}
     assert tr.run() == "finished"
     return [r for r in read_metrics(str(out)) if r.get("phase") == "rl" and "reward/mean" in r], tr
 
@@ -146,7 +158,8 @@ def test_nft_with_every_feature_on_learns_its_old_policy_lags_and_its_controls_d
     gain = _assert_clear_rise(rows, "reward/brightness", floor=FLOOR["nft"])
     assert all(row["kl"] > 0 for row in rows[1:]) and all(row["rl/optimizer_steps"] == 2 for row in rows)
     assert all(row["nft/old_decay"] == 0 for row in rows)  # type 2, fewer than 75 RL steps: eta 0
-    for epoch, gaps in tr.old_gaps.items():  # 4 batches, 2 optimizer steps per epoch
+    assert tr.rl_epoch_part.old_gaps, "the probe saw no update"
+    for epoch, gaps in tr.rl_epoch_part.old_gaps.items():  # 4 batches, 2 optimizer steps per epoch
         assert gaps[0] == 0 and gaps[1] == 0, (epoch, gaps)  # eta 0: old = live at the epoch's start
         assert gaps[2] > 0 and gaps[3] > 0, (epoch, gaps)  # after the first step the live policy moved on
     _assert_controls(tmp_path, NFT_ALL, gain)
@@ -171,13 +184,17 @@ STEP_SCRIPT = '''
 import sys, torch
 from calligrapher_rl.config import parse_args
 from calligrapher_rl.training.optim import consolidated_state_dict
+from calligrapher_rl.training.rl_epoch import RLEpoch
 from calligrapher_rl.training.trainer import Trainer
 
-class Capture(Trainer):
-    def _advantages(self, batches, scores):
-        adv = super()._advantages(batches, scores)
+class CaptureEpoch(RLEpoch):
+    def advantages(self, batches, scores):
+        adv = super().advantages(batches, scores)
         self.captured = torch.cat(adv).cpu()
         return adv
+
+class Capture(Trainer):
+    rl_epoch_type = CaptureEpoch
 
 torch.set_num_threads(1)
 tr = Capture(parse_args(sys.argv[2:]))
@@ -187,7 +204,7 @@ flat = lambda ts: torch.cat([t.detach().reshape(-1).float().cpu() for t in ts])
 # Adam's first moment; on several processes the moments are sharded: rank 0 gets them consolidated
 state = consolidated_state_dict(tr.optimizer)
 grad = None if state is None else flat(state["state"][i]["exp_avg"] / (1 - beta1) for i in range(len(tr.policies.params)))
-torch.save({"adv": tr.captured, "grad": grad, "weights": flat(tr.policies.params)},
+torch.save({"adv": tr.rl_epoch_part.captured, "grad": grad, "weights": flat(tr.policies.params)},
            f"{sys.argv[1]}/rank{tr.acc.process_index}.pt")
 from calligrapher_rl.training.distributed import end_process_group
 acc = tr.acc

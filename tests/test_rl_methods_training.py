@@ -13,6 +13,7 @@ from test_learning import COMMON, one_thread  # noqa: F401  (autouse: one intra-
 
 from app import charts
 from calligrapher_rl.config import parse_args
+from calligrapher_rl.training.rl_epoch import RLEpoch
 from calligrapher_rl.training.run_dir import read_metrics
 from calligrapher_rl.training.trainer import Trainer
 
@@ -21,20 +22,28 @@ AWM = ["--preset", "tiny-awm", *COMMON, "--rewards", "brightness:1", "--seed", "
        "--rl_kl_beta", "0.003", "--learning_rate", "1e-2"]
 
 
-class UpdateProbe(Trainer):
+class UpdateProbeEpoch(RLEpoch):
     """Keeps every batch update's stats, and whether the AWM ratio used the epoch's rollout snapshot."""
 
-    def _update(self, batch, ro, adv, inner, b, group, **kwargs):
-        got = super()._update(batch, ro, adv, inner, b, group, **kwargs)
-        self.updates.append((self.rl_epoch, b, got, getattr(self, "awm_rollout_params", None) is not None))
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.updates = []
+
+    def update(self, batch, ro, adv, inner, b, group, **kwargs):
+        got = super().update(batch, ro, adv, inner, b, group, **kwargs)
+        self.updates.append((self.state.rl_epoch, b, got, self.awm_rollout_params is not None))
         return got
+
+
+class UpdateProbe(Trainer):
+    rl_epoch_type = UpdateProbeEpoch
 
 
 def _run(tmp_path, flags, *extra):
     out = tmp_path / "run"
     tr = UpdateProbe(parse_args([*flags, "--output_dir", str(out), *extra]))
-    tr.updates = []
     assert tr.run() == "finished"
+    assert tr.rl_epoch_part.updates, "the probe saw no update"
     return [r for r in read_metrics(str(out)) if r.get("phase") == "rl" and "reward/mean" in r], tr
 
 
@@ -46,17 +55,17 @@ def test_awm_ratio_is_one_in_the_first_step_then_against_the_rollout_weights(tmp
     rows, tr = _run(tmp_path, AWM, "--rl_num_batches_per_epoch", "2", "--gradient_accumulation_steps", "1",
                     "--max_train_steps", "6")
     assert len(rows) == 3 and all(r["rl/optimizer_steps"] == 2 for r in rows)
-    firsts = [st for _, b, st, _ in tr.updates if b == 0]
-    seconds = [st for _, b, st, _ in tr.updates if b == 1]
+    firsts = [st for _, b, st, _ in tr.rl_epoch_part.updates if b == 0]
+    seconds = [st for _, b, st, _ in tr.rl_epoch_part.updates if b == 1]
     assert all(st["ratio/mean"] == 1.0 and st["ratio/std"] == 0.0 for st in firsts)
     assert all(abs(st["ratio/mean"] - 1.0) > 1e-7 or st["ratio/std"] > 0 for st in seconds)
-    assert all(snap for _, _, _, snap in tr.updates)  # several optimizer steps an epoch: a snapshot is taken
-    assert tr.awm_rollout_params is None  # ... and dropped after the epoch
+    assert all(snap for _, _, _, snap in tr.rl_epoch_part.updates)  # several optimizer steps an epoch: a snapshot is taken
+    assert tr.rl_epoch_part.awm_rollout_params is None  # ... and dropped after the epoch
     for r in rows:
         assert r["awm/fm_loss"] > 0 and 0 < r["awm/t"] < 1 and r["kl"] >= 0
         assert r["awm/ema_decay"] == pytest.approx(min(0.3, 0.001 * r["rl/epoch"] * 2))
     # the EMA policy starts as the live weights: 0 in the very first update, > 0 once the weights moved
-    assert firsts[0]["awm/ema_kl"] == 0.0 and all(st["awm/ema_kl"] > 0 for _, _, st, _ in tr.updates[1:])
+    assert firsts[0]["awm/ema_kl"] == 0.0 and all(st["awm/ema_kl"] > 0 for _, _, st, _ in tr.rl_epoch_part.updates[1:])
     live = dict(zip(tr.policies.names, tr.policies.params))
     assert any(not torch.equal(tr.policies.old[n].float(), live[n].detach().float()) for n in tr.policies.names)
 
@@ -69,8 +78,8 @@ def test_awm_on_policy_epochs_take_no_snapshot(tmp_path):
     """One optimizer step an epoch (the authors' recipe): no snapshot, the ratio is exactly 1 every time."""
     rows, tr = _run(tmp_path, AWM, "--rl_num_batches_per_epoch", "2", "--gradient_accumulation_steps", "2",
                     "--max_train_steps", "2")
-    assert len(rows) == 2 and not any(snap for _, _, _, snap in tr.updates)
-    assert all(st["ratio/mean"] == 1.0 and st["clipfrac"] == 0.0 for _, _, st, _ in tr.updates)
+    assert len(rows) == 2 and not any(snap for _, _, _, snap in tr.rl_epoch_part.updates)
+    assert all(st["ratio/mean"] == 1.0 and st["clipfrac"] == 0.0 for _, _, st, _ in tr.rl_epoch_part.updates)
 
 
 def test_grpo_guard_ratio_is_exactly_one_on_policy_and_normalised_off_policy(tmp_path):
@@ -82,8 +91,8 @@ def test_grpo_guard_ratio_is_exactly_one_on_policy_and_normalised_off_policy(tmp
              "--gradient_accumulation_steps", "1", "--max_train_steps", "4"]
     rows, tr = _run(tmp_path, flags)
     assert len(rows) == 2
-    firsts = [st for _, b, st, _ in tr.updates if b == 0]
-    seconds = [st for _, b, st, _ in tr.updates if b == 1]
+    firsts = [st for _, b, st, _ in tr.rl_epoch_part.updates if b == 0]
+    seconds = [st for _, b, st, _ in tr.rl_epoch_part.updates if b == 1]
     assert all(st["ratio/mean"] == 1.0 and st["ratio/std"] == 0.0 and st["approx_kl"] == 0 for st in firsts)
     assert all(st["ratio/std"] > 0 and st["approx_kl"] > 0 for st in seconds)
     # the normalised log-ratio is O(delta) where the raw one is O(delta / s): it stays far closer to 1

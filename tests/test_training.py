@@ -468,7 +468,7 @@ def test_nft_trains_distinct_timesteps_per_sample(tmp_path, monkeypatch):
                   "--train_batch_size", "4", "--rl_kl_beta", "0", preset="tiny-nft") as tr:
         tr.policies.begin_rl(with_old=True)
         batch = tr.conditions.batch(tr.sampler.batch(1, 0))
-        ro = tr._rollout(batch, 0)
+        ro = tr.rl_epoch_part.rollout(batch, 0)
         seen, real = [], tr.stack.velocity
 
         def spy(latents, fill, text, sigma, *a, **k):

@@ -1,4 +1,4 @@
-"""AWM's gradient computation (Advantage Weighted Matching), and its glue to the trainer.
+"""AWM's gradient computation (Advantage Weighted Matching), and its glue to the RL epoch (rl_epoch.py).
 
 Like DiffusionNFT, AWM trains on the clean rollouts x0: each is re-noised with fresh noise at a few
 schedule timesteps (one per stratum, shared by the batch) and the current velocity's weighted
@@ -66,28 +66,29 @@ def awm_backward(stack, batch: Batch, ro: Rollout, advantages: torch.Tensor, *, 
     return meter.means()
 
 
-def awm_update(trainer, batch, ro, adv, inner: int, b: int, group: int, generator: torch.Generator, **common):
-    """The trainer's AWM branch: picks the rollout weights for the ratio (a snapshot taken at the epoch's
-    first update when the epoch holds more than one optimizer step) and the loss scale."""
-    cfg = trainer.cfg
+def awm_update(epoch, batch, ro, adv, inner: int, b: int, group: int, generator: torch.Generator, **common):
+    """The RL epoch's AWM branch (`epoch`: rl_epoch.RLEpoch): picks the rollout weights for the ratio (a
+    snapshot taken at the epoch's first update when the epoch holds more than one optimizer step, kept as
+    `epoch.awm_rollout_params`) and the loss scale."""
+    cfg = epoch.cfg
     ga = cfg.gradient_accumulation_steps
     several_steps = cfg.rl_num_batches_per_epoch > ga or cfg.rl_num_inner_epochs > 1
     if inner == 0 and b == 0:  # nothing updated since the rollouts: these are their weights
-        trainer.awm_rollout_params = trainer.policies.snapshot() if several_steps else None
+        epoch.awm_rollout_params = epoch.policies.snapshot() if several_steps else None
     first_step = inner == 0 and b < ga
     n = cfg.num_trained_timesteps()
-    return awm_backward(trainer.stack, batch, ro, adv, num_timesteps=n, fraction=cfg.rl_timestep_fraction,
-                        rollout_params=None if first_step else trainer.awm_rollout_params, weighting=cfg.awm_weighting,
+    return awm_backward(epoch.stack, batch, ro, adv, num_timesteps=n, fraction=cfg.rl_timestep_fraction,
+                        rollout_params=None if first_step else epoch.awm_rollout_params, weighting=cfg.awm_weighting,
                         ghuber_power=cfg.awm_ghuber_power, clip_range=cfg.awm_clip_range,
                         advantage_max=cfg.awm_advantage_max, ema_kl_beta=cfg.awm_ema_kl_beta, generator=generator,
                         loss_scale=1.0 / (n * group), **common)
 
 
-def awm_end_of_epoch(trainer) -> dict[str, float]:
+def awm_end_of_epoch(epoch) -> dict[str, float]:
     """After each epoch the EMA policy follows: ema <- eta ema + (1 - eta) theta (eta from the RL optimizer
     steps so far); the epoch's rollout snapshot is dropped."""
-    cfg = trainer.cfg
-    trainer.awm_rollout_params = None
-    eta = awm_ema_decay(trainer.rl_steps, cfg.awm_ema_kl_decay, cfg.awm_ema_kl_decay_type)
-    trainer.policies.update_old(eta)
+    cfg = epoch.cfg
+    epoch.awm_rollout_params = None
+    eta = awm_ema_decay(epoch.state.rl_steps, cfg.awm_ema_kl_decay, cfg.awm_ema_kl_decay_type)
+    epoch.policies.update_old(eta)
     return {"awm/ema_decay": eta}

@@ -1,11 +1,12 @@
-"""One RL epoch of `Trainer`: roll out the epoch's batches with the sampling policy, score them (the rewards of
-a batch overlap the next rollout), turn the rewards into advantages across all processes, then
-`rl_num_inner_epochs` passes of gradient updates (updates.py, awm_update.py) through the optimizer step
-(optimizer_step.py). Before the first epoch, the reference (and old) policy is snapshotted (`_begin_rl`).
+"""One RL epoch: roll out the epoch's batches with the sampling policy, score them (the rewards of a batch
+overlap the next rollout), turn the rewards into advantages across all processes, then `rl_num_inner_epochs`
+passes of gradient updates (updates.py, awm_update.py) through the optimizer step (optimizer_step.py).
 
-A mixin of `Trainer`: it uses the trainer's models, data and settings (cfg, acc, stack, policies, conditions,
-sampler, rewards, tracker, autocast, clock, throughput, stepper), logs through `_phase`/`_log`, and moves only
-`self.state` (RunState: step through the optimizer step, rl_epoch, rollout_streak, retried_epochs).
+`RLEpoch` is a part the trainer holds (`trainer.rl_epoch_part`), built with what it uses passed in: the
+settings, the run's models and data, the optimizer step. What it moves is the run's `RunState` (step through
+the optimizer step, rl_epoch, rollout_streak, retried_epochs). The trainer's reporting (phase, metrics row,
+the reward-failure pause) comes with each `run()` call: the part holds no reference to the trainer, so it
+adds no cycle that would keep a dropped trainer (and its process group) alive (train()).
 """
 
 from __future__ import annotations
@@ -22,28 +23,37 @@ from ..rl.nft import old_decay
 from ..sampling import SDEWindow, rollout
 from .awm_update import awm_end_of_epoch, awm_update
 from .batches import RL_STREAM, fail_nonfinite_images, reward_samples, stream_seed, to_pil
-from .checkpointing import REFERENCE_FILE, save_reference
 from .distributed import gather_rewards, mean_across, own_slice, sync_on_last_backward
 from .divergence import check_rollout_health, finite_samples, score_finite, zero_nonfinite
-from .optim import reset_state, restart_warmup
+from .run_state import RunState
 from .timing import Throughput, transformer_flops_per_image
 from .updates import StatsMeter, grpo_backward, nft_backward_on, nft_targets
-from .waits import await_scores, pause_for_rewards
+from .waits import await_scores
 
 logger = logging.getLogger("calligrapher_rl.training")
 
 
 class RLEpoch:
-    """`Trainer.rl_epoch_step` and its pieces."""
+    """`run(phase=, log=, pause=)` is one epoch (`Trainer.rl_epoch_step`, once RL has begun); the other
+    methods are its steps. Everything it is given it only uses, except the run state it moves."""
 
-    def rl_epoch_step(self) -> None:
+    def __init__(self, cfg, state: RunState, *, acc, stack, policies, conditions, sampler, rewards, tracker, stepper,
+                 health, clock, autocast):
+        self.cfg, self.state = cfg, state
+        self.acc, self.stack, self.policies = acc, stack, policies
+        self.conditions, self.sampler, self.rewards, self.tracker = conditions, sampler, rewards, tracker
+        self.stepper, self.health, self.clock, self.autocast = stepper, health, clock, autocast
+        self.throughput = self._throughput()
+        self.awm_rollout_params = None  # AWM's snapshot of the weights that rolled out (awm_update.py)
+
+    def run(self, *, phase, log, pause) -> None:
         """One RL epoch: roll out num_batches batches, score them (overlapping the next rollout),
-        turn rewards into advantages across all processes, then num_inner_epochs of updates."""
+        turn rewards into advantages across all processes, then num_inner_epochs of updates.
+        `phase(name)` and `log(phase, stats)` are the trainer's reporting; `pause(failed)` its
+        reward-failure pause (waits.py), called when too many rewards failed."""
         cfg, clock, pol, state = self.cfg, self.clock, self.policies, self.state
-        if pol.reference is None:
-            self._begin_rl()
         t0, counts0, first_step = time.perf_counter(), dict(self.stack.forward_counts), state.step
-        self._phase("rollout")
+        phase("rollout")
         batches, rollouts, futures, finite, sample_ok = [], [], [], [], []
         with clock("rollout"):
             # only what this phase evaluates is on the card (policies.place): GRPO's reference (its step means
@@ -52,7 +62,7 @@ class RLEpoch:
                       old=cfg.rl_method in ("nft", "awm"))
             for b in range(cfg.rl_num_batches_per_epoch):
                 batch = self.conditions.batch(self.sampler.batch(RL_STREAM, state.rl_epoch * cfg.rl_num_batches_per_epoch + b))
-                ro = self._rollout(batch, b)
+                ro = self.rollout(batch, b)
                 ok = finite_samples(ro)  # the latents, not clamped pixels: a diverged policy, never scored
                 zero_nonfinite(ro, ok)
                 decoded = self.stack.decode(ro.final, batch.fill.height, batch.fill.width)
@@ -63,13 +73,15 @@ class RLEpoch:
             pol.place(self.acc.device, old=cfg.rl_method in ("nft", "awm"),
                       reference=cfg.rl_method == "awm" and cfg.rl_kl_beta > 0)
         counts1 = dict(self.stack.forward_counts)
-        self._phase("scoring")
+        phase("scoring")
         with clock("reward"):
-            scores = [fail_nonfinite_images(r, ok) for r, ok in zip(await_scores(self, futures), finite)]
-            stats = self._reward_stats(scores, np.concatenate(sample_ok))
-            advantages = self._advantages(batches, scores)
+            scores = [fail_nonfinite_images(r, ok) for r, ok in zip(await_scores(futures, state, self.acc), finite)]
+            stats = self.reward_stats(scores, np.concatenate(sample_ok))
+            if stats["reward/failed"] > cfg.rl_reward_failure_limit:
+                pause(stats["reward/failed"])  # returns when the run goes on; else RewardFailure ends it
+            advantages = self.advantages(batches, scores)
 
-        self._phase("update")
+        phase("update")
         meter, steps_done = StatsMeter(), 0
         n_batches, ga = len(batches), cfg.gradient_accumulation_steps
         if stats["reward/failed"] >= 1.0:  # no finite reward (e.g. resumed after a pause): nothing to learn from
@@ -77,14 +89,14 @@ class RLEpoch:
         t_update, counts2 = time.perf_counter(), dict(self.stack.forward_counts)
         with clock("update"):
             for inner in range(cfg.rl_num_inner_epochs if stats["reward/failed"] < 1.0 else 0):
-                targets = self._nft_targets(batches, rollouts, inner) if cfg.rl_method == "nft" else None
+                targets = self.nft_targets(batches, rollouts, inner) if cfg.rl_method == "nft" else None
                 # the sampling policy's formed LoRA weights (--lora_merged) leave the card to the gradient passes
                 self.stack.release_merged_weights()
                 loss_ok = True
                 for b, (batch, ro, adv) in enumerate(zip(batches, rollouts, advantages)):
                     group = min(ga, n_batches - b // ga * ga)  # the real size of b's accumulation group (the last may be short)
                     last = (b + 1) % ga == 0 or b == n_batches - 1  # gradients cross processes on its backward only
-                    got = self._update(batch, ro, adv, inner, b, group, sync=last, targets=targets[b] if targets else None)
+                    got = self.update(batch, ro, adv, inner, b, group, sync=last, targets=targets[b] if targets else None)
                     loss_ok &= math.isfinite(got.get("loss", 0.0))
                     meter.add(got)
                     if last:
@@ -118,32 +130,9 @@ class RLEpoch:
         stats.update({**clock.take(), "time/epoch_s": time.perf_counter() - t0, "rl/epoch": state.rl_epoch,
                       "rl/optimizer_steps": steps_done, "perf/images_per_s": images / (time.perf_counter() - t0)})
         stats.update(self._tflops(counts0, counts1, counts2, counts3, t_update, t_end, stats))
-        self._log("rl", mean_across(self.acc, stats))
+        log("rl", mean_across(self.acc, stats))
 
-    def _begin_rl(self) -> None:
-        """Snapshot the reference (and NFT's old) policy. After a supervised warmup, AdamW's moments start
-        afresh: supervised gradients are far larger than policy gradients (~30x on the tiny model), and
-        their second moment (beta2 0.999) would otherwise shrink every RL step for thousands of steps. The
-        learning rate then warms up again (--rl_lr_warmup_steps)."""
-        self.policies.begin_rl(with_old=self.cfg.rl_method == "nft" or (self.cfg.rl_method == "awm"
-                                                                         and self.cfg.awm_ema_kl_beta > 0))
-        # the reference is stored once per run: nothing when it is the initial adapter (a resume rebuilds it
-        # from the same file or seed), else the run folder's reference.safetensors
-        if getattr(self.policies, "reference_is_base", False):
-            self._reference_source = "base"  # a LoRA run's reference is the frozen model itself: nothing to store
-        elif self.state.step == 0:
-            self._reference_source = {"initial": True, "initial_ip_adapter_path": self.cfg.initial_ip_adapter_path}
-        else:
-            self._reference_source = REFERENCE_FILE
-            if self.is_main:
-                save_reference(self.cfg.output_dir, self.policies.reference)
-        if self.state.step > 0:
-            reset_state(self.optimizer)
-            restart_warmup(self.scheduler)  # --rl_lr_warmup_steps: fresh moments take sign-like steps
-            logger.info("RL begins at step %d: optimizer moments reset, learning rate warmed up again over %d steps",
-                        self.state.step, self.cfg.rl_lr_warmup_steps)
-
-    def _rollout(self, batch, b: int):
+    def rollout(self, batch, b: int):
         cfg = self.cfg
         gen = self._sample_generators(len(batch.indices), self.state.rl_epoch, b)
         window = None
@@ -167,7 +156,7 @@ class RLEpoch:
         first = self.acc.process_index * self.sampler.images_per_process
         return [torch.Generator().manual_seed(stream_seed(self.cfg.seed, RL_STREAM, *key, first + i)) for i in range(n)]
 
-    def _reward_stats(self, scores: list[dict], sample_ok: np.ndarray) -> dict[str, float]:
+    def reward_stats(self, scores: list[dict], sample_ok: np.ndarray) -> dict[str, float]:
         """Reward stats of the epoch over all processes. Non-finite samples (never scored) are counted as
         `rollout/nonfinite` and end the run when they persist; `reward/failed` is among the finite ones."""
         _, ok = gather_rewards(self.acc, [0] * len(sample_ok), sample_ok.astype(np.float64))
@@ -186,14 +175,9 @@ class RLEpoch:
                 out["reward/std"] = float(np.nanstd(vals)) if np.isfinite(vals).any() else float("nan")
                 out["reward/failed"] = float(np.mean(~np.isfinite(vals)))
                 out["reward/count"] = float(len(vals))  # all processes' samples: rewards were gathered
-        if out["reward/failed"] > self.cfg.rl_reward_failure_limit:
-            self._pause_for_rewards(out["reward/failed"])
         return out
 
-    def _pause_for_rewards(self, failed: float) -> None:
-        pause_for_rewards(self, failed)
-
-    def _advantages(self, batches, scores) -> list[torch.Tensor]:
+    def advantages(self, batches, scores) -> list[torch.Tensor]:
         cfg = self.cfg
         keys = [i for batch in batches for i in batch.indices]
         local = np.concatenate([s["total"] for s in scores])
@@ -204,7 +188,7 @@ class RLEpoch:
         return [torch.as_tensor(adv[b * per:(b + 1) * per], dtype=torch.float32, device=self.acc.device)
                 for b in range(len(batches))]
 
-    def _nft_targets(self, batches, rollouts, inner: int) -> list:
+    def nft_targets(self, batches, rollouts, inner: int) -> list:
         """Every batch's old/reference predictions for this inner epoch, before any gradient exists; then
         both snapshots leave the card for the gradient passes (policies.place)."""
         cfg = self.cfg
@@ -218,7 +202,7 @@ class RLEpoch:
         self.policies.place(self.acc.device)
         return out
 
-    def _update(self, batch, ro, adv, inner: int, b: int, group: int, sync: bool, targets=None) -> dict[str, float]:
+    def update(self, batch, ro, adv, inner: int, b: int, group: int, sync: bool, targets=None) -> dict[str, float]:
         """Forward + backward of batch b, its loss divided by the steps it trains and by `group`, the
         number of batches accumulated into its optimizer step; gradients cross processes once, on the
         last backward of the batch that ends the group (`sync`)."""

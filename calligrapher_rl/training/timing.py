@@ -96,7 +96,7 @@ def since_process_start() -> float:
 
 
 def timed_phase(name: str):
-    """Decorator: charge a trainer method's time to phase `name` of `self.clock`."""
+    """Decorator: charge a method's time to phase `name` of `self.clock` (the trainer's, or a part's: the same clock)."""
     import functools
 
     def wrap(method):

@@ -1,15 +1,17 @@
 """The training run: supervised warmup, then epochs of rollout -> rewards -> advantages -> update.
 
 `Trainer.run()` is the one-screen loop; the pieces it calls live in rl_epoch.py (an RL epoch),
-optimizer_step.py, batches.py (data and conditions), lifecycle.py (checkpoints and stopping), evaluation.py,
-updates.py (the three gradient computations), policies.py (reference/old/EMA), checkpointing.py and
-run_dir.py (everything the studio reads). Where the run stands (step, epoch, counters, stop flags) is one
-RunState (run_state.py) that the pieces share.
+optimizer_step.py and evaluation.py (parts the trainer builds with their collaborators passed in), batches.py
+(data and conditions), lifecycle.py (checkpoints and stopping), updates.py (the three gradient
+computations), policies.py (reference/old/EMA), checkpointing.py and run_dir.py (everything the studio
+reads). Where the run stands (step, epoch, counters, stop flags) is one RunState (run_state.py) that the
+pieces share.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import logging
 import math
 import os
@@ -23,13 +25,14 @@ from ..rl.advantages import PerPromptStatTracker
 from . import setup
 from .batches import WARMUP_STREAM, ConditionCache, GroupSampler, stream_seed
 from .callbacks import CallbackHandler, StatusCallback
-from .checkpointing import check_resume, remove_orphans, resolve_resume
+from .checkpointing import REFERENCE_FILE, check_resume, remove_orphans, resolve_resume, save_reference
 from .distributed import end_process_group, gradient_sync, mean_across, prepare_data_parallel
 from .divergence import Diverged, WeightHealth
 from .evaluation import Evaluation
 from .lifecycle import RunLifecycle
 from .lora_policies import build_policies, describe
 from .memory import out_of_memory
+from .optim import reset_state, restart_warmup
 from .optimizer_step import OptimizerStep
 from .progress import ProgressCallback, system_metrics
 from .resume_guard import refuse_mismatched_resume
@@ -40,7 +43,7 @@ from .sample_prompts import SamplePromptsCallback
 from .starting_point import StartingPointCallback
 from .timing import PhaseClock, since_process_start
 from .updates import StatsMeter, warmup_backward
-from .waits import RewardFailure, check_policy
+from .waits import RewardFailure, check_policy, pause_for_rewards
 
 logger = logging.getLogger("calligrapher_rl.training")
 
@@ -49,7 +52,7 @@ class NonFiniteTraining(RuntimeError):
     """--max_nonfinite_steps optimizer steps in a row had a non-finite loss or gradient norm."""
 
 
-class Trainer(RunLifecycle, Evaluation, RLEpoch):
+class Trainer(RunLifecycle):
     """`Trainer(config, rewards=None, dataset=None, callbacks=None).run()` (docs/library.md).
 
     `rewards`: None = config.rewards, else a list of registered names, Reward objects and callables
@@ -69,6 +72,9 @@ class Trainer(RunLifecycle, Evaluation, RLEpoch):
     _nonfinite_streak = StateField("nonfinite_streak")
     _last_row = StateField("last_row")
     _stop = StateField("stop")  # bench/tiny_learning.py's deadline sets it
+
+    # the RL epoch's class: a subclass of RLEpoch here changes a step of the epoch (the tests' probes do)
+    rl_epoch_type = RLEpoch
 
     def __init__(self, config: TrainConfig, rewards=None, dataset=None, callbacks=None, on_reward_failure="fail"):
         self.state = RunState()  # first: the signal handlers and the failure paths below report from it
@@ -159,7 +165,13 @@ class Trainer(RunLifecycle, Evaluation, RLEpoch):
         self.stepper = OptimizerStep(cfg, self.state, acc=self.acc, stack=self.stack, policies=self.policies,
                                      optimizer=self.optimizer, scheduler=self.scheduler, scaler=self.scaler,
                                      health=self.health, clock=self.clock)
-        self.throughput = self._throughput()
+        self.rl_epoch_part = self.rl_epoch_type(
+            cfg, self.state, acc=self.acc, stack=self.stack, policies=self.policies, conditions=self.conditions,
+            sampler=self.sampler, rewards=self.rewards, tracker=self.tracker, stepper=self.stepper, health=self.health,
+            clock=self.clock, autocast=self.autocast)
+        self.evaluation_part = Evaluation(
+            cfg, self.state, is_main=self.is_main, stack=self.stack, dataset=self.dataset, conditions=self.conditions,
+            policies=self.policies, rewards=self.rewards, run_dir=self.run_dir, clock=self.clock, autocast=self.autocast)
         self._first_step_logged = False
         self._reference_source = None  # where the KL reference comes from (checkpoint state.json)
         if self.is_main:
@@ -270,6 +282,46 @@ class Trainer(RunLifecycle, Evaluation, RLEpoch):
         stats.update(self.clock.take())
         stats["time/step_s"] = time.time() - t0
         self._log("warmup", mean_across(self.acc, stats))
+
+    def rl_epoch_step(self) -> None:
+        """One RL epoch (rl_epoch.py); RL begins first if it has not (the reference snapshot)."""
+        if self.policies.reference is None:
+            self._begin_rl()
+        # the trainer's reporting goes in with the call: the part keeps no reference to the trainer
+        self.rl_epoch_part.run(phase=self._phase, log=self._log, pause=self._pause_for_rewards)
+
+    def _begin_rl(self) -> None:
+        """Snapshot the reference (and NFT's old) policy. After a supervised warmup, AdamW's moments start
+        afresh: supervised gradients are far larger than policy gradients (~30x on the tiny model), and
+        their second moment (beta2 0.999) would otherwise shrink every RL step for thousands of steps. The
+        learning rate then warms up again (--rl_lr_warmup_steps)."""
+        self.policies.begin_rl(with_old=self.cfg.rl_method == "nft" or (self.cfg.rl_method == "awm"
+                                                                         and self.cfg.awm_ema_kl_beta > 0))
+        # the reference is stored once per run: nothing when it is the initial adapter (a resume rebuilds it
+        # from the same file or seed), else the run folder's reference.safetensors
+        if getattr(self.policies, "reference_is_base", False):
+            self._reference_source = "base"  # a LoRA run's reference is the frozen model itself: nothing to store
+        elif self.state.step == 0:
+            self._reference_source = {"initial": True, "initial_ip_adapter_path": self.cfg.initial_ip_adapter_path}
+        else:
+            self._reference_source = REFERENCE_FILE
+            if self.is_main:
+                save_reference(self.cfg.output_dir, self.policies.reference)
+        if self.state.step > 0:
+            reset_state(self.optimizer)
+            restart_warmup(self.scheduler)  # --rl_lr_warmup_steps: fresh moments take sign-like steps
+            logger.info("RL begins at step %d: optimizer moments reset, learning rate warmed up again over %d steps",
+                        self.state.step, self.cfg.rl_lr_warmup_steps)
+
+    def evaluate(self) -> None:
+        """ODE samples of the eval set with the evaluation (EMA) weights: rewards logged, a grid saved
+        (evaluation.py). The trainer's reporting goes in with the call, as for the RL epoch."""
+        self.evaluation_part.run(phase=self._phase, log=self._log,
+                                 evaluated=functools.partial(self.callbacks.call, "on_evaluate", self))
+
+    def _pause_for_rewards(self, failed: float) -> None:
+        """Too many rewards failed this epoch: returns when the run goes on (waits.py)."""
+        pause_for_rewards(self, failed)
 
     def _phase(self, phase: str) -> None:
         self.state.phase = phase

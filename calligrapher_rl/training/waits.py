@@ -90,10 +90,10 @@ class StopWhileScoring(RewardFailure):
     """A stop signal arrived while the epoch's rewards were awaited."""
 
 
-def await_scores(trainer, futures: list[cf.Future]) -> list:
-    """The results of the epoch's reward futures. On one process, a stop signal (trainer.state.stop set by the
-    handler) ends the wait at once; with several, every process waits for its scores (bounded by the
-    reward timeouts), since they must leave the epoch together."""
+def await_scores(futures: list[cf.Future], state, acc) -> list:
+    """The results of the epoch's reward futures. On one process, a stop signal (`state.signals`, the run
+    state's count that the trainer's handler raises) ends the wait at once; with several, every process waits
+    for its scores (bounded by the reward timeouts), since they must leave the epoch together."""
     out = []
     for f in futures:
         while True:
@@ -101,7 +101,7 @@ def await_scores(trainer, futures: list[cf.Future]) -> list:
                 out.append(f.result(timeout=POLL_S))
                 break
             except cf.TimeoutError:
-                if trainer.state.signals and trainer.acc.num_processes == 1:
-                    raise StopWhileScoring(f"stopped by a signal while waiting for rewards at step {trainer.step}: "
+                if state.signals and acc.num_processes == 1:
+                    raise StopWhileScoring(f"stopped by a signal while waiting for rewards at step {state.step}: "
                                            "the epoch's rollouts were dropped (nothing trained on them)") from None
     return out
