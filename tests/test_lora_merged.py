@@ -100,12 +100,15 @@ def test_each_policy_is_formed_once_and_again_after_any_change(merged_stack):
     stack.merged_base = None
 
 
-@pytest.mark.parametrize("preset", ["tiny-grpo-lora", "tiny-nft-lora"])
+@pytest.mark.parametrize("preset", ["tiny-grpo-lora", "tiny-nft-lora", "tiny-awm"])
 def test_a_run_is_the_same_with_the_weights_formed_once(tmp_path, preset):
     """Whole runs, evaluation with the EMA included, with and without forming the weights once: the same metrics
-    to the bit. A formed set used after the weights it came from changed would show here."""
+    to the bit. A formed set used after the weights it came from changed would show here. AWM's update makes
+    no-gradient calls (its rollout weights, reference and EMA policies) between gradient ones: none holds a set."""
+    lora = ["--trainable", "lora", "--lora_merged", "true", "--lora_rank", "4"] if preset == "tiny-awm" else []
+
     def run(name, formed_once):
-        tr = Trainer(parse_args(["--preset", preset, *RANDOM_TINY, "--max_train_steps", "4", "--eval_steps", "2",
+        tr = Trainer(parse_args(["--preset", preset, *RANDOM_TINY, *lora, "--max_train_steps", "4", "--eval_steps", "2",
                                  "--num_eval_samples", "2", "--checkpointing_steps", "100",
                                  "--output_dir", str(tmp_path / name)]))
         assert tr.stack.merged_base is not None  # what a --lora_merged run sets up

@@ -140,8 +140,8 @@ class MergedBase:
     in-place write to it (its version counter: an optimizer step, a loaded checkpoint), and any in-place write to
     `sources`, the mapping put in the parameters' places for the call (`weights_in_place` gives the parameter
     another storage but not that storage's version counter, so an old policy or an EMA averaged in place would
-    otherwise look unchanged). `release()` frees them: the trainer calls it before the gradient passes, whose
-    activations the card needs more."""
+    otherwise look unchanged). The trainer frees them and turns this off for the gradient passes, whose
+    activations the card needs more (`CalligrapherStack.merged_weights_paused`)."""
 
     def __init__(self, transformer: nn.Module):
         from peft.tuners.lora import Linear as LoraLinear
@@ -151,6 +151,7 @@ class MergedBase:
         self._key: tuple | None = None
         self._weights: list[torch.Tensor | None] | None = None
         self.formed = 0  # times the weights were formed (tests and the log read it)
+        self.enabled = True  # off: calls run the merged forward, formed at each call (stack.merged_weights_paused)
 
     @staticmethod
     def _factors(layer) -> tuple | None:
@@ -169,7 +170,7 @@ class MergedBase:
 
     @contextlib.contextmanager
     def applied(self, sources=()):
-        if torch.is_grad_enabled() or not self.layers:
+        if torch.is_grad_enabled() or not self.layers or not self.enabled:
             yield
             return
         factors = [self._factors(layer) for layer in self.layers]

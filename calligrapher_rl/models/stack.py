@@ -307,10 +307,20 @@ class CalligrapherStack:
             return contextlib.nullcontext()
         return self.merged_base.applied(sources)
 
-    def release_merged_weights(self) -> None:
-        """Free the no-gradient calls' formed LoRA weights (a weight-sized copy of the LoRA'd layers)."""
-        if self.merged_base is not None:
-            self.merged_base.release()
+    @contextlib.contextmanager
+    def merged_weights_paused(self):
+        """For the gradient passes: the no-gradient calls' formed LoRA weights (a weight-sized copy of the LoRA'd
+        layers) are freed, and calls inside form theirs at the call, as the merged forward does."""
+        formed = self.merged_base
+        if formed is None:
+            yield
+            return
+        formed.release()
+        formed.enabled = False
+        try:
+            yield
+        finally:
+            formed.enabled = True
 
     def enable_fp8_rollouts(self, scales: str = "row") -> None:
         from .acceleration import fp8_copy
