@@ -15,6 +15,7 @@ class RunState:
     rl_epoch: int = 0
     rl_steps: int = 0  # RL optimizer steps applied (warmup and skipped steps not counted): NFT's/AWM's decay clock
     skipped_nonfinite: int = 0  # in all, this run
+    reference_source: str | dict | None = None  # where the KL reference comes from (a checkpoint's state.json)
     # how healthy this life of the run is: persisting trouble ends it
     nonfinite_streak: int = 0  # skipped updates in a row
     nonfinite_failure: str | None = None  # why those ended the run (raised once the step is logged)
@@ -28,6 +29,7 @@ class RunState:
     # stop requests: control/stop, trainer.stop(), SIGTERM/SIGINT
     stop: bool = False
     signals: int = 0
+    stop_signal: int | None = None  # the first signal: the command exits 128 + it
     # what is already done at this step (not again when the run ends on it)
     saved_step: int = -1
     evaluated_step: int = -1

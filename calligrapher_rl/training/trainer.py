@@ -2,7 +2,7 @@
 
 `Trainer.run()` is the one-screen loop; the pieces it calls live in rl_epoch.py (an RL epoch),
 optimizer_step.py and evaluation.py (parts the trainer builds with their collaborators passed in), batches.py
-(data and conditions), lifecycle.py (checkpoints and stopping), updates.py (the three gradient
+(data and conditions), lifecycle.py (checkpoints and stopping, parts too), updates.py (the three gradient
 computations), policies.py (reference/old/EMA), checkpointing.py and run_dir.py (everything the studio
 reads). Where the run stands (step, epoch, counters, stop flags) is one RunState (run_state.py) that the
 pieces share.
@@ -29,7 +29,7 @@ from .checkpointing import REFERENCE_FILE, check_resume, remove_orphans, resolve
 from .distributed import end_process_group, gradient_sync, mean_across, prepare_data_parallel
 from .divergence import Diverged, WeightHealth
 from .evaluation import Evaluation
-from .lifecycle import RunLifecycle
+from .lifecycle import Checkpoints, Stopping
 from .lora_policies import build_policies, describe
 from .memory import out_of_memory
 from .optim import reset_state, restart_warmup
@@ -52,7 +52,7 @@ class NonFiniteTraining(RuntimeError):
     """--max_nonfinite_steps optimizer steps in a row had a non-finite loss or gradient norm."""
 
 
-class Trainer(RunLifecycle):
+class Trainer:
     """`Trainer(config, rewards=None, dataset=None, callbacks=None).run()` (docs/library.md).
 
     `rewards`: None = config.rewards, else a list of registered names, Reward objects and callables
@@ -72,6 +72,7 @@ class Trainer(RunLifecycle):
     _nonfinite_streak = StateField("nonfinite_streak")
     _last_row = StateField("last_row")
     _stop = StateField("stop")  # bench/tiny_learning.py's deadline sets it
+    stop_signal = StateField("stop_signal")  # the signal that stopped the run (the command exits 128 + it)
 
     # the RL epoch's class: a subclass of RLEpoch here changes a step of the epoch (the tests' probes do)
     rl_epoch_type = RLEpoch
@@ -90,9 +91,9 @@ class Trainer(RunLifecycle):
             config = dataclasses.replace(config, train_data_json=f"python:{type(dataset).__name__}")
         self.cfg = cfg = config.validate().resolved()  # a config built in Python gets the command line's checks
         setup.check_output_dir(cfg)
-        self._loading = True
         self.run_dir, self._lock = None, None
-        self._old_handlers = self._install_signal_handlers()  # a signal while loading ends the run at once
+        self.stopping = Stopping(cfg, self.state)  # its run folder and accelerator come as soon as they exist
+        self._old_handlers = self.stopping.install_signal_handlers()  # a signal while loading ends the run at once
         try:
             self.acc = setup.make_accelerator(cfg)
             self.clock = PhaseClock(self.acc.device)
@@ -104,6 +105,7 @@ class Trainer(RunLifecycle):
             refuse_mismatched_resume(cfg, custom_rewards=rewards is not None)  # writes nothing when it refuses
             self.run_dir = RunDir(cfg.output_dir, is_main=self.is_main, logging_dir=cfg.logging_dir,
                                   accelerator=self.acc)
+            self.stopping.attach(self.run_dir, self.acc, self.is_main)
             if self._lock is not None and self._lock.removed:
                 logger.warning("--overwrite_output_dir: removed the earlier run's %s", ", ".join(self._lock.removed))
             if orphans:
@@ -123,7 +125,7 @@ class Trainer(RunLifecycle):
             self._build(cfg)
             self.clock.add("load", time.perf_counter() - t_load)
         except BaseException as exc:  # a watcher must not see "starting" forever
-            exc = self._loading_ended(exc)  # a stop signal while loading is the cause, whatever it broke
+            exc = self.stopping.loading_ended(exc)  # a stop signal while loading is the cause, whatever it broke
             if isinstance(exc, torch.OutOfMemoryError):  # the user's to fix with a flag: one line, no traceback
                 exc = out_of_memory(cfg, "loading", getattr(getattr(self, "acc", None), "device", "cpu"))
             if self.run_dir is not None:
@@ -131,7 +133,7 @@ class Trainer(RunLifecycle):
                 self.run_dir.close()
             self._release()
             raise exc
-        self._loading = False
+        self.stopping.loading = False
 
     def _build(self, cfg: TrainConfig) -> None:
         setup.start_trackers(self.acc, cfg)
@@ -172,8 +174,11 @@ class Trainer(RunLifecycle):
         self.evaluation_part = Evaluation(
             cfg, self.state, is_main=self.is_main, stack=self.stack, dataset=self.dataset, conditions=self.conditions,
             policies=self.policies, rewards=self.rewards, run_dir=self.run_dir, clock=self.clock, autocast=self.autocast)
+        self.checkpoints = Checkpoints(
+            cfg, self.state, is_main=self.is_main, acc=self.acc, stack=self.stack, policies=self.policies,
+            optimizer=self.optimizer, scheduler=self.scheduler, scaler=self.scaler, tracker=self.tracker,
+            health=self.health, run_dir=self.run_dir, clock=self.clock)
         self._first_step_logged = False
-        self._reference_source = None  # where the KL reference comes from (checkpoint state.json)
         if self.is_main:
             from ..atomic import write_text
 
@@ -239,6 +244,20 @@ class Trainer(RunLifecycle):
             self.run_dir.close()
             self._release()
 
+    def save(self) -> None:
+        """A checkpoint of this step (lifecycle.py); the trainer's reporting goes in with the call."""
+        self.checkpoints.save(phase=self._phase, saved=functools.partial(self.callbacks.call, "on_save", self))
+
+    def _maybe_resume(self) -> None:
+        self.checkpoints.resume(self._resume_path)
+
+    def _stop_requested(self) -> bool:  # bench/tiny_learning.py adds its deadline
+        return self.stopping.requested()
+
+    def _control(self, resume: bool = False) -> tuple[bool, bool]:
+        """(stop, resume) requests, the same on every process (lifecycle.py; the reward-failure pause asks)."""
+        return self.stopping.control(resume)
+
     def _release(self) -> None:
         """The run folder and the signal handlers go back (to a later run, to the embedding program)."""
         if self._lock is not None:
@@ -300,11 +319,11 @@ class Trainer(RunLifecycle):
         # the reference is stored once per run: nothing when it is the initial adapter (a resume rebuilds it
         # from the same file or seed), else the run folder's reference.safetensors
         if getattr(self.policies, "reference_is_base", False):
-            self._reference_source = "base"  # a LoRA run's reference is the frozen model itself: nothing to store
+            self.state.reference_source = "base"  # a LoRA run's reference is the frozen model itself: nothing to store
         elif self.state.step == 0:
-            self._reference_source = {"initial": True, "initial_ip_adapter_path": self.cfg.initial_ip_adapter_path}
+            self.state.reference_source = {"initial": True, "initial_ip_adapter_path": self.cfg.initial_ip_adapter_path}
         else:
-            self._reference_source = REFERENCE_FILE
+            self.state.reference_source = REFERENCE_FILE
             if self.is_main:
                 save_reference(self.cfg.output_dir, self.policies.reference)
         if self.state.step > 0:
