@@ -47,8 +47,8 @@ def save_file_streamed(tensors: dict[str, torch.Tensor], path: str, metadata: di
         offset += size
     blob = json.dumps(header, separators=(",", ":")).encode("utf-8")
     blob += b" " * (-len(blob) % 8)
-    # one writer thread, in order: the disk writes a piece while the next one comes off the GPU (at real size the
-    # copies are a tenth of a checkpoint's time, the disk the rest); at most `IN_FLIGHT` pieces are held
+    # one writer thread, in order: the disk writes a piece while the next one comes off the GPU, so the copies
+    # and the writes overlap instead of adding up; at most `IN_FLIGHT` pieces are held in host memory
     with open(path, "wb") as fh, ThreadPoolExecutor(1, thread_name_prefix="safetensors-writer") as writer:
         fh.write(struct.pack("<Q", len(blob)))
         fh.write(blob)

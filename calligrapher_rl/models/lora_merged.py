@@ -63,6 +63,18 @@ class _MergedLoraLinear(torch.autograd.Function):
         return dx, None, None, da, db, None
 
 
+def merge_factors(layer) -> tuple | None:
+    """(A, B, scaling) of a peft LoRA Linear whose forward is one merged matmul; None for what the merge does not
+    cover (adapters off or merged, several adapters, a variant such as DoRA, dropout): peft's own forward."""
+    if layer.disable_adapters or layer.merged:
+        return None
+    active = [n for n in layer.active_adapters if n in layer.lora_A.keys()]
+    if len(active) != 1 or active[0] in layer.lora_variant or not isinstance(layer.lora_dropout[active[0]], nn.Identity):
+        return None
+    name = active[0]
+    return layer.lora_A[name].weight, layer.lora_B[name].weight, layer.scaling[name]
+
+
 def _merged_forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
     """A peft LoRA Linear's forward as one matmul with W + scaling * B @ A (`--lora_merged`).
 
@@ -73,14 +85,11 @@ def _merged_forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
     another policy's weights put in place (models.stack.weights_in_place) are the ones merged. The same numbers
     with and without gradient: a GRPO rollout's log-probabilities are those its update recomputes. Anything this
     does not cover (dropout, DoRA-like variants, several adapters, adapters disabled) runs peft's own forward."""
-    if self.disable_adapters or self.merged or args or kwargs:
+    factors = None if args or kwargs else merge_factors(self)
+    if factors is None:
         return type(self).forward(self, x, *args, **kwargs)
-    active = [n for n in self.active_adapters if n in self.lora_A.keys()]
-    if len(active) != 1 or active[0] in self.lora_variant or not isinstance(self.lora_dropout[active[0]], nn.Identity):
-        return type(self).forward(self, x, *args, **kwargs)
-    name = active[0]
     base = self.get_base_layer()
-    a, b, s = self.lora_A[name].weight, self.lora_B[name].weight, self.scaling[name]
+    a, b, s = factors
     if not torch.is_grad_enabled():
         return torch.nn.functional.linear(x, _merged_weight(base.weight, a, b, s), base.bias)
     return _MergedLoraLinear.apply(x, base.weight, base.bias, a, b, s)
@@ -141,7 +150,7 @@ class MergedBase:
     `sources`, the mapping put in the parameters' places for the call (`weights_in_place` gives the parameter
     another storage but not that storage's version counter, so an old policy or an EMA averaged in place would
     otherwise look unchanged). The trainer frees them and turns this off for the gradient passes, whose
-    activations the card needs more (`CalligrapherStack.merged_weights_paused`)."""
+    activations the card needs more (`paused`, through `CalligrapherStack.merged_weights_paused`)."""
 
     def __init__(self, transformer: nn.Module):
         from peft.tuners.lora import Linear as LoraLinear
@@ -151,29 +160,28 @@ class MergedBase:
         self._key: tuple | None = None
         self._weights: list[torch.Tensor | None] | None = None
         self.formed = 0  # times the weights were formed (tests and the log read it)
-        self.enabled = True  # off: calls run the merged forward, formed at each call (stack.merged_weights_paused)
-
-    @staticmethod
-    def _factors(layer) -> tuple | None:
-        """(A, B, scaling) of a layer `_merged_forward` would merge now; None for one it would hand to peft."""
-        if layer.disable_adapters or layer.merged:
-            return None
-        active = [n for n in layer.active_adapters if n in layer.lora_A.keys()]
-        if len(active) != 1 or active[0] in layer.lora_variant or not isinstance(layer.lora_dropout[active[0]],
-                                                                                 nn.Identity):
-            return None
-        name = active[0]
-        return layer.lora_A[name].weight, layer.lora_B[name].weight, layer.scaling[name]
+        self.enabled = True  # off (`paused`): calls run the merged forward, formed at each call
 
     def release(self) -> None:
         self._weights, self._key = None, None
+
+    @contextlib.contextmanager
+    def paused(self):
+        """For the gradient passes: the formed weights are freed and none are formed inside (calls there form
+        theirs at the call, as the merged forward does)."""
+        self.release()
+        self.enabled = False
+        try:
+            yield
+        finally:
+            self.enabled = True
 
     @contextlib.contextmanager
     def applied(self, sources=()):
         if torch.is_grad_enabled() or not self.layers or not self.enabled:
             yield
             return
-        factors = [self._factors(layer) for layer in self.layers]
+        factors = [merge_factors(layer) for layer in self.layers]
         if any(f is None for f in factors):  # not what the merged forward covers: peft's own forward, unchanged
             yield
             return

@@ -307,20 +307,9 @@ class CalligrapherStack:
             return contextlib.nullcontext()
         return self.merged_base.applied(sources)
 
-    @contextlib.contextmanager
     def merged_weights_paused(self):
-        """For the gradient passes: the no-gradient calls' formed LoRA weights (a weight-sized copy of the LoRA'd
-        layers) are freed, and calls inside form theirs at the call, as the merged forward does."""
-        formed = self.merged_base
-        if formed is None:
-            yield
-            return
-        formed.release()
-        formed.enabled = False
-        try:
-            yield
-        finally:
-            formed.enabled = True
+        """For the gradient passes: no formed LoRA weights (a weight-sized copy of the LoRA'd layers) on the card."""
+        return contextlib.nullcontext() if self.merged_base is None else self.merged_base.paused()
 
     def enable_fp8_rollouts(self, scales: str = "row") -> None:
         from .acceleration import fp8_copy
