@@ -185,9 +185,7 @@ class TrainConfig:
                "recomputed at every call from the live LoRA weights (its backward gives the LoRA its gradient from "
                "rank-r products), instead of peft's second pass over the layer's input; rollouts and updates use "
                "the same numbers, so GRPO's log-probabilities agree. The merged weight is rounded to the base's "
-               "precision, as a fused LoRA is at inference. Calls without gradient (rollouts, reference and old "
-               "policies, evaluation) form each policy's merged weights once and keep them until its LoRA changes "
-               "(a bf16 copy of the LoRA'd layers, freed before the update) (docs/lora.md, Speed)")
+               "precision, as a fused LoRA is at inference. (docs/lora.md, Speed)")
     ip_adapter_scale: float = _OPTIM(1.0, "style strength: weight of the style attention (release: 1.0, range 0-2)")
 
     # --- RL (both methods) ---

@@ -152,19 +152,18 @@ def test_nft_old_and_reference_forwards_reuse_the_rollout_graph(tiny_paths):
 
 
 @pytest.mark.parametrize("scope", ["whole", "blocks"])
-@pytest.mark.parametrize("merged", ["", "merged", "formed-once"], ids=["peft-forward", "merged", "formed-once"])
+@pytest.mark.parametrize("merged", ["", "merged"], ids=["peft-forward", "merged"])
 def test_a_lora_reference_runs_in_the_live_weights_graph_and_equals_functional_call(tiny_paths, tmp_path, merged,
                                                                                    scope):
     """A LoRA run's reference (every lora_B zero) and old policy reach the transformer's own LoRA layers. Without
     gradient their tensors take the live parameters' places for the call (`weights_in_place`): one compiled graph
     for every policy (by blocks: one per block kind), and the same velocity `functional_call` gives with peft's own
     forward (grad on); the live weights are back afterwards. `merged`: the layers run merged
-    (--lora_merged); `formed-once`: as a --lora_merged run does, the no-gradient calls run the base model with the
-    formed weights in its places (models/lora_merged.py): still one graph, the reference forms nothing."""
+    (--lora_merged)."""
     from torch._dynamo.utils import counters
 
     from calligrapher_rl.models.lora import LoraSpec, add_lora
-    from calligrapher_rl.models.lora_merged import MergedBase, use_merged_lora
+    from calligrapher_rl.models.lora_merged import use_merged_lora
     from calligrapher_rl.training.lora_policies import LoraPolicies
 
     torch._dynamo.reset()
@@ -173,8 +172,6 @@ def test_a_lora_reference_runs_in_the_live_weights_graph_and_equals_functional_c
         add_lora(stack.pipe.transformer, stack.adapter, LoraSpec("both", rank=4, alpha=8.0))
         if merged:
             assert use_merged_lora(stack.pipe.transformer) > 0
-        if merged == "formed-once":
-            stack.merged_base = MergedBase(stack.pipe.transformer)
         cfg = parse_args(["--preset", "tiny-grpo-lora", "--pretrained_model_name_or_path", "tiny", "--siglip_path", "tiny",
                           "--lora_rank", "4", "--lora_alpha", "8", "--output_dir", str(tmp_path)])
         pol = LoraPolicies(stack, cfg, use_ema=False, ema_decay=0.9, ema_update_interval=1)
@@ -202,8 +199,6 @@ def test_a_lora_reference_runs_in_the_live_weights_graph_and_equals_functional_c
         if scope == "blocks":
             assert _block_graphs() == (1, 1)
         torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)  # merged: (W + sBA)x against Wx + sB(Ax)
-        if merged == "formed-once":
-            assert stack.merged_base.formed == 1  # the live weights, once; the zero reference runs W itself
         for n, p in pol.named:
             assert torch.equal(p, live[n]) and isinstance(p, torch.nn.Parameter), n
     finally:

@@ -1,22 +1,14 @@
-"""The transformer LoRA's fast forwards in a training run (`--lora_merged`).
+"""The transformer LoRA's fast forward in a training run (`--lora_merged`).
 
-With gradient, each peft LoRA Linear runs as one matmul with W + s B A (`use_merged_lora`, `_MergedLoraLinear`):
-peft's own forward makes a second pass over the layer's input and a full-size add, which at FLUX size costs
-more than the rank-r matmuls themselves.
-
-Without gradient (rollouts, NFT's old-policy targets, evaluation), the weights do not change from one call to
-the next, so forming W + s B A at every call (a weight-sized write per layer, ~50 calls an epoch) is waste.
-`MergedBase` forms them once per policy and runs the transformer as its plain base model with those weights in
-the base layers' places (adapters off for the call): the same matmuls, the same bits as the merged forward.
-A policy whose every lora_B is a registered zero (`mark_zero`: the base-model reference of `--trainable lora`)
-runs the base weights themselves and leaves the formed ones in place, so GRPO's rollout, which alternates the
-current policy and the reference on its trained steps, forms the current policy's weights once.
+Each peft LoRA Linear runs as one matmul with W + s B A (`use_merged_lora`, `_MergedLoraLinear`): peft's own
+forward makes a second pass over the layer's input and a full-size add, which at FLUX size costs more than the
+rank-r matmuls themselves. The merged weight is formed at each call, with or without gradient. Keeping each
+policy's formed weights between no-gradient calls was tried and measured on an H100 (docs/lora.md, "Speed"): a
+bf16 copy of the LoRA'd layers (10.8 GB for flux-grpo-lora) on the card while rolling out, and no faster an
+epoch: putting a few hundred weights in place and back at every call costs host time that forming them does not.
 """
 
 from __future__ import annotations
-
-import contextlib
-import weakref
 
 import torch
 from torch import nn
@@ -118,95 +110,3 @@ def skip_input_casts(module: nn.Module) -> int:
     for layer in layers:
         layer.cast_input_dtype_enabled = False  # the attribute peft.helpers.disable_input_dtype_casting sets
     return len(layers)
-
-
-# ------------------------------------------------------------------------------------------- no gradient
-_ZEROS: "weakref.WeakValueDictionary[int, torch.Tensor]" = weakref.WeakValueDictionary()
-
-
-def mark_zero(buffer: torch.Tensor) -> None:
-    """`buffer` holds zeros for as long as it lives (it is never written): a lora_B that is a view of it adds
-    nothing, so `MergedBase` runs that layer on its base weight. Keyed by storage, checked alive: an address
-    reused after the buffer is freed never matches."""
-    _ZEROS[buffer.untyped_storage().data_ptr()] = buffer
-
-
-def _is_zero(t: torch.Tensor) -> bool:
-    held = _ZEROS.get(t.untyped_storage().data_ptr())
-    return held is not None and held.untyped_storage().data_ptr() == t.untyped_storage().data_ptr()
-
-
-def _state(t: torch.Tensor) -> tuple:
-    return t.data_ptr(), t._version, t.dtype, t.device
-
-
-class MergedBase:
-    """No-gradient calls of a LoRA transformer as its base model with W + s B A in the base layers' places.
-
-    `with merged.applied(sources): model(...)`. The formed weights are kept (one weight-sized copy of the LoRA'd
-    layers: 5.0 GB for flux-nft-lora's attention list, 10.8 GB for flux-grpo-lora's, in bf16) until the factors
-    change. What counts as a change: another tensor in a factor's place (another policy, a device move) or an
-    in-place write to it (its version counter: an optimizer step, a loaded checkpoint), and any in-place write to
-    `sources`, the mapping put in the parameters' places for the call (`weights_in_place` gives the parameter
-    another storage but not that storage's version counter, so an old policy or an EMA averaged in place would
-    otherwise look unchanged). The trainer frees them and turns this off for the gradient passes, whose
-    activations the card needs more (`paused`, through `CalligrapherStack.merged_weights_paused`)."""
-
-    def __init__(self, transformer: nn.Module):
-        from peft.tuners.lora import Linear as LoraLinear
-
-        self.layers = [m for m in transformer.modules()
-                       if isinstance(m, LoraLinear) and m.forward.__func__ is _merged_forward]
-        self._key: tuple | None = None
-        self._weights: list[torch.Tensor | None] | None = None
-        self.formed = 0  # times the weights were formed (tests and the log read it)
-        self.enabled = True  # off (`paused`): calls run the merged forward, formed at each call
-
-    def release(self) -> None:
-        self._weights, self._key = None, None
-
-    @contextlib.contextmanager
-    def paused(self):
-        """For the gradient passes: the formed weights are freed and none are formed inside (calls there form
-        theirs at the call, as the merged forward does)."""
-        self.release()
-        self.enabled = False
-        try:
-            yield
-        finally:
-            self.enabled = True
-
-    @contextlib.contextmanager
-    def applied(self, sources=()):
-        if torch.is_grad_enabled() or not self.layers or not self.enabled:
-            yield
-            return
-        factors = [merge_factors(layer) for layer in self.layers]
-        if any(f is None for f in factors):  # not what the merged forward covers: peft's own forward, unchanged
-            yield
-            return
-        zero = [_is_zero(b) for _, b, _ in factors]
-        if not all(zero):
-            key = (tuple((_state(a), _state(b), s, _state(layer.get_base_layer().weight))
-                         for layer, (a, b, s) in zip(self.layers, factors)),
-                   tuple(_state(t) for t in sources))
-            if key != self._key:
-                self.release()  # never two sets at once
-                self._weights = [None if z else _merged_weight(layer.get_base_layer().weight, a, b, s)
-                                 for layer, (a, b, s), z in zip(self.layers, factors, zero)]
-                self._key = key
-                self.formed += 1
-        weights = self._weights if not all(zero) else [None] * len(self.layers)
-        saved = []
-        try:
-            for layer, w in zip(self.layers, weights):
-                base = layer.get_base_layer()
-                saved.append((layer, base.weight, base.weight.data))
-                if w is not None:
-                    base.weight.data = w
-                layer._disable_adapters = True  # peft's flag, set directly: enable_adapters would touch requires_grad
-            yield
-        finally:
-            for layer, param, data in reversed(saved):
-                param.data = data
-                layer._disable_adapters = False

@@ -95,9 +95,6 @@ class CalligrapherStack:
         self._text_cache: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
         # images through the transformer so far, without and with gradient (the trainer's TFLOP/s figures)
         self.forward_counts = {"no_grad": 0, "grad": 0}
-        # `--lora_merged`: no-gradient calls run the base model with each policy's W + s B A formed once
-        # (models/lora_merged.py); set by the trainer's setup
-        self.merged_base = None
 
     # ---------------------------------------------------------------- loading
     @classmethod
@@ -292,24 +289,13 @@ class CalligrapherStack:
             if torch.is_grad_enabled():
                 out = torch.func.functional_call(model, named, args, strict=False)
             else:
-                factors = [v for k, v in named.items() if k.startswith("transformer.")]
-                with weights_in_place(model, named), self._merged(model, factors):
+                with weights_in_place(model, named):
                     out = model(*args)
         elif torch.is_grad_enabled() and model is self.model:
             out = self.train_model(*args)
         else:
-            with self._merged(model, ()):
-                out = model(*args)
+            out = model(*args)
         return out.float()
-
-    def _merged(self, model, sources):
-        if self.merged_base is None or model is not self.model:
-            return contextlib.nullcontext()
-        return self.merged_base.applied(sources)
-
-    def merged_weights_paused(self):
-        """For the gradient passes: no formed LoRA weights (a weight-sized copy of the LoRA'd layers) on the card."""
-        return contextlib.nullcontext() if self.merged_base is None else self.merged_base.paused()
 
     def enable_fp8_rollouts(self, scales: str = "row") -> None:
         from .acceleration import fp8_copy

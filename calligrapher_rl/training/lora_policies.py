@@ -21,7 +21,6 @@ import os
 import torch
 
 from ..models.lora import EMA_DIR, count, lora_info, lora_parameters, read_lora_files, write_lora_files
-from ..models.lora_merged import mark_zero
 from .policies import Policies
 
 logger = logging.getLogger("calligrapher_rl.training")
@@ -80,8 +79,6 @@ class LoraPolicies(Policies):
             key = (p.dtype, p.device)
             if key not in buffers or buffers[key].numel() < p.numel():
                 buffers[key] = torch.zeros(p.numel(), dtype=p.dtype, device=p.device)
-        for buf in buffers.values():
-            mark_zero(buf)  # what the no-gradient merged calls skip (models/lora_merged.py)
         return {n: buffers[(p.dtype, p.device)][:p.numel()].view(p.shape) for n, p in b_weights}
 
     def _move(self, snap, kind, device):

@@ -91,23 +91,20 @@ class RLEpoch:
             for inner in range(cfg.rl_num_inner_epochs if stats["reward/failed"] < 1.0 else 0):
                 targets = self.nft_targets(batches, rollouts, inner) if cfg.rl_method == "nft" else None
                 loss_ok = True
-                # no formed LoRA weights (--lora_merged) beside the gradient passes' activations: the sampling
-                # policy's leave the card, and no-gradient calls in them (AWM's) form theirs at the call
-                with self.stack.merged_weights_paused():
-                    for b, (batch, ro, adv) in enumerate(zip(batches, rollouts, advantages)):
-                        group = min(ga, n_batches - b // ga * ga)  # the real size of b's accumulation group (the last may be short)
-                        last = (b + 1) % ga == 0 or b == n_batches - 1  # gradients cross processes on its backward only
-                        got = self.update(batch, ro, adv, inner, b, group, sync=last, targets=targets[b] if targets else None)
-                        loss_ok &= math.isfinite(got.get("loss", 0.0))
-                        meter.add(got)
-                        if last:
-                            with clock("optimizer"):
-                                done = self.stepper.step(loss_ok)
-                            meter.add(done)
-                            steps_done += int(done["train/skipped"] == 0)
-                            loss_ok = True
-                            if state.step >= cfg.max_train_steps:  # the budget ends mid-epoch: stop exactly there
-                                break
+                for b, (batch, ro, adv) in enumerate(zip(batches, rollouts, advantages)):
+                    group = min(ga, n_batches - b // ga * ga)  # the real size of b's accumulation group (the last may be short)
+                    last = (b + 1) % ga == 0 or b == n_batches - 1  # gradients cross processes on its backward only
+                    got = self.update(batch, ro, adv, inner, b, group, sync=last, targets=targets[b] if targets else None)
+                    loss_ok &= math.isfinite(got.get("loss", 0.0))
+                    meter.add(got)
+                    if last:
+                        with clock("optimizer"):
+                            done = self.stepper.step(loss_ok)
+                        meter.add(done)
+                        steps_done += int(done["train/skipped"] == 0)
+                        loss_ok = True
+                        if state.step >= cfg.max_train_steps:  # the budget ends mid-epoch: stop exactly there
+                            break
                 if state.step >= cfg.max_train_steps:
                     break
         t_end, counts3 = time.perf_counter(), dict(self.stack.forward_counts)

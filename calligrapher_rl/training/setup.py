@@ -100,7 +100,7 @@ def build_stack(cfg: TrainConfig, device):
     )
     if cfg.trainable == "lora":  # before compiling: the compiled graphs include the LoRA layers
         from ..models.lora import LoraSpec, add_lora
-        from ..models.lora_merged import MergedBase, skip_input_casts, use_merged_lora
+        from ..models.lora_merged import skip_input_casts, use_merged_lora
 
         add_lora(stack.pipe.transformer, stack.adapter, LoraSpec.from_config(cfg))
         if cfg.mixed_precision != "no":  # every forward of the run is under autocast (autocast_for)
@@ -108,7 +108,6 @@ def build_stack(cfg: TrainConfig, device):
             skip_input_casts(stack.adapter)
         if cfg.lora_merged:  # the transformer's layers: the adapter's see only the style tokens
             use_merged_lora(stack.pipe.transformer)
-            stack.merged_base = MergedBase(stack.pipe.transformer)
     if cfg.gradient_checkpointing:
         stack.pipe.transformer.enable_gradient_checkpointing()
     if cfg.rollout_fp8:
