@@ -8,7 +8,8 @@ import time
 from calligrapher_rl.atomic import write_json
 from calligrapher_rl.errors import UserError
 
-from .runs import _read_json, display_state, run_info, run_path
+from .procs import read_json
+from .runs import display_state, run_info, run_path
 
 ARCHIVE = ".archive"
 
@@ -40,7 +41,7 @@ def rename_run(run_dir: str, new_name: str) -> str:
         raise UserError(f"a run named {new_name.strip()!r} already exists")
     os.rename(run_dir, dest)
     cfg_path = os.path.join(dest, "run.json")
-    cfg = _read_json(cfg_path)
+    cfg = read_json(cfg_path)
     if cfg.get("output_dir"):
         write_json(cfg_path, {**cfg, "output_dir": dest})
     return dest

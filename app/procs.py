@@ -98,15 +98,20 @@ def signal_run(pid, sig: int = signal.SIGTERM, *, created: float | None = None, 
             pass
 
 
-def launch_record(run_dir: str) -> dict:
+def read_json(path: str) -> dict:
+    """The object a JSON file holds; {} when it is missing, unreadable or not an object."""
     import json
 
     try:
-        with open(os.path.join(run_dir, STUDIO_FILE), encoding="utf-8") as fh:
+        with open(path, encoding="utf-8") as fh:
             data = json.load(fh)
         return data if isinstance(data, dict) else {}
     except (OSError, ValueError):
         return {}
+
+
+def launch_record(run_dir: str) -> dict:
+    return read_json(os.path.join(run_dir, STUDIO_FILE))
 
 
 def launch_created(launch: dict) -> float | None:

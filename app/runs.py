@@ -27,6 +27,8 @@ from .procs import (
     launch_alive,
     launch_record,
     pid_alive,
+    read_json,
+    same_process,
     signal_run,
 )
 
@@ -58,17 +60,6 @@ def run_path(runs_dir: str, name: str) -> str:
 
 
 # ---------------------------------------------------------------------------------------------- reading
-def _read_json(path: str) -> dict:
-    import json
-
-    try:
-        with open(path, encoding="utf-8") as fh:
-            data = json.load(fh)
-        return data if isinstance(data, dict) else {}
-    except (OSError, ValueError):
-        return {}
-
-
 _ANSI = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]")
 
 
@@ -183,14 +174,15 @@ def checkpoint_files(run_dir: str) -> list[tuple[str, str]]:
 
 
 def run_config(run_dir: str) -> dict:
-    return _read_json(os.path.join(run_dir, "run.json"))
+    return read_json(os.path.join(run_dir, "run.json"))
 
 
 def run_info(run_dir: str) -> dict:
     """Everything the list and the monitor show about one run, with the effective state:
     `dead` when the status says live but the process is gone (`was` keeps the recorded state),
     `launching` while a process the studio started has not written its status yet,
-    `stopping` as soon as a stop was requested, `failed` when it died before writing any status."""
+    `stopping` as soon as a stop was requested, `failed` when it died before writing any status.
+    `exiting`: it has ended but its process still exists (a trainer frees its CUDA memory only as it exits)."""
     status = read_status(run_dir) or {}
     launch = launch_record(run_dir)
     cfg = run_config(run_dir)
@@ -229,6 +221,8 @@ def run_info(run_dir: str) -> dict:
         "phase": status.get("phase") if state in ("running", "stopping") else None,
         "eta_s": status.get("eta_s") if state in ("running", "stopping") else None,
         "trained": status.get("trained"),  # what trains and how many parameters (lora_policies.describe)
+        "exiting": state not in LIVE and (launched_alive or (
+            here and same_process(status.get("pid"), started=status.get("started")) is True)),
     }
 
 

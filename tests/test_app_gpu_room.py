@@ -6,12 +6,14 @@ from __future__ import annotations
 
 import json
 import os
+import subprocess
+import sys
 
 import pytest
 import torch
 from test_app_manage import live_run, set_state
 
-from app import gpu_room
+from app import gpu_room, procs, runs
 from app.gpu_room import GIB, GpuRoom, make_room_for_run
 from app.infer_views import InferViews
 from app.inference import InferenceService
@@ -38,6 +40,37 @@ def with_step(run_dir: str, step: int) -> None:
 
 def free(gib: float, total: float = 80.0):
     return lambda: (int(gib * GIB), int(total * GIB))
+
+
+def child() -> subprocess.Popen:
+    """A real process that lives until its stdin is closed (it stands for a trainer that exits)."""
+    return subprocess.Popen([sys.executable, "-c", "import sys; sys.stdin.read()"], stdin=subprocess.PIPE)
+
+
+def played_by(run_dir: str, proc: subprocess.Popen, state: str, launched: bool = True) -> None:
+    """Record `proc` as the run's process, in `state`: in studio.json as live_run does (`launched`), and in
+    status.json as a trainer does (its pid, and when it started)."""
+    created = procs.proc_start_time(proc.pid)
+    assert created is not None
+    if launched:
+        with open(os.path.join(run_dir, "studio.json"), "w") as fh:
+            json.dump({**procs.launch_record(run_dir), "pid": proc.pid, "created": created}, fh)
+    else:  # a trainer started on this host from a shell, not by the studio: status.json alone
+        os.remove(os.path.join(run_dir, "studio.json"))
+    set_state(run_dir, state)
+    path = os.path.join(run_dir, "status.json")
+    with open(path) as fh:
+        status = json.load(fh)
+    with open(path, "w") as fh:
+        json.dump({**status, "pid": proc.pid, "started": created}, fh)
+
+
+def ended(run_dir: str, state: str) -> None:
+    """The run ended in `state` and its process is gone (exited and reaped)."""
+    proc = child()
+    played_by(run_dir, proc, state)
+    proc.stdin.close()
+    proc.wait()
 
 
 def test_a_starting_run_on_the_card_refuses_any_load(tmp_path):
@@ -75,10 +108,71 @@ def test_runs_on_other_cards_do_not_count_but_runs_without_gpus_do(tmp_path):
     with_step(env, 0)
     with pytest.raises(UserError, match="'no-gpus'"):
         GpuRoom(runs_dir, mem_info=free(70), gpu=0).check(40 * GIB)
-    set_state(env, "finished")
-    set_state(other, "finished")
+    ended(env, "finished")  # their processes are gone: what still holds the card is no run of the studio's
+    ended(other, "finished")
     with pytest.raises(UserError, match="another process holds the rest"):
-        GpuRoom(runs_dir, mem_info=free(10), gpu=0).check(40 * GIB)
+        GpuRoom(runs_dir, mem_info=free(10), gpu=0, exit_wait_s=0).check(40 * GIB)
+
+
+def test_an_ended_run_is_exiting_while_its_process_is_there(tmp_path):
+    """runs.run_info: `exiting` for an ended run whose process (the one the studio launched, or the trainer its
+    status records on this host) still exists; a zombie (exited, not yet reaped) is gone; `live` is unchanged."""
+    for launched in (True, False):
+        run = live_run(str(tmp_path), f"run-{launched}", "0")
+        assert runs.run_info(run)["exiting"] is False  # live: not exiting
+        proc = child()
+        try:
+            played_by(run, proc, "stopped", launched=launched)
+            info = runs.run_info(run)
+            assert info["state"] == "stopped" and not info["live"] and info["exiting"] is True
+            proc.stdin.close()
+            os.waitid(os.P_PID, proc.pid, os.WEXITED | os.WNOWAIT)  # until it has exited, left unreaped: a zombie
+            assert procs.psutil.Process(proc.pid).status() == procs.psutil.STATUS_ZOMBIE
+            assert runs.run_info(run)["exiting"] is False
+        finally:
+            proc.kill()
+            proc.wait()
+        assert runs.run_info(run)["exiting"] is False
+
+
+def test_check_waits_for_a_stopped_runs_process_to_exit(tmp_path):
+    """The user stops a run and generates at once: the run says `stopped`, its process still frees the card. The
+    check waits for that process to end, then reads what is free again and loads."""
+    runs_dir = str(tmp_path)
+    run = live_run(runs_dir, "flux-a", "")  # no GPUs: the environment's first card, the studio's
+    proc = child()
+    calls = []
+
+    def mem_info():
+        calls.append(proc.poll())
+        if len(calls) == 1:
+            proc.stdin.close()  # the trainer wrote "stopped"; its process now ends on its own
+            return int(19.7 * GIB), 79 * GIB
+        return int((70 if proc.poll() is not None else 19.7) * GIB), 79 * GIB
+
+    try:
+        played_by(run, proc, "stopped")
+        GpuRoom(runs_dir, mem_info=mem_info, gpu=0, exit_wait_s=60).check(44 * GIB)
+        assert len(calls) == 2 and proc.poll() is not None  # read again once, after the process had ended
+    finally:
+        proc.kill()
+        proc.wait()
+
+
+def test_a_process_still_exiting_after_the_bound_is_named(tmp_path):
+    runs_dir = str(tmp_path)
+    run = live_run(runs_dir, "flux-a", "0")
+    proc = child()  # never exits by itself
+    try:
+        played_by(run, proc, "stopped")
+        with pytest.raises(UserError) as exc:
+            GpuRoom(runs_dir, mem_info=free(19.7, 79), gpu=0, exit_wait_s=0.5).check(44 * GIB)
+        msg = str(exc.value)
+        assert "\n" not in msg and "'flux-a'" in msg and "still exiting" in msg and f"pid {proc.pid}" in msg
+        assert "19.7 of 79 GiB is free" in msg and "another process" not in msg and proc.poll() is None
+    finally:
+        proc.kill()
+        proc.wait()
 
 
 def test_studio_gpu_follows_cuda_visible_devices(monkeypatch):
