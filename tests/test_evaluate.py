@@ -119,7 +119,7 @@ def test_sample_prompts_are_painted_every_n_steps_and_fill_their_studio_gallery(
     time, into samples/prompts/; the Runs tab's gallery lists them."""
     from PIL import Image
 
-    from app.views import MonitorViews
+    from app.monitor_views import MonitorViews
     from calligrapher_rl.config import parse_args
     from calligrapher_rl.training.trainer import train
 

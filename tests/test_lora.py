@@ -213,7 +213,7 @@ def test_lora_checkpoint_files_load_with_diffusers_and_peft(nft_lora_run, tiny_p
     state = json.loads((ck / "trainer_state" / "state.json").read_text())
     assert state["lora_reference"] == "base" and state["config"]["trainable"] == "lora"
 
-    from app.runs import checkpoint_files  # the studio's Inference/Compare choices: the folder and its ema/
+    from app.run_files import checkpoint_files  # the studio's Inference/Compare choices: the folder and its ema/
 
     assert checkpoint_files(str(nft_lora_run[0]))[:2] == [("checkpoint-4 · EMA LoRA", str(ck / "ema")),
                                                           ("checkpoint-4 · raw LoRA", str(ck))]
