@@ -181,7 +181,7 @@ def plan_start(runs_dir: str, name: str, argv: list[str], gpus: str = "", read_r
         if any(a == flag or a.startswith(flag + "=") for a in argv):
             raise UserError(f"{flag} is set by the studio (the run folder is runs_dir/NAME)")
     full = [*argv, "--output_dir", run_dir]
-    from calligrapher_rl.config import parse_args
+    from calligrapher_rl.config_parse import parse_args
 
     cfg = parse_args(full)
     confine_paths(cfg, run_dir, read_roots if read_roots is not None else default_read_roots(runs_dir))
@@ -234,7 +234,7 @@ def resume_run(run_dir: str, extra: list[str] | None = None, gpus: str = "", rea
             raise UserError(f"{flag} is set by the studio when it resumes a run")
     argv = ["--preset", os.path.join(run_dir, "run.json"), *(extra or []), "--resume_from_checkpoint", "latest",
             "--output_dir", run_dir]
-    from calligrapher_rl.config import parse_args
+    from calligrapher_rl.config_parse import parse_args
     from calligrapher_rl.training.preflight import preflight
 
     from .procs import parse_gpus

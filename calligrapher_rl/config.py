@@ -3,8 +3,8 @@
 Precedence: dataclass defaults < preset file (`--preset NAME_OR_PATH`) < flags typed on the command line.
 The guide's flags keep the guide's names and defaults (`RL_TRAINING_GUIDE.zh.md`); the extra fields are
 what a correct implementation needs, each with a documented default. Checks live in `config_validate`;
-reading values from outside (the fields' types, preset files, the command line) lives in `config_parse`,
-whose public names (`parse_args`, `load_preset`, `FIELDS`, ...) this module re-exports.
+reading values from outside (preset files, the command line: `parse_args`, `load_preset`, ...) lives in
+`config_parse`, which imports this module.
 No torch import here: the studio and `--help` load this module cheaply.
 """
 
@@ -17,40 +17,13 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from calligrapher_rl import __version__
-from calligrapher_rl.config_validate import ConfigError, parse_reward_spec, sde_window_bounds
+from calligrapher_rl.config_validate import ConfigError, has_type, parse_reward_spec, sde_window_bounds
 from calligrapher_rl.config_validate import validate as _validate
 from calligrapher_rl.config_validate import warnings as _warnings
 from calligrapher_rl.errors import UserError
 
-if typing.TYPE_CHECKING:
-    from calligrapher_rl.config_parse import (
-        FIELDS,
-        PRESETS_DIR,
-        build_parser,
-        coerce_values,
-        field_type,
-        find_preset,
-        list_presets,
-        load_preset,
-        parse_args,
-    )
-
-__all__ = ["TrainConfig", "build_parser", "parse_args", "load_preset", "find_preset", "list_presets",
-           "parse_reward_spec", "ConfigError", "SEED_GUIDE_FLAGS", "PRESETS_DIR", "VERSION_KEY",
-           "FIELDS", "field_type", "coerce_values"]
-
-# config_parse imports this module (it needs TrainConfig), so its names are fetched on first use
-# (PEP 562) instead of at import time: either module can then be imported first.
-_FROM_CONFIG_PARSE = frozenset({"FIELDS", "PRESETS_DIR", "build_parser", "coerce_values", "field_type",
-                                "find_preset", "list_presets", "load_preset", "parse_args"})
-
-
-def __getattr__(name: str) -> Any:
-    if name in _FROM_CONFIG_PARSE:
-        from calligrapher_rl import config_parse
-
-        return getattr(config_parse, name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+__all__ = ["TrainConfig", "parse_reward_spec", "ConfigError", "SEED_GUIDE_FLAGS", "VERSION_KEY", "FIELDS", "field_type",
+           "coerce_values"]
 
 
 VERSION_KEY = "calligrapher_rl_version"  # the package version, stored beside the fields in run.json
@@ -369,6 +342,45 @@ class TrainConfig:
         data.pop(VERSION_KEY, None)
         for key in RETIRED_FIELDS:
             data.pop(key, None)
-        from calligrapher_rl.config_parse import coerce_values  # lazily: config_parse imports this module
-
         return cls(**coerce_values(data, where, allow_preset=True))
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Types of the fields
+_HINTS = typing.get_type_hints(TrainConfig)
+FIELDS = {f.name: f for f in dataclasses.fields(TrainConfig)}
+
+
+def field_type(name: str) -> tuple[type, bool]:
+    """(base type, optional) of a field's annotation."""
+    hint = _HINTS[name]
+    args = typing.get_args(hint)
+    if args:  # X | None
+        return next(a for a in args if a is not type(None)), True
+    return hint, False
+
+
+def _type_name(name: str) -> str:
+    base, optional = field_type(name)
+    return base.__name__ + (" or null" if optional else "")
+
+
+def coerce_values(data: dict[str, Any], where: str, *, allow_preset: bool = False) -> dict[str, Any]:
+    """Check the keys and value types of a preset / run.json mapping; ints are accepted for floats."""
+    out: dict[str, Any] = {}
+    for key, value in data.items():
+        if key == "preset" and not allow_preset:
+            raise UserError("a preset cannot name another preset", where=where, field=key)
+        if key not in FIELDS:
+            raise UserError("unknown key (not a flag of calligrapher_rl.train); see --help", where=where, field=key)
+        base, optional = field_type(key)
+        if value is None and optional:
+            out[key] = None
+            continue
+        if key == "rl_sde_window_range" and isinstance(value, list) and len(value) == 2 \
+                and all(isinstance(v, int) and not isinstance(v, bool) for v in value):
+            value = f"{value[0]},{value[1]}"
+        if not has_type(value, base):
+            raise UserError(f"expected {_type_name(key)}, got {type(value).__name__} {value!r}", where=where, field=key)
+        out[key] = float(value) if base is float else value
+    return out

@@ -1,19 +1,16 @@
-"""Reading flag values into a TrainConfig: the fields' types, preset files, and the command line.
+"""Reading flag values into a TrainConfig from outside: preset files and the command line.
 
-Everything here turns text from outside (a preset's TOML/JSON table, an earlier run's run.json, argv) into
-typed values of `config.TrainConfig`, with one-line UserErrors naming the file or flag. `calligrapher_rl.config`
-re-exports the public names (`parse_args`, `load_preset`, `FIELDS`, ...), so callers import them from there;
-this module imports `config`, and `config` reaches back here only lazily (no import cycle at load time).
-No torch import here: the studio and `--help` load this module cheaply.
+A preset's TOML/JSON table and argv become typed values of `config.TrainConfig` (the fields' types and their
+check, `coerce_values`, live beside the fields in `config`), with one-line UserErrors naming the file or flag.
+This module imports `config`, never the other way round. No torch import here: the studio and `--help` load it
+cheaply.
 """
 
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import os
-import typing
 from pathlib import Path
 from typing import Any
 
@@ -22,55 +19,14 @@ try:
 except ImportError:  # Python 3.10
     import tomli as tomllib  # type: ignore[no-redef]
 
-from calligrapher_rl.config import RETIRED_FIELDS, VERSION_KEY, TrainConfig
-from calligrapher_rl.config_validate import ConfigError, has_type
+from calligrapher_rl.config import FIELDS, RETIRED_FIELDS, VERSION_KEY, TrainConfig, coerce_values, field_type
+from calligrapher_rl.config_validate import ConfigError
 from calligrapher_rl.errors import UserError
 
 __all__ = ["FIELDS", "PRESETS_DIR", "build_parser", "coerce_values", "field_type", "find_preset", "list_presets",
            "load_preset", "parse_args"]
 
 PRESETS_DIR = Path(__file__).resolve().parent.parent / "presets"
-
-
-# ---------------------------------------------------------------------------------------------------------
-# Types of the fields
-_HINTS = typing.get_type_hints(TrainConfig)
-FIELDS = {f.name: f for f in dataclasses.fields(TrainConfig)}
-
-
-def field_type(name: str) -> tuple[type, bool]:
-    """(base type, optional) of a field's annotation."""
-    hint = _HINTS[name]
-    args = typing.get_args(hint)
-    if args:  # X | None
-        return next(a for a in args if a is not type(None)), True
-    return hint, False
-
-
-def _type_name(name: str) -> str:
-    base, optional = field_type(name)
-    return base.__name__ + (" or null" if optional else "")
-
-
-def coerce_values(data: dict[str, Any], where: str, *, allow_preset: bool = False) -> dict[str, Any]:
-    """Check the keys and value types of a preset / run.json mapping; ints are accepted for floats."""
-    out: dict[str, Any] = {}
-    for key, value in data.items():
-        if key == "preset" and not allow_preset:
-            raise UserError("a preset cannot name another preset", where=where, field=key)
-        if key not in FIELDS:
-            raise UserError("unknown key (not a flag of calligrapher_rl.train); see --help", where=where, field=key)
-        base, optional = field_type(key)
-        if value is None and optional:
-            out[key] = None
-            continue
-        if key == "rl_sde_window_range" and isinstance(value, list) and len(value) == 2 \
-                and all(isinstance(v, int) and not isinstance(v, bool) for v in value):
-            value = f"{value[0]},{value[1]}"
-        if not has_type(value, base):
-            raise UserError(f"expected {_type_name(key)}, got {type(value).__name__} {value!r}", where=where, field=key)
-        out[key] = float(value) if base is float else value
-    return out
 
 
 # ---------------------------------------------------------------------------------------------------------

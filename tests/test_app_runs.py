@@ -23,7 +23,7 @@ from app import charts, manage, presets, procs, run_files, runs
 from app.infer_views import InferViews
 from app.monitor_views import MonitorViews
 from app.views import FORM_KEYS, TrainViews
-from calligrapher_rl.config import load_preset
+from calligrapher_rl.config_parse import load_preset
 from calligrapher_rl.errors import UserError
 
 pytestmark = pytest.mark.usefixtures("single_thread_runs")

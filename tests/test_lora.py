@@ -9,7 +9,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from calligrapher_rl.config import parse_args
+from calligrapher_rl.config_parse import parse_args
 from calligrapher_rl.errors import UserError
 from calligrapher_rl.models.lora import LoraSpec, add_lora
 from calligrapher_rl.models.stack import CalligrapherStack
