@@ -6,7 +6,8 @@
     charts.py        plotly figures from metrics.jsonl rows
     inference.py     cached model stacks and inpainting for the Inference and Compare tabs
     gpu_room.py      may the studio load a model onto a card that training runs share (one-line refusals)
-    views.py         Train and Runs callbacks;  infer_views.py  Inference and Compare callbacks
+    views.py         Train callbacks;  monitor_views.py  Runs callbacks
+    infer_views.py   Inference and Compare callbacks
     layout.py        the Blocks (wiring only);  server.py  `python app.py` flags and launch
 """
 

@@ -1,4 +1,4 @@
-"""Plotly figures from metrics.jsonl rows (a list of dicts as read by runs.metrics).
+"""Plotly figures from metrics.jsonl rows (a list of dicts as read by run_files.metrics).
 
 Every figure marks the phases: the supervised warmup is a shaded band and a dashed line marks where RL
 starts; when a metric is logged in both phases (loss), each phase is its own trace (warmup on the right

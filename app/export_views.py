@@ -12,7 +12,7 @@ import time
 
 from calligrapher_rl.errors import UserError
 
-from . import runs
+from . import run_files, runs
 from .view_common import err
 
 FORMATS = ["release", "safetensors"]
@@ -49,7 +49,7 @@ def export(runs_dir: str, choice: str | None, fmt: str) -> tuple[str | None, str
 def model_card(run_dir: str, folder: str, ema: bool) -> str:
     """README.md of a pushed checkpoint: what it is, how it was trained, how well it did."""
     cfg = runs.run_config(run_dir)
-    rows = [r for r in runs.metrics(run_dir) if "eval/reward/mean" in r]
+    rows = [r for r in run_files.metrics(run_dir) if "eval/reward/mean" in r]
     last = rows[-1] if rows else None
     lines = ["---", "library_name: calligrapher-rl", "tags: [calligrapher, flux, style-adapter, reinforcement-learning]",
              "---", f"# {os.path.basename(run_dir)} · {os.path.basename(folder)}{' (EMA)' if ema else ''}", "",
@@ -64,7 +64,7 @@ def model_card(run_dir: str, folder: str, ema: bool) -> str:
         lo, hi = last.get("eval/reward/mean_lo"), last.get("eval/reward/mean_hi")
         ci = f" (95% interval {lo:.3f} to {hi:.3f}, {int(last.get('eval/n', 0))} samples)" if lo is not None else ""
         lines += ["", f"Evaluation at step {last['step']}: reward {last['eval/reward/mean']:.3f}{ci}."]
-    grids = runs.samples(run_dir)
+    grids = run_files.samples(run_dir)
     if grids:
         lines += ["", "![latest sample grid: input, output, target, reference](sample-grid.png)"]
     lines += ["", "Load it with `python -m calligrapher_rl.infer --ip_adapter ip-adapter.bin ...` or the release's "
@@ -96,7 +96,7 @@ def push(runs_dir: str, choice: str | None, repo_id: str, token: str | None) -> 
         for name in ("ip-adapter-ema.safetensors" if ema else "ip-adapter.safetensors", "ip-adapter.bin"):
             if os.path.isfile(os.path.join(folder, name)):
                 shutil.copy2(os.path.join(folder, name), stage)
-        grids = runs.samples(run_dir)
+        grids = run_files.samples(run_dir)
         if grids:
             shutil.copy2(grids[-1][1], os.path.join(stage, "sample-grid.png"))
         with open(os.path.join(stage, "README.md"), "w", encoding="utf-8") as fh:

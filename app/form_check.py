@@ -10,7 +10,8 @@ from __future__ import annotations
 
 import re
 
-from calligrapher_rl.config import FIELDS, parse_args
+from calligrapher_rl.config import FIELDS
+from calligrapher_rl.config_parse import parse_args
 from calligrapher_rl.config_validate import ConfigError
 from calligrapher_rl.errors import UserError
 

@@ -15,7 +15,7 @@ from PIL import Image
 
 from calligrapher_rl.errors import UserError
 
-from . import runs
+from . import run_files, runs
 from .gpu_room import GpuRoom
 from .inference import (
     InferenceService,
@@ -50,7 +50,7 @@ class InferViews:
             except UserError:
                 run_dir = None
             if run_dir:
-                out = [(label, os.path.relpath(path, self.runs_dir)) for label, path in runs.checkpoint_files(run_dir)]
+                out = [(label, os.path.relpath(path, self.runs_dir)) for label, path in run_files.checkpoint_files(run_dir)]
                 if runs.run_config(run_dir).get("initial_ip_adapter_path"):
                     out.append(("initial adapter (run.json)", f"{INITIAL}:{name}"))
         return out + [("no adapter — plain FLUX-Fill", NONE)]

@@ -1,4 +1,5 @@
-"""The Blocks: components and event wiring only (callbacks live in views.py and infer_views.py).
+"""The Blocks: components and event wiring only (callbacks live in views.py, monitor_views.py and
+infer_views.py).
 
 Callbacks return {name: value}; `Wire` maps the names to this page's components (a name left out leaves its
 component unchanged). API names (for gradio_client): preset_values, check_run, start_run, save_preset,
@@ -18,13 +19,8 @@ from .compare_views import GALLERIES, CompareViews
 from .data_views import DataViews
 from .infer_views import SLOTS, InferViews
 from .inference import InferenceService
-from .views import (
-    FORM_KEYS,
-    MONITOR_KEYS,
-    MonitorViews,
-    TrainViews,
-    suggest_name,
-)
+from .monitor_views import MONITOR_KEYS, MonitorViews
+from .views import FORM_KEYS, TrainViews, suggest_name
 
 POLL_S = 2.0
 GPU_POLL_S = 5.0

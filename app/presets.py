@@ -1,6 +1,6 @@
 """Presets and the Train form: which flags the form shows, form values <-> command-line flags, saving.
 
-Built-in presets live in the repo's presets/ folder (calligrapher_rl.config.PRESETS_DIR); presets saved
+Built-in presets live in the repo's presets/ folder (calligrapher_rl.config_parse.PRESETS_DIR); presets saved
 from the studio go to runs_dir/presets/NAME.toml. A preset is chosen by name (built-in) or by a path that
 must lie inside one of those two folders.
 """
@@ -13,15 +13,8 @@ import shlex
 import time
 
 from calligrapher_rl.atomic import atomic_path
-from calligrapher_rl.config import (
-    FIELDS,
-    PRESETS_DIR,
-    build_parser,
-    field_type,
-    list_presets,
-    load_preset,
-    parse_args,
-)
+from calligrapher_rl.config import FIELDS, field_type
+from calligrapher_rl.config_parse import PRESETS_DIR, build_parser, list_presets, load_preset, parse_args
 from calligrapher_rl.errors import UserError
 
 from .runs import check_name, confine

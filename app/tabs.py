@@ -8,8 +8,9 @@ import gradio as gr
 from . import export_views, gpu_panel, presets
 from .compare_views import EVAL_SETS, GALLERIES, RUN_DATA
 from .infer_views import SLOTS
+from .monitor_views import TABLE_COLUMNS
 from .uploads import checked
-from .views import TABLE_COLUMNS, suggest_name
+from .views import suggest_name
 
 
 def _form_component(flag: str, label: str, info: str | None, value):

@@ -1,13 +1,21 @@
-"""What the tabs' view classes share: the one-line error shown in a message box, and the runs folder with the
-folders a form may read from."""
+"""What the tabs' view classes share: the one-line error shown in a message box (and as a toast), and the runs
+folder with the folders a form may read from."""
 
 from __future__ import annotations
+
+import gradio as gr
 
 from . import runs
 
 
 def err(exc: Exception) -> str:
     return f"⚠ {exc}"
+
+
+def toast_error(exc: Exception) -> str:
+    """The one-line error for the message box, also shown as a warning toast."""
+    gr.Warning(str(exc))
+    return err(exc)
 
 
 class RunsFolderViews:

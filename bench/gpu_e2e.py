@@ -223,7 +223,7 @@ def main() -> int:
                   "machine without network, carry its wheels beside .gpu_wheels)", file=sys.stderr)
             return 2
     for preset in args.presets.split(","):
-        from calligrapher_rl.config import parse_args
+        from calligrapher_rl.config_parse import parse_args
 
         shipped = parse_args(["--preset", preset])
         steps_per_epoch = max(1, shipped.rl_num_batches_per_epoch // shipped.gradient_accumulation_steps)

@@ -62,7 +62,7 @@ def run_one(spec: dict) -> dict:
     import torch
 
     torch.set_num_threads(1)
-    from calligrapher_rl.config import parse_args
+    from calligrapher_rl.config_parse import parse_args
     from calligrapher_rl.tiny import evaluate_ocr
     from calligrapher_rl.training.run_dir import read_metrics
 

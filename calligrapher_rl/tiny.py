@@ -38,7 +38,8 @@ def _pretrain(argv) -> int:
     import time
 
     started = time.time()  # --max_minutes counts the imports too
-    from .training.tiny_pretrain import SAVE_DTYPES, PretrainConfig
+    from .training.tiny_pretrain import PretrainConfig
+    from .training.tiny_weights import SAVE_DTYPES
 
     d = PretrainConfig()
     p = argparse.ArgumentParser(prog="python -m calligrapher_rl.tiny pretrain",
@@ -114,7 +115,7 @@ def _export(argv) -> int:
     args = p.parse_args(argv)
     if not os.path.isfile(args.snapshot):
         raise UserError("no such file", where=args.snapshot, field="--snapshot")
-    from .training.tiny_pretrain import load_snapshot, write_layout
+    from .training.tiny_weights import load_snapshot, write_layout
 
     print("\n".join(write_layout(args.out, *load_snapshot(args.snapshot, args.seed), save_dtype=args.save_dtype)))
     return 0

@@ -26,7 +26,7 @@ def main(argv=None) -> int:
 
 
 def _main(argv, signals: "_EarlySignals") -> int:
-    from .config import parse_args
+    from .config_parse import parse_args
 
     cfg = parse_args(argv)
     signals.output_dir = cfg.output_dir

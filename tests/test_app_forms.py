@@ -11,7 +11,7 @@ from PIL import Image
 from app import presets
 from app.form_check import labelled
 from app.inference import InferenceService, Inputs
-from app.runs import tail
+from app.run_files import tail
 from app.uploads import checked
 from app.views import FORM_KEYS, TrainViews
 from calligrapher_rl.errors import UserError

@@ -17,9 +17,9 @@ from test_app_support import (
     wait_for,
 )
 
-from app import charts, gpu_queue, procs, runs
+from app import charts, gpu_queue, procs, run_files, runs
 from app.data_views import DataViews
-from app.views import MonitorViews
+from app.monitor_views import MonitorViews
 
 pytestmark = [pytest.mark.usefixtures("single_thread_runs"),
               pytest.mark.filterwarnings("ignore:.*(no_silent_downcasting|copy keyword).*")]
@@ -75,7 +75,7 @@ def test_a_run_waits_for_its_gpus_then_starts(tmp_path):
         assert gpu_queue.start_ready(runs_dir) == [waiting]
         assert runs.run_info(waiting)["state"] in ("launching", "failed")
         wait_for(lambda: not runs.run_info(waiting)["live"], 120, what="the queued run's process to end")
-        log = runs.tail(os.path.join(waiting, "console.log"), 20)
+        log = run_files.tail(os.path.join(waiting, "console.log"), 20)
         assert "CUDA_VISIBLE_DEVICES=0 python -m calligrapher_rl.train" in log
         assert runs.run_info(waiting)["state"] == "failed"  # the trainer's preflight: no GPU 0 on a CPU machine
         assert gpu_queue.start_ready(runs_dir) == []  # started once, never again
@@ -121,7 +121,7 @@ def test_several_runs_on_one_chart_and_csv(tmp_path):
     out = mon.overlay(["base", "copy"], "reward/mean", 0.5)
     fig = out["p_overlay"]
     assert [t.name for t in fig.data if t.showlegend is not False] == ["base", "copy"]
-    raw = [r["reward/mean"] for r in runs.metrics(run_dir) if r.get("reward/mean") is not None]
+    raw = [r["reward/mean"] for r in run_files.metrics(run_dir) if r.get("reward/mean") is not None]
     assert list(fig.data[1].y) == charts.smooth(raw, 0.5) and list(fig.data[0].y) == raw
     assert ("reward/mean", "reward/mean") in out["overlay_key"].choices
     assert charts.smooth([1.0, 1.0, 1.0], 0.9) == pytest.approx([1.0, 1.0, 1.0])  # debiased: no pull towards 0
@@ -130,7 +130,7 @@ def test_several_runs_on_one_chart_and_csv(tmp_path):
     with open(path, newline="") as fh:
         rows = list(csv.DictReader(fh))
     assert rows and list(rows[0])[:4] == ["run", "step", "phase", "time"] and "reward/mean" in rows[0]
-    assert len(rows) == len(runs.metrics(run_dir)) and {r["run"] for r in rows} == {"base"}
+    assert len(rows) == len(run_files.metrics(run_dir)) and {r["run"] for r in rows} == {"base"}
     both = mon.export_csv(["base", "copy"], "base")["csv_file"]
     with open(both, newline="") as fh:
         assert {r["run"] for r in csv.DictReader(fh)} == {"base", "copy"}
@@ -188,9 +188,9 @@ def test_phase_eta_and_gpu_figures_when_the_trainer_gives_them(tmp_path):
                                  "time/update_s": 20.0 + step, "time/eval_s": 0.0}) + "\n" for step in (1, 2))
     out = mon.views("busy")
     assert "phase: rollout" in out["status"] and "~0:01:05 left" in out["status"]
-    assert out["p_sys"].visible and charts.has_system(runs.metrics(run_dir))
+    assert out["p_sys"].visible and charts.has_system(run_files.metrics(run_dir))
     assert not plain["p_time"].visible and out["p_time"].visible  # the per-phase time bars, once there are times
-    bars = {t.name: list(t.y) for t in charts.phase_figure(runs.metrics(run_dir)).data}
+    bars = {t.name: list(t.y) for t in charts.phase_figure(run_files.metrics(run_dir)).data}
     assert bars == {"rollout": [12.5, 12.5], "update": [21.0, 22.0]}  # phases that took no time have no segment
     with open(os.path.join(run_dir, "console.log"), "w") as fh:
         fh.write("".join(f"step {i} phase rl reward 0.5 loss 0.1\n" for i in range(500)))

@@ -19,10 +19,11 @@ from test_app_support import (
     wait_for,
 )
 
-from app import charts, manage, presets, procs, runs
+from app import charts, manage, presets, procs, run_files, runs
 from app.infer_views import InferViews
-from app.views import FORM_KEYS, MonitorViews, TrainViews
-from calligrapher_rl.config import load_preset
+from app.monitor_views import MonitorViews
+from app.views import FORM_KEYS, TrainViews
+from calligrapher_rl.config_parse import load_preset
 from calligrapher_rl.errors import UserError
 
 pytestmark = pytest.mark.usefixtures("single_thread_runs")
@@ -55,32 +56,32 @@ def test_run_info_of_a_real_run(trained):
     assert info["checkpoints"] == [2, 4] and info["method"] == "grpo"
     assert info["reward"] is not None and info["eval_reward"] is not None and not info["live"]
     assert [r["name"] for r in runs.list_runs(runs_dir)][-1] == "base"
-    labels = [label for label, _ in runs.checkpoint_files(run_dir)]
+    labels = [label for label, _ in run_files.checkpoint_files(run_dir)]
     assert labels == ["checkpoint-4 · EMA", "checkpoint-4 · raw", "checkpoint-2 · EMA", "checkpoint-2 · raw",
                       "checkpoint-0 · start"]  # the run's starting point (a pointer to tiny-pretrained's adapter)
-    assert [s for s, _ in runs.samples(run_dir)] == [0, 2, 4]
-    df = runs.metrics_frame(run_dir)
+    assert [s for s, _ in run_files.samples(run_dir)] == [0, 2, 4]
+    df = run_files.metrics_frame(run_dir)
     assert {"step", "phase", "reward/mean", "kl", "loss", "clipfrac"} <= set(df.columns)
     assert set(df["phase"]) == {"warmup", "rl"}
-    assert "saved" in runs.tail(os.path.join(run_dir, "train.log"), 5)
+    assert "saved" in run_files.tail(os.path.join(run_dir, "train.log"), 5)
 
 
 def test_metrics_are_read_incrementally(tmp_path):
     path = tmp_path / "metrics.jsonl"
     path.write_text('{"step": 1, "phase": "rl", "loss": 1.0}\n{"step": 2, "ph')  # a line being written
-    assert [r["step"] for r in runs.metrics(str(tmp_path))] == [1]
+    assert [r["step"] for r in run_files.metrics(str(tmp_path))] == [1]
     with open(path, "a") as fh:
         fh.write('ase": "rl", "loss": 2.0}\n{"step": 3, "phase": "rl", "loss": 3.0}\n')
-    assert [r["step"] for r in runs.metrics(str(tmp_path))] == [1, 2, 3]
+    assert [r["step"] for r in run_files.metrics(str(tmp_path))] == [1, 2, 3]
     tmp = tmp_path / "new"  # a resume replaces the file (atomic rename) with the rows up to its checkpoint
     tmp.write_text('{"step": 1, "phase": "rl", "loss": 1.0}\n{"step": 2, "phase": "rl", "loss": 2.5}\n'
                    '{"step": 3, "phase": "rl", "loss": 3.5}\n{"step": 4, "phase": "rl", "loss": 4.5}\n')
     os.replace(tmp, path)
-    assert [r["loss"] for r in runs.metrics(str(tmp_path))] == [1.0, 2.5, 3.5, 4.5]
+    assert [r["loss"] for r in run_files.metrics(str(tmp_path))] == [1.0, 2.5, 3.5, 4.5]
 
 
 def test_charts_from_real_metrics(trained):
-    rows = runs.metrics(trained[1])
+    rows = run_files.metrics(trained[1])
     figs = charts.figures(rows, revision="base", method="grpo")
     assert set(figs) == {"reward", "kl", "loss", "clipfrac"}
     names = [t.name for t in figs["reward"].data]
@@ -277,9 +278,9 @@ def test_start_stop_resume_a_real_run(tmp_path):
         with pytest.raises(UserError):
             runs.resume_run(run_dir)
         wait_for(lambda: runs.run_info(run_dir)["state"] == "finished", 120, what="the resumed run to finish")
-        steps = [r["step"] for r in runs.metrics(run_dir) if "loss" in r]
+        steps = [r["step"] for r in run_files.metrics(run_dir) if "loss" in r]
         assert steps == list(range(1, 5))  # continued from the checkpoint's step, no step twice
-        assert "resumed from" in runs.tail(os.path.join(run_dir, "train.log"), 200)
+        assert "resumed from" in run_files.tail(os.path.join(run_dir, "train.log"), 200)
         with pytest.raises(UserError, match="max_train_steps"):
             runs.resume_run(run_dir)
     finally:

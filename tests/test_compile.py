@@ -10,7 +10,7 @@ import pytest
 import torch
 from diffusers.models.transformers.transformer_flux import FluxSingleTransformerBlock, FluxTransformerBlock
 
-from calligrapher_rl.config import parse_args
+from calligrapher_rl.config_parse import parse_args
 from calligrapher_rl.models.acceleration import compile_transformer
 from calligrapher_rl.models.stack import CalligrapherStack
 from calligrapher_rl.sampling import rollout

@@ -11,18 +11,8 @@ from pathlib import Path
 import pytest
 
 from calligrapher_rl import __version__
-from calligrapher_rl.config import (
-    PRESETS_DIR,
-    SEED_GUIDE_FLAGS,
-    VERSION_KEY,
-    ConfigError,
-    TrainConfig,
-    build_parser,
-    list_presets,
-    load_preset,
-    parse_args,
-    parse_reward_spec,
-)
+from calligrapher_rl.config import SEED_GUIDE_FLAGS, VERSION_KEY, ConfigError, TrainConfig, parse_reward_spec
+from calligrapher_rl.config_parse import PRESETS_DIR, build_parser, list_presets, load_preset, parse_args
 from calligrapher_rl.errors import UserError, cli_main
 
 GUIDE = Path(__file__).resolve().parents[1] / "docs" / "RL_TRAINING_GUIDE.zh.md"

@@ -119,8 +119,8 @@ def test_sample_prompts_are_painted_every_n_steps_and_fill_their_studio_gallery(
     time, into samples/prompts/; the Runs tab's gallery lists them."""
     from PIL import Image
 
-    from app.views import MonitorViews
-    from calligrapher_rl.config import parse_args
+    from app.monitor_views import MonitorViews
+    from calligrapher_rl.config_parse import parse_args
     from calligrapher_rl.training.trainer import train
 
     ref = tmp_path / "ref.png"
@@ -144,7 +144,7 @@ def test_sample_prompts_are_painted_every_n_steps_and_fill_their_studio_gallery(
 def test_a_run_can_start_from_another_runs_checkpoint_0(tmp_path):
     """--initial_ip_adapter_path accepts a checkpoint-0 folder (preflight resolves its pointer) and names a
     pointer whose file is gone in one line."""
-    from calligrapher_rl.config import parse_args
+    from calligrapher_rl.config_parse import parse_args
     from calligrapher_rl.training.preflight import preflight
 
     init = tmp_path / "a.safetensors"

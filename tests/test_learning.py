@@ -27,7 +27,7 @@ import numpy as np
 import pytest
 import torch
 
-from calligrapher_rl.config import parse_args
+from calligrapher_rl.config_parse import parse_args
 from calligrapher_rl.training.rl_epoch import RLEpoch
 from calligrapher_rl.training.run_dir import read_metrics
 from calligrapher_rl.training.trainer import Trainer

@@ -19,7 +19,7 @@ import pytest
 import torch
 from test_learning import PermutedAdvantages
 
-from calligrapher_rl.config import parse_args
+from calligrapher_rl.config_parse import parse_args
 from calligrapher_rl.training.run_dir import read_metrics
 from calligrapher_rl.training.trainer import Trainer
 

@@ -10,7 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from calligrapher_rl.config import TrainConfig, load_preset
+from calligrapher_rl.config import TrainConfig
+from calligrapher_rl.config_parse import load_preset
 from calligrapher_rl.errors import UserError
 from calligrapher_rl.training import Trainer, TrainerCallback
 from calligrapher_rl.training.run_dir import read_metrics, read_status

@@ -9,7 +9,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from calligrapher_rl.config import parse_args
+from calligrapher_rl.config_parse import parse_args
 from calligrapher_rl.errors import UserError
 from calligrapher_rl.models.lora import LoraSpec, add_lora
 from calligrapher_rl.models.stack import CalligrapherStack
@@ -213,7 +213,7 @@ def test_lora_checkpoint_files_load_with_diffusers_and_peft(nft_lora_run, tiny_p
     state = json.loads((ck / "trainer_state" / "state.json").read_text())
     assert state["lora_reference"] == "base" and state["config"]["trainable"] == "lora"
 
-    from app.runs import checkpoint_files  # the studio's Inference/Compare choices: the folder and its ema/
+    from app.run_files import checkpoint_files  # the studio's Inference/Compare choices: the folder and its ema/
 
     assert checkpoint_files(str(nft_lora_run[0]))[:2] == [("checkpoint-4 · EMA LoRA", str(ck / "ema")),
                                                           ("checkpoint-4 · raw LoRA", str(ck))]

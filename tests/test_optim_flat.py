@@ -8,7 +8,7 @@ import io
 import pytest
 import torch
 
-from calligrapher_rl.config import parse_args
+from calligrapher_rl.config_parse import parse_args
 from calligrapher_rl.training.optim import (
     FlatOptimizer,
     consolidated_state_dict,

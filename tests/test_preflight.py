@@ -8,7 +8,7 @@ import os
 import pytest
 import torch
 
-from calligrapher_rl.config import parse_args
+from calligrapher_rl.config_parse import parse_args
 from calligrapher_rl.errors import UserError
 from calligrapher_rl.training.preflight import preflight, require_ready
 

@@ -9,7 +9,8 @@ import subprocess
 import sys
 from pathlib import Path
 
-from calligrapher_rl.config import TrainConfig, load_preset
+from calligrapher_rl.config import TrainConfig
+from calligrapher_rl.config_parse import load_preset
 from calligrapher_rl.training import ProgressCallback, Trainer
 from calligrapher_rl.training.callbacks import StepTimer
 from calligrapher_rl.training.progress import default_every, format_duration, progress_fields

@@ -9,7 +9,7 @@ import pytest
 import torch
 from safetensors import safe_open
 
-from calligrapher_rl.config import parse_args
+from calligrapher_rl.config_parse import parse_args
 from calligrapher_rl.errors import UserError
 from calligrapher_rl.training.run_dir import read_metrics, read_status
 from calligrapher_rl.training.trainer import Trainer

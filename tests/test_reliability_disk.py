@@ -155,7 +155,7 @@ def test_a_checkpoint_that_would_not_fit_in_ram_on_tmpfs_fails_in_one_line_befor
     line naming the RAM; the run ends `failed`. (The available memory is set low: this machine has plenty.)"""
     import psutil
 
-    from calligrapher_rl.config import parse_args
+    from calligrapher_rl.config_parse import parse_args
     from calligrapher_rl.disk import DiskFull, check_memory_backed_room, fstype_of
     from calligrapher_rl.training.trainer import Trainer
 

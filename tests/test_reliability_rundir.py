@@ -20,7 +20,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from calligrapher_rl.config import parse_args
+from calligrapher_rl.config_parse import parse_args
 from calligrapher_rl.errors import UserError
 from calligrapher_rl.training.checkpointing import list_checkpoints, remove_orphans, resolve_resume
 from calligrapher_rl.training.run_dir import read_metrics, read_status, request_stop

@@ -12,7 +12,7 @@ import torch
 from test_learning import COMMON, one_thread  # noqa: F401  (autouse: one intra-op thread, as the learning tests)
 
 from app import charts
-from calligrapher_rl.config import parse_args
+from calligrapher_rl.config_parse import parse_args
 from calligrapher_rl.training.rl_epoch import RLEpoch
 from calligrapher_rl.training.run_dir import read_metrics
 from calligrapher_rl.training.trainer import Trainer

@@ -115,7 +115,7 @@ def test_architecture_rides_in_the_snapshot_through_export_and_load(narrow_run, 
     from safetensors import safe_open
 
     from calligrapher_rl.tiny import main
-    from calligrapher_rl.training.tiny_pretrain import load_snapshot
+    from calligrapher_rl.training.tiny_weights import load_snapshot
 
     snap = narrow_run / "weights-step3.safetensors"  # the final snapshot, written without --snapshot_steps
     with safe_open(str(snap), "pt") as f:
@@ -165,7 +165,8 @@ def test_fp16_saves_load_as_float32_and_match_fp32_saves(narrow_run, tmp_path):
 def test_pre_encoded_batch_equals_the_stacks_encoding():
     from calligrapher_rl.models.style_adapter import install_style_adapter
     from calligrapher_rl.training.tiny_latents import _to_unit, pre_encode, sample_batch
-    from calligrapher_rl.training.tiny_pretrain import build_untrained, render_data
+    from calligrapher_rl.training.tiny_pretrain import render_data
+    from calligrapher_rl.training.tiny_weights import build_untrained
 
     torch.set_num_threads(1)
     pipe, siglip, processor, adapter = build_untrained(0)

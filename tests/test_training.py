@@ -16,7 +16,8 @@ import numpy as np
 import pytest
 import torch
 
-from calligrapher_rl.config import SEED_GUIDE_FLAGS, parse_args
+from calligrapher_rl.config import SEED_GUIDE_FLAGS
+from calligrapher_rl.config_parse import parse_args
 from calligrapher_rl.training.batches import GroupSampler
 from calligrapher_rl.training.divergence import Diverged
 from calligrapher_rl.training.run_dir import read_metrics, read_status, request_stop

@@ -8,7 +8,7 @@ import json
 import os
 import sys
 
-from calligrapher_rl.config import parse_args
+from calligrapher_rl.config_parse import parse_args
 from calligrapher_rl.training.callbacks import TrainerCallback
 from calligrapher_rl.training.trainer import Trainer
 

@@ -89,7 +89,7 @@ def _t5_tokenizer() -> T5TokenizerFast:
 
 def build_tiny_pipeline(seed: int = 0, *, text_dim: int = TINY_TEXT_DIM, pooled_dim: int = TINY_POOLED_DIM,
                         transformer: dict | None = None, vae: dict | None = None) -> FluxFillPipeline:
-    """Random weights, deterministic per seed; the keyword sizes are the pretrained tiny's (tiny_pretrain.py)."""
+    """Random weights, deterministic per seed; the keyword sizes are the pretrained tiny's (tiny_weights.py)."""
     torch.manual_seed(seed)
     clip_tok, t5_tok = _clip_tokenizer(), _t5_tokenizer()
     clip = CLIPTextModel(

@@ -15,7 +15,8 @@ The result is written in the layout of `tiny` (a FluxFillPipeline folder, a SigL
 `ip-adapter.safetensors`, so loading it goes through the real paths. Everything draws from generators
 seeded by `seed`, on the data of synth seed `DATA_SEED + seed` (the bundled glyph set, synth seed 0,
 stays unseen). Flat snapshots (`weights-step{N}.safetensors`, float16 by default, the architecture in their
-metadata) can be written along the way and one is written at the end; `export` turns one into the layout.
+metadata) can be written along the way and one is written at the end; `export` turns one into the layout
+(both formats, and the architecture: tiny_weights.py).
 
 Phase 2 encodes the data with the frozen VAE once (`pre_encode`) and draws every step's latents from the stored
 posteriors (`sample_batch`), as `CalligrapherStack.encode_images`/`prepare_fill` would draw them. It keeps an EMA
@@ -27,7 +28,6 @@ that step count only, so `dit_steps=planned_dit_steps` without a time limit retr
 from __future__ import annotations
 
 import contextlib
-import copy
 import json
 import os
 import time
@@ -38,31 +38,14 @@ import torch
 import torch.nn.functional as F
 
 from ..models.stack import CalligrapherStack, TextCondition
-from ..models.style_adapter import StyleAdapter, install_style_adapter
-from ..models.tiny import build_tiny_pipeline, build_tiny_siglip
+from ..models.style_adapter import install_style_adapter
 from .tiny_latents import _to_unit, pre_encode, sample_batch
+from .tiny_weights import DEFAULT_ARCH, build_untrained, parameter_counts, save_snapshot, write_layout
 
 RESOLUTION = 64  # 8x8 latents, 16 image tokens: the CPU presets' size; the glyph task is readable at it
 GUIDANCE = 30.0
-NUM_STYLE_TOKENS = 8
 MAX_TEXT_TOKENS = 32  # the stack's T5 length for narrow text encoders
 DATA_SEED = 10_000
-DEFAULT_ARCH = {"heads": 4, "double_blocks": 2, "single_blocks": 3}  # head dim stays 32 (RoPE axes 8+12+12)
-SAVE_DTYPES = {"fp16": torch.float16, "fp32": torch.float32}
-COMPONENTS = ("vae", "transformer", "text_encoder", "text_encoder_2")
-
-
-def arch_sizes(heads: int = 4, double_blocks: int = 2, single_blocks: int = 3) -> dict:
-    """The keyword sizes `build_tiny_pipeline` takes for a transformer of this many heads and blocks."""
-    return {
-        "text_dim": 64, "pooled_dim": 64,
-        "transformer": {"num_layers": double_blocks, "num_single_layers": single_blocks, "attention_head_dim": 32,
-                        "num_attention_heads": heads, "axes_dims_rope": (8, 12, 12)},
-        "vae": {"block_out_channels": [16, 32, 64, 64]},
-    }
-
-
-ARCH = arch_sizes(**DEFAULT_ARCH)
 
 
 @dataclass
@@ -127,83 +110,6 @@ def encode_text(pipe, clip_ids: torch.Tensor, t5_ids: torch.Tensor) -> TextCondi
     pooled = pipe.text_encoder(clip_ids, output_hidden_states=False).pooler_output
     ids = torch.zeros(embeds.shape[1], 3, device=embeds.device, dtype=embeds.dtype)
     return TextCondition(embeds, pooled, ids)
-
-
-# ------------------------------------------------------------------ model
-def build_untrained(seed: int, arch: dict | None = None):
-    pipe = build_tiny_pipeline(seed, **arch_sizes(**(arch or DEFAULT_ARCH)))
-    siglip, processor = build_tiny_siglip(seed)
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed + 2)
-        adapter = StyleAdapter.for_transformer(pipe.transformer, siglip.config.hidden_size,
-                                               num_style_tokens=NUM_STYLE_TOKENS, use_qformer=True)
-    return pipe, siglip, processor, adapter
-
-
-def flat_state(pipe, siglip, adapter, dtype=torch.float32) -> dict[str, torch.Tensor]:
-    """Every weight under `component.` keys, cloned (tied weights must not share storage in safetensors)."""
-    state = {}
-    for name in COMPONENTS:
-        for k, v in getattr(pipe, name).state_dict().items():
-            state[f"{name}.{k}"] = v.detach().to("cpu", dtype).contiguous().clone()
-    for prefix, module in (("siglip", siglip), ("adapter", adapter)):
-        for k, v in module.state_dict().items():
-            state[f"{prefix}.{k}"] = v.detach().to("cpu", dtype).contiguous().clone()
-    return state
-
-
-def save_snapshot(path: str, pipe, siglip, adapter, meta: dict, arch: dict | None = None,
-                  save_dtype: str = "fp16") -> None:
-    """Flat weights with what rebuilds them in the metadata: the VAE's shift/scale and the architecture."""
-    from safetensors.torch import save_file
-
-    tmp = f"{path}.tmp"
-    vae = pipe.vae.config
-    info = {"shift_factor": str(vae.shift_factor), "scaling_factor": str(vae.scaling_factor),
-            "arch": json.dumps(arch or DEFAULT_ARCH), "dtype": save_dtype}
-    state = flat_state(pipe, siglip, adapter, SAVE_DTYPES[save_dtype])
-    save_file(state, tmp, metadata=info | {k: str(v) for k, v in meta.items()})
-    os.replace(tmp, path)
-
-
-def load_snapshot(path: str, seed: int = 0):
-    """The stack of a snapshot, in float32, with the architecture its metadata records (older ones: the default)."""
-    from safetensors import safe_open
-    from safetensors.torch import load_file
-
-    with safe_open(path, "pt") as f:
-        meta = f.metadata()
-    pipe, siglip, processor, adapter = build_untrained(seed, json.loads(meta.get("arch", json.dumps(DEFAULT_ARCH))))
-    state = {k: v.float() for k, v in load_file(path).items()}
-    for name in COMPONENTS:
-        getattr(pipe, name).load_state_dict({k[len(name) + 1:]: v for k, v in state.items()
-                                             if k.startswith(name + ".")})
-    siglip.load_state_dict({k[7:]: v for k, v in state.items() if k.startswith("siglip.")})
-    adapter.load_state_dict({k[8:]: v for k, v in state.items() if k.startswith("adapter.")})
-    pipe.vae.register_to_config(shift_factor=float(meta["shift_factor"]), scaling_factor=float(meta["scaling_factor"]))
-    return pipe, siglip, processor, adapter
-
-
-def write_layout(out: str, pipe, siglip, processor, adapter, save_dtype: str = "fp16") -> tuple[str, str, str]:
-    """`out/flux-fill`, `out/siglip`, `out/ip-adapter.safetensors` (the release's names, flattened).
-
-    FLUX-Fill and the adapter in `save_dtype` (the loaders cast to the stack's dtype); SigLIP in float32, as the
-    style reward loads it without a dtype."""
-    from safetensors.torch import save_file
-
-    dtype = SAVE_DTYPES[save_dtype]
-    flux_dir, siglip_dir = os.path.join(out, "flux-fill"), os.path.join(out, "siglip")
-    if dtype != torch.float32:
-        pipe = copy.deepcopy(pipe)
-        for name in COMPONENTS:  # nn.Module's cast: diffusers' own warns about fp32 modules these models lack
-            torch.nn.Module.to(getattr(pipe, name), dtype=dtype)
-    pipe.save_pretrained(flux_dir, safe_serialization=True)
-    siglip.save_pretrained(siglip_dir, safe_serialization=True)
-    processor.save_pretrained(siglip_dir)
-    adapter_file = os.path.join(out, "ip-adapter.safetensors")
-    state = {k: v.detach().to("cpu", dtype).contiguous() for k, v in adapter.state_dict().items()}
-    save_file(state, adapter_file, metadata={"format": "pt", "layout": "calligrapher-rl/flat"})
-    return flux_dir, siglip_dir, adapter_file
 
 
 # ------------------------------------------------------------------ training
@@ -401,9 +307,3 @@ def pretrain(out: str, cfg: PretrainConfig, device: str | None = None, started: 
     log.data["times"]["total_s"] = round(time.time() - log.t0, 1)
     log.flush()
     return log.data
-
-
-def parameter_counts(pipe, siglip, adapter) -> dict[str, int]:
-    counts = {name: sum(p.numel() for p in getattr(pipe, name).parameters()) for name in COMPONENTS}
-    return counts | {"siglip": sum(p.numel() for p in siglip.parameters()),
-                     "adapter": sum(p.numel() for p in adapter.parameters())}
