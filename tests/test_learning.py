@@ -182,7 +182,7 @@ def test_grpo_first_ratio_is_exactly_one_on_policy(tmp_path, window):
 
 STEP_SCRIPT = '''
 import sys, torch
-from calligrapher_rl.config import parse_args
+from calligrapher_rl.config_parse import parse_args
 from calligrapher_rl.training.optim import consolidated_state_dict
 from calligrapher_rl.training.rl_epoch import RLEpoch
 from calligrapher_rl.training.trainer import Trainer
