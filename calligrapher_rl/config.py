@@ -160,6 +160,11 @@ class TrainConfig:
                                                   "this many times its value before the first update (no checkpoint "
                                                   "is written from such weights); 0 = no norm alarm")
     gradient_checkpointing: bool = _OPTIM(False, "recompute transformer activations in backward (less memory)")
+    gradient_checkpointing_skip_blocks: int = _OPTIM(
+        0, "with --gradient_checkpointing: the last N transformer blocks in forward order (FLUX: 19 double-stream, "
+           "then 38 single-stream) are not checkpointed: their activations (and --lora_merged weights) are kept "
+           "(memory, about one block's at the update's micro-batch each) instead of recomputed (time); 0 = every "
+           "block checkpointed (docs/lora.md, Speed)")
     offload_text_encoder_two: bool = _OPTIM(False, "keep T5 off the GPU except while encoding prompts")
     trainable: str = _OPTIM("all", "what trains: all = whole style adapter, attn = only to_k_ip/to_v_ip, "
                                    "proj = only the style projections, lora = LoRA layers (peft) on --lora_target "

@@ -132,6 +132,9 @@ def validate(cfg) -> None:
     need(c.adam_weight_decay >= 0, "adam_weight_decay", "must be >= 0")
     need(c.max_weight_norm_growth == 0 or c.max_weight_norm_growth > 1, "max_weight_norm_growth", "must be > 1, or 0 (off)")
     need(c.ip_adapter_scale >= 0, "ip_adapter_scale", "must be >= 0")
+    need(c.gradient_checkpointing_skip_blocks >= 0, "gradient_checkpointing_skip_blocks", "must be >= 0")
+    need(c.gradient_checkpointing or not c.gradient_checkpointing_skip_blocks, "gradient_checkpointing_skip_blocks",
+         "is read only with --gradient_checkpointing (without it no block is checkpointed)")
 
     _check_lora(c, need)
 

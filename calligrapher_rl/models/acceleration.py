@@ -16,6 +16,9 @@ Only the style adapter trains, so the 12 B transformer is a fixed function of it
   as the block's own tensors (`block_style_kv`), makes the two streams contiguous (a copy only for the
   single blocks' slices) and, under autograd, runs a block whose streams do not both carry gradient eager
   (the first two double blocks: eager speed for 2 of 57 blocks) rather than trace two more graphs for them.
+- Gradient checkpointing may leave the last N blocks (forward order) un-checkpointed
+  (`enable_gradient_checkpointing`, `--gradient_checkpointing_skip_blocks`): their activations are kept
+  through the backward instead of recomputed, memory bought back as time (selective activation checkpointing).
 - Sampling that needs no log-probabilities (NFT rollouts, evaluation) may run a float8 copy of the
   transformer (torchao, dynamic per-row activation and weight scales). The copy shares nothing trainable:
   the adapter's processors are installed in both, so the copy always sees the live (or old) adapter.
@@ -28,6 +31,7 @@ import logging
 import os
 
 import torch
+import torch.utils.checkpoint
 from torch import nn
 
 from ..errors import UserError
@@ -120,6 +124,37 @@ def _compile_block(block: nn.Module, backend: str, with_grad: bool) -> None:
         return compiled(**named)
 
     block._compiled_call_impl = call
+
+
+def enable_gradient_checkpointing(transformer: nn.Module, skip_blocks: int = 0) -> int:
+    """Gradient checkpointing of every block but the last `skip_blocks` in forward order (FLUX: 19 double-stream,
+    then 38 single-stream blocks; more than there are = none checkpointed). A skipped block runs as an
+    ordinary call under autograd: its activations stay for the backward instead of being recomputed in it.
+    0 is diffusers' own checkpointing, unchanged. Returns the number of blocks skipped.
+
+    The blocks are recognised by identity (the modules themselves, whatever `--compile_scope` does: compiling
+    sets a block's `_compiled_call_impl` and keeps the module), in diffusers' `gradient_checkpointing_func`,
+    which the transformer's forward calls as `func(block, *args)` for each block under autograd."""
+    if skip_blocks < 0:
+        raise ValueError(f"skip_blocks must be >= 0, got {skip_blocks}")
+    blocks = [*transformer.transformer_blocks, *transformer.single_transformer_blocks]
+    skipped = blocks[len(blocks) - min(skip_blocks, len(blocks)):]
+    func = partial_checkpointing(frozenset(id(b) for b in skipped)) if skipped else None
+    transformer.enable_gradient_checkpointing(gradient_checkpointing_func=func)
+    return len(skipped)
+
+
+def partial_checkpointing(skipped_ids: frozenset[int]):
+    """A `gradient_checkpointing_func` that checkpoints each block as diffusers' default does (non-reentrant),
+    except the blocks whose `id()` is in `skipped_ids`, which it calls directly."""
+
+    def checkpoint_block(block, *args):
+        if id(block) in skipped_ids:
+            return block(*args)
+        return torch.utils.checkpoint.checkpoint(block.__call__, *args, use_reentrant=False)
+
+    checkpoint_block.skipped_ids = skipped_ids
+    return checkpoint_block
 
 
 def fp8_supported(device) -> tuple[bool, str]:

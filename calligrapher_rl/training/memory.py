@@ -12,6 +12,7 @@ _SAVINGS = (
     ("compile_update", False, "keep the update eager (compile only sampling)"),
     ("rl_num_images_per_prompt", None, "fewer images per rollout batch"),
     ("gradient_checkpointing", True, "recompute activations in the backward"),
+    ("gradient_checkpointing_skip_blocks", 0, "recompute every block's activations"),
     ("use_8bit_adam", True, "8-bit AdamW moments"),
     ("snapshot_dtype", "bf16", "bf16 reference/old snapshots"),
     ("ema_on_cpu", True, "the EMA in host memory"),

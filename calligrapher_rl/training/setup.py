@@ -108,8 +108,10 @@ def build_stack(cfg: TrainConfig, device):
             skip_input_casts(stack.adapter)
         if cfg.lora_merged:  # the transformer's layers: the adapter's see only the style tokens
             use_merged_lora(stack.pipe.transformer)
-    if cfg.gradient_checkpointing:
-        stack.pipe.transformer.enable_gradient_checkpointing()
+    if cfg.gradient_checkpointing:  # the last --gradient_checkpointing_skip_blocks blocks keep their activations
+        from ..models.acceleration import enable_gradient_checkpointing
+
+        enable_gradient_checkpointing(stack.pipe.transformer, cfg.gradient_checkpointing_skip_blocks)
     if cfg.rollout_fp8:
         stack.enable_fp8_rollouts()  # a one-line error without a CUDA card of capability >= 8.9 or torchao
     if cfg.compile or (cfg.compile is None and stack.device.type == "cuda"):
