@@ -25,7 +25,7 @@ MEANING_KEYS = ("resolution", "rewards")  # beyond checkpointing.IDENTITY_KEYS
 _BOOKKEEPING = {"output_dir", "resume_from_checkpoint", "overwrite_output_dir", "allow_changed_settings", "preset",
                 "max_train_steps", "report_to", "logging_dir", "checkpointing_steps", "checkpoints_total_limit",
                 "eval_steps", "eval_at_start", "num_eval_samples", "pause_timeout_s", "reward_server_url",
-                "reward_timeout_s", "compile", "compile_scope", "train_data_json"}
+                "reward_timeout_s", "compile", "compile_scope", "gradient_checkpointing_skip_blocks", "train_data_json"}
 
 
 def settings(cfg) -> dict:
