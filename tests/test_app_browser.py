@@ -170,8 +170,9 @@ def test_the_timer_shows_a_new_run(page):
 def test_start_from_the_page_and_watch_it_finish(page):
     """Start opens the Runs tab on the new run at once: the monitor never shows the run selected before."""
     By = _by()
-    _tab(page, "Runs")
-    wait_for(lambda: _text(page, "#run-status").startswith("base"), 30, what="the previously selected run")
+    page.get(f"{page.base_url}?run=base")  # a run selected before Start, whichever tests ran on this page before
+    wait_for(lambda: _selected_tab(page) == "Runs" and _text(page, "#run-status").startswith("base"), 60,
+             what="the previously selected run")
     _tab(page, "Train")
     extra = wait_for(lambda: [t for t in page.find_elements(By.CSS_SELECTOR, "textarea, input[type=text]")
                               if (t.get_attribute("placeholder") or "").startswith("--seed")], 30, what="extra flags")
