@@ -3,7 +3,7 @@
 
 from __future__ import annotations
 
-from .stack import _lora_checkpoint
+from .stack import lora_checkpoint_parts
 
 WEIGHT_FILES = (".safetensors", ".bin", ".pt", ".pth")
 
@@ -37,7 +37,7 @@ def estimated_bytes(flux_path: str, siglip_path: str, adapter_path: str | None =
     """About what `CalligrapherStack.from_pretrained` puts on its device for these paths (resolved ones), before
     loading anything: FLUX.1-Fill's and SigLIP's folders as stored (the release stores bf16, as it runs), the
     adapter in fp32 and, for a LoRA checkpoint, its base adapter plus the LoRA files."""
-    lora_path, base, *_ = _lora_checkpoint(adapter_path, 0, 0, True)
+    lora_path, base, *_ = lora_checkpoint_parts(adapter_path, 0, 0, True)
     total = _stored_bytes(flux_path) + _stored_bytes(siglip_path) + _stored_bytes(lora_path)
     if base:
         from .tiny import resolve_adapter_name

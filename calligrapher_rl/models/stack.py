@@ -107,7 +107,7 @@ class CalligrapherStack:
 
         if adapter_path is None and flux_path == "tiny-pretrained":  # the name stands for its whole stack
             adapter_path = "tiny-pretrained"
-        lora_path, adapter_path, seed, num_style_tokens, use_qformer = _lora_checkpoint(
+        lora_path, adapter_path, seed, num_style_tokens, use_qformer = lora_checkpoint_parts(
             adapter_path, seed, num_style_tokens, use_qformer)  # a LoRA checkpoint: its base adapter first
         flux_path, siglip_path = resolve_model_paths(flux_path, siglip_path)
         try:
@@ -353,7 +353,7 @@ def _adapter_only(params: dict) -> dict:
     return {k: v for k, v in params.items() if not k.startswith("transformer.")}
 
 
-def _lora_checkpoint(adapter_path: str | None, seed: int, tokens: int, use_qformer: bool):
+def lora_checkpoint_parts(adapter_path: str | None, seed: int, tokens: int, use_qformer: bool):
     """(LoRA checkpoint or None, the adapter file to load first, and the seed, token count and projection of
     a fresh base adapter: a LoRA checkpoint's lora.json names them)."""
     import os
