@@ -18,6 +18,7 @@ from __future__ import annotations
 import json
 import struct
 from collections import deque
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 
 import torch
@@ -29,6 +30,10 @@ _DTYPES = [(torch.bool, "BOOL"), (torch.uint8, "U8"), (torch.int8, "I8"), (torch
 _NAME = {dt: name for dt, name in _DTYPES}
 _RANK = {dt: i for i, (dt, _) in enumerate(_DTYPES)}
 IN_FLIGHT = 2  # pieces copied to the host and not yet written
+# files written side by side by `write_side_by_side`: on the H100 machines' disk one writer with fsync reached
+# 1.1 GB/s, two 1.8 GB/s and four no more (bench/disk_write.py, docs/benchmarks.md), so a checkpoint's files
+# go two at a time
+SIDE_BY_SIDE = 2
 
 
 def save_file_streamed(tensors: dict[str, torch.Tensor], path: str, metadata: dict[str, str] | None = None,
@@ -63,3 +68,19 @@ def save_file_streamed(tensors: dict[str, torch.Tensor], path: str, metadata: di
                     pending.popleft().result()  # a failed write (a full disk) is raised here, in the caller
         while pending:
             pending.popleft().result()
+
+
+def write_side_by_side(writes: Sequence[Callable[[], object]], writers: int = SIDE_BY_SIDE) -> None:
+    """Run file-writing callables `writers` at a time, in the order given (largest first balances best).
+
+    A disk fills up for every writer at once: each write runs to its end (or its own error), and the first
+    error, in the order given, is raised after all have stopped, so no thread still writes into a folder the
+    caller is about to remove."""
+    if writers <= 1 or len(writes) <= 1:
+        for write in writes:
+            write()
+        return
+    with ThreadPoolExecutor(min(writers, len(writes)), thread_name_prefix="checkpoint-writer") as pool:
+        futures = [pool.submit(write) for write in writes]
+    for future in futures:
+        future.result()

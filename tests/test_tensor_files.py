@@ -11,7 +11,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-from calligrapher_rl.tensor_files import save_file_streamed
+from calligrapher_rl.tensor_files import save_file_streamed, write_side_by_side
 
 
 def _tensors() -> dict[str, torch.Tensor]:
@@ -64,3 +64,33 @@ def test_a_full_disk_is_raised_in_the_caller_and_the_writer_ends(tmp_path):
         save_file_streamed(big, "/dev/full", chunk_bytes=4096)
     assert got.value.errno == errno.ENOSPC
     assert not [t for t in threading.enumerate() if t.name.startswith("safetensors-writer")]
+
+
+def test_side_by_side_writes_run_at_once():
+    """A checkpoint's files are written two at a time: each of two writes waits for the other to have started,
+    which only returns if they run together (one after another, the first would wait out the barrier)."""
+    both = threading.Barrier(2, timeout=60)
+    names = []
+
+    def write(name):
+        both.wait()
+        names.append(name)
+
+    write_side_by_side([lambda: write("weights"), lambda: write("ema")], writers=2)
+    assert sorted(names) == ["ema", "weights"]
+
+
+def test_side_by_side_a_full_disk_waits_for_the_other_writes_then_raises(tmp_path):
+    """A write that fails (a full disk) is raised only after the writes beside it have ended: none is still
+    writing into a checkpoint folder that the caller then removes."""
+    big = {"w": torch.randn(64, 1024, generator=torch.Generator().manual_seed(0))}
+    done = tmp_path / "done.safetensors"
+
+    def slow_but_fine():
+        save_file_streamed(big, str(done), chunk_bytes=4096)
+
+    with pytest.raises(OSError) as got:
+        write_side_by_side([lambda: save_file_streamed(big, "/dev/full", chunk_bytes=4096), slow_but_fine])
+    assert got.value.errno == errno.ENOSPC
+    assert torch.equal(load_file(str(done))["w"], big["w"])
+    assert not [t for t in threading.enumerate() if t.name.startswith("checkpoint-writer")]

@@ -21,7 +21,7 @@ from safetensors.torch import load_file
 
 from ..atomic import atomic_path
 from ..errors import UserError
-from ..tensor_files import save_file_streamed
+from ..tensor_files import save_file_streamed, write_side_by_side
 from .style_adapter import StyleAdapter, StyleAdapterConfig
 
 FLAT_METADATA = {"format": "pt", "layout": "calligrapher-rl/flat"}
@@ -159,18 +159,32 @@ def _contiguous_cpu(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return {k: v.detach().to("cpu").contiguous() for k, v in state.items()}
 
 
+def adapter_file_writes(folder: str, state: dict[str, torch.Tensor], ema_state: dict | None = None,
+                        release_bin: bool = True) -> list:
+    """The writes of `save_adapter_files`, largest first, for a caller that runs them beside others
+    (`tensor_files.write_side_by_side`)."""
+    os.makedirs(folder, exist_ok=True)
+
+    def streamed(name: str, tensors: dict) -> None:
+        # the tensors may stay on the GPU: each file is written a piece at a time (tensor_files.py), never with
+        # a host copy of the whole adapter (12 GB at real size)
+        with atomic_path(os.path.join(folder, name)) as tmp:
+            save_file_streamed(tensors, tmp, metadata=FLAT_METADATA)
+
+    def release() -> None:  # small adapters only (training/checkpointing.py): the pickle needs host tensors
+        with atomic_path(os.path.join(folder, "ip-adapter.bin")) as tmp:
+            torch.save(release_layout(_contiguous_cpu(state)), tmp)
+
+    writes = [lambda: streamed("ip-adapter.safetensors", state)]
+    if ema_state is not None:
+        writes.append(lambda: streamed("ip-adapter-ema.safetensors", ema_state))
+    if release_bin:
+        writes.append(release)
+    return writes
+
+
 def save_adapter_files(folder: str, state: dict[str, torch.Tensor], ema_state: dict | None = None,
                        release_bin: bool = True) -> None:
     """`ip-adapter.safetensors` (+ `-ema`) and (unless `release_bin` is False) the release-compatible
-    `ip-adapter.bin`, each atomic."""
-    os.makedirs(folder, exist_ok=True)
-    # the tensors may stay on the GPU: each file is written a piece at a time (tensor_files.py), never with a
-    # host copy of the whole adapter (12 GB at real size)
-    with atomic_path(os.path.join(folder, "ip-adapter.safetensors")) as tmp:
-        save_file_streamed(state, tmp, metadata=FLAT_METADATA)
-    if ema_state is not None:
-        with atomic_path(os.path.join(folder, "ip-adapter-ema.safetensors")) as tmp:
-            save_file_streamed(ema_state, tmp, metadata=FLAT_METADATA)
-    if release_bin:  # small adapters only (training/checkpointing.py): the pickle needs host tensors
-        with atomic_path(os.path.join(folder, "ip-adapter.bin")) as tmp:
-            torch.save(release_layout(_contiguous_cpu(state)), tmp)
+    `ip-adapter.bin`, each atomic, written side by side."""
+    write_side_by_side(adapter_file_writes(folder, state, ema_state, release_bin))

@@ -34,8 +34,8 @@ from safetensors.torch import load_file
 
 from ..atomic import atomic_dir, atomic_path
 from ..errors import UserError
-from ..models.checkpoints import save_adapter_files
-from ..tensor_files import save_file_streamed
+from ..models.checkpoints import adapter_file_writes
+from ..tensor_files import save_file_streamed, write_side_by_side
 
 logger = logging.getLogger("calligrapher_rl.training")
 
@@ -173,18 +173,20 @@ def save_checkpoint(run_dir: str, step: int, *, adapter: dict | None, ema: dict 
     old_is_adapter = bool(old) and adapter is not None and all(
         k in adapter and torch.equal(v.to(adapter[k].device), adapter[k].to(v.dtype)) for k, v in old.items())
     with atomic_dir(final_dir) as tmp:
-        if weights is not None:
-            weights(tmp)
-        else:
-            save_adapter_files(tmp, adapter, ema_state=ema, release_bin=size < RELEASE_BIN_BYTES)
         ts = os.path.join(tmp, "trainer_state")
         os.makedirs(ts)
+        # a state dict already consolidated across processes (sharded moments), or the optimizer itself
+        moments = optimizer if isinstance(optimizer, dict) else optimizer.state_dict()
+        # the big files (trainable `all`: 12 GB weights, 12 GB EMA, 6 GB moments) side by side, which the disk
+        # takes faster than one after another (tensor_files.SIDE_BY_SIDE); the moments after the weights
+        writes = [lambda: weights(tmp)] if weights is not None else adapter_file_writes(
+            tmp, adapter, ema_state=ema, release_bin=size < RELEASE_BIN_BYTES)
         if old and not old_is_adapter:
-            save_file_streamed(_prefixed("old", old), os.path.join(ts, "policies.safetensors"))
+            writes.append(lambda: save_file_streamed(_prefixed("old", old), os.path.join(ts, "policies.safetensors")))
+        writes.append(lambda: torch.save(moments, os.path.join(ts, "optimizer.pt")))
+        write_side_by_side(writes)
         # where the old policy is: the adapter's own weights (by name) or policies.safetensors
         state = {**state, "old_policy": {"equals_adapter": sorted(old)} if old_is_adapter else None}
-        # a state dict already consolidated across processes (sharded moments), or the optimizer itself
-        torch.save(optimizer if isinstance(optimizer, dict) else optimizer.state_dict(), os.path.join(ts, "optimizer.pt"))
         torch.save(scheduler.state_dict(), os.path.join(ts, "scheduler.pt"))
         with open(os.path.join(ts, "state.json"), "w", encoding="utf-8") as fh:
             json.dump({**state, "step": step}, fh, indent=2)
