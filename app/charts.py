@@ -171,8 +171,7 @@ def has_phases(rows: list[dict]) -> bool:
 
 def phase_figure(rows: list[dict], revision: str = "") -> go.Figure:
     """Where each epoch's seconds went: one stacked bar per logged step, a segment per phase (the trainer's
-    time/<phase>_s; evaluation and checkpoint time shows on the epoch after them, the last ones in the run's
-    closing row at its last step)."""
+    time/<phase>_s; evaluation and checkpoint time shows on the epoch after them)."""
     fig = _base("Time per phase (s)", rows, revision, ytitle="seconds")
     timed = [r for r in rows if any(f"time/{p}_s" in r for p in PHASES)]
     for i, phase in enumerate(PHASES):

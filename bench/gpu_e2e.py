@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import shutil
 import statistics
 import subprocess
@@ -138,6 +139,18 @@ def rows(run_dir: str) -> list[dict]:
     return read_metrics(run_dir) if os.path.isdir(run_dir) else []
 
 
+SAVED = re.compile(r"saved \S+ \(([\d.]+) GB in ([\d.]+) s\)")  # training/lifecycle.py's line for each checkpoint
+
+
+def save_seconds(log_path: str) -> list[float]:
+    """The seconds of every checkpoint a train command saved, from its log."""
+    try:
+        with open(log_path, encoding="utf-8", errors="replace") as fh:
+            return [float(m.group(2)) for m in SAVED.finditer(fh.read())]
+    except OSError:
+        return []
+
+
 def summarize(metrics: list[dict]) -> dict:
     """Per-phase seconds (summed over the run), steady epoch seconds, images/s, peaks, from metrics.jsonl."""
     epochs = [r for r in metrics if "time/epoch_s" in r]
@@ -246,8 +259,9 @@ def main() -> int:
 
             ck = os.path.join(run_a, f"checkpoint-{ckpt}")
             summary = summarize(rows(run_a))
-            # a checkpoint's time is charged to the epoch after it (the run's last one is in the log only)
-            saves = [r["time/checkpoint_save_s"] for r in rows(run_a) if "time/checkpoint_save_s" in r]
+            # every save's seconds, the run's last one included (metrics rows charge a save to the epoch after it)
+            saves = save_seconds(os.path.join(logs, f"e2e-{preset}-train.log")) or [
+                r["time/checkpoint_save_s"] for r in rows(run_a) if "time/checkpoint_save_s" in r]
             res.put(preset, exit={"train": code}, train_s=round(secs, 1), peak_gib_nvidia_smi=smi, **summary,
                     checkpoint_gb=round(folder_bytes(ck) / 1e9, 3) if os.path.isdir(ck) else None,  # MB: LoRA
                     checkpoint_save_s=round(statistics.median(saves), 2) if saves else None)

@@ -50,9 +50,6 @@ def test_every_epoch_says_where_its_seconds_went_and_checkpoints_hold_each_tenso
     # evaluation and checkpoint time is charged to the epoch after them (checkpoint-1 and the step-0 evaluation)
     assert rl[1]["time/checkpoint_save_s"] > 0 and rl[0]["time/eval_s"] > 0
     assert [r["step"] for r in rows if "reward/mean" in r or "time/epoch_s" in r] == [1, 2]  # no row repeats a step
-    # the step-2 evaluation and checkpoint come after the last epoch's row: a closing row has their seconds
-    end = [r for r in rows if r["phase"] == "end"]
-    assert [r["step"] for r in end] == [2] and end[0]["time/checkpoint_save_s"] > 0 and end[0]["time/eval_s"] > 0
 
     adapter = _keys(out / "checkpoint-2" / "ip-adapter.safetensors")
     for step in (1, 2):

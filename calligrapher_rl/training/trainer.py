@@ -222,7 +222,6 @@ class Trainer:
                 self.state.diverged = True
                 final, message = "failed", str(exc)
             self.save()
-            self._log_closing_times()
             if not self.run_dir.final_status(final, self.step, message):
                 raise StatusNotRecorded(f"the run ended {final}, but status.json could not say so")
             outcome = final
@@ -248,16 +247,6 @@ class Trainer:
     def save(self) -> None:
         """A checkpoint of this step (lifecycle.py); the trainer's reporting goes in with the call."""
         self.checkpoints.save(phase=self._phase, saved=functools.partial(self.callbacks.call, "on_save", self))
-
-    def _log_closing_times(self) -> None:
-        """The last evaluation and checkpoint come after the last epoch's row: their seconds get a row of their own
-        (phase `end`), so every second of the run is in metrics.jsonl. A full disk here must not hide the ending."""
-        tail = self.clock.take()
-        try:
-            if tail:
-                self.run_dir.log_metrics(self.step, "end", tail)
-        except OSError as exc:
-            logger.warning("the closing times were not logged: %s", exc)
 
     def _maybe_resume(self) -> None:
         self.checkpoints.resume(self._resume_path)
