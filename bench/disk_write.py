@@ -17,11 +17,9 @@ CHUNK = 64 << 20
 
 def write_one(path: str, nbytes: int, block: bytes) -> None:
     with open(path, "wb") as fh:
-        left = nbytes
+        view, left = memoryview(block), nbytes
         while left > 0:
-            n = min(left, len(block))
-            fh.write(block[:n] if n < len(block) else block)
-            left -= n
+            left -= fh.write(view[:min(left, len(view))])
         fh.flush()
         os.fsync(fh.fileno())
 

@@ -76,11 +76,7 @@ def write_side_by_side(writes: Sequence[Callable[[], object]], writers: int = SI
     A disk fills up for every writer at once: each write runs to its end (or its own error), and the first
     error, in the order given, is raised after all have stopped, so no thread still writes into a folder the
     caller is about to remove."""
-    if writers <= 1 or len(writes) <= 1:
-        for write in writes:
-            write()
-        return
-    with ThreadPoolExecutor(min(writers, len(writes)), thread_name_prefix="checkpoint-writer") as pool:
+    with ThreadPoolExecutor(max(1, min(writers, len(writes))), thread_name_prefix="checkpoint-writer") as pool:
         futures = [pool.submit(write) for write in writes]
     for future in futures:
         future.result()

@@ -162,3 +162,36 @@ def test_old_policy_average_streamed_per_tensor_equals_the_host_average(tiny_sta
     pol._update_old_on_device(0.0)  # eta 0: the old policy becomes the current one, master unread
     for n, p in pol.named:
         assert torch.equal(pol.old_master[n], p.detach()) and torch.equal(pol.old[n], p.detach().bfloat16())
+
+
+def test_a_checkpoints_big_files_are_written_side_by_side(tmp_path, monkeypatch):
+    """The adapter and its EMA (12 GB each at real size) are written at once, not one after the other: each of the
+    two writes waits for the other to have begun, which only returns when they run together. The files are then
+    what was given, and the optimizer's state is beside them."""
+    import threading
+
+    from safetensors.torch import load_file
+
+    from calligrapher_rl.models import checkpoints
+    from calligrapher_rl.training.checkpointing import save_checkpoint
+
+    both, write = threading.Barrier(2, timeout=60), checkpoints.save_file_streamed
+
+    def meeting(tensors, path, **kwargs):
+        both.wait()
+        write(tensors, path, **kwargs)
+
+    monkeypatch.setattr(checkpoints, "save_file_streamed", meeting)
+    weight = torch.nn.Parameter(torch.randn(4, 3, generator=torch.Generator().manual_seed(0)))
+    optimizer = torch.optim.AdamW([weight])
+    weight.grad = torch.ones_like(weight)
+    optimizer.step()
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda _: 1.0)
+    key = "attn_adapter.0.to_k_ip.weight"  # a key of the release's layout (a small adapter also gets the .bin)
+    adapter, ema = {key: weight.detach().clone()}, {key: weight.detach() * 0.5}
+    path = save_checkpoint(str(tmp_path), 1, adapter=adapter, ema=ema, old=None, optimizer=optimizer,
+                           scheduler=scheduler, state={})
+    assert torch.equal(load_file(f"{path}/ip-adapter.safetensors")[key], adapter[key])
+    assert torch.equal(load_file(f"{path}/ip-adapter-ema.safetensors")[key], ema[key])
+    moments = torch.load(f"{path}/trainer_state/optimizer.pt", weights_only=True)
+    assert torch.equal(moments["state"][0]["exp_avg"], optimizer.state[weight]["exp_avg"])
