@@ -273,3 +273,38 @@ def test_block_compiled_velocity_and_gradients_equal_eager(deep_tiny):
         assert any(g is not None and g.abs().sum() > 0 for g in results["blocks"][2].values())
     finally:
         torch._dynamo.reset()
+
+
+@pytest.mark.parametrize("scope", ["whole", "blocks"])
+def test_the_sampling_copy_compiles_in_the_runs_scope_and_only_without_gradient(tiny_paths, scope):
+    """`--rollout_fp8` samples with a second transformer (`fp8_copy`: `sampling_copy`, then quantized, which needs
+    a GPU). `enable_compile` compiles that copy in the run's scope: by blocks its blocks share their kinds'
+    graphs (a whole graph took most of a device call to compile at FLUX size), and a call under autograd
+    never traces it."""
+    from calligrapher_rl.models.acceleration import sampling_copy
+    from calligrapher_rl.models.stack import CalligrapherModel
+
+    torch._dynamo.reset()
+    try:
+        stack = CalligrapherStack.from_pretrained(*tiny_paths, num_style_tokens=8)
+        copy = sampling_copy(stack.pipe.transformer)
+        stack.quantized_model = CalligrapherModel(copy, stack.adapter)
+        stack.enable_compile(with_grad=False, scope=scope, backend="eager")
+        blocks = [*copy.transformer_blocks, *copy.single_transformer_blocks]
+        assert (copy._compiled_call_impl is None) == (scope == "blocks")
+        assert all((b._compiled_call_impl is not None) == (scope == "blocks") for b in blocks)
+        fill, text, embeds = _inputs(stack, 2)
+        x = stack.noise_like(fill, 2, generator=torch.Generator().manual_seed(3))
+        with torch.enable_grad():  # autograd: the copy runs eager, nothing is traced
+            before = _graphs()
+            stack.velocity(x, fill, text, 0.5, embeds, 30.0, quantized=True)
+            assert _graphs() == before
+        with torch.no_grad():
+            sampled = stack.velocity(x, fill, text, 0.5, embeds, 30.0, quantized=True)
+            assert _graphs() == before + (len(BLOCK_KINDS) if scope == "blocks" else 1)
+            if scope == "blocks":
+                assert _block_graphs() == (1, 1)
+            live = stack.velocity(x, fill, text, 0.5, embeds, 30.0)
+        torch.testing.assert_close(sampled, live)  # the same tensors: the copy holds no weights of its own
+    finally:
+        torch._dynamo.reset()

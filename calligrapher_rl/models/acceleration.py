@@ -181,6 +181,17 @@ def _fp8_eligible(module: nn.Module, fqn: str) -> bool:
 FP8_SCALES = ("row", "tensor")
 
 
+def sampling_copy(transformer: nn.Module) -> nn.Module:
+    """A second transformer module over the same tensors (no memory of its own), frozen, with the same style
+    processors: what `fp8_copy` quantizes. Built on the meta device and given the original's tensors."""
+    with torch.device("meta"):
+        copy = type(transformer).from_config(transformer.config)
+    copy.load_state_dict(transformer.state_dict(), assign=True, strict=True)
+    copy.requires_grad_(False).eval()
+    copy.set_attn_processor(dict(transformer.attn_processors))  # the same adapter handles
+    return copy
+
+
 def fp8_copy(transformer: nn.Module, scales: str = "row") -> nn.Module:
     """A float8 copy of the frozen transformer for no-gradient sampling, with the same style processors.
 
@@ -196,11 +207,7 @@ def fp8_copy(transformer: nn.Module, scales: str = "row") -> nn.Module:
         raise UserError(why, field="--rollout_fp8")
     from torchao.quantization import Float8DynamicActivationFloat8WeightConfig, PerRow, PerTensor, quantize_
 
-    with torch.device("meta"):
-        copy = type(transformer).from_config(transformer.config)
-    copy.load_state_dict(transformer.state_dict(), assign=True, strict=True)
-    copy.requires_grad_(False).eval()
-    copy.set_attn_processor(dict(transformer.attn_processors))  # the same adapter handles
+    copy = sampling_copy(transformer)
     granularity = PerRow() if scales == "row" else PerTensor()
     quantize_(copy, Float8DynamicActivationFloat8WeightConfig(granularity=granularity), filter_fn=_fp8_eligible)
     return copy

@@ -302,16 +302,17 @@ class CalligrapherStack:
 
         self.quantized_model = CalligrapherModel(fp8_copy(self.pipe.transformer, scales), self.adapter)
 
-    def enable_compile(self, cache_dir: str | None = None, with_grad: bool = True, scope: str = "whole") -> None:
+    def enable_compile(self, cache_dir: str | None = None, with_grad: bool = True, scope: str = "whole",
+                       backend: str = "inductor") -> None:
         """`with_grad=False` compiles only the no-gradient forward (rollouts, reference means, evaluation);
         the gradient forward/backward stays eager. `scope`: `whole` or `blocks` (regional; see
-        acceleration.compile_transformer). The float8 copy stays one whole graph: it has not been measured
-        by blocks, and it samples only (one graph, no update)."""
+        acceleration.compile_transformer). The float8 copy samples only: its no-gradient calls compile, in
+        the same scope (by blocks, its cold compile is a fraction of the whole graph's)."""
         from .acceleration import compile_transformer
 
-        compile_transformer(self.pipe.transformer, cache_dir, with_grad=with_grad, scope=scope)
+        compile_transformer(self.pipe.transformer, cache_dir, backend, with_grad=with_grad, scope=scope)
         if self.quantized_model is not None:
-            compile_transformer(self.quantized_model.transformer, cache_dir)
+            compile_transformer(self.quantized_model.transformer, cache_dir, backend, with_grad=False, scope=scope)
 
     def style_tokens(self, image_embeds: torch.Tensor, params=None) -> torch.Tensor:
         if params is None:
