@@ -44,6 +44,8 @@ def test_every_epoch_says_where_its_seconds_went_and_checkpoints_hold_each_tenso
             assert r[f"time/{phase}_s"] > 0, (phase, r)
         assert r["time/epoch_s"] >= r["time/rollout_s"] + r["time/update_s"]  # nested phases are not counted twice
         assert r["perf/update_tflops"] > 0 and r["perf/rollout_tflops"] > 0 and r["perf/images_per_s"] > 0
+        steps = 2 * 16 * 4  # FAST: 2 rollout batches of 4 prompts x 4 images, 4 sampler steps each
+        assert r["perf/rollout_ms_per_image_step"] == pytest.approx(1000 * r["time/rollout_s"] / steps)
         assert r["sys/host_peak_rss_gib"] > 0 and r["sys/host_available_gib"] > 0  # host memory, on every device
     assert rl[0]["time/load_s"] > 0 and rl[0]["time/first_step_s"] >= rl[0]["time/load_s"]
     assert "time/first_step_s" not in rl[1]

@@ -124,10 +124,11 @@ class RLEpoch:
             state.retried_epochs += 1  # its times go into the next row
             return
         stats["rl/retried_epochs"] = float(state.retried_epochs)  # in all, this run
-        images = len(batches) * len(batches[0].indices) * self.acc.num_processes if batches else 0
+        local_images = len(batches) * len(batches[0].indices) if batches else 0
+        images = local_images * self.acc.num_processes
         stats.update({**clock.take(), "time/epoch_s": time.perf_counter() - t0, "rl/epoch": state.rl_epoch,
                       "rl/optimizer_steps": steps_done, "perf/images_per_s": images / (time.perf_counter() - t0)})
-        stats.update(self._tflops(counts0, counts1, counts2, counts3, t_update, t_end, stats))
+        stats.update(self._tflops(counts0, counts1, counts2, counts3, t_update, t_end, stats, local_images))
         log("rl", mean_across(self.acc, stats))
 
     def rollout(self, batch, b: int):
@@ -222,12 +223,17 @@ class RLEpoch:
             return nft_backward_on(self.stack, batch, ro, adv, targets, beta=cfg.nft_beta, adv_mode=cfg.nft_adv_mode,
                                    loss_scale=1.0 / (n * group), **common)
 
-    def _tflops(self, c0, c1, c2, c3, t_update, t_end, stats) -> dict[str, float]:
+    def _tflops(self, c0, c1, c2, c3, t_update, t_end, stats, local_images: int) -> dict[str, float]:
         """Achieved transformer TFLOP/s of the rollout (no-grad forwards) and of the update (gradient
-        forwards + backwards, and NFT's no-grad targets)."""
+        forwards + backwards, and NFT's no-grad targets); the rollout phase's milliseconds per image-step (every
+        sampler step of one image: what the FP8 target counts; decoding and reward submission included, so
+        an upper bound on the sampler's own; GRPO's rollout also takes the reference's step means)."""
+        image_steps = local_images * self.cfg.rl_num_inference_steps
+        per_step = ({"perf/rollout_ms_per_image_step": 1000.0 * stats["time/rollout_s"] / image_steps}
+                    if image_steps and "time/rollout_s" in stats else {})
         if self.throughput is None:
-            return {}
-        return {"perf/rollout_tflops": self.throughput.tflops(c1["no_grad"] - c0["no_grad"], 0,
+            return per_step
+        return {**per_step, "perf/rollout_tflops": self.throughput.tflops(c1["no_grad"] - c0["no_grad"], 0,
                                                               stats.get("time/rollout_s", 0.0)),
                 "perf/update_tflops": self.throughput.tflops(c3["no_grad"] - c2["no_grad"], c3["grad"] - c2["grad"],
                                                              t_end - t_update)}
