@@ -224,7 +224,9 @@ def test_one_process_step_equals_two_process_step(tmp_path, method):
     flags = [*(GRPO if method == "grpo" else NFT), "--rewards", "brightness:1", "--seed", "3", "--rl_num_images_per_prompt", "4",
              "--rl_num_batches_per_epoch", "1", "--max_train_steps", "1", "--learning_rate", "1e-3",
              "--adam_epsilon", "1e-3"]  # Adam's first step is ~sign(g); a large eps keeps it smooth where g ~ 0
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    # the script lives in tmp_path, so its processes import this checkout's package (not an installed copy)
+    env = {**os.environ, "OMP_NUM_THREADS": "1",
+           "PYTHONPATH": os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH")) if p)}
     outs = {}
     for n in (1, 2):
         out = tmp_path / f"p{n}"
