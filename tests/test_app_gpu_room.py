@@ -8,6 +8,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 
 import pytest
 import torch
@@ -173,6 +174,116 @@ def test_a_process_still_exiting_after_the_bound_is_named(tmp_path):
     finally:
         proc.kill()
         proc.wait()
+
+
+def released_after(short: int, gib: float = 19.7, then: float = 70.0, total: float = 79.0):
+    """A card whose driver gives an ended run's memory back after `short` readings: the first `short` calls of
+    the returned mem_info report `gib` free, the later ones `then`; `calls` counts them."""
+    calls = []
+
+    def mem_info():
+        calls.append(1)
+        return int((gib if len(calls) <= short else then) * GIB), int(total * GIB)
+
+    return mem_info, calls
+
+
+def ended_ago(run_dir: str, seconds: float) -> None:
+    """The run's final status was written `seconds` ago."""
+    path = os.path.join(run_dir, "status.json")
+    with open(path) as fh:
+        status = json.load(fh)
+    with open(path, "w") as fh:
+        json.dump({**status, "updated": time.time() - seconds}, fh)
+
+
+@pytest.fixture
+def quick_polls(monkeypatch):
+    monkeypatch.setattr(gpu_room, "EXIT_POLL_S", 0.01)
+
+
+def test_check_waits_for_the_driver_to_release_a_just_stopped_runs_memory(tmp_path, quick_polls):
+    """Measured on an H100: the run wrote `stopped`, its process was gone, and the driver still held its 53 GiB
+    seconds later. The check keeps reading the free memory and loads once it is back."""
+    runs_dir = str(tmp_path)
+    run = live_run(runs_dir, "flux-a", "0")
+    ended(run, "stopped")
+    assert not runs.run_info(run)["exiting"]  # the pid alone says nothing is left to wait for
+    mem_info, calls = released_after(3)
+    # a long settle and bound: only the memory coming back ends this wait
+    GpuRoom(runs_dir, mem_info=mem_info, gpu=0, exit_wait_s=60, settle_s=60).check(44 * GIB)
+    assert len(calls) == 4  # three short readings, then the one that fits (the decision uses it: no extra read)
+
+
+def test_memory_still_held_after_the_wait_names_the_ended_run(tmp_path, quick_polls):
+    runs_dir = str(tmp_path)
+    run = live_run(runs_dir, "flux-a", "0")
+    ended(run, "stopped")
+    ended_ago(run, 0)  # just now: well inside the window (exit_wait_s), however slow the child's start was
+    mem_info, calls = released_after(10**9)  # never given back
+    start = time.monotonic()
+    with pytest.raises(UserError) as exc:
+        GpuRoom(runs_dir, mem_info=mem_info, gpu=0, exit_wait_s=5, settle_s=0.2).check(44 * GIB)
+    assert time.monotonic() - start < 30  # generous: the settle interval ends it, the bound at the latest
+    msg = str(exc.value)
+    assert len(calls) > 1 and "\n" not in msg and "19.7 of 79 GiB is free" in msg
+    assert "'flux-a' (stopped" in msg and "memory was not released: still held after waiting" in msg
+    assert "another process" not in msg
+
+
+class FakeClock:
+    """gpu_room's `time` with a monotonic clock that only its sleeps advance (the wall clock stays real: a
+    run's `updated` is wall time)."""
+
+    def __init__(self):
+        self.now = 0.0
+        self.time = time.time
+
+    def monotonic(self) -> float:
+        return self.now
+
+    def sleep(self, seconds: float) -> None:
+        self.now += seconds
+
+
+def test_memory_that_keeps_coming_back_too_slowly_waits_no_longer_than_the_bound(tmp_path, monkeypatch):
+    """Free memory that grows on every reading never settles: exit_wait_s alone ends the wait."""
+    runs_dir = str(tmp_path)
+    run = live_run(runs_dir, "flux-a", "0")
+    ended(run, "stopped")
+    clock = FakeClock()
+    monkeypatch.setattr(gpu_room, "time", clock)
+    calls = []
+
+    def slow_release():
+        calls.append(1)
+        return int((10 + 0.001 * len(calls)) * GIB), 79 * GIB
+
+    with pytest.raises(UserError, match="still held after waiting 60.0 s"):
+        GpuRoom(runs_dir, mem_info=slow_release, gpu=0, exit_wait_s=60, settle_s=5).check(44 * GIB)
+    assert clock.now == pytest.approx(60) and len(calls) > 60 / 5  # it kept reading past many settle intervals
+
+
+def test_a_run_that_ended_long_ago_causes_no_wait(tmp_path, quick_polls):
+    """Memory held long after a run ended is no longer its: the check refuses at once, on one reading."""
+    runs_dir = str(tmp_path)
+    run = live_run(runs_dir, "flux-a", "0")
+    ended(run, "stopped")
+    ended_ago(run, 3600)
+    mem_info, calls = released_after(10**9, gib=10)
+    with pytest.raises(UserError) as exc:
+        GpuRoom(runs_dir, mem_info=mem_info, gpu=0, exit_wait_s=60, settle_s=60).check(44 * GIB)
+    assert "another process holds the rest" in str(exc.value) and "flux-a" not in str(exc.value)
+    assert len(calls) == 1
+
+
+def test_a_live_run_beside_causes_no_wait(tmp_path, quick_polls):
+    runs_dir = str(tmp_path)
+    live_run(runs_dir, "flux-a", "0")  # stepped, still training: it releases nothing
+    mem_info, calls = released_after(10**9)
+    with pytest.raises(UserError, match="'flux-a' trains on it"):
+        GpuRoom(runs_dir, mem_info=mem_info, gpu=0, exit_wait_s=60, settle_s=60).check(44 * GIB)
+    assert len(calls) == 1
 
 
 def test_studio_gpu_follows_cuda_visible_devices(monkeypatch):
