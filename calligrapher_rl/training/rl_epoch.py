@@ -128,7 +128,7 @@ class RLEpoch:
         images = local_images * self.acc.num_processes
         stats.update({**clock.take(), "time/epoch_s": time.perf_counter() - t0, "rl/epoch": state.rl_epoch,
                       "rl/optimizer_steps": steps_done, "perf/images_per_s": images / (time.perf_counter() - t0)})
-        stats.update(self._tflops(counts0, counts1, counts2, counts3, t_update, t_end, stats, local_images))
+        stats.update(self._perf_stats(counts0, counts1, counts2, counts3, t_update, t_end, stats, local_images))
         log("rl", mean_across(self.acc, stats))
 
     def rollout(self, batch, b: int):
@@ -223,7 +223,7 @@ class RLEpoch:
             return nft_backward_on(self.stack, batch, ro, adv, targets, beta=cfg.nft_beta, adv_mode=cfg.nft_adv_mode,
                                    loss_scale=1.0 / (n * group), **common)
 
-    def _tflops(self, c0, c1, c2, c3, t_update, t_end, stats, local_images: int) -> dict[str, float]:
+    def _perf_stats(self, c0, c1, c2, c3, t_update, t_end, stats, local_images: int) -> dict[str, float]:
         """Achieved transformer TFLOP/s of the rollout (no-grad forwards) and of the update (gradient
         forwards + backwards, and NFT's no-grad targets); the rollout phase's milliseconds per image-step (every
         sampler step of one image: what the FP8 target counts; decoding and reward submission included, so
