@@ -11,7 +11,8 @@ what matters most (a section that would start after --budget_s is skipped, and s
 - rollout_ms_per_image_step / compiled_baseline_ms_per_image_step: the same two under torch.compile (whole
   model, default mode, static shapes; compile_s = first call minus a steady one);
 - rollout_fp8_ms_per_image_step: our rollout on the compiled float8 transformer copy (NFT rollouts,
-  evaluation), and fp8_vs_bf16: how far its samples are from bf16's on the same noise;
+  evaluation), and fp8_vs_bf16: how far its samples are from bf16's on the same noise; with several
+  --fp8_variants (scales per row or tensor, attention on cuDNN or not), each one's under fp8_variants;
 - update_ms_per_image_step: GRPO and NFT per image and trained timestep, compiled (KL on: GRPO's reference
   forward, NFT's old and reference forwards);
 - first_ratio_max_abs_dev: max |ratio - 1| of the first GRPO update (the compiled rollout's stored log-probs
@@ -210,6 +211,40 @@ def fp8_difference(stack, res, b, steps, autocast) -> dict:
             "pixel_mae_0_255": round(float((iq - ia).abs().mean() * 127.5), 2)}
 
 
+def parse_fp8_variant(text: str) -> tuple[str, str]:
+    scales, _, attention = text.partition("+")
+    if scales not in ("row", "tensor") or attention not in ("", "cudnn"):
+        raise SystemExit(f"error: --fp8_variants: {text!r} is not SCALES[+cudnn] with SCALES row or tensor")
+    return scales, attention or "default"
+
+
+def bench_fp8_variants(stack, res, batches, args, autocast, out: Results) -> None:
+    """Each float8 copy in turn: made, compiled, timed per batch (first call = compilation), its samples held
+    against bf16's on the same noise, then dropped (its ~6 GB of float8 weights go)."""
+    variants = out.get("fp8_variants", {})
+    for i, text in enumerate(v for v in args.fp8_variants.split(",") if v):
+        if elapsed() > args.budget_s:
+            print(f"skip fp8 variant {text}: time budget", flush=True)
+            continue
+        scales, attention = parse_fp8_variant(text)
+        stack.enable_fp8_rollouts(scales, attention)
+        compile_transformer(stack.quantized_model.transformer, os.environ.get("TORCHINDUCTOR_CACHE_DIR"),
+                            scope=args.fp8_compile_scope)
+        key = "rollout_fp8_ms_per_image_step" if i == 0 else f"rollout_fp8[{text}]_ms_per_image_step"
+        if i == 0:
+            out.put("fp8_settings", {"scales": scales, "attention": attention, "compile_scope": args.fp8_compile_scope})
+        ms, _ = bench_rollouts(stack, res, batches, args.steps, autocast, out, key, None, quantized=True,
+                               budget_s=args.budget_s)
+        variants[text] = {"ms_per_image_step": dict(ms), "compile_s": out["compile_s"].get(f"{key}[{batches[0]}]"),
+                          "vs_bf16": fp8_difference(stack, res, batches[0], args.steps, autocast),
+                          "compile_scope": args.fp8_compile_scope}
+        out.put("fp8_variants", variants)
+        if i == 0:
+            out.put("fp8_vs_bf16", variants[text]["vs_bf16"])
+        stack.quantized_model = None  # its weights go; the rest runs bf16
+        torch.cuda.empty_cache()
+
+
 def overhead_fraction(stack, res, b, steps, autocast, checkpointing) -> float:
     from overhead import overhead_fraction as measure
 
@@ -231,10 +266,14 @@ def main():
                     help=f"comma list, run in this order: {','.join(SECTIONS)}")
     ap.add_argument("--compile_scope", default="whole", choices=("whole", "blocks"),
                     help="what a compiled graph holds: the whole transformer, or one block of each kind")
-    ap.add_argument("--fp8_scales", default="row", choices=("row", "tensor"),
-                    help="the fp8 section's scaling: per row (what --rollout_fp8 uses) or per tensor")
+    ap.add_argument("--fp8_variants", default="row",
+                    help="the fp8 section's float8 copies, timed one after another: comma list of SCALES[+cudnn], "
+                         "SCALES row or tensor (--rollout_fp8_scales), +cudnn its attention on cuDNN "
+                         "(--rollout_fp8_attention cudnn); the first is rollout_fp8_ms_per_image_step")
+    ap.add_argument("--no_baseline", action="store_true",
+                    help="the compiled section times ours only (no compile of the plain FluxFill loop)")
     ap.add_argument("--fp8_compile_scope", default="whole", choices=("whole", "blocks"),
-                    help="the fp8 section's graphs (--rollout_fp8 compiles its copy whole)")
+                    help="the fp8 section's graphs (--rollout_fp8 compiles its copy in the run's --compile_scope)")
     args = ap.parse_args()
     cuda = torch.cuda.is_available() and not args.tiny
     device, dtype = ("cuda", torch.bfloat16) if cuda else ("cpu", torch.float32)
@@ -285,18 +324,9 @@ def main():
         elif section == "compiled":
             ensure_compiled()
             bench_rollouts(stack, res, batches, args.steps, autocast, out, "rollout_ms_per_image_step",
-                           "compiled_baseline_ms_per_image_step", budget_s=args.budget_s)
+                           None if args.no_baseline else "compiled_baseline_ms_per_image_step", budget_s=args.budget_s)
         elif section == "fp8" and cuda:
-            stack.enable_fp8_rollouts(args.fp8_scales)
-            print(f"fp8 copy made ({elapsed():.0f} s)", flush=True)
-            compile_transformer(stack.quantized_model.transformer, scope=args.fp8_compile_scope)
-            out.put("fp8_settings", {"scales": args.fp8_scales, "compile_scope": args.fp8_compile_scope})
-            bench_rollouts(stack, res, batches, args.steps, autocast, out, "rollout_fp8_ms_per_image_step", None,
-                           quantized=True, budget_s=args.budget_s)
-            out.put("fp8_vs_bf16", fp8_difference(stack, res, batches[0], args.steps, autocast))
-            stack.quantized_model = None  # its weights go; the rest runs bf16
-            if cuda:
-                torch.cuda.empty_cache()
+            bench_fp8_variants(stack, res, batches, args, autocast, out)
         elif section == "update":
             ensure_compiled()
             out.put("update_ms_per_image_step", bench_update(stack, res, 4, args.steps, autocast))

@@ -174,6 +174,7 @@ def summarize(metrics: list[dict]) -> dict:
             "alloc_retries": max((r.get("sys/alloc_retries", 0) for r in metrics), default=None),
             "rollout_tflops": [r.get("perf/rollout_tflops") for r in epochs],
             "rollout_ms_per_image_step": [r.get("perf/rollout_ms_per_image_step") for r in epochs],
+            "sampler_ms_per_image_step": [r.get("perf/sampler_ms_per_image_step") for r in epochs],
             "update_tflops": [r.get("perf/update_tflops") for r in epochs], "per_epoch_s": per_epoch,
             "reward_mean": [r.get("reward/mean") for r in epochs]}
 

@@ -146,6 +146,12 @@ class TrainConfig:
     rollout_fp8: bool = _OPTIM(False, "sample NFT rollouts and evaluations with a float8 copy of the transformer "
                                       "(torchao, compute capability >= 8.9; +6 GB); GRPO rollouts stay in the "
                                       "training precision so their log-probs match the update's")
+    rollout_fp8_scales: str = _OPTIM("row", "with --rollout_fp8, the float8 scales of weights and activations: one per "
+                                            "row (closer to bf16) or one per tensor (less scaling work per matmul); "
+                                            "speed and difference to bf16: docs/benchmarks.md", choices=("row", "tensor"))
+    rollout_fp8_attention: str = _OPTIM("default", "with --rollout_fp8, the float8 copy's attention kernel: default "
+                                                   "(torch's choice) or cudnn (cuDNN's fused attention, forward only: "
+                                                   "the copy never runs a backward)", choices=("default", "cudnn"))
     adam_beta1: float = _OPTIM(0.9, "AdamW beta1")
     adam_beta2: float = _OPTIM(0.999, "AdamW beta2")
     adam_weight_decay: float = _OPTIM(1e-4, "AdamW weight decay")

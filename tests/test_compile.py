@@ -308,3 +308,37 @@ def test_the_sampling_copy_compiles_in_the_runs_scope_and_only_without_gradient(
         torch.testing.assert_close(sampled, live)  # the same tensors: the copy holds no weights of its own
     finally:
         torch._dynamo.reset()
+
+
+def test_the_sampling_copys_attention_backends_hold_for_its_no_gradient_calls_only(tiny_paths):
+    """`--rollout_fp8_attention cudnn`: the float8 copy (here its unquantized `sampling_copy`: quantizing needs a
+    GPU) attends with cuDNN's fused kernel first, and only in its no-gradient calls; the live transformer, which
+    also runs the update's backward, keeps torch's order. The samples are the same function either way."""
+    from torch.nn.attention import SDPBackend
+
+    from calligrapher_rl.models.acceleration import sampling_attention, sampling_copy
+    from calligrapher_rl.models.stack import CalligrapherModel
+
+    stack = CalligrapherStack.from_pretrained(*tiny_paths, num_style_tokens=8)
+    copy = sampling_copy(stack.pipe.transformer)
+    stack.quantized_model, stack.quantized_attention = CalligrapherModel(copy, stack.adapter), "cudnn"
+    seen = []
+    hooks = [m.register_forward_pre_hook(lambda mod, _: seen.append((mod is copy, torch._C._get_sdp_priority_order()[0])))
+             for m in (copy, stack.pipe.transformer)]
+    default_first = torch._C._get_sdp_priority_order()[0]
+    cudnn = int(SDPBackend.CUDNN_ATTENTION)
+    assert default_first != cudnn
+    fill, text, embeds = _inputs(stack, 2)
+    x = stack.noise_like(fill, 2, generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        sampled = stack.velocity(x, fill, text, 0.5, embeds, 30.0, quantized=True)
+        live = stack.velocity(x, fill, text, 0.5, embeds, 30.0)
+    with torch.enable_grad():
+        stack.velocity(x, fill, text, 0.5, embeds, 30.0, quantized=True)
+    for h in hooks:
+        h.remove()
+    assert seen == [(True, cudnn), (False, default_first), (True, default_first)]
+    assert torch._C._get_sdp_priority_order()[0] == default_first  # restored after each call
+    torch.testing.assert_close(sampled, live)
+    with pytest.raises(ValueError, match="sampling attention"):
+        sampling_attention("flash3")

@@ -278,6 +278,10 @@ BAD = [
     (dict(awm_ema_kl_decay=1.5), "awm_ema_kl_decay"),
     (dict(awm_ema_kl_decay_type="cosine"), "awm_ema_kl_decay_type"),
     (dict(rl_grpo_ratio_norm=True, rl_sde_type="cps"), "rl_grpo_ratio_norm"),
+    (dict(rollout_fp8_scales="block"), "rollout_fp8_scales"),
+    (dict(rollout_fp8_scales="tensor"), "rollout_fp8_scales"),  # without --rollout_fp8: read by nothing
+    (dict(rollout_fp8=True, rollout_fp8_attention="flash3"), "rollout_fp8_attention"),
+    (dict(rollout_fp8_attention="cudnn"), "rollout_fp8_attention"),
 ]
 
 
@@ -297,6 +301,7 @@ def test_validate_accepts_good_values():
     cfg(rl_num_inference_steps=10, rl_sde_window_size=2, rl_sde_window_range="0,5").validate()
     cfg(rewards="ocr", reward_server_url="http://127.0.0.1:8000,https://h:1").validate()
     cfg(learning_rate=1).validate()  # an int where a float is expected is fine
+    cfg(rollout_fp8=True, rollout_fp8_scales="tensor", rollout_fp8_attention="cudnn").validate()
 
 
 def test_cli_main_prints_one_line(capsys):

@@ -46,6 +46,8 @@ def test_every_epoch_says_where_its_seconds_went_and_checkpoints_hold_each_tenso
         assert r["perf/update_tflops"] > 0 and r["perf/rollout_tflops"] > 0 and r["perf/images_per_s"] > 0
         steps = 2 * 16 * 4  # FAST: 2 rollout batches of 4 prompts x 4 images, 4 sampler steps each
         assert r["perf/rollout_ms_per_image_step"] == pytest.approx(1000 * r["time/rollout_s"] / steps)
+        # the sampler's own share: inside the rollout phase (decoding and reward submission are the rest)
+        assert 0 < r["perf/sampler_ms_per_image_step"] < r["perf/rollout_ms_per_image_step"]
         assert r["sys/host_peak_rss_gib"] > 0 and r["sys/host_available_gib"] > 0  # host memory, on every device
     assert rl[0]["time/load_s"] > 0 and rl[0]["time/first_step_s"] >= rl[0]["time/load_s"]
     assert "time/first_step_s" not in rl[1]

@@ -20,13 +20,16 @@ Only the style adapter trains, so the 12 B transformer is a fixed function of it
   (`enable_gradient_checkpointing`, `--gradient_checkpointing_skip_blocks`): their activations are kept
   through the backward instead of recomputed, memory bought back as time (selective activation checkpointing).
 - Sampling that needs no log-probabilities (NFT rollouts, evaluation) may run a float8 copy of the
-  transformer (torchao, dynamic per-row activation and weight scales). The copy shares nothing trainable:
-  the adapter's processors are installed in both, so the copy always sees the live (or old) adapter.
+  transformer (torchao, dynamic activation and weight scales, per row or per tensor). The copy shares nothing
+  trainable: the adapter's processors are installed in both, so the copy always sees the live (or old) adapter.
+  Being forward-only, its attention may run on cuDNN's fused kernel (`sampling_attention`), which the gradient
+  path cannot use (its backward fails on FLUX's shapes with torch 2.11/cu130, docs/gpu-notes.md).
   Measured numbers and the output difference of FP8 against bf16 are in docs/benchmarks.md.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 
@@ -179,6 +182,22 @@ def _fp8_eligible(module: nn.Module, fqn: str) -> bool:
 
 
 FP8_SCALES = ("row", "tensor")
+SAMPLING_ATTENTION = ("default", "cudnn")
+
+
+def sampling_attention(name: str):
+    """The SDPA backends of a no-gradient call: `default` leaves torch's choice (flash attention on an H100);
+    `cudnn` puts cuDNN's fused attention first, the others after it for shapes it does not take. Under
+    torch.compile the choice is made while tracing, so a graph traced inside this context keeps it; the
+    float8 copy is only ever called inside it."""
+    if name not in SAMPLING_ATTENTION:
+        raise ValueError(f"sampling attention must be one of {SAMPLING_ATTENTION}, got {name!r}")
+    if name == "default":
+        return contextlib.nullcontext()
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    return sdpa_kernel([SDPBackend.CUDNN_ATTENTION, SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION,
+                        SDPBackend.MATH], set_priority=True)
 
 
 def sampling_copy(transformer: nn.Module) -> nn.Module:

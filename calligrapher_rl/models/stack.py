@@ -16,6 +16,7 @@ from torch import nn
 
 from ..errors import UserError
 from ..images import pad_to_square
+from .acceleration import sampling_attention
 from .checkpoints import config_from_state_dict, load_into_adapter, read_adapter_file
 from .style_adapter import StyleAdapter, install_style_adapter
 
@@ -92,6 +93,7 @@ class CalligrapherStack:
         self.train_model: nn.Module = self.model
         # An optional float8 copy of the transformer for no-gradient sampling (see acceleration.py).
         self.quantized_model: CalligrapherModel | None = None
+        self.quantized_attention = "default"  # its SDPA backends (acceleration.sampling_attention)
         self._text_cache: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
         # images through the transformer so far, without and with gradient (the trainer's TFLOP/s figures)
         self.forward_counts = {"no_grad": 0, "grad": 0}
@@ -283,6 +285,11 @@ class CalligrapherStack:
         args = (latents, fill, text, sigma, image_embeds, guidance, scale, style_tokens, style_kv)
         self.forward_counts["grad" if torch.is_grad_enabled() else "no_grad"] += latents.shape[0]
         model = self.quantized_model if quantized and self.quantized_model is not None else self.model
+        with (sampling_attention(self.quantized_attention) if model is not self.model and not torch.is_grad_enabled()
+              else contextlib.nullcontext()):
+            return self._call(model, args, params)
+
+    def _call(self, model, args, params) -> torch.Tensor:
         if params is not None:
             # adapter names, plus `transformer.`-prefixed ones of a transformer LoRA (models/lora.py)
             named = {k if k.startswith("transformer.") else f"adapter.{k}": v for k, v in params.items()}
@@ -297,10 +304,15 @@ class CalligrapherStack:
             out = model(*args)
         return out.float()
 
-    def enable_fp8_rollouts(self, scales: str = "row") -> None:
-        from .acceleration import fp8_copy
+    def enable_fp8_rollouts(self, scales: str = "row", attention: str = "default") -> None:
+        """No-gradient sampling through a float8 copy (acceleration.fp8_copy) with `scales` per row or per
+        tensor, its attention on `attention`'s SDPA backends (acceleration.sampling_attention)."""
+        from .acceleration import SAMPLING_ATTENTION, fp8_copy
 
+        if attention not in SAMPLING_ATTENTION:
+            raise ValueError(f"sampling attention must be one of {SAMPLING_ATTENTION}, got {attention!r}")
         self.quantized_model = CalligrapherModel(fp8_copy(self.pipe.transformer, scales), self.adapter)
+        self.quantized_attention = attention
 
     def enable_compile(self, cache_dir: str | None = None, with_grad: bool = True, scope: str = "whole",
                        backend: str = "inductor") -> None:

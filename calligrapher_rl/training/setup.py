@@ -113,7 +113,8 @@ def build_stack(cfg: TrainConfig, device):
 
         enable_gradient_checkpointing(stack.pipe.transformer, cfg.gradient_checkpointing_skip_blocks)
     if cfg.rollout_fp8:
-        stack.enable_fp8_rollouts()  # a one-line error without a CUDA card of capability >= 8.9 or torchao
+        # a one-line error without a CUDA card of capability >= 8.9 or torchao
+        stack.enable_fp8_rollouts(cfg.rollout_fp8_scales, cfg.rollout_fp8_attention)
     if cfg.compile or (cfg.compile is None and stack.device.type == "cuda"):
         if stack.device.type != "cuda":
             logger.warning("--compile: compiling on %s (slow to start; meant for CUDA)", stack.device.type)

@@ -22,6 +22,7 @@ class PhaseClock:
         self._sync = torch.cuda.synchronize if cuda and torch.cuda.is_available() else (lambda: None)
         self.totals: dict[str, float] = defaultdict(float)
         self._open: list[list] = []  # [name, start of its current stretch]
+        self.spans: dict[str, float] = defaultdict(float)
 
     @contextlib.contextmanager
     def __call__(self, name: str):
@@ -39,6 +40,21 @@ class PhaseClock:
             self.totals[name] += now - self._open.pop()[1]
             if self._open:
                 self._open[-1][1] = now
+
+    @contextlib.contextmanager
+    def span(self, name: str):
+        """Time a stretch inside the open phase without pausing it (the phase is still charged for it): e.g.
+        the sampler's own share of the rollout phase. `take_span(name)` returns and resets its total."""
+        self._sync()
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            self._sync()
+            self.spans[name] += time.perf_counter() - start
+
+    def take_span(self, name: str) -> float:
+        return self.spans.pop(name, 0.0)
 
     def add(self, name: str, seconds: float) -> None:
         self.totals[name] += seconds
