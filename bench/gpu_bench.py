@@ -227,6 +227,9 @@ def bench_fp8_variants(stack, res, batches, args, autocast, out: Results) -> Non
             print(f"skip fp8 variant {text}: time budget", flush=True)
             continue
         scales, attention = parse_fp8_variant(text)
+        # dynamo guards on the weights' types, not on the SDPA backend flags: without a reset a later variant of
+        # the same scales would reuse the earlier one's graphs (and its attention kernel)
+        torch._dynamo.reset()
         stack.enable_fp8_rollouts(scales, attention)
         compile_transformer(stack.quantized_model.transformer, os.environ.get("TORCHINDUCTOR_CACHE_DIR"),
                             scope=args.fp8_compile_scope)
