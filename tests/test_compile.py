@@ -342,3 +342,20 @@ def test_the_sampling_copys_attention_backends_hold_for_its_no_gradient_calls_on
     torch.testing.assert_close(sampled, live)
     with pytest.raises(ValueError, match="sampling attention"):
         sampling_attention("flash3")
+
+
+def test_the_float8_config_leaves_the_process_inductor_settings_alone():
+    """torchao's float8 config switches on inductor's coordinate-descent tuning for the whole process unless told
+    not to: every later graph of the run (the bf16 ones too) would then be tuned kernel by kernel at compile time.
+    Quantizing needs a GPU; the config and what it would apply are checked here."""
+    pytest.importorskip("torchao")
+    from torchao.quantization import PerRow, PerTensor
+
+    from calligrapher_rl.models.acceleration import fp8_config
+
+    for scales, granularity in (("row", PerRow), ("tensor", PerTensor)):
+        config = fp8_config(scales)
+        assert config.set_inductor_config is False
+        assert all(isinstance(g, granularity) for g in config.granularity)
+    with pytest.raises(ValueError, match="fp8 scales"):
+        fp8_config("block")

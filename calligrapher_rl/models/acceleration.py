@@ -218,15 +218,27 @@ def fp8_copy(transformer: nn.Module, scales: str = "row") -> nn.Module:
     ever allocated: quantizing then replaces each eligible Linear weight by its fp8 version (half the
     bytes of bf16); norms, embeddings and biases stay shared with the original. `scales`: one scale per row
     of each weight and activation (the default: closer to bf16) or one per tensor (less scaling work per
-    matmul; `bench/gpu_bench.py --fp8_scales` compares the two)."""
-    if scales not in FP8_SCALES:
-        raise ValueError(f"fp8 scales must be one of {FP8_SCALES}, got {scales!r}")
+    matmul; `bench/gpu_bench.py --fp8_variants` compares the two)."""
+    config = fp8_config(scales)
     ok, why = fp8_supported(next(transformer.parameters()).device)
     if not ok:
         raise UserError(why, field="--rollout_fp8")
-    from torchao.quantization import Float8DynamicActivationFloat8WeightConfig, PerRow, PerTensor, quantize_
+    from torchao.quantization import quantize_
 
     copy = sampling_copy(transformer)
-    granularity = PerRow() if scales == "row" else PerTensor()
-    quantize_(copy, Float8DynamicActivationFloat8WeightConfig(granularity=granularity), filter_fn=_fp8_eligible)
+    quantize_(copy, config, filter_fn=_fp8_eligible)
     return copy
+
+
+def fp8_config(scales: str = "row"):
+    """torchao's float8 config for `fp8_copy`. `set_inductor_config=False`: by default quantizing also switches
+    on inductor's coordinate-descent tuning for the whole process, so every graph the run compiles afterwards,
+    the bf16 ones too, is tuned kernel by kernel. With it, on an H100, the float8 blocks' cold compile took 188 s
+    against the bf16 blocks' 19 s, and a flux-nft run with --rollout_fp8 had no optimizer step 417 s after its
+    command (docs/benchmarks.md). Quantizing changes nothing but the copy's weights now."""
+    from torchao.quantization import Float8DynamicActivationFloat8WeightConfig, PerRow, PerTensor
+
+    if scales not in FP8_SCALES:
+        raise ValueError(f"fp8 scales must be one of {FP8_SCALES}, got {scales!r}")
+    granularity = PerRow() if scales == "row" else PerTensor()
+    return Float8DynamicActivationFloat8WeightConfig(granularity=granularity, set_inductor_config=False)
