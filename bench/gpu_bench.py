@@ -287,6 +287,8 @@ def main():
     if unknown:
         raise SystemExit(f"error: --sections: unknown {sorted(unknown)}; expected some of {SECTIONS}")
     batches = [int(x) for x in args.batches.split(",")]
+    for text in (v for v in args.fp8_variants.split(",") if v):  # a typo ends the call now, not minutes in
+        parse_fp8_variant(text)
     stack = build_stack(args.tiny, device, dtype)
     res = 64 if args.tiny else 512
     autocast = (lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if cuda else contextlib.nullcontext
