@@ -359,3 +359,44 @@ def test_the_float8_config_leaves_the_process_inductor_settings_alone():
         assert all(isinstance(g, granularity) for g in config.granularity)
     with pytest.raises(ValueError, match="fp8 scales"):
         fp8_config("block")
+
+
+def test_a_copy_with_fused_qkv_samples_the_same_and_holds_only_the_fused_weights():
+    """`fuse_qkv` (the float8 copy's `+qkv` variant in bench/gpu_bench.py): each attention of the sampling copy
+    computes q/k/v in one matmul through the shared style processors, with the same velocity as the live
+    transformer; its separate projections remain the live transformer's tensors, and the float8 filter skips
+    them (they are never called)."""
+    from calligrapher_rl.models.acceleration import _fp8_eligible_fused, fuse_qkv, sampling_copy
+    from calligrapher_rl.models.hub import resolve_model
+    from calligrapher_rl.models.stack import CalligrapherModel
+
+    stack = CalligrapherStack.from_pretrained(resolve_model("tiny", "flux").path, resolve_model("tiny", "siglip").path,
+                                              num_style_tokens=8)
+    live = stack.pipe.transformer
+    copy = sampling_copy(live)
+    n_blocks = len(copy.transformer_blocks) + len(copy.single_transformer_blocks)
+    assert fuse_qkv(copy) == n_blocks
+    attn, live_attn = copy.transformer_blocks[0].attn, live.transformer_blocks[0].attn
+    assert attn.fused_projections and not getattr(live_attn, "fused_projections", False)
+    torch.testing.assert_close(attn.to_qkv.weight, torch.cat([live_attn.to_q.weight, live_attn.to_k.weight,
+                                                              live_attn.to_v.weight]))
+    assert attn.to_q.weight.data_ptr() == live_attn.to_q.weight.data_ptr()  # shared, not copied
+    names = {n for n, m in copy.named_modules() if isinstance(m, torch.nn.Linear)}
+    assert "transformer_blocks.0.attn.to_added_qkv" in names
+    big = torch.nn.Linear(256, 256)  # the tiny's own layers are below the float8 size floor
+    assert _fp8_eligible_fused(big, "transformer_blocks.0.attn.to_qkv")
+    assert not _fp8_eligible_fused(big, "transformer_blocks.0.attn.to_q")
+    assert not _fp8_eligible_fused(big, "transformer_blocks.0.attn.add_v_proj")
+    assert _fp8_eligible_fused(big, "transformer_blocks.0.attn.to_out.0")
+    stack.quantized_model = CalligrapherModel(copy, stack.adapter)
+    calls = {"fused": 0, "separate": 0}
+    for block in [*copy.transformer_blocks, *copy.single_transformer_blocks]:
+        block.attn.to_qkv.register_forward_hook(lambda *_: calls.__setitem__("fused", calls["fused"] + 1))
+        block.attn.to_q.register_forward_hook(lambda *_: calls.__setitem__("separate", calls["separate"] + 1))
+    fill, text, embeds = _inputs(stack, 2)
+    x = stack.noise_like(fill, 2, generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        sampled = stack.velocity(x, fill, text, 0.5, embeds, 30.0, quantized=True)
+        reference = stack.velocity(x, fill, text, 0.5, embeds, 30.0)
+    assert calls == {"fused": n_blocks, "separate": 0}  # the processors took the fused path
+    torch.testing.assert_close(sampled, reference)

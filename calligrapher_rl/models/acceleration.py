@@ -211,14 +211,37 @@ def sampling_copy(transformer: nn.Module) -> nn.Module:
     return copy
 
 
-def fp8_copy(transformer: nn.Module, scales: str = "row") -> nn.Module:
+UNFUSED_PROJECTIONS = ("to_q", "to_k", "to_v", "add_q_proj", "add_k_proj", "add_v_proj")
+
+
+def fuse_qkv(copy: nn.Module) -> int:
+    """Each attention of a sampling copy computes its query/key/value (and the text stream's) in one matmul
+    (diffusers' `fuse_projections`: `to_qkv`, `to_added_qkv`), which the shared processors then use: one GEMM and,
+    once quantized, one activation quantization where there were three. The separate projections stay in
+    place, as the live transformer's shared tensors (no memory of their own), and unused. Returns how many
+    attentions were fused. Only for a copy: the live transformer's fused weights would be a second copy."""
+    fused = 0
+    for module in copy.modules():
+        if callable(getattr(module, "fuse_projections", None)) and hasattr(module, "to_q"):
+            module.fuse_projections()
+            fused += int(bool(getattr(module, "fused_projections", False)))
+    return fused
+
+
+def _fp8_eligible_fused(module: nn.Module, fqn: str) -> bool:
+    # with fused projections, the separate ones are never called: quantizing them would only cost memory
+    return _fp8_eligible(module, fqn) and fqn.rsplit(".", 1)[-1] not in UNFUSED_PROJECTIONS
+
+
+def fp8_copy(transformer: nn.Module, scales: str = "row", fused_qkv: bool = False) -> nn.Module:
     """A float8 copy of the frozen transformer for no-gradient sampling, with the same style processors.
 
     Built on the meta device and given the original's tensors (`assign=True`), so no second bf16 copy is
     ever allocated: quantizing then replaces each eligible Linear weight by its fp8 version (half the
     bytes of bf16); norms, embeddings and biases stay shared with the original. `scales`: one scale per row
     of each weight and activation (the default: closer to bf16) or one per tensor (less scaling work per
-    matmul; `bench/gpu_bench.py --fp8_variants` compares the two)."""
+    matmul; `bench/gpu_bench.py --fp8_variants` compares the two). `fused_qkv`: see `fuse_qkv` (not yet measured,
+    so not a run setting: `--fp8_variants row+qkv` times it)."""
     config = fp8_config(scales)
     ok, why = fp8_supported(next(transformer.parameters()).device)
     if not ok:
@@ -226,7 +249,9 @@ def fp8_copy(transformer: nn.Module, scales: str = "row") -> nn.Module:
     from torchao.quantization import quantize_
 
     copy = sampling_copy(transformer)
-    quantize_(copy, config, filter_fn=_fp8_eligible)
+    if fused_qkv:
+        fuse_qkv(copy)
+    quantize_(copy, config, filter_fn=_fp8_eligible_fused if fused_qkv else _fp8_eligible)
     return copy
 
 

@@ -304,14 +304,15 @@ class CalligrapherStack:
             out = model(*args)
         return out.float()
 
-    def enable_fp8_rollouts(self, scales: str = "row", attention: str = "default") -> None:
+    def enable_fp8_rollouts(self, scales: str = "row", attention: str = "default", fused_qkv: bool = False) -> None:
         """No-gradient sampling through a float8 copy (acceleration.fp8_copy) with `scales` per row or per
-        tensor, its attention on `attention`'s SDPA backends (acceleration.sampling_attention)."""
+        tensor, its attention on `attention`'s SDPA backends (acceleration.sampling_attention), its q/k/v
+        projections fused (`fused_qkv`, acceleration.fuse_qkv)."""
         from .acceleration import SAMPLING_ATTENTION, fp8_copy
 
         if attention not in SAMPLING_ATTENTION:
             raise ValueError(f"sampling attention must be one of {SAMPLING_ATTENTION}, got {attention!r}")
-        self.quantized_model = CalligrapherModel(fp8_copy(self.pipe.transformer, scales), self.adapter)
+        self.quantized_model = CalligrapherModel(fp8_copy(self.pipe.transformer, scales, fused_qkv), self.adapter)
         self.quantized_attention = attention
 
     def enable_compile(self, cache_dir: str | None = None, with_grad: bool = True, scope: str = "whole",
