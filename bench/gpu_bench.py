@@ -12,7 +12,8 @@ what matters most (a section that would start after --budget_s is skipped, and s
   model, default mode, static shapes; compile_s = first call minus a steady one);
 - rollout_fp8_ms_per_image_step: our rollout on the compiled float8 transformer copy (NFT rollouts,
   evaluation), and fp8_vs_bf16: how far its samples are from bf16's on the same noise; with several
-  --fp8_variants (scales per row or tensor, attention on cuDNN or not), each one's under fp8_variants;
+  --fp8_variants (scales per row or tensor, attention on cuDNN or not, q/k/v fused or not), each one's under
+  fp8_variants;
 - update_ms_per_image_step: GRPO and NFT per image and trained timestep, compiled (KL on: GRPO's reference
   forward, NFT's old and reference forwards);
 - first_ratio_max_abs_dev: max |ratio - 1| of the first GRPO update (the compiled rollout's stored log-probs

@@ -135,6 +135,9 @@ def validate(cfg) -> None:
     need(c.gradient_checkpointing_skip_blocks >= 0, "gradient_checkpointing_skip_blocks", "must be >= 0")
     need(c.gradient_checkpointing or not c.gradient_checkpointing_skip_blocks, "gradient_checkpointing_skip_blocks",
          "is read only with --gradient_checkpointing (without it no block is checkpointed)")
+    if not c.rollout_fp8:
+        need(c.rollout_fp8_scales == "row", "rollout_fp8_scales", "is read only with --rollout_fp8 true")
+        need(c.rollout_fp8_attention == "default", "rollout_fp8_attention", "is read only with --rollout_fp8 true")
 
     _check_lora(c, need)
 
@@ -208,9 +211,6 @@ def _check_lora(c, need) -> None:
     if c.lora_merged:
         need(lora, "lora_merged", "is read only with --trainable lora")
         need(c.lora_dropout == 0, "lora_merged", "needs --lora_dropout 0 (a merged weight cannot drop inputs)")
-    if not c.rollout_fp8:
-        need(c.rollout_fp8_scales == "row", "rollout_fp8_scales", "is read only with --rollout_fp8 true")
-        need(c.rollout_fp8_attention == "default", "rollout_fp8_attention", "is read only with --rollout_fp8 true")
     if lora and c.lora_target != "adapter":
         # the float8 copy is built from the plain transformer's state dict: it would sample without the LoRA
         need(not c.rollout_fp8, "rollout_fp8", "cannot sample a transformer LoRA (--lora_target adapter, or false)")

@@ -308,10 +308,9 @@ class CalligrapherStack:
         """No-gradient sampling through a float8 copy (acceleration.fp8_copy) with `scales` per row or per
         tensor, its attention on `attention`'s SDPA backends (acceleration.sampling_attention), its q/k/v
         projections fused (`fused_qkv`, acceleration.fuse_qkv)."""
-        from .acceleration import SAMPLING_ATTENTION, fp8_copy
+        from .acceleration import fp8_copy
 
-        if attention not in SAMPLING_ATTENTION:
-            raise ValueError(f"sampling attention must be one of {SAMPLING_ATTENTION}, got {attention!r}")
+        sampling_attention(attention)  # an unknown name fails here, not at the first rollout
         self.quantized_model = CalligrapherModel(fp8_copy(self.pipe.transformer, scales, fused_qkv), self.adapter)
         self.quantized_attention = attention
 
