@@ -271,6 +271,10 @@ class TrainConfig:
     ema_decay: float = _EMA(0.9999, "EMA decay in [0, 1) (guide: 0.9999 for GRPO, 0.999 for NFT)")
     ema_update_interval: int = _EMA(1, "fold the weights into the EMA every N optimizer steps (the horizon in steps "
                                        "does not change: a fold weighs N steps)")
+    checkpoint_averages_dtype: str = _EMA("fp32", "dtype the averages (the EMA, NFT's old policy) are written in: bf16 "
+                                                   "halves them (6 GB instead of 12 each for the full adapter); their "
+                                                   "forwards run in bf16, and a resume continues the fp32 averages from "
+                                                   "the rounded values; fp32 resumes bit-exactly", choices=("fp32", "bf16"))
 
     # --- evaluation ---
     eval_steps: int = _EVAL(100, "write a sample grid every N steps (0 = never)")

@@ -37,18 +37,22 @@ SIDE_BY_SIDE = 2
 
 
 def save_file_streamed(tensors: dict[str, torch.Tensor], path: str, metadata: dict[str, str] | None = None,
-                       chunk_bytes: int = 256 << 20) -> None:
-    """Write `tensors` (any devices, any strides) to `path` as `safetensors.torch.save_file` would."""
+                       chunk_bytes: int = 256 << 20, dtype: torch.dtype | None = None) -> None:
+    """Write `tensors` (any devices, any strides) to `path` as `safetensors.torch.save_file` would; with `dtype`,
+    its floating-point tensors as that dtype (cast a piece at a time, where they live: no whole cast copy)."""
+    def stored(t: torch.Tensor) -> torch.dtype:
+        return dtype if dtype is not None and t.is_floating_point() else t.dtype
+
     for name, t in tensors.items():
-        if t.dtype not in _NAME:
-            raise TypeError(f"{name}: dtype {t.dtype} has no safetensors name here")
-    order = sorted(tensors, key=lambda k: (-_RANK[tensors[k].dtype], k))
+        if stored(t) not in _NAME:
+            raise TypeError(f"{name}: dtype {stored(t)} has no safetensors name here")
+    order = sorted(tensors, key=lambda k: (-_RANK[stored(tensors[k])], k))
     header: dict = {"__metadata__": dict(metadata)} if metadata else {}
     offset = 0
     for name in order:
         t = tensors[name]
-        size = t.numel() * t.element_size()
-        header[name] = {"dtype": _NAME[t.dtype], "shape": list(t.shape), "data_offsets": [offset, offset + size]}
+        size = t.numel() * stored(t).itemsize
+        header[name] = {"dtype": _NAME[stored(t)], "shape": list(t.shape), "data_offsets": [offset, offset + size]}
         offset += size
     blob = json.dumps(header, separators=(",", ":")).encode("utf-8")
     blob += b" " * (-len(blob) % 8)
@@ -62,7 +66,8 @@ def save_file_streamed(tensors: dict[str, torch.Tensor], path: str, metadata: di
             flat = tensors[name].detach().reshape(-1)  # a copy only when the tensor is not contiguous
             step = max(1, chunk_bytes // max(1, flat.element_size()))
             for start in range(0, flat.numel(), step):
-                piece = flat[start:start + step].to("cpu").contiguous()
+                # cast before the copy: a narrower dtype crosses PCIe in fewer bytes
+                piece = flat[start:start + step].to(stored(flat)).to("cpu").contiguous()
                 pending.append(writer.submit(fh.write, memoryview(piece.view(torch.uint8).numpy())))
                 while len(pending) >= IN_FLIGHT:
                     pending.popleft().result()  # a failed write (a full disk) is raised here, in the caller

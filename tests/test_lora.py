@@ -243,6 +243,25 @@ def test_lora_run_resumes_exactly(nft_lora_run, tmp_path):
     assert [len(g["params"]) for g in opt["param_groups"]] == [1] and len(opt["state"]) == 1
 
 
+def test_a_lora_runs_ema_in_bf16_with_checkpoint_averages_dtype(tmp_path, tiny_paths):
+    """--checkpoint_averages_dtype bf16 writes the EMA LoRA's files in bf16 (the live LoRA stays fp32), and
+    diffusers loads them."""
+    from diffusers import FluxFillPipeline
+
+    out = tmp_path / "run"
+    assert train(parse_args(["--preset", "tiny-nft-lora", *RANDOM_TINY, "--max_train_steps", "1", "--output_dir",
+                             str(out), "--checkpoint_averages_dtype", "bf16"])) == "finished"
+    ck = out / "checkpoint-1"
+    for rel, dtype in (("pytorch_lora_weights.safetensors", torch.float32),
+                       ("adapter_lora/adapter_model.safetensors", torch.float32),
+                       ("ema/pytorch_lora_weights.safetensors", torch.bfloat16),
+                       ("ema/adapter_lora/adapter_model.safetensors", torch.bfloat16)):
+        assert {v.dtype for v in load_file(ck / rel).values()} == {dtype}, rel
+    pipe = FluxFillPipeline.from_pretrained(tiny_paths[0])
+    pipe.load_lora_weights(str(ck / "ema"))
+    assert any("lora_" in n for n, _ in pipe.transformer.named_parameters())
+
+
 def test_export_then_load_gives_the_lora_runs_images(nft_lora_run, tmp_path, tiny_paths):
     """The run's stack with its live LoRA layers, the checkpoint loaded for inference (LoRA merged), the release
     export (adapter merged) + the transformer export: the same samples."""

@@ -8,6 +8,7 @@ import json
 import pytest
 import torch
 from safetensors import safe_open
+from safetensors.torch import load_file
 
 from calligrapher_rl.config_parse import parse_args
 from calligrapher_rl.errors import UserError
@@ -77,6 +78,28 @@ def test_a_reference_taken_after_warmup_is_written_once_and_resumes_exactly(tmp_
     assert _run(b, *args, "--resume_from_checkpoint", "latest") == "finished"
     pick = lambda rows: [(r["step"], r["kl"], r["loss"]) for r in rows if "kl" in r]  # noqa: E731
     assert pick(read_metrics(str(b))) == pick(read_metrics(str(a))) and pick(read_metrics(str(a)))
+
+
+def test_averages_written_in_bf16_halve_their_files_and_a_resume_goes_on_within_bf16(tmp_path):
+    """--checkpoint_averages_dtype bf16 (the flux presets): the EMA and NFT's old policy (here lagging: decay
+    type 1) are written in bf16, the trained weights in fp32; a resume continues with the next step's loss
+    within bf16 tolerance of the uninterrupted run's (fp32 files: exactly, the other resume tests)."""
+    args = ["--checkpointing_steps", "2", "--eval_steps", "0", "--nft_decay_type", "1", "--use_ema", "true",
+            "--ema_decay", "0.9", "--checkpoint_averages_dtype", "bf16"]
+    a, b = tmp_path / "a", tmp_path / "b"
+    assert _run(a, "--max_train_steps", "3", *args, preset="tiny-nft") == "finished"
+    assert _run(b, "--max_train_steps", "2", *args, preset="tiny-nft") == "finished"
+    ck = b / "checkpoint-2"
+    dtypes = {f: {v.dtype for v in load_file(ck / f).values()} for f in
+              ("ip-adapter.safetensors", "ip-adapter-ema.safetensors", "trainer_state/policies.safetensors")}
+    assert dtypes == {"ip-adapter.safetensors": {torch.float32}, "ip-adapter-ema.safetensors": {torch.bfloat16},
+                      "trainer_state/policies.safetensors": {torch.bfloat16}}
+    assert (ck / "ip-adapter-ema.safetensors").stat().st_size < 0.51 * (ck / "ip-adapter.safetensors").stat().st_size
+    assert _run(b, "--max_train_steps", "3", *args, "--resume_from_checkpoint", "latest", preset="tiny-nft") == "finished"
+    pick = lambda rows: {r["step"]: r["loss"] for r in rows if "loss" in r}  # noqa: E731
+    want, got = pick(read_metrics(str(a))), pick(read_metrics(str(b)))
+    assert sorted(got) == sorted(want) == [1, 2, 3] and got[2] == want[2]
+    assert got[3] == pytest.approx(want[3], rel=1e-4) and abs(want[3] - want[2]) > 100 * abs(got[3] - want[3])
 
 
 class _OutOfMemoryIn:
@@ -173,8 +196,6 @@ def test_a_checkpoints_big_files_are_written_side_by_side(tmp_path, monkeypatch)
     two writes waits for the other to have begun, which only returns when they run together. The files are then
     what was given, and the optimizer's state is beside them."""
     import threading
-
-    from safetensors.torch import load_file
 
     from calligrapher_rl.models import checkpoints
     from calligrapher_rl.training.checkpointing import save_checkpoint

@@ -35,6 +35,19 @@ def test_same_bytes_as_safetensors_save_file(tmp_path, chunk_bytes):
     assert (tmp_path / "ours.st").read_bytes() == (tmp_path / "ref.st").read_bytes()
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_a_dtype_writes_the_floating_tensors_cast_and_the_others_as_they_are(tmp_path, dtype):
+    """What --checkpoint_averages_dtype writes: the same file as save_file of the cast tensors, integers and
+    booleans untouched."""
+    tensors = _tensors()
+    cast = {k: (v.to(dtype) if v.is_floating_point() else v).clone().contiguous() for k, v in tensors.items()}
+    save_file(cast, tmp_path / "ref.st", metadata={"format": "pt"})
+    save_file_streamed(tensors, str(tmp_path / "ours.st"), metadata={"format": "pt"}, chunk_bytes=8, dtype=dtype)
+    assert (tmp_path / "ours.st").read_bytes() == (tmp_path / "ref.st").read_bytes()
+    back = load_file(tmp_path / "ours.st")
+    assert back["long"].dtype == torch.int64 and back["w"].dtype == dtype
+
+
 def test_loads_back_with_its_metadata(tmp_path):
     tensors = _tensors()
     meta = {"format": "pt", "layout": "calligrapher-rl/flat"}  # safetensors orders metadata keys by its hash map

@@ -160,16 +160,16 @@ def _contiguous_cpu(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 
 
 def adapter_file_writes(folder: str, state: dict[str, torch.Tensor], ema_state: dict | None = None,
-                        release_bin: bool = True) -> list:
+                        release_bin: bool = True, ema_dtype: torch.dtype | None = None) -> list:
     """The writes of `save_adapter_files`, largest first, for a caller that runs them beside others
-    (`tensor_files.write_side_by_side`)."""
+    (`tensor_files.write_side_by_side`); `ema_dtype`: the EMA file's floating-point dtype (None: as held)."""
     os.makedirs(folder, exist_ok=True)
 
-    def streamed(name: str, tensors: dict) -> None:
+    def streamed(name: str, tensors: dict, dtype=None) -> None:
         # the tensors may stay on the GPU: each file is written a piece at a time (tensor_files.py), never with
         # a host copy of the whole adapter (12 GB at real size)
         with atomic_path(os.path.join(folder, name)) as tmp:
-            save_file_streamed(tensors, tmp, metadata=FLAT_METADATA)
+            save_file_streamed(tensors, tmp, metadata=FLAT_METADATA, dtype=dtype)
 
     def release() -> None:  # small adapters only (training/checkpointing.py): the pickle needs host tensors
         with atomic_path(os.path.join(folder, "ip-adapter.bin")) as tmp:
@@ -177,7 +177,7 @@ def adapter_file_writes(folder: str, state: dict[str, torch.Tensor], ema_state: 
 
     writes = [lambda: streamed("ip-adapter.safetensors", state)]
     if ema_state is not None:
-        writes.append(lambda: streamed("ip-adapter-ema.safetensors", ema_state))
+        writes.append(lambda: streamed("ip-adapter-ema.safetensors", ema_state, ema_dtype))
     if release_bin:
         writes.append(release)
     return writes

@@ -122,7 +122,8 @@ def count(params) -> int:
 
 
 # ------------------------------------------------------------------------------------------- files
-def _peft_dict(module: nn.Module, values: dict[str, torch.Tensor] | None, prefix: str = "") -> dict[str, torch.Tensor]:
+def _peft_dict(module: nn.Module, values: dict[str, torch.Tensor] | None, prefix: str = "",
+               dtype: torch.dtype = torch.float32) -> dict[str, torch.Tensor]:
     """peft's saved names (adapter name dropped) of `module`'s LoRA: its live weights, or `values` (policy names)."""
     from peft import get_peft_model_state_dict
 
@@ -130,7 +131,7 @@ def _peft_dict(module: nn.Module, values: dict[str, torch.Tensor] | None, prefix
     if values is not None:
         state = {n[len(prefix):]: v for n, v in values.items() if n.startswith(prefix)}
     out = get_peft_model_state_dict(module, state_dict=state)
-    return {k: v.detach().to("cpu", torch.float32).contiguous() for k, v in out.items()}
+    return {k: v.detach().to("cpu", dtype).contiguous() for k, v in out.items()}
 
 
 def _lora_config_of(module: nn.Module):
@@ -139,15 +140,16 @@ def _lora_config_of(module: nn.Module):
 
 
 def write_lora_files(folder: str, transformer: nn.Module, adapter: nn.Module, values: dict | None = None,
-                     info: dict | None = None) -> None:
-    """The user-facing files of the live LoRA (or of `values`, a policy mapping such as the EMA) in `folder`."""
+                     info: dict | None = None, dtype: torch.dtype = torch.float32) -> None:
+    """The user-facing files of the live LoRA (or of `values`, a policy mapping such as the EMA) in `folder`,
+    its weights as `dtype`."""
     from diffusers import FluxFillPipeline
     from safetensors.torch import save_file
 
     os.makedirs(folder, exist_ok=True)
     t_cfg, a_cfg = _lora_config_of(transformer), _lora_config_of(adapter)
     if t_cfg is not None:
-        layers = _peft_dict(transformer, values, PREFIX)
+        layers = _peft_dict(transformer, values, PREFIX, dtype)
         # the metadata carries alpha and the targets, so load_lora_weights rebuilds the same LoraConfig
         FluxFillPipeline.save_lora_weights(folder, transformer_lora_layers=layers,
                                            transformer_lora_adapter_metadata=t_cfg.to_dict())
@@ -155,7 +157,8 @@ def write_lora_files(folder: str, transformer: nn.Module, adapter: nn.Module, va
         sub = os.path.join(folder, ADAPTER_DIR)
         os.makedirs(sub, exist_ok=True)
         adapter_values = None if values is None else {n: v for n, v in values.items() if not n.startswith(PREFIX)}
-        save_file(_peft_dict(adapter, adapter_values), os.path.join(sub, ADAPTER_FILE), metadata={"format": "pt"})
+        save_file(_peft_dict(adapter, adapter_values, dtype=dtype), os.path.join(sub, ADAPTER_FILE),
+                  metadata={"format": "pt"})
         a_cfg.save_pretrained(sub)
     if info is not None:
         with open(os.path.join(folder, LORA_JSON), "w", encoding="utf-8") as fh:

@@ -2,21 +2,26 @@
 
     checkpoint-{step}/
         ip-adapter.safetensors       the trained adapter (flat dotted release key names), fp32
-        ip-adapter-ema.safetensors   its EMA (when --use_ema), fp32; also what a resume restores the EMA from
+        ip-adapter-ema.safetensors   its EMA (when --use_ema), fp32 (bf16 with --checkpoint_averages_dtype bf16);
+                                     also what a resume restores the EMA from
         ip-adapter.bin               the release's nested layout for the original inference code, while the
                                      adapter is under RELEASE_BIN_BYTES (the tiny, a LoRA merge); at real size
                                      `python -m calligrapher_rl.export` writes it from any checkpoint
         trainer_state/
             state.json               step, phase, RL epoch, advantage tracker, where the reference comes from
-            policies.safetensors     old.* (NFT's old policy: its fp32 average), unless it equals the adapter
-                                     (DiffusionNFT's first steps set old = current): state.json then says so
+            policies.safetensors     old.* (NFT's old policy: its fp32 average, or bf16 as the EMA), unless it
+                                     equals the adapter (DiffusionNFT's first steps set old = current): state.json
+                                     then says so
             optimizer.pt, scheduler.pt   torch state dicts (read back with weights_only=True)
     reference.safetensors            (run folder) the KL reference, written once when RL begins after a
                                      supervised warmup; when RL begins at step 0 the reference is the run's
                                      initial adapter and nothing is written: a resume rebuilds it from there
 
-No tensor is written twice: at real size (3.0 B trainable parameters) a checkpoint is the adapter and its
-EMA (12 GB each), the 8-bit moments (6 GB) and, for NFT, the old policy (12 GB) - docs/benchmarks.md.
+No tensor is written twice: at real size (3.0 B trainable parameters) a checkpoint is the adapter (12 GB), its
+EMA and, for NFT, the old policy (12 GB each, 6 in bf16: the flux presets) and the 8-bit moments (6 GB) -
+docs/benchmarks.md. The averages in bf16 are the one thing a resume does not restore bit for bit: every
+forward through them runs in bf16 anyway, and the fp32 averages go on from the rounded values, off by at most
+half a bf16 step, a difference each later step shrinks by the decay.
 Randomness is derived from (seed, step) everywhere in the loop, so the counters above are all the RNG
 state a resume needs. A checkpoint folder appears only once complete (written to a temp folder first).
 """
@@ -163,8 +168,10 @@ REFERENCE_FILE = "reference.safetensors"
 
 
 def save_checkpoint(run_dir: str, step: int, *, adapter: dict | None, ema: dict | None, old: dict | None, optimizer,
-                    scheduler, state: dict, total_limit: int | None = None, weights=None) -> str:
-    """`weights(folder)`, when given, writes the weight files instead of the adapter's (a LoRA run)."""
+                    scheduler, state: dict, total_limit: int | None = None, weights=None,
+                    averages_dtype: torch.dtype | None = None) -> str:
+    """`weights(folder)`, when given, writes the weight files instead of the adapter's (a LoRA run);
+    `averages_dtype`: the floating-point dtype of the EMA's and the old policy's files (None: as held)."""
     final_dir = os.path.join(run_dir, f"checkpoint-{step}")
     if adapter is not None:
         size = sum(v.numel() * v.element_size() for v in adapter.values())
@@ -180,9 +187,10 @@ def save_checkpoint(run_dir: str, step: int, *, adapter: dict | None, ema: dict 
         # the big files (trainable `all`: 12 GB weights, 12 GB EMA, 6 GB moments) side by side, which the disk
         # takes faster than one after another (tensor_files.SIDE_BY_SIDE); the moments after the weights
         writes = [lambda: weights(tmp)] if weights is not None else adapter_file_writes(
-            tmp, adapter, ema_state=ema, release_bin=size < RELEASE_BIN_BYTES)
+            tmp, adapter, ema_state=ema, release_bin=size < RELEASE_BIN_BYTES, ema_dtype=averages_dtype)
         if old and not old_is_adapter:
-            writes.append(lambda: save_file_streamed(_prefixed("old", old), os.path.join(ts, "policies.safetensors")))
+            writes.append(lambda: save_file_streamed(_prefixed("old", old), os.path.join(ts, "policies.safetensors"),
+                                                     dtype=averages_dtype))
         writes.append(lambda: torch.save(moments, os.path.join(ts, "optimizer.pt")))
         write_side_by_side(writes)
         # where the old policy is: the adapter's own weights (by name) or policies.safetensors

@@ -9,6 +9,7 @@ signal module keeps a handler until the run ends, and train() relies on `del tra
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import signal
@@ -76,21 +77,25 @@ class Checkpoints:
                  "grad_scaler": self.scaler.state_dict() if self.scaler is not None else None,
                  "config": identity(self.cfg), "settings": settings(self.cfg)}
         t0 = time.perf_counter()
+        averages = averages_dtype(self.cfg)
         lora_files = getattr(p, "write_files", None)  # a LoRA run writes its own weight files (lora_policies.py)
         if lora_files is not None:
             state.update(p.checkpoint_state())
+            lora_files = functools.partial(lora_files, ema_dtype=averages)
         adapter = None if lora_files else self.stack.adapter.state_dict()
         ema, old = p.ema_state(), p.old_state()
-        needed = 2 * tensor_bytes(adapter or {}) + 2 * tensor_bytes(ema) + tensor_bytes([old, optimizer_state])
+        needed = (2 * tensor_bytes(adapter or {}) + 2 * tensor_bytes(ema, averages) + tensor_bytes(old, averages)
+                  + tensor_bytes(optimizer_state))
         target = os.path.join(self.cfg.output_dir, f"checkpoint-{run.step}")
         # on tmpfs the files are RAM (the tensors themselves are written from where they live, a piece at a time:
         # no host copy on top). The old policy is left out (not written while it equals the adapter): a lower
         # bound, so a refusal is never a false one
-        check_memory_backed_room(target, tensor_bytes([adapter or {}, ema or {}, optimizer_state]))
+        check_memory_backed_room(target, tensor_bytes([adapter or {}, optimizer_state]) + tensor_bytes(ema, averages))
         with writing(target, needed):  # torch's words -> "disk"
             path = save_checkpoint(self.cfg.output_dir, run.step, adapter=adapter, ema=ema, old=old,
                                    optimizer=optimizer_state, scheduler=self.scheduler, state=state,
-                                   total_limit=self.cfg.checkpoints_total_limit, weights=lora_files)
+                                   total_limit=self.cfg.checkpoints_total_limit, weights=lora_files,
+                                   averages_dtype=averages)
         logger.info("saved %s (%.2f GB in %.1f s)", path, folder_bytes(path) / 1e9, time.perf_counter() - t0)
         saved(step=run.step, path=str(path))
 
@@ -240,12 +245,19 @@ class Stopping:
         os._exit(128 + signum if recorded else 1)  # not sys.exit: a hung reward thread would be waited for
 
 
-def tensor_bytes(obj) -> int:
-    """Bytes of the tensors in nested dicts/lists (what a checkpoint of them needs on disk, about)."""
+def tensor_bytes(obj, dtype: torch.dtype | None = None) -> int:
+    """Bytes of the tensors in nested dicts/lists (what a checkpoint of them needs on disk, about); with `dtype`,
+    of their floating-point ones written as `dtype`."""
     if isinstance(obj, torch.Tensor):
-        return obj.numel() * obj.element_size()
+        size = dtype.itemsize if dtype is not None and obj.is_floating_point() else obj.element_size()
+        return obj.numel() * size
     if isinstance(obj, dict):
-        return sum(tensor_bytes(v) for v in obj.values())
+        return sum(tensor_bytes(v, dtype) for v in obj.values())
     if isinstance(obj, (list, tuple)):
-        return sum(tensor_bytes(v) for v in obj)
+        return sum(tensor_bytes(v, dtype) for v in obj)
     return 0
+
+
+def averages_dtype(cfg) -> torch.dtype | None:
+    """What --checkpoint_averages_dtype writes the EMA and the old policy as (None: as they are held, fp32)."""
+    return torch.bfloat16 if cfg.checkpoint_averages_dtype == "bf16" else None

@@ -112,11 +112,13 @@ class LoraPolicies(Policies):
     def ema_values(self) -> dict[str, torch.Tensor]:
         return dict(zip(self.names, self.ema.shadow))
 
-    def write_files(self, folder: str) -> None:
-        """The checkpoint's weight files: the live LoRA, and the EMA LoRA in ema/ (models/lora.py)."""
+    def write_files(self, folder: str, ema_dtype: torch.dtype | None = None) -> None:
+        """The checkpoint's weight files: the live LoRA, and the EMA LoRA in ema/ (models/lora.py), its weights
+        as `ema_dtype` when given (--checkpoint_averages_dtype)."""
         write_lora_files(folder, self.transformer, self.adapter, info=self.info)
         if self.ema is not None:
-            write_lora_files(os.path.join(folder, EMA_DIR), self.transformer, self.adapter, values=self.ema_values())
+            write_lora_files(os.path.join(folder, EMA_DIR), self.transformer, self.adapter, values=self.ema_values(),
+                             dtype=ema_dtype or torch.float32)
 
     def checkpoint_state(self) -> dict:
         return {"lora_reference": "base" if self.reference_is_base else "snapshot"}
