@@ -151,6 +151,17 @@ def save_seconds(log_path: str) -> list[float]:
         return []
 
 
+def file_sizes_gb(folder: str) -> dict:
+    """GB of each file of a checkpoint of 1 MB or more, by its path in the folder."""
+    sizes = {}
+    for d, _, files in os.walk(folder):
+        for f in files:
+            size = os.path.getsize(os.path.join(d, f))
+            if size >= 1e6:
+                sizes[os.path.relpath(os.path.join(d, f), folder)] = round(size / 1e9, 3)
+    return dict(sorted(sizes.items()))
+
+
 def summarize(metrics: list[dict]) -> dict:
     """Per-phase seconds (summed over the run), steady epoch seconds, images/s, peaks, from metrics.jsonl."""
     epochs = [r for r in metrics if "time/epoch_s" in r]
@@ -266,6 +277,7 @@ def main() -> int:
                 r["time/checkpoint_save_s"] for r in rows(run_a) if "time/checkpoint_save_s" in r]
             res.put(preset, exit={"train": code}, train_s=round(secs, 1), peak_gib_nvidia_smi=smi, **summary,
                     checkpoint_gb=round(folder_bytes(ck) / 1e9, 3) if os.path.isdir(ck) else None,  # MB: LoRA
+                    checkpoint_files_gb=file_sizes_gb(ck) if os.path.isdir(ck) else None,
                     checkpoint_save_s=round(statistics.median(saves), 2) if saves else None)
             final = os.path.join(run_a, f"checkpoint-{end}")
             if end != ckpt and os.path.isdir(final):  # measured; its room is needed by the resume
