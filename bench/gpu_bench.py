@@ -212,12 +212,13 @@ def fp8_difference(stack, res, b, steps, autocast) -> dict:
             "pixel_mae_0_255": round(float((iq - ia).abs().mean() * 127.5), 2)}
 
 
-def parse_fp8_variant(text: str) -> tuple[str, str, bool]:
-    """SCALES[+cudnn][+qkv] -> (scales, attention, fused q/k/v)."""
+def parse_fp8_variant(text: str) -> tuple[str, str, bool, bool]:
+    """SCALES[+cudnn][+qkv][+tuned] -> (scales, attention, fused q/k/v, coordinate-descent tuned)."""
     scales, *extras = text.split("+")
-    if scales not in ("row", "tensor") or len(set(extras)) != len(extras) or set(extras) - {"cudnn", "qkv"}:
-        raise SystemExit(f"error: --fp8_variants: {text!r} is not SCALES[+cudnn][+qkv] with SCALES row or tensor")
-    return scales, "cudnn" if "cudnn" in extras else "default", "qkv" in extras
+    if scales not in ("row", "tensor") or len(set(extras)) != len(extras) or set(extras) - {"cudnn", "qkv", "tuned"}:
+        raise SystemExit(f"error: --fp8_variants: {text!r} is not SCALES[+cudnn][+qkv][+tuned] with SCALES row or "
+                         "tensor")
+    return scales, "cudnn" if "cudnn" in extras else "default", "qkv" in extras, "tuned" in extras
 
 
 def bench_fp8_variants(stack, res, batches, args, autocast, out: Results) -> None:
@@ -228,7 +229,7 @@ def bench_fp8_variants(stack, res, batches, args, autocast, out: Results) -> Non
         if elapsed() > args.budget_s:
             print(f"skip fp8 variant {text}: time budget", flush=True)
             continue
-        scales, attention, fused_qkv = parse_fp8_variant(text)
+        scales, attention, fused_qkv, tuned = parse_fp8_variant(text)
         # dynamo guards on the weights' types, not on the SDPA backend flags: without a reset a later variant of
         # the same scales would reuse the earlier one's graphs (and its attention kernel)
         torch._dynamo.reset()
@@ -238,12 +239,18 @@ def bench_fp8_variants(stack, res, batches, args, autocast, out: Results) -> Non
         key = "rollout_fp8_ms_per_image_step" if i == 0 else f"rollout_fp8[{text}]_ms_per_image_step"
         if i == 0:
             out.put("fp8_settings", {"scales": scales, "attention": attention, "fused_qkv": fused_qkv,
-                                     "compile_scope": args.fp8_compile_scope})
-        ms, _ = bench_rollouts(stack, res, batches, args.steps, autocast, out, key, None, quantized=True,
-                               budget_s=args.budget_s)
+                                     "tuned": tuned, "compile_scope": args.fp8_compile_scope})
+        # +tuned: inductor's coordinate-descent tuning (what torchao turns on process-wide by default) for this
+        # copy's graphs only; the compile is lazy, so the setting must hold through the first calls
+        import torch._inductor.config as inductor_config
+
+        with (inductor_config.patch(coordinate_descent_tuning=True, coordinate_descent_check_all_directions=True)
+              if tuned else contextlib.nullcontext()):
+            ms, _ = bench_rollouts(stack, res, batches, args.steps, autocast, out, key, None, quantized=True,
+                                   budget_s=args.budget_s)
+            diff = fp8_difference(stack, res, batches[0], args.steps, autocast)
         variants[text] = {"ms_per_image_step": dict(ms), "compile_s": out["compile_s"].get(f"{key}[{batches[0]}]"),
-                          "vs_bf16": fp8_difference(stack, res, batches[0], args.steps, autocast),
-                          "compile_scope": args.fp8_compile_scope}
+                          "vs_bf16": diff, "compile_scope": args.fp8_compile_scope}
         out.put("fp8_variants", variants)
         if i == 0:
             out.put("fp8_vs_bf16", variants[text]["vs_bf16"])
@@ -274,9 +281,10 @@ def main():
                     help="what a compiled graph holds: the whole transformer, or one block of each kind")
     ap.add_argument("--fp8_variants", default="row",
                     help="the fp8 section's float8 copies, timed one after another: comma list of "
-                         "SCALES[+cudnn][+qkv], SCALES row or tensor (--rollout_fp8_scales), +cudnn its attention on "
-                         "cuDNN (--rollout_fp8_attention cudnn), +qkv its q/k/v projections fused (acceleration."
-                         "fuse_qkv); the first is rollout_fp8_ms_per_image_step")
+                         "SCALES[+cudnn][+qkv][+tuned], SCALES row or tensor (--rollout_fp8_scales), +cudnn its "
+                         "attention on cuDNN (--rollout_fp8_attention cudnn), +qkv its q/k/v projections fused "
+                         "(acceleration.fuse_qkv), +tuned its graphs compiled with inductor's coordinate-descent "
+                         "tuning; the first is rollout_fp8_ms_per_image_step")
     ap.add_argument("--no_baseline", action="store_true",
                     help="the compiled section times ours only (no compile of the plain FluxFill loop)")
     ap.add_argument("--fp8_compile_scope", default="whole", choices=("whole", "blocks"),
