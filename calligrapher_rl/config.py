@@ -152,6 +152,9 @@ class TrainConfig:
     rollout_fp8_attention: str = _OPTIM("default", "with --rollout_fp8, the float8 copy's attention kernel: default "
                                                    "(torch's choice) or cudnn (cuDNN's fused attention, forward only: "
                                                    "the copy never runs a backward)", choices=("default", "cudnn"))
+    rollout_fp8_fused_qkv: bool = _OPTIM(False, "with --rollout_fp8, the float8 copy computes each attention's query, "
+                                                "key and value in one matmul (diffusers' fuse_projections; the live "
+                                                "transformer is untouched); speed: docs/benchmarks.md")
     adam_beta1: float = _OPTIM(0.9, "AdamW beta1")
     adam_beta2: float = _OPTIM(0.999, "AdamW beta2")
     adam_weight_decay: float = _OPTIM(1e-4, "AdamW weight decay")

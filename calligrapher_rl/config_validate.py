@@ -138,6 +138,7 @@ def validate(cfg) -> None:
     if not c.rollout_fp8:
         need(c.rollout_fp8_scales == "row", "rollout_fp8_scales", "is read only with --rollout_fp8 true")
         need(c.rollout_fp8_attention == "default", "rollout_fp8_attention", "is read only with --rollout_fp8 true")
+        need(not c.rollout_fp8_fused_qkv, "rollout_fp8_fused_qkv", "is read only with --rollout_fp8 true")
 
     _check_lora(c, need)
 

@@ -282,6 +282,7 @@ BAD = [
     (dict(rollout_fp8_scales="tensor"), "rollout_fp8_scales"),  # without --rollout_fp8: read by nothing
     (dict(rollout_fp8=True, rollout_fp8_attention="flash3"), "rollout_fp8_attention"),
     (dict(rollout_fp8_attention="cudnn"), "rollout_fp8_attention"),
+    (dict(rollout_fp8_fused_qkv=True), "rollout_fp8_fused_qkv"),
 ]
 
 
@@ -301,7 +302,7 @@ def test_validate_accepts_good_values():
     cfg(rl_num_inference_steps=10, rl_sde_window_size=2, rl_sde_window_range="0,5").validate()
     cfg(rewards="ocr", reward_server_url="http://127.0.0.1:8000,https://h:1").validate()
     cfg(learning_rate=1).validate()  # an int where a float is expected is fine
-    cfg(rollout_fp8=True, rollout_fp8_scales="tensor", rollout_fp8_attention="cudnn").validate()
+    cfg(rollout_fp8=True, rollout_fp8_scales="tensor", rollout_fp8_attention="cudnn", rollout_fp8_fused_qkv=True).validate()
 
 
 def test_cli_main_prints_one_line(capsys):

@@ -240,8 +240,8 @@ def fp8_copy(transformer: nn.Module, scales: str = "row", fused_qkv: bool = Fals
     ever allocated: quantizing then replaces each eligible Linear weight by its fp8 version (half the
     bytes of bf16); norms, embeddings and biases stay shared with the original. `scales`: one scale per row
     of each weight and activation (the default: closer to bf16) or one per tensor (less scaling work per
-    matmul; `bench/gpu_bench.py --fp8_variants` compares the two). `fused_qkv`: see `fuse_qkv` (not yet measured,
-    so not a run setting: `--fp8_variants row+qkv` times it)."""
+    matmul; `bench/gpu_bench.py --fp8_variants` compares the two). `fused_qkv`: see `fuse_qkv`
+    (--rollout_fp8_fused_qkv; `--fp8_variants row+qkv` times it)."""
     config = fp8_config(scales)
     ok, why = fp8_supported(next(transformer.parameters()).device)
     if not ok:

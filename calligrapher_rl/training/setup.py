@@ -114,7 +114,7 @@ def build_stack(cfg: TrainConfig, device):
         enable_gradient_checkpointing(stack.pipe.transformer, cfg.gradient_checkpointing_skip_blocks)
     if cfg.rollout_fp8:
         # a one-line error without a CUDA card of capability >= 8.9 or torchao
-        stack.enable_fp8_rollouts(cfg.rollout_fp8_scales, cfg.rollout_fp8_attention)
+        stack.enable_fp8_rollouts(cfg.rollout_fp8_scales, cfg.rollout_fp8_attention, cfg.rollout_fp8_fused_qkv)
     if cfg.compile or (cfg.compile is None and stack.device.type == "cuda"):
         if stack.device.type != "cuda":
             logger.warning("--compile: compiling on %s (slow to start; meant for CUDA)", stack.device.type)
