@@ -5,7 +5,9 @@
 For every seed it runs the preset (plus FLAGS, plus `--rl_warmup_steps 0` so every gain is RL's: the
 supervised warmup alone would raise the reward of the control too) and the same run with each epoch's
 advantages permuted across its samples (`PermutedAdvantages` of tests/test_learning.py: the update
-machinery runs, the link between an image and its reward is cut). Each run is one process with one torch
+machinery runs, the link between an image and its reward is cut). With `--borrowed_control` the control
+permutes the real run's advantages instead of its own and scores nothing (`BorrowedEpoch`, the control of
+tests/test_learning_ocr.py): each seed's control then runs after its real run. Each run is one process with one torch
 thread; `--jobs` of them run at once. A run stops at the preset's `max_train_steps` or at `--minutes` of
 wall time (counted from the process start, imports included), whichever comes first.
 
@@ -33,15 +35,22 @@ sys.path.insert(0, ROOT)
 K = 5  # epochs averaged at each end of the training curve
 
 
-def _trainer_class(control: bool, deadline: float):
+def _trainer_class(spec: dict, deadline: float):
     from calligrapher_rl.training.trainer import Trainer
 
     base = Trainer
-    if control:
-        spec = importlib.util.spec_from_file_location("learning_tests", os.path.join(ROOT, "tests", "test_learning.py"))
-        mod = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(mod)
-        base = mod.PermutedAdvantages
+    if spec["control"] or spec.get("borrowed"):
+        found = importlib.util.spec_from_file_location("learning_tests", os.path.join(ROOT, "tests", "test_learning.py"))
+        mod = importlib.util.module_from_spec(found)
+        found.loader.exec_module(mod)
+        if not spec.get("borrowed"):
+            base = mod.PermutedAdvantages
+        elif spec["control"]:  # the real run's advantages (written by it, below), permuted
+            import torch
+
+            base = mod.borrowed_advantages(torch.load(_advantages_file(spec["real_out"]), weights_only=True))
+        else:
+            base = mod.RecordingAdvantages
 
     class Timed(base):
         """Stops (saving, as a user's stop does) once the wall budget is spent."""
@@ -70,8 +79,10 @@ def run_one(spec: dict) -> dict:
     cfg = parse_args(["--preset", spec["preset"], "--rl_warmup_steps", "0", "--report_to", "none",
                       "--checkpointing_steps", "100000", *spec["flags"], "--seed", str(spec["seed"]),
                       "--output_dir", out, "--overwrite_output_dir", "true"])
-    trainer = _trainer_class(spec["control"], started + 60 * spec["minutes"])(cfg)
+    trainer = _trainer_class(spec, started + 60 * spec["minutes"])(cfg)
     status = trainer.run()
+    if spec.get("borrowed") and not spec["control"]:
+        torch.save(trainer.rl_epoch_part.recorded, _advantages_file(out))
     train_wall = time.time() - started
     rows = [r for r in read_metrics(out) if r.get("phase") == "rl" and "reward/mean" in r]
     curve = [round(float(r["reward/mean"]), 4) for r in rows]
@@ -103,6 +114,10 @@ def run_one(spec: dict) -> dict:
             "curve": curve, "curve_first": round(float(c[:K].mean()), 4), "curve_last": round(float(c[-K:].mean()), 4),
             "curve_gain": round(float(c[-K:].mean() - c[:K].mean()), 4), "eval_curve": evals, "verdict": verdict,
             "out": out}
+
+
+def _advantages_file(out: str) -> str:
+    return out + ".advantages.pt"
 
 
 def _verdict(out: str, last: str, noises: int) -> dict:
@@ -173,6 +188,8 @@ def main(argv=None) -> int:
     p.add_argument("--jobs", type=int, default=2, help="runs at once (each one process, one thread)")
     p.add_argument("--no_control", action="store_true", help="skip the permuted-advantage runs")
     p.add_argument("--only_control", action="store_true", help="only the permuted-advantage runs")
+    p.add_argument("--borrowed_control", action="store_true",
+                   help="the control permutes the real run's advantages and scores nothing (tests/test_learning_ocr.py)")
     p.add_argument("--images_per_prompt", type=int, default=16, help="eval samples per training prompt")
     p.add_argument("--verdict_noises", type=int, default=0,
                    help="also run `python -m calligrapher_rl.evaluate` (checkpoint-0 against the final one) at this many "
@@ -184,9 +201,12 @@ def main(argv=None) -> int:
     name = os.path.splitext(os.path.basename(args.preset))[0]
     out = args.out or os.path.join(ROOT, "bench", "results", f"tiny_learning-{name}.json")
     started = time.time()
+    if args.borrowed_control and (args.no_control or args.only_control):
+        p.error("--borrowed_control runs each seed's real run and then its control")
     specs = [{"preset": args.preset, "flags": flags, "seed": int(s), "control": control, "minutes": args.minutes,
               "images_per_prompt": args.images_per_prompt, "eval_seed": args.eval_seed,
-              "verdict_noises": args.verdict_noises,
+              "verdict_noises": args.verdict_noises, "borrowed": args.borrowed_control,
+              "real_out": os.path.join(args.work, f"{name}-s{s}"),
               "out": os.path.join(args.work, f"{name}-s{s}{'-control' if control else ''}")}
              for s in args.seeds.split(",") for control in ((False,) if args.no_control else (True,) if args.only_control else (False, True))]
     results: list[dict] = []
@@ -204,8 +224,11 @@ def main(argv=None) -> int:
                                                  "curve_gain", "train_wall_s")}), flush=True)
         return r
 
+    # a borrowed control needs its real run's advantages: each seed's pair runs as one chain, in order
+    chains = ([[sp for sp in specs if sp["seed"] == seed] for seed in dict.fromkeys(sp["seed"] for sp in specs)]
+              if args.borrowed_control else [[sp] for sp in specs])
     with ThreadPoolExecutor(max_workers=args.jobs) as pool:
-        list(pool.map(launch, specs))
+        list(pool.map(lambda chain: [launch(sp) for sp in chain], chains))
     print(f"{args.preset} {' '.join(flags)} (warmup 0; eval: {args.images_per_prompt} noises per prompt, "
           f"{results[0].get('adapter', '?') if results else '?'} adapter; {time.time() - started:.0f} s in all)")
     print(table([r for r in results if "curve" in r or "status" in r]))

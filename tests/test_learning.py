@@ -18,6 +18,7 @@ lr 2e-2, all 16 bundled prompts in every batch so `reward/mean` carries no promp
 
 from __future__ import annotations
 
+import concurrent.futures as cf
 import os
 import subprocess
 import sys
@@ -74,19 +75,63 @@ def one_thread():
     torch.set_num_threads(before)
 
 
+def _permuted(flat: torch.Tensor, epoch: int) -> torch.Tensor:
+    return flat[torch.randperm(len(flat), generator=torch.Generator().manual_seed(1000 + epoch)).to(flat.device)]
+
+
 class PermutedEpoch(RLEpoch):
     """Control: each epoch's advantages shuffled across its samples (fixed seed per epoch). Everything
     else (rollouts, losses, optimizer) is the real run's; only the link between image and reward is cut."""
 
     def advantages(self, batches, scores):
         adv = super().advantages(batches, scores)
-        flat = torch.cat(adv)
-        perm = torch.randperm(len(flat), generator=torch.Generator().manual_seed(1000 + self.state.rl_epoch))
-        return list(flat[perm.to(flat.device)].split([len(a) for a in adv]))
+        return list(_permuted(torch.cat(adv), self.state.rl_epoch).split([len(a) for a in adv]))
 
 
 class PermutedAdvantages(Trainer):
     rl_epoch_type = PermutedEpoch
+
+
+class RecordingEpoch(RLEpoch):
+    """The real run, unchanged, keeping each epoch's advantages (flat, on the CPU) for a borrowed control."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.recorded: dict[int, torch.Tensor] = {}
+
+    def advantages(self, batches, scores):
+        adv = super().advantages(batches, scores)
+        self.recorded[self.state.rl_epoch] = torch.cat(adv).cpu()
+        return adv
+
+
+class RecordingAdvantages(Trainer):
+    rl_epoch_type = RecordingEpoch
+
+
+class BorrowedEpoch(RLEpoch):
+    """Control for an expensive reward: each epoch's advantages are the real run's of the same epoch (same seed),
+    permuted across the samples as PermutedEpoch permutes; its own images are neither decoded nor scored. As
+    PermutedEpoch's, the update gets advantages of the real signal's distribution with the link between an image
+    and its reward cut: a permutation of the real run's values instead of its own (which would cost the reward of
+    every rollout, OCR's half of a run). `borrowed` (epoch -> flat advantages) is set by `borrowed_advantages`."""
+
+    borrowed: dict[int, torch.Tensor] = {}
+
+    def score(self, batch, ro, ok):
+        done: cf.Future = cf.Future()
+        done.set_result({name: np.zeros(len(ok)) for name in [*self.rewards.names, "total"]})
+        return np.ones(len(ok), dtype=bool), done
+
+    def advantages(self, batches, scores):
+        flat = _permuted(self.borrowed[self.state.rl_epoch], self.state.rl_epoch).to(self.acc.device)
+        return list(flat.split([len(b.indices) for b in batches]))
+
+
+def borrowed_advantages(recorded: dict[int, torch.Tensor]) -> type[Trainer]:
+    """A Trainer class whose RL epochs take the permuted advantages of `recorded` (RecordingEpoch.recorded)."""
+    epoch = type("BorrowedEpoch", (BorrowedEpoch,), {"borrowed": dict(recorded)})
+    return type("BorrowedAdvantages", (Trainer,), {"rl_epoch_type": epoch})
 
 
 class OldGapEpoch(RLEpoch):

@@ -2,8 +2,9 @@
 shipped pretrained tiny (`tiny-pretrained`) on the presets' data (`bundled-glyphs`, 4 four-character examples),
 on CPU, and the same run with each epoch's advantages permuted across its samples does not.
 
-Each test runs its preset (shortened: FLAGS below) in-process with one torch thread, then its permuted
-control (same seed), and measures each run's gain as an evaluation, not the noisy training curve: the mean
+Each test runs its preset (shortened: FLAGS below) in-process with one torch thread, then its control (same
+seed): the real run's advantages of each epoch, permuted, on the control's own unscored images
+(test_learning.BorrowedEpoch; its 3 seeds: docs/learning.md), and measures each run's gain as an evaluation, not the noisy training curve: the mean
 OCR reward of ODE samples of the 4 training prompts x EVAL_NOISES initial noises (the same noises before
 and after) with the final EMA weights, minus the same with the pretrained adapter (tiny.evaluate_ocr, the
 measurement of bench/tiny_learning.py that the thresholds come from: seeds 1-3 in docs/learning.md).
@@ -17,11 +18,10 @@ import os
 
 import pytest
 import torch
-from test_learning import PermutedAdvantages
+from test_learning import RecordingAdvantages, borrowed_advantages
 
 from calligrapher_rl.config_parse import parse_args
 from calligrapher_rl.training.run_dir import read_metrics
-from calligrapher_rl.training.trainer import Trainer
 
 pytestmark = pytest.mark.slow
 
@@ -56,17 +56,24 @@ def one_thread():
 
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
-    """`get(method, control)` -> the run folder of the shortened preset (control: permuted advantages)."""
+    """`get(method, control)` -> the run folder of the shortened preset (control: the real run's advantages,
+    permuted: test_learning.BorrowedEpoch)."""
     done: dict[tuple[str, bool], str] = {}
+    advantages: dict[str, dict] = {}  # method -> the real run's advantages per epoch
 
     def get(method: str, control: bool) -> str:
         if (method, control) not in done:
+            if control:
+                get(method, False)
             torch.set_num_threads(1)
             out = tmp_path_factory.mktemp(f"{method}-{'perm' if control else 'real'}")
-            tr = (PermutedAdvantages if control else Trainer)(parse_args([*FLAGS[method], "--output_dir", str(out)]))
+            kind = borrowed_advantages(advantages[method]) if control else RecordingAdvantages
+            tr = kind(parse_args([*FLAGS[method], "--output_dir", str(out)]))
             assert tr.run() == "finished"
             rows = [r for r in read_metrics(str(out)) if r.get("phase") == "rl" and "reward/mean" in r]
             assert len(rows) == tr.cfg.max_train_steps and all(r["reward/failed"] == 0 for r in rows)
+            if not control:
+                advantages[method] = tr.rl_epoch_part.recorded
             done[(method, control)] = str(out)
         return done[(method, control)]
 

@@ -65,9 +65,8 @@ class RLEpoch:
                 ro = self.rollout(batch, b)
                 ok = finite_samples(ro)  # the latents, not clamped pixels: a diverged policy, never scored
                 zero_nonfinite(ro, ok)
-                decoded = self.stack.decode(ro.final, batch.fill.height, batch.fill.width)
-                finite.append(torch.isfinite(decoded.float()).flatten(1).all(1).cpu().numpy())
-                futures.append(score_finite(self.rewards, reward_samples(batch, to_pil(decoded)), ok))
+                images_ok, future = self.score(batch, ro, ok)
+                finite.append(images_ok), futures.append(future)
                 batches.append(batch), rollouts.append(ro), sample_ok.append(ok)
             # NFT's targets still need the old policy; AWM's update evaluates its EMA policy and the reference
             pol.place(self.acc.device, old=cfg.rl_method in ("nft", "awm"),
@@ -148,6 +147,13 @@ class RLEpoch:
                            window=window, generator=gen, scale=cfg.ip_adapter_scale, params=params,
                            quantized=cfg.rl_method != "grpo",  # GRPO's log-probs need the training precision
                            reference=reference, reference_steps=None if window else cfg.num_trained_timesteps())
+
+    def score(self, batch, ro, ok: np.ndarray):
+        """(which decoded images are finite, the future of the batch's reward arrays): the final latents decoded
+        and the finite samples scored on the reward worker, so the next rollout overlaps the scoring."""
+        decoded = self.stack.decode(ro.final, batch.fill.height, batch.fill.width)
+        finite = torch.isfinite(decoded.float()).flatten(1).all(1).cpu().numpy()
+        return finite, score_finite(self.rewards, reward_samples(batch, to_pil(decoded)), ok)
 
     def _sample_generators(self, n: int, *key: int) -> list[torch.Generator]:
         """One generator per sample of this process's batch, keyed by (key, its place in the global batch): a
