@@ -39,18 +39,18 @@ def _trainer_class(spec: dict, deadline: float):
     from calligrapher_rl.training.trainer import Trainer
 
     base = Trainer
-    if spec["control"] or spec.get("borrowed"):
+    if spec["control"] or spec["borrowed"]:
         found = importlib.util.spec_from_file_location("learning_tests", os.path.join(ROOT, "tests", "test_learning.py"))
         mod = importlib.util.module_from_spec(found)
         found.loader.exec_module(mod)
-        if not spec.get("borrowed"):
+        if not spec["borrowed"]:
             base = mod.PermutedAdvantages
-        elif spec["control"]:  # the real run's advantages (written by it, below), permuted
+        elif not spec["control"]:
+            base = mod.RecordingAdvantages  # the real run, which writes its advantages for its control (run_one)
+        else:
             import torch
 
             base = mod.borrowed_advantages(torch.load(_advantages_file(spec["real_out"]), weights_only=True))
-        else:
-            base = mod.RecordingAdvantages
 
     class Timed(base):
         """Stops (saving, as a user's stop does) once the wall budget is spent."""
@@ -81,7 +81,7 @@ def run_one(spec: dict) -> dict:
                       "--output_dir", out, "--overwrite_output_dir", "true"])
     trainer = _trainer_class(spec, started + 60 * spec["minutes"])(cfg)
     status = trainer.run()
-    if spec.get("borrowed") and not spec["control"]:
+    if spec["borrowed"] and not spec["control"]:
         torch.save(trainer.rl_epoch_part.recorded, _advantages_file(out))
     train_wall = time.time() - started
     rows = [r for r in read_metrics(out) if r.get("phase") == "rl" and "reward/mean" in r]
@@ -189,7 +189,9 @@ def main(argv=None) -> int:
     p.add_argument("--no_control", action="store_true", help="skip the permuted-advantage runs")
     p.add_argument("--only_control", action="store_true", help="only the permuted-advantage runs")
     p.add_argument("--borrowed_control", action="store_true",
-                   help="the control permutes the real run's advantages and scores nothing (tests/test_learning_ocr.py)")
+                   help="the control permutes the real run's advantages and scores nothing (tests/test_learning_ocr.py); "
+                        "each real run must reach max_train_steps within --minutes, or its control ends crashed "
+                        "saying so")
     p.add_argument("--images_per_prompt", type=int, default=16, help="eval samples per training prompt")
     p.add_argument("--verdict_noises", type=int, default=0,
                    help="also run `python -m calligrapher_rl.evaluate` (checkpoint-0 against the final one) at this many "

@@ -124,6 +124,9 @@ class BorrowedEpoch(RLEpoch):
         return np.ones(len(ok), dtype=bool), done
 
     def advantages(self, batches, scores):
+        if self.state.rl_epoch not in self.borrowed:  # e.g. a real run cut short by bench/tiny_learning.py --minutes
+            raise RuntimeError(f"the real run recorded no advantages for RL epoch {self.state.rl_epoch}: its control "
+                               "cannot run further than it did")
         flat = _permuted(self.borrowed[self.state.rl_epoch], self.state.rl_epoch).to(self.acc.device)
         return list(flat.split([len(b.indices) for b in batches]))
 

@@ -66,7 +66,8 @@ class RLEpoch:
                 ok = finite_samples(ro)  # the latents, not clamped pixels: a diverged policy, never scored
                 zero_nonfinite(ro, ok)
                 images_ok, future = self.score(batch, ro, ok)
-                finite.append(images_ok), futures.append(future)
+                finite.append(images_ok)
+                futures.append(future)
                 batches.append(batch), rollouts.append(ro), sample_ok.append(ok)
             # NFT's targets still need the old policy; AWM's update evaluates its EMA policy and the reference
             pol.place(self.acc.device, old=cfg.rl_method in ("nft", "awm"),
